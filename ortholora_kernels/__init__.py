@@ -1,0 +1,15 @@
+"""ortholora_kernels: fused, sync-free gradient projection for multi-task LoRA.
+
+Public names:
+    project            the projection op (Ortho-LoRA / PCGrad through the Gram matrix)
+    ProjectionResult   what ``project(..., return_stats=True)`` returns
+    backends_available which backends can run on a device, and why not
+    reference          the literal float64 algorithm (test oracle)
+"""
+from . import reference
+from .backends import backends_available
+from .ops import project
+from .result import ProjectionResult
+
+__all__ = ["project", "ProjectionResult", "backends_available", "reference"]
+__version__ = "0.1.0"

@@ -1,0 +1,72 @@
+"""Backend registry and dispatch.
+
+A backend is a module with ``NAME``, ``availability(device) -> str | None`` (None when
+usable, else the reason) and ``forward(x, seg, order, reduction) -> (out, G, C, nproj)``
+with ``G``/``C`` float64 ``[S, T, T]`` and ``nproj`` int32 ``[S]``. It may define
+``backward(x, dout, G, order, seg, reduction) -> dX``; otherwise the torch one is used.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+
+import torch
+
+# Automatic choice walks this list: native if built for the device, else triton on GPUs,
+# else torch. Modules are imported lazily so a missing optional dependency never breaks
+# `import ortholora_kernels`.
+_MODULES = {
+    "native": "ortholora_kernels.backends.native_impl",
+    "triton": "ortholora_kernels.backends.triton_impl",
+    "torch": "ortholora_kernels.backends.torch_impl",
+}
+_AUTO_ORDER = ("native", "triton", "torch")
+BACKENDS = tuple(_MODULES)
+
+
+def get(name: str):
+    """The backend module called ``name`` (raises ImportError when it cannot load)."""
+    return importlib.import_module(_MODULES[name])
+
+
+def availability(name: str, device) -> str | None:
+    """None when backend ``name`` can run on ``device``, else a one-line reason."""
+    if name not in _MODULES:
+        return f"unknown backend {name!r}; expected one of {BACKENDS}"
+    try:
+        module = get(name)
+    except Exception as exc:  # an optional dependency or the extension is missing
+        return f"cannot be loaded: {type(exc).__name__}: {exc}"
+    return module.availability(torch.device(device))
+
+
+def backends_available(device="cpu") -> dict[str, tuple[bool, str]]:
+    """``{name: (usable, reason)}`` for every backend on ``device`` (default CPU)."""
+    out = {}
+    for name in BACKENDS:
+        reason = availability(name, device)
+        out[name] = (reason is None, reason or "ok")
+    return out
+
+
+@torch.compiler.assume_constant_result
+def select(requested: str | None, device: torch.device) -> str:
+    """Resolve ``backend=`` (or ``$ORTHOLORA_BACKEND``) to a usable backend name.
+
+    An explicit choice that cannot run raises; the automatic one falls back silently.
+    """
+    if requested is None:
+        requested = os.environ.get("ORTHOLORA_BACKEND") or None
+    if requested is None or requested == "auto":
+        for name in _AUTO_ORDER:
+            if name == "triton" and device.type == "cpu":
+                continue  # the interpreter is for tests only: never chosen automatically
+            if availability(name, device) is None:
+                return name
+        return "torch"
+    if requested not in _MODULES:
+        raise ValueError(f"backend: expected one of {BACKENDS + ('auto',)} or None, got {requested!r}")
+    reason = availability(requested, device)
+    if reason is not None:
+        raise RuntimeError(f"backend={requested!r} cannot run on {device}: {reason}")
+    return requested

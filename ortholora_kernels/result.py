@@ -1,0 +1,72 @@
+"""The result object of ``project(..., return_stats=True)``."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+import torch
+
+
+@dataclass
+class ProjectionResult:
+    """Output of a projection plus the small per-segment matrices behind it.
+
+    Every field is a device tensor; nothing here forces a host sync until you convert a
+    value to a Python number (``.item()``, ``float(...)``, printing).
+
+    Attributes:
+        output: ``[N]`` for reductions "sum"/"mean", ``[T, N]`` for "none"; input dtype.
+        gram: ``[S, T, T]`` Gram matrices ``G[s] = X_s X_s^T`` (float32 or float64).
+        coeffs: ``[S, T, T]`` coefficients ``C``: projected ``g_i' = sum_k C[s, i, k] g_k``.
+        num_projections: ``[S]`` int tensor, projections performed per segment.
+        order: ``[S, T, T]`` the visiting orders used.
+        offsets: the segment column offsets ``(0, ..., N)``.
+        reduction: the reduction applied.
+    """
+
+    output: torch.Tensor
+    gram: torch.Tensor
+    coeffs: torch.Tensor
+    num_projections: torch.Tensor
+    order: torch.Tensor
+    offsets: tuple
+    reduction: str
+
+    @property
+    def num_tasks(self) -> int:
+        return self.gram.shape[-1]
+
+    @cached_property
+    def cosine(self) -> torch.Tensor:
+        """``[S, T, T]`` cosine similarities of the original task gradients (0 where a norm is 0)."""
+        g = self.gram.to(torch.float64)
+        d = torch.diagonal(g, dim1=-2, dim2=-1).clamp_min(0).sqrt()
+        denom = d.unsqueeze(-1) * d.unsqueeze(-2)
+        return torch.where(denom > 0, g / torch.where(denom > 0, denom, torch.ones_like(denom)), torch.zeros_like(g))
+
+    @cached_property
+    def conflicts(self) -> torch.Tensor:
+        """``[S]`` number of unordered task pairs whose original gradients conflict (dot < 0)."""
+        t = self.num_tasks
+        upper = torch.triu(torch.ones(t, t, dtype=torch.bool, device=self.gram.device), diagonal=1)
+        return ((self.gram < 0) & upper).sum(dim=(-2, -1))
+
+    @cached_property
+    def conflict_fraction(self) -> torch.Tensor:
+        """``[S]`` fraction of unordered task pairs in conflict (0 when T = 1)."""
+        pairs = max(self.num_tasks * (self.num_tasks - 1) // 2, 1)
+        return self.conflicts.to(torch.float32) / pairs
+
+    @cached_property
+    def projection_fraction(self) -> torch.Tensor:
+        """``[S]`` projections performed over the T(T-1) ordered pairs visited (0 when T = 1)."""
+        visits = max(self.num_tasks * (self.num_tasks - 1), 1)
+        return self.num_projections.to(torch.float32) / visits
+
+    @cached_property
+    def mean_cosine(self) -> torch.Tensor:
+        """``[S]`` mean cosine similarity over unordered task pairs (0 when T = 1)."""
+        t = self.num_tasks
+        upper = torch.triu(torch.ones(t, t, dtype=torch.bool, device=self.gram.device), diagonal=1)
+        pairs = max(t * (t - 1) // 2, 1)
+        return (self.cosine * upper).sum(dim=(-2, -1)) / pairs

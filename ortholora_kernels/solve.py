@@ -1,0 +1,89 @@
+"""Stage 2 in torch: the sequential projection on the small Gram matrices.
+
+Works on all segments and all tasks at once: task i's projected gradient is tracked as
+a row of coefficients ``C[s, i, :]`` over the original gradients, and step k of the
+loop visits ``j = order[s, i, k]`` for every (s, i) in parallel. No host sync: the
+``if inner < 0`` of the literal algorithm becomes ``min(inner, 0)`` and a mask.
+Differentiable with autograd (used by every backend's backward).
+"""
+from __future__ import annotations
+
+import torch
+
+
+def _step(gram, diag, coeffs, j, tasks):
+    """One visit of every (s, i) to ``j = order[:, :, k]``: the quantities of the step."""
+    s, t, _ = gram.shape
+    g_j = gram.gather(1, j.unsqueeze(-1).expand(s, t, t))        # rows G[s, j, :]
+    inner = (coeffs * g_j).sum(dim=-1)                           # g_i' . g_j
+    norm2 = diag.gather(1, j)                                    # ||g_j||^2
+    valid = (j != tasks) & (norm2 > 0)                           # skip self, never divide by 0
+    safe = torch.where(valid, norm2, torch.ones_like(norm2))
+    coef = torch.where(valid, torch.clamp(inner, max=0) / safe, torch.zeros_like(inner))
+    return g_j, inner, safe, valid, coef
+
+
+def solve(gram: torch.Tensor, order: torch.Tensor, *, history: list | None = None):
+    """Return ``(C [S, T, T], num_projections [S] int32)`` for Gram ``[S, T, T]``.
+
+    ``history``, when a list, receives the coefficient matrix before every step (for
+    :func:`solve_vjp`).
+    """
+    s, t, _ = gram.shape
+    coeffs = torch.eye(t, dtype=gram.dtype, device=gram.device).expand(s, t, t)
+    diag = torch.diagonal(gram, dim1=-2, dim2=-1)
+    tasks = torch.arange(t, device=gram.device)
+    nproj = torch.zeros(s, dtype=torch.int32, device=gram.device)
+    for k in range(t):
+        j = order[:, :, k]                                       # [S, T]: task i visits j
+        if history is not None:
+            history.append(coeffs)
+        _, inner, _, valid, coef = _step(gram, diag, coeffs, j, tasks)
+        coeffs = coeffs.scatter_add(-1, j.unsqueeze(-1), -coef.unsqueeze(-1))
+        nproj = nproj + (valid & (inner < 0)).sum(dim=-1, dtype=torch.int32)
+    return coeffs, nproj
+
+
+def solve_vjp(gram: torch.Tensor, order: torch.Tensor, coeffs_grad: torch.Tensor) -> torch.Tensor:
+    """Reverse mode of :func:`solve`: ``dL/dG`` given ``dL/dC`` (both ``[S, T, T]``).
+
+    Written by hand (not autograd) so it runs inside the custom op's backward, where the
+    dispatcher has autograd switched off, and under torch.compile.
+    """
+    s, t, _ = gram.shape
+    history: list = []
+    solve(gram, order, history=history)
+    diag = torch.diagonal(gram, dim1=-2, dim2=-1)
+    tasks = torch.arange(t, device=gram.device)
+    cbar = coeffs_grad.to(gram.dtype)
+    gbar = torch.zeros_like(gram)
+    for k in reversed(range(t)):
+        j = order[:, :, k]
+        coeffs = history[k]
+        g_j, inner, safe, valid, _ = _step(gram, diag, coeffs, j, tasks)
+        active = valid & (inner < 0)                             # where coef = inner / norm2
+        coef_bar = -cbar.gather(-1, j.unsqueeze(-1)).squeeze(-1)
+        inner_bar = torch.where(active, coef_bar / safe, torch.zeros_like(coef_bar))
+        norm2_bar = torch.where(active, -coef_bar * inner / (safe * safe), torch.zeros_like(coef_bar))
+        cbar = cbar + inner_bar.unsqueeze(-1) * g_j
+        rows = j.unsqueeze(-1).expand(s, t, t)
+        gbar = gbar.scatter_add(1, rows, inner_bar.unsqueeze(-1) * coeffs)
+        # d norm2 / d G[s, j, j]: flat index j * T + j in the [S, T*T] view.
+        gbar = gbar.reshape(s, t * t).scatter_add(1, j * (t + 1), norm2_bar).reshape(s, t, t)
+    return gbar
+
+
+def weights(coeffs: torch.Tensor, reduction: str) -> torch.Tensor:
+    """Combine weights ``W [S, R, T]``: ``out_s = W_s X_s`` (R = 1 for sum/mean, T for none)."""
+    if reduction == "none":
+        return coeffs
+    w = coeffs.sum(dim=1, keepdim=True)
+    return w / coeffs.shape[-1] if reduction == "mean" else w
+
+
+def weights_vjp(weights_grad: torch.Tensor, t: int, reduction: str) -> torch.Tensor:
+    """``dL/dC [S, T, T]`` from ``dL/dW [S, R, T]`` (the adjoint of :func:`weights`)."""
+    if reduction == "none":
+        return weights_grad
+    cbar = weights_grad.expand(-1, t, -1)
+    return cbar / t if reduction == "mean" else cbar
