@@ -1,0 +1,333 @@
+"""The triton backend: fused kernels for the Gram, the solve and the combine.
+
+Forward, three launches, no host synchronisation:
+
+1. ``_gram_kernel``: one program per *chunk* (a column range inside one segment; the
+   chunk table is built once per layout and cached on the :class:`Segments`). It walks its
+   chunk in tiles of ``[R_PAD, BLOCK]`` columns, scales every row of a tile by a power of
+   two taken from the row's max-abs (so squares of gradients at 1e-30 or 1e30 neither
+   underflow nor overflow fp32), forms the fp32 tile product and adds it, un-scaled, to
+   an fp64 accumulator. One fp64 partial per chunk goes to a workspace: no atomics.
+2. ``_reduce_solve_kernel``: one program per segment sums that segment's partials in a
+   fixed order (fp64, deterministic: bitwise-equal results run after run), stores G and
+   runs the sequential projection on the T x T matrix branch-free in fp64
+   (``inner > 0 -> 0``, ``G[j, j] == 0`` skipped), storing C, the combine weights W and
+   the projection count.
+3. ``_combine_kernel``: ``out = W_s X_s`` per column block, fp32 accumulation (fp64 for
+   fp64 input), rounded once to the input dtype.
+
+Backward: ``v = dY X^T`` with kernels 1-2 (no solve), the T x T reverse mode in torch
+(:mod:`ortholora_kernels.solve`), then ``dX = W^T dY + M X`` with kernel 3.
+
+On CPU tensors the same kernels run through the Triton interpreter, only when
+``TRITON_INTERPRET=1`` is set before this module is first imported (Triton picks the
+interpreter when a kernel is defined). Non-contiguous input is copied by the op
+(``ops.py`` calls ``.contiguous()``); the kernels assume row-major ``[T, N]``.
+CUDA graphs: call once outside capture first, so the cached tables exist.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .._args import Segments
+from ..solve import solve, solve_vjp, weights, weights_vjp
+
+NAME = "triton"
+
+try:  # an optional dependency: importing this module must never fail without it
+    import triton
+    import triton.language as tl
+    _IMPORT_ERROR = None
+except Exception as exc:  # pragma: no cover - depends on the environment
+    triton = tl = None
+    _IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
+
+# Register budget per program (elements of the largest per-tile temporary). Fixed
+# configurations, no autotune: the interpreter runs multi-config autotune badly and a
+# fixed config keeps the reduction order, hence the bits, identical run after run.
+_TILE_ELEMS = 16384
+_MAX_CHUNK_BLOCKS = 16     # tiles per Gram program on large N (fewer fp64 partials)
+_TARGET_PROGRAMS = 1024    # enough programs to fill a large GPU before chunking
+_REDUCE_ELEMS = 8192
+
+
+def availability(device: torch.device) -> str | None:
+    """None when usable on ``device``: CUDA with Triton, or CPU under TRITON_INTERPRET=1."""
+    if _IMPORT_ERROR is not None:
+        return f"triton is not importable ({_IMPORT_ERROR}); pip install triton"
+    device = torch.device(device)
+    if device.type == "cpu":
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            return "CPU tensors need the Triton interpreter: set TRITON_INTERPRET=1 (before importing ortholora_kernels)"
+        if not _INTERPRETED:
+            return ("TRITON_INTERPRET=1 was set after the triton backend was imported; set it before "
+                    "importing ortholora_kernels")
+        return None
+    if device.type == "cuda":
+        return None
+    return f"no Triton support for {device.type} tensors"
+
+
+def _pow2(v: int) -> int:
+    return 1 << max(int(v) - 1, 0).bit_length()
+
+
+if triton is not None:
+
+    @triton.jit
+    def _row_scale(t):
+        """``(t * 2^-e, 2^e as fp64)`` per row, ``e`` the exponent of the row's max-abs.
+
+        Bit manipulation rather than log2/exp2: no libdevice, exact powers of two.
+        """
+        m = tl.max(tl.abs(t), axis=1)
+        e = ((m.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
+        e = tl.minimum(tl.maximum(e, -126), 126)            # denormals, inf/NaN: stay in range
+        down = ((127 - e) << 23).to(tl.float32, bitcast=True)
+        up = ((e.to(tl.int64) + 1023) << 52).to(tl.float64, bitcast=True)
+        return t * down[:, None], up
+
+    @triton.jit
+    def _gram_kernel(a_ptr, b_ptr, part_ptr, table_ptr, N, R, T,
+                     R_PAD: tl.constexpr, T_PAD: tl.constexpr, BLOCK: tl.constexpr,
+                     SAME: tl.constexpr, FP64: tl.constexpr, USE_DOT: tl.constexpr):
+        """Partial ``A_c B_c^T`` (fp64 ``[R_PAD, T_PAD]``) of chunk ``c = program_id``."""
+        pid = tl.program_id(0)
+        start = tl.load(table_ptr + pid * 3 + 1)
+        end = tl.load(table_ptr + pid * 3 + 2)
+        ra = tl.arange(0, R_PAD)
+        rb = tl.arange(0, T_PAD)
+        cols = tl.arange(0, BLOCK)
+        a_rows = a_ptr + ra.to(tl.int64)[:, None] * N
+        b_rows = b_ptr + rb.to(tl.int64)[:, None] * N
+        acc = tl.zeros([R_PAD, T_PAD], dtype=tl.float64)
+        for c0 in range(start, end, BLOCK):
+            c = c0 + cols
+            cm = (c < end)[None, :]
+            if FP64:  # fp64 has the range for squares: no scaling needed
+                a = tl.load(a_rows + c[None, :], mask=(ra[:, None] < R) & cm, other=0.0).to(tl.float64)
+                if SAME:
+                    b = a
+                else:
+                    b = tl.load(b_rows + c[None, :], mask=(rb[:, None] < T) & cm, other=0.0).to(tl.float64)
+                acc += tl.sum(a[:, None, :] * b[None, :, :], axis=2)
+            else:
+                a = tl.load(a_rows + c[None, :], mask=(ra[:, None] < R) & cm, other=0.0).to(tl.float32)
+                a, ua = _row_scale(a)
+                if SAME:
+                    b = a
+                    ub = ua
+                else:
+                    b = tl.load(b_rows + c[None, :], mask=(rb[:, None] < T) & cm, other=0.0).to(tl.float32)
+                    b, ub = _row_scale(b)
+                if USE_DOT:
+                    p = tl.dot(a, tl.trans(b), input_precision="ieee")
+                else:
+                    p = tl.sum(a[:, None, :] * b[None, :, :], axis=2)
+                acc += p.to(tl.float64) * ua[:, None] * ub[None, :]
+        flat = ra[:, None] * T_PAD + rb[None, :]
+        tl.store(part_ptr + pid.to(tl.int64) * (R_PAD * T_PAD) + flat, acc)
+
+    @triton.jit
+    def _reduce_solve_kernel(part_ptr, chunk_off_ptr, g_ptr, order_ptr, c_ptr, w_ptr, nproj_ptr, R, T,
+                             R_PAD: tl.constexpr, T_PAD: tl.constexpr, RB: tl.constexpr,
+                             SOLVE: tl.constexpr, MEAN: tl.constexpr, NONE: tl.constexpr):
+        """Per segment: fixed-order fp64 sum of partials -> ``G``; then (SOLVE) C, W, nproj."""
+        s = tl.program_id(0)
+        lo = tl.load(chunk_off_ptr + s)
+        hi = tl.load(chunk_off_ptr + s + 1)
+        flat = tl.arange(0, R_PAD * T_PAD)
+        rb = tl.arange(0, RB)
+        acc = tl.zeros([R_PAD * T_PAD], dtype=tl.float64)
+        for p0 in range(lo, hi, RB):
+            p = p0 + rb
+            tile = tl.load(part_ptr + p.to(tl.int64)[:, None] * (R_PAD * T_PAD) + flat[None, :],
+                           mask=(p < hi)[:, None], other=0.0)
+            acc += tl.sum(tile, axis=0)
+        r = flat // T_PAD
+        k = flat % T_PAD
+        g_seg = g_ptr + s.to(tl.int64) * R * T
+        tl.store(g_seg + r * T + k, acc, mask=(r < R) & (k < T))
+        if SOLVE:  # R == T here
+            tl.debug_barrier()  # G is re-read below by other threads of this program
+            i = tl.arange(0, T_PAD)
+            col = tl.arange(0, T_PAD)
+            live = i < T
+            cmask = col[None, :] < T
+            coeffs = (i[:, None] == col[None, :]).to(tl.float64)
+            count = tl.zeros([T_PAD], dtype=tl.int32)
+            o_seg = order_ptr + s.to(tl.int64) * T * T
+            for step in range(0, T):
+                j = tl.load(o_seg + i * T + step, mask=live, other=0)
+                g_j = tl.load(g_seg + j[:, None] * T + col[None, :], mask=live[:, None] & cmask, other=0.0)
+                inner = tl.sum(coeffs * g_j, axis=1)                 # g_i' . g_j
+                norm2 = tl.load(g_seg + j * (T + 1), mask=live, other=0.0)
+                valid = live & (j != i) & (norm2 > 0)                # never divide by a zero task
+                safe = tl.where(valid, norm2, 1.0)
+                # min(inner, 0) written so a NaN inner stays NaN (propagates, never zeroed)
+                coef = tl.where(valid, tl.where(inner > 0, 0.0, inner) / safe, 0.0)
+                coeffs -= coef[:, None] * (col[None, :] == j[:, None]).to(tl.float64)
+                count += (valid & (inner < 0)).to(tl.int32)
+            tl.store(c_ptr + s.to(tl.int64) * T * T + i[:, None] * T + col[None, :], coeffs,
+                     mask=live[:, None] & cmask)
+            tl.store(nproj_ptr + s, tl.sum(count, axis=0))
+            if NONE:
+                tl.store(w_ptr + s.to(tl.int64) * T * T + i[:, None] * T + col[None, :], coeffs,
+                         mask=live[:, None] & cmask)
+            else:
+                w = tl.sum(coeffs, axis=0)
+                if MEAN:
+                    w = w / T
+                tl.store(w_ptr + s.to(tl.int64) * T + col, w, mask=col < T)
+
+    @triton.jit
+    def _combine_kernel(table_ptr, x_ptr, K1, a_ptr, a_ss, a_sr, a_sk,
+                        y_ptr, K2, b_ptr, b_ss, b_sr, b_sk, out_ptr, N, R,
+                        R_PAD: tl.constexpr, BLOCK: tl.constexpr, HAS_Y: tl.constexpr,
+                        FP64: tl.constexpr):
+        """``out[:, blk] = A_s X[:, blk] (+ B_s Y[:, blk])`` for the block's segment ``s``.
+
+        ``A``/``B`` are read through strides so a transpose costs nothing.
+        """
+        pid = tl.program_id(0)
+        s = tl.load(table_ptr + pid * 3)
+        start = tl.load(table_ptr + pid * 3 + 1)
+        end = tl.load(table_ptr + pid * 3 + 2)
+        r = tl.arange(0, R_PAD)
+        c = start + tl.arange(0, BLOCK)
+        cm = c < end
+        rm = r < R
+        if FP64:
+            acc = tl.zeros([R_PAD, BLOCK], dtype=tl.float64)
+        else:
+            acc = tl.zeros([R_PAD, BLOCK], dtype=tl.float32)
+        a_col = a_ptr + s * a_ss + r * a_sr
+        x_row = x_ptr + c
+        for _ in range(0, K1):  # rank-1 updates: each row of X is read once
+            xk = tl.load(x_row, mask=cm, other=0.0).to(acc.dtype)
+            ak = tl.load(a_col, mask=rm, other=0.0).to(acc.dtype)
+            acc += ak[:, None] * xk[None, :]
+            x_row += N          # pointer increments stay 64-bit: no T * N overflow
+            a_col += a_sk
+        if HAS_Y:
+            b_col = b_ptr + s * b_ss + r * b_sr
+            y_row = y_ptr + c
+            for _ in range(0, K2):
+                yk = tl.load(y_row, mask=cm, other=0.0).to(acc.dtype)
+                bk = tl.load(b_col, mask=rm, other=0.0).to(acc.dtype)
+                acc += bk[:, None] * yk[None, :]
+                y_row += N
+                b_col += b_sk
+        tl.store(out_ptr + r.to(tl.int64)[:, None] * N + c[None, :], acc.to(out_ptr.dtype.element_ty),
+                 mask=rm[:, None] & cm[None, :])
+
+    _INTERPRETED = type(_gram_kernel).__name__ == "InterpretedFunction"
+else:
+    _INTERPRETED = False
+
+
+# ----------------------------------------------------------------------------- host side
+
+def _gram_config(r_pad: int, t_pad: int, fp64: bool):
+    """``(BLOCK, USE_DOT)``: tensor-core-shaped tl.dot for >= 16 rows, else a broadcast sum."""
+    use_dot = (not fp64) and r_pad >= 16 and t_pad >= 16
+    per_col = max(r_pad, t_pad) if use_dot else r_pad * t_pad
+    block = max(16, min(4096, _TILE_ELEMS // per_col))
+    return _pow2(block) if block & (block - 1) else block, use_dot
+
+
+def _table(seg: Segments, device: torch.device, block: int, chunked: bool):
+    """``(table int64 [P, 3] = (segment, start, end), chunk offsets int64 [S + 1], P)``.
+
+    Built once per (layout, device, block) and cached on ``seg``: per-call host work
+    does not grow with N. Chunks never straddle a segment.
+    """
+    def build():
+        n_blocks = sum(-(-size // block) for size in seg.sizes)
+        per = min(_MAX_CHUNK_BLOCKS, max(1, -(-n_blocks // _TARGET_PROGRAMS))) if chunked else 1
+        span = per * block
+        rows, offs = [], [0]
+        for s, (lo, hi) in enumerate(zip(seg.offsets, seg.offsets[1:])):
+            rows.extend((s, a, min(a + span, hi)) for a in range(lo, hi, span))
+            offs.append(len(rows))
+        table = torch.tensor(rows, dtype=torch.int64, device=device)
+        return table, torch.tensor(offs, dtype=torch.int64, device=device), len(rows)
+    return seg.cached(("triton_table", torch.device(device), block, chunked), build)
+
+
+def _gram(a: torch.Tensor, b: torch.Tensor | None, seg: Segments, *, order=None, reduction="sum"):
+    """Launch kernels 1 and 2: ``A B^T`` per segment (``b=None``: the Gram, plus the solve).
+
+    Returns ``(G [S, R, T] fp64, C, W, nproj)``; C, W, nproj only when ``b is None``.
+    """
+    same = b is None
+    b = a if same else b
+    r, n = a.shape
+    t = b.shape[0]
+    s_count = seg.num_segments
+    fp64 = a.dtype == torch.float64 or b.dtype == torch.float64
+    r_pad, t_pad = max(2, _pow2(r)), max(2, _pow2(t))
+    block, use_dot = _gram_config(r_pad, t_pad, fp64)
+    table, chunk_off, n_prog = _table(seg, a.device, block, True)
+    dev = a.device
+    parts = torch.empty((n_prog, r_pad * t_pad), dtype=torch.float64, device=dev)
+    _gram_kernel[(n_prog,)](a, b, parts, table, n, r, t, R_PAD=r_pad, T_PAD=t_pad, BLOCK=block,
+                            SAME=same, FP64=fp64, USE_DOT=use_dot)
+    g = torch.empty((s_count, r, t), dtype=torch.float64, device=dev)
+    rb = max(1, _REDUCE_ELEMS // (r_pad * t_pad))
+    if not same:
+        _reduce_solve_kernel[(s_count,)](parts, chunk_off, g, g, g, g, g, r, t, R_PAD=r_pad, T_PAD=t_pad,
+                                         RB=rb, SOLVE=False, MEAN=False, NONE=False)
+        return g, None, None, None
+    c = torch.empty_like(g)
+    w = c if reduction == "none" else torch.empty((s_count, 1, t), dtype=torch.float64, device=dev)
+    nproj = torch.empty((s_count,), dtype=torch.int32, device=dev)
+    # For "none" W is C: the kernel writes it twice to the same place (harmless, same values).
+    _reduce_solve_kernel[(s_count,)](parts, chunk_off, g, order, c, w, nproj, t, t, R_PAD=t_pad, T_PAD=t_pad,
+                                     RB=rb, SOLVE=True, MEAN=reduction == "mean", NONE=reduction == "none")
+    return g, c, w, nproj
+
+
+def _combine(seg: Segments, x, a, y=None, b=None, out_rows=1, out_dtype=None):
+    """Launch kernel 3: ``out [R, N] = A_s X_s (+ B_s Y_s)``; ``A``, ``B`` strided ``[S, R, K]``."""
+    n = x.shape[1]
+    r_pad = max(2, _pow2(out_rows))
+    block = max(16, min(2048, (_TILE_ELEMS // 2) // r_pad))
+    table, _, n_prog = _table(seg, x.device, block, False)
+    out = torch.empty((out_rows, n), dtype=out_dtype or x.dtype, device=x.device)
+    has_y = y is not None
+    y_, b_ = (y, b) if has_y else (x, a)
+    _combine_kernel[(n_prog,)](table, x, x.shape[0], a, *a.stride(), y_, y_.shape[0], b_, *b_.stride(),
+                               out, n, out_rows, R_PAD=r_pad, BLOCK=block, HAS_Y=has_y,
+                               FP64=x.dtype == torch.float64)
+    return out
+
+
+def gram(x: torch.Tensor, seg: Segments) -> torch.Tensor:
+    """``[S, T, T]`` float64 Gram matrices (kernels 1-2 without the solve)."""
+    return _gram(x, x, seg)[0]
+
+
+def forward(x: torch.Tensor, seg: Segments, order: torch.Tensor, reduction: str):
+    x = x.contiguous()
+    t = x.shape[0]
+    g, c, w, nproj = _gram(x, None, seg, order=order.contiguous(), reduction=reduction)
+    out = _combine(seg, x, w, out_rows=t if reduction == "none" else 1)
+    return (out if reduction == "none" else out[0]), g, c, nproj
+
+
+def backward(x, dout, g, order, seg: Segments, reduction: str):
+    """``dX = W^T dY + (Gbar + Gbar^T) X``; ``v = dY X^T`` by the Gram kernels."""
+    x = x.contiguous()
+    t = x.shape[0]
+    dy = (dout if reduction == "none" else dout.reshape(1, -1)).contiguous()
+    v, _, _, _ = _gram(dy, x, seg)                                   # [S, R, T] = dL/dW
+    g64 = g.to(torch.float64)
+    c, _ = solve(g64, order)                                         # tiny T x T work in torch
+    gbar = solve_vjp(g64, order, weights_vjp(v, t, reduction))
+    m = gbar + gbar.transpose(-1, -2)
+    w = weights(c, reduction)                                        # [S, R, T]
+    # out[t] = sum_k M[s, t, k] X[k] + sum_r W[s, r, t] dY[r]: W^T by swapping strides.
+    return _combine(seg, x, m, dy, w.transpose(-1, -2), out_rows=t, out_dtype=x.dtype)
