@@ -1,0 +1,496 @@
+"""MTL-LoRA (arXiv 2410.09437): LoRA with task-specific transforms and mixed up-projections.
+
+For a frozen linear layer y = W x + b, MTL-LoRA adds, for an example of task t,
+
+    dy = (alpha / r) * B_t @ Lambda_t @ A @ dropout(x)
+    B_t = sum_k softmax(w_t / temperature)[k] * B_k
+
+with
+    A         (r, in)         shared down-projection (Kaiming-uniform init, as nn.Linear)
+    Lambda_t  (r, r)          task-specific transform, identity at init
+                              (``diagonal=True``: a vector (r,) of ones, Lambda_t = diag)
+    B_k       (out, r)        n_B shared up-projections, zero init (so the model starts
+                              exactly at the base model)
+    w_t       (n_B,)          task-specific mixture logits (Kaiming-uniform init, as in
+                              the reference code pUmpKin-Co/MTL-LoRA src/adapter/mlora.py)
+    temperature               default 0.1, as in the reference training scripts
+
+Trainable parameters per adapted module (``count_trainable``):
+
+    r*in + T*r*r + n_B*out*r + T*n_B        (dense transforms)
+    r*in + T*r   + n_B*out*r + T*n_B        (diagonal transforms)
+
+Task routing. Hugging Face encoders do not pass extra arguments down to their Linear
+layers, so the per-example task ids are set on the adapted modules before the forward
+pass::
+
+    with mtl_task_ids(model, task_ids):      # int, or 1-D LongTensor of batch length
+        logits = model(input_ids=..., attention_mask=...).logits
+
+(``set_mtl_task_ids(model, ids)`` / ``set_mtl_task_ids(model, None)`` does the same
+without a ``with`` block). A forward pass without task ids raises. In a mixed-task batch
+each example uses its own Lambda_t and mixture w_t: internally the per-task matrices
+M_t = B_t @ Lambda_t (out, r) are built for all T tasks and gathered per example.
+
+Ortho-LoRA composition. ``mtl_lora_parameters(model)`` splits the adapter into the
+parameters shared by all tasks (A and the B_k: these are what task gradients fight over,
+so these go into the projection buffer) and the task-specific ones (Lambda_t, w_t: only
+task t's examples reach them, so they take ordinary gradients). Shared parameters are
+grouped by layer key (the transformer layer, e.g. ``roberta.encoder.layer.0``) and side
+("A": [A of each adapted module], "B": [B_1..B_nB of each adapted module]).
+
+Wrapping keeps the base parameter names (``...query.weight``, ``...query.bias``), so the
+model's own state dict keys do not change; adapter parameters are ``...query.lora_A``,
+``...query.lora_lambdas``, ``...query.lora_B.<k>``, ``...query.lora_B_w``.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "MTLLoRALinear",
+    "AdapterParams",
+    "apply_mtl_lora",
+    "mtl_task_ids",
+    "set_mtl_task_ids",
+    "mtl_lora_modules",
+    "mtl_lora_parameters",
+    "mtl_lora_state_dict",
+    "save_mtl_lora",
+    "load_mtl_lora",
+    "count_trainable",
+    "mtl_lora_param_count",
+    "layer_key",
+]
+
+DEFAULT_KEEP_TRAINABLE = ("classifier", "score", "head")
+
+
+# ---------------------------------------------------------------------------------------
+# helpers shared with lori.py
+# ---------------------------------------------------------------------------------------
+
+_LAYER_RE = re.compile(r"^(.*?\.\d+)(?:\.|$)")
+
+
+def layer_key(module_name: str) -> str:
+    """The transformer layer a module belongs to: its name up to the first numeric
+    component (``roberta.encoder.layer.3.attention.self.query`` -> ``roberta.encoder.layer.3``),
+    the same rule as ``LoRALayout.from_peft``; a name without one is its own layer."""
+    m = _LAYER_RE.match(module_name)
+    return m.group(1) if m else module_name
+
+
+def _check_rank(r) -> int:
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        raise ValueError(f"r must be an integer >= 1, got r={r!r}")
+    return r
+
+
+def _check_dropout(dropout) -> float:
+    if not (0.0 <= float(dropout) < 1.0):
+        raise ValueError(f"dropout must be in [0, 1), got dropout={dropout!r}")
+    return float(dropout)
+
+
+def _name_matches(name: str, targets) -> bool:
+    if isinstance(targets, str):  # peft semantics: a string is a full-match regex
+        return re.fullmatch(targets, name) is not None
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def _find_targets(model: nn.Module, target_modules, wrapper_types: tuple) -> list[tuple[str, nn.Linear]]:
+    """Matching nn.Linear modules (name, module); clear errors when nothing matches."""
+    if target_modules is None or (not isinstance(target_modules, str) and len(target_modules) == 0):
+        raise ValueError("target_modules must name at least one module (e.g. ('query', 'value'))")
+    if not isinstance(target_modules, str):
+        target_modules = tuple(target_modules)
+        bad = [t for t in target_modules if not isinstance(t, str) or not t]
+        if bad:
+            raise ValueError(f"target_modules entries must be non-empty strings, got {bad!r}")
+    found, not_linear, wrapped = [], [], []
+    for name, mod in model.named_modules():
+        if not name or not _name_matches(name, target_modules):
+            continue
+        if isinstance(mod, wrapper_types):
+            wrapped.append(name)
+        elif isinstance(mod, nn.Linear) and not hasattr(mod, "lora_A"):
+            found.append((name, mod))
+        else:
+            not_linear.append(f"{name} ({type(mod).__name__})")
+    if wrapped:
+        raise ValueError(
+            f"target_modules={target_modules!r}: modules already adapted: {wrapped[:4]}"
+            + (" ..." if len(wrapped) > 4 else "")
+        )
+    if not found:
+        hint = f"; matching names that are not nn.Linear: {not_linear[:4]}" if not_linear else ""
+        raise ValueError(f"target_modules={target_modules!r} matches no nn.Linear module in the model{hint}")
+    return found
+
+
+def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def _freeze_base(model: nn.Module, keep_trainable: Sequence[str] | None) -> None:
+    """Freeze every parameter present before adapting, except names containing one of
+    ``keep_trainable`` (task heads). Called before the adapter parameters exist."""
+    keep = tuple(keep_trainable or ())
+    for name, p in model.named_parameters():
+        if not any(k in name for k in keep):
+            p.requires_grad_(False)
+
+
+def count_trainable(model: nn.Module, adapter_only: bool = False) -> int:
+    """Number of trainable scalars: parameters with ``requires_grad``. Entries of a LoRI
+    B matrix that its sparse mask fixes at zero are not counted (LoRI-S). With
+    ``adapter_only`` only adapter parameters (names containing ``lora_``) count."""
+    total = 0
+    for name, p in model.named_parameters():
+        if p.requires_grad and (not adapter_only or "lora_" in name):
+            total += p.numel()
+    for mod in model.modules():
+        mask = getattr(mod, "lora_mask", None)
+        b = getattr(mod, "lora_B", None)
+        if isinstance(mask, torch.Tensor) and isinstance(b, nn.Parameter) and b.requires_grad:
+            total -= int(mask.numel() - mask.count_nonzero().item())
+    return total
+
+
+@dataclass
+class AdapterParams:
+    """An adapter's trainable parameters split for Ortho-LoRA.
+
+    shared         {layer_key: {"A": [params], "B": [params]}}, layers in model order;
+                   the parameters every task updates (the projection applies to these)
+    task_specific  [(name, param)], ordinary gradients (no projection)
+    names          {id(param): full parameter name} for every parameter above
+    """
+
+    shared: dict[str, dict[str, list[nn.Parameter]]] = field(default_factory=dict)
+    task_specific: list[tuple[str, nn.Parameter]] = field(default_factory=list)
+    names: dict[int, str] = field(default_factory=dict)
+
+    def entries(self) -> list[tuple[str, str, str, nn.Parameter]]:
+        """Flat (layer_key, side, name, param) tuples: layer by layer, A side then B side."""
+        out = []
+        for key, sides in self.shared.items():
+            for side in ("A", "B"):
+                for p in sides.get(side, []):
+                    out.append((key, side, self.names[id(p)], p))
+        return out
+
+    def shared_parameters(self) -> list[nn.Parameter]:
+        return [p for _, _, _, p in self.entries()]
+
+    def task_parameters(self) -> list[nn.Parameter]:
+        return [p for _, p in self.task_specific]
+
+    def num_shared(self) -> int:
+        return sum(p.numel() for p in self.shared_parameters())
+
+    def add_shared(self, key: str, side: str, name: str, p: nn.Parameter) -> None:
+        self.shared.setdefault(key, {"A": [], "B": []})[side].append(p)
+        self.names[id(p)] = name
+
+
+# ---------------------------------------------------------------------------------------
+# the module
+# ---------------------------------------------------------------------------------------
+
+
+class MTLLoRALinear(nn.Module):
+    """A frozen nn.Linear plus an MTL-LoRA adapter (see the module docstring)."""
+
+    def __init__(
+        self,
+        base: nn.Linear,
+        r: int,
+        alpha: float,
+        num_tasks: int,
+        num_b: int,
+        temperature: float = 0.1,
+        diagonal: bool = False,
+        dropout: float = 0.0,
+    ):
+        super().__init__()
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight = base.weight
+        self.bias = base.bias
+        self.weight.requires_grad_(False)
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+        self.r, self.alpha = r, float(alpha)
+        self.num_tasks, self.num_b = num_tasks, num_b
+        self.temperature, self.diagonal = float(temperature), bool(diagonal)
+        self.scaling = self.alpha / r
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        kw = dict(device=base.weight.device, dtype=base.weight.dtype)
+        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, **kw))
+        lam_shape = (num_tasks, r) if diagonal else (num_tasks, r, r)
+        self.lora_lambdas = nn.Parameter(torch.empty(lam_shape, **kw))
+        self.lora_B = nn.ParameterList(
+            [nn.Parameter(torch.zeros(self.out_features, r, **kw)) for _ in range(num_b)]
+        )
+        self.lora_B_w = nn.Parameter(torch.empty(num_tasks, num_b, **kw))
+        self.task_ids: torch.Tensor | None = None
+        self.reset_adapter()
+
+    @torch.no_grad()
+    def reset_adapter(self) -> None:
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        if self.diagonal:
+            self.lora_lambdas.fill_(1.0)
+        else:
+            self.lora_lambdas.copy_(torch.eye(self.r).expand(self.num_tasks, self.r, self.r))
+        for b in self.lora_B:
+            b.zero_()
+        nn.init.kaiming_uniform_(self.lora_B_w, a=math.sqrt(5))
+
+    def extra_repr(self) -> str:
+        return (
+            f"in={self.in_features}, out={self.out_features}, r={self.r}, alpha={self.alpha}, "
+            f"tasks={self.num_tasks}, num_b={self.num_b}, temperature={self.temperature}, "
+            f"diagonal={self.diagonal}"
+        )
+
+    def mixture(self) -> torch.Tensor:
+        """(T, n_B) softmax(w_t / temperature) weights, computed in fp32."""
+        return F.softmax(self.lora_B_w.float() / self.temperature, dim=-1)
+
+    def task_matrices(self) -> torch.Tensor:
+        """(T, out, r): M_t = B_t @ Lambda_t with B_t the task's mixture of the B_k."""
+        mix = self.mixture().to(self.lora_A.dtype)
+        b = torch.stack(list(self.lora_B))  # (n_B, out, r)
+        bt = torch.einsum("tk,kor->tor", mix, b)
+        if self.diagonal:
+            return bt * self.lora_lambdas[:, None, :]
+        return torch.matmul(bt, self.lora_lambdas)
+
+    def delta_weight(self, task: int) -> torch.Tensor:
+        """(out, in) dense weight update of task ``task`` (scaling included)."""
+        return self.scaling * self.task_matrices()[task] @ self.lora_A
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.linear(x, self.weight, self.bias)
+        ids = self.task_ids
+        if ids is None:
+            raise RuntimeError(
+                "MTL-LoRA forward needs the task ids of the batch: wrap the call in "
+                "`with mtl_task_ids(model, task_ids):` (or call set_mtl_task_ids)"
+            )
+        h = F.linear(self.lora_dropout(x), self.lora_A)  # (..., r)
+        m = self.task_matrices()  # (T, out, r)
+        if ids.dim() == 0:
+            delta = F.linear(h, m[ids])
+        else:
+            if x.dim() < 2 or x.shape[0] != ids.shape[0]:
+                raise ValueError(
+                    f"task_ids has {ids.shape[0]} entries but the input batch has shape "
+                    f"{tuple(x.shape)} (the first dimension must be the batch)"
+                )
+            hb = h.reshape(x.shape[0], -1, self.r)
+            delta = torch.bmm(hb, m.index_select(0, ids).transpose(1, 2))
+            delta = delta.reshape(*x.shape[:-1], self.out_features)
+        return out + delta.to(out.dtype) * self.scaling
+
+
+# ---------------------------------------------------------------------------------------
+# model-level API
+# ---------------------------------------------------------------------------------------
+
+
+def mtl_lora_modules(model: nn.Module) -> list[tuple[str, MTLLoRALinear]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, MTLLoRALinear)]
+
+
+def apply_mtl_lora(
+    model: nn.Module,
+    target_modules: Sequence[str] | str = ("query", "value"),
+    r: int = 8,
+    alpha: float = 16,
+    num_tasks: int = 1,
+    num_b: int = 3,
+    temperature: float = 0.1,
+    diagonal: bool = False,
+    dropout: float = 0.0,
+    freeze_base: bool = True,
+    keep_trainable: Sequence[str] | None = DEFAULT_KEEP_TRAINABLE,
+) -> list[str]:
+    """Wrap every nn.Linear whose name matches ``target_modules`` (a name equals a target
+    or ends with ``.<target>``; a single string is a full-match regex, as in peft) in an
+    MTLLoRALinear, in place. The wrapped base weights are always frozen; with
+    ``freeze_base`` (default) every other pre-existing parameter is frozen too, except
+    names containing one of ``keep_trainable`` (task heads). Returns the adapted names.
+    """
+    _check_rank(r)
+    if isinstance(num_tasks, bool) or not isinstance(num_tasks, int) or num_tasks < 1:
+        raise ValueError(f"num_tasks must be an integer >= 1, got num_tasks={num_tasks!r}")
+    if isinstance(num_b, bool) or not isinstance(num_b, int) or num_b < 1:
+        raise ValueError(f"num_b must be an integer >= 1, got num_b={num_b!r}")
+    if not (float(temperature) > 0 and math.isfinite(float(temperature))):
+        raise ValueError(f"temperature must be a finite number > 0, got temperature={temperature!r}")
+    if not math.isfinite(float(alpha)):
+        raise ValueError(f"alpha must be finite, got alpha={alpha!r}")
+    _check_dropout(dropout)
+    targets = _find_targets(model, target_modules, (MTLLoRALinear,))
+    if freeze_base:
+        _freeze_base(model, keep_trainable)
+    names = []
+    for name, lin in targets:
+        _set_submodule(
+            model, name, MTLLoRALinear(lin, r, alpha, num_tasks, num_b, temperature, diagonal, dropout)
+        )
+        names.append(name)
+    model._mtl_lora_config = dict(
+        target_modules=names, r=r, alpha=float(alpha), num_tasks=num_tasks, num_b=num_b,
+        temperature=float(temperature), diagonal=bool(diagonal), dropout=float(dropout),
+    )
+    return names
+
+
+def _as_task_ids(model: nn.Module, task_ids, mods) -> torch.Tensor | None:
+    if task_ids is None:
+        return None
+    num_tasks = mods[0][1].num_tasks
+    t = torch.as_tensor(task_ids)
+    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+        raise ValueError(f"task_ids must be integers, got dtype {t.dtype}")
+    if t.dim() > 1:
+        raise ValueError(f"task_ids must be an int or a 1-D tensor (one id per example), got shape {tuple(t.shape)}")
+    if t.numel() == 0:
+        raise ValueError("task_ids is empty")
+    lo, hi = int(t.min()), int(t.max())  # one host sync per batch, outside the forward
+    if lo < 0 or hi >= num_tasks:
+        raise ValueError(f"task_ids out of range: got values in [{lo}, {hi}], the adapter has num_tasks={num_tasks}")
+    return t.to(device=mods[0][1].lora_A.device, dtype=torch.long)
+
+
+def set_mtl_task_ids(model: nn.Module, task_ids) -> None:
+    """Set (or with None clear) the per-example task ids on every MTL-LoRA module."""
+    mods = mtl_lora_modules(model)
+    if not mods:
+        raise ValueError("model has no MTL-LoRA modules (call apply_mtl_lora first)")
+    t = _as_task_ids(model, task_ids, mods)
+    for _, m in mods:
+        m.task_ids = t
+
+
+@contextlib.contextmanager
+def mtl_task_ids(model: nn.Module, task_ids) -> Iterator[None]:
+    """``with mtl_task_ids(model, ids): model(...)`` routes example i through task ids[i]
+    (``ids`` an int for a single-task batch, or a 1-D integer tensor of batch length).
+    Restores the previous ids on exit."""
+    mods = mtl_lora_modules(model)
+    if not mods:
+        raise ValueError("model has no MTL-LoRA modules (call apply_mtl_lora first)")
+    t = _as_task_ids(model, task_ids, mods)
+    prev = [m.task_ids for _, m in mods]
+    for _, m in mods:
+        m.task_ids = t
+    try:
+        yield
+    finally:
+        for (_, m), p in zip(mods, prev):
+            m.task_ids = p
+
+
+def mtl_lora_parameters(model: nn.Module) -> AdapterParams:
+    """Shared parameters (A, B_1..B_nB of each module; grouped by layer key and side) for
+    the Ortho-LoRA layout, and the task-specific ones (lambdas, mixture logits) apart."""
+    mods = mtl_lora_modules(model)
+    if not mods:
+        raise ValueError("model has no MTL-LoRA modules (call apply_mtl_lora first)")
+    out = AdapterParams()
+    for name, m in mods:
+        key = layer_key(name)
+        out.add_shared(key, "A", f"{name}.lora_A", m.lora_A)
+        for k, b in enumerate(m.lora_B):
+            out.add_shared(key, "B", f"{name}.lora_B.{k}", b)
+        for pname in ("lora_lambdas", "lora_B_w"):
+            p = getattr(m, pname)
+            out.task_specific.append((f"{name}.{pname}", p))
+            out.names[id(p)] = f"{name}.{pname}"
+    return out
+
+
+def mtl_lora_param_count(in_features: int, out_features: int, r: int, num_tasks: int, num_b: int, diagonal: bool = False) -> int:
+    """Trainable scalars of one adapted module (paper formula)."""
+    lam = num_tasks * r if diagonal else num_tasks * r * r
+    return r * in_features + lam + num_b * out_features * r + num_tasks * num_b
+
+
+def mtl_lora_state_dict(model: nn.Module) -> dict:
+    """{"method": "mtl_lora", "config": {...}, "state": {name: tensor}}: the adapter only."""
+    mods = mtl_lora_modules(model)
+    if not mods:
+        raise ValueError("model has no MTL-LoRA modules (call apply_mtl_lora first)")
+    cfg = dict(getattr(model, "_mtl_lora_config", {}))
+    m0 = mods[0][1]
+    cfg.update(
+        target_modules=[n for n, _ in mods], r=m0.r, alpha=m0.alpha, num_tasks=m0.num_tasks,
+        num_b=m0.num_b, temperature=m0.temperature, diagonal=m0.diagonal,
+    )
+    cfg.setdefault("dropout", 0.0)
+    state = {}
+    for name, m in mods:
+        for pname, p in m.named_parameters():
+            if pname.startswith("lora_"):
+                state[f"{name}.{pname}"] = p.detach().cpu().clone()
+    return {"method": "mtl_lora", "config": cfg, "state": state}
+
+
+def save_mtl_lora(model: nn.Module, path) -> None:
+    torch.save(mtl_lora_state_dict(model), path)
+
+
+def load_mtl_lora(model: nn.Module, src, freeze_base: bool = True, keep_trainable=DEFAULT_KEEP_TRAINABLE) -> nn.Module:
+    """Load an adapter saved by ``save_mtl_lora`` (a path or the dict). A model without
+    MTL-LoRA modules is adapted first from the saved config (same module names)."""
+    d = torch.load(src, map_location="cpu", weights_only=True) if not isinstance(src, dict) else src
+    if d.get("method") != "mtl_lora":
+        raise ValueError(f"not an MTL-LoRA adapter (method={d.get('method')!r})")
+    cfg = d["config"]
+    if not mtl_lora_modules(model):
+        apply_mtl_lora(
+            model,
+            target_modules="|".join(re.escape(n) for n in cfg["target_modules"]),
+            r=cfg["r"], alpha=cfg["alpha"], num_tasks=cfg["num_tasks"], num_b=cfg["num_b"],
+            temperature=cfg["temperature"], diagonal=cfg["diagonal"], dropout=cfg.get("dropout", 0.0),
+            freeze_base=freeze_base, keep_trainable=keep_trainable,
+        )
+        model._mtl_lora_config["target_modules"] = list(cfg["target_modules"])
+    mods = dict(mtl_lora_modules(model))
+    if sorted(mods) != sorted(cfg["target_modules"]):
+        raise ValueError(
+            f"adapter modules {sorted(cfg['target_modules'])} do not match the model's MTL-LoRA modules {sorted(mods)}"
+        )
+    for name, m in mods.items():
+        for k in ("r", "num_tasks", "num_b", "diagonal"):
+            if getattr(m, k) != cfg[k]:
+                raise ValueError(f"{name}: {k}={getattr(m, k)!r} in the model, {cfg[k]!r} in the adapter")
+        m.temperature, m.alpha = float(cfg["temperature"]), float(cfg["alpha"])
+        m.scaling = m.alpha / m.r
+    params = {f"{n}.{pn}": p for n, m in mods.items() for pn, p in m.named_parameters() if pn.startswith("lora_")}
+    missing = sorted(set(params) - set(d["state"]))
+    extra = sorted(set(d["state"]) - set(params))
+    if missing or extra:
+        raise ValueError(f"adapter state mismatch: missing {missing[:4]}, unexpected {extra[:4]}")
+    with torch.no_grad():
+        for k, p in params.items():
+            v = d["state"][k]
+            if v.shape != p.shape:
+                raise ValueError(f"{k}: shape {tuple(v.shape)} in the adapter, {tuple(p.shape)} in the model")
+            p.copy_(v.to(p.device, p.dtype))
+    return model
