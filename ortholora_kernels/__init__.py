@@ -13,3 +13,12 @@ from .result import ProjectionResult
 
 __all__ = ["project", "ProjectionResult", "backends_available", "reference"]
 __version__ = "0.1.0"
+
+# Training-loop integration (issue 8): layout of the LoRA parameters, per-task gradient
+# collection (loop / grouped), the OrthoLoRA projector. Integrations (HF Trainer,
+# torch.distributed) live in ortholora_kernels.integrations (imported lazily).
+from .collect import per_task_mean_loss
+from .layout import LoRALayout
+from .projector import OrthoLoRA
+
+__all__ += ["LoRALayout", "OrthoLoRA", "per_task_mean_loss"]

@@ -1,0 +1,301 @@
+"""Per-task gradients of the shared LoRA parameters, written into a ``[T, N]`` buffer.
+
+Two collectors give the same numbers (DESIGN.md section 6):
+
+* :class:`LoopCollector` (the paper's method): each task's gradient comes from its own
+  backward pass (either a separate forward/backward per task batch, or T backward passes
+  over one forward with ``retain_graph``). After each pass the LoRA ``.grad`` is moved into
+  the task's buffer row (and reset to ``None``).
+
+* :class:`GroupedCollector`: ONE forward and ONE backward of ``sum_t mean-loss_t`` over the
+  concatenated batch. Every LoRA ``nn.Linear`` (peft's ``lora_A``/``lora_B``) runs through a
+  custom autograd function whose backward computes the input gradient as usual, but instead
+  of the summed weight gradient it writes, for every task t present in the batch,
+  ``dW_t = dy_t^T x_t`` (sum over that task's examples and tokens) straight into row t of the
+  buffer, and returns no weight gradient. The backbone's backward runs once, there is no
+  ``retain_graph``, no per-example gradient, and the summed weight gradient is never formed.
+  peft applies dropout before ``lora_A`` and the scaling after ``lora_B``: hooking the two
+  ``nn.Linear`` modules sees exactly the dropped-out input and the scaled output gradient.
+
+Where gradients go is decided when the backward runs (the routing), so the forward may run
+inside or outside :meth:`GroupedCollector.grouped`; outside any routing the patched layers
+produce the ordinary ``.grad`` (plain joint training, evaluation, ``no_grad``: unchanged).
+"""
+from __future__ import annotations
+
+import contextlib
+import types
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .layout import LoRALayout
+
+__all__ = ["per_task_mean_loss", "check_task_ids", "TaskGroups", "LoopCollector", "GroupedCollector"]
+
+
+def check_task_ids(task_ids, num_tasks: int) -> torch.Tensor:
+    """Validate ``task_ids`` (a 1-D integer tensor with values in ``[0, num_tasks)``).
+
+    Returns a CPU int64 copy. A CUDA tensor costs one host sync here.
+    """
+    if not isinstance(task_ids, torch.Tensor):
+        if isinstance(task_ids, (list, tuple)):
+            task_ids = torch.as_tensor(task_ids)
+        else:
+            raise TypeError(f"task_ids: expected a 1-D LongTensor [batch], got {type(task_ids).__name__}")
+    if task_ids.dim() != 1:
+        raise ValueError(f"task_ids: expected a 1-D tensor [batch], got shape {tuple(task_ids.shape)}")
+    if task_ids.is_floating_point() or task_ids.is_complex() or task_ids.dtype == torch.bool:
+        raise TypeError(f"task_ids: expected an integer tensor, got {task_ids.dtype}")
+    if task_ids.numel() == 0:
+        raise ValueError("task_ids: empty batch")
+    ids = task_ids.detach().to("cpu", torch.int64)
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < 0 or hi >= num_tasks:
+        bad = lo if lo < 0 else hi
+        raise ValueError(f"task_ids: task id {bad} out of range [0, {num_tasks}) (num_tasks={num_tasks})")
+    return ids
+
+
+def per_task_mean_loss(per_example_loss: torch.Tensor, task_ids: torch.Tensor, num_tasks: int) -> torch.Tensor:
+    """``[T]`` mean loss of each task over its examples in the batch (0 for an absent task).
+
+    ``per_example_loss`` is ``[batch]``; ``task_ids`` is ``[batch]`` on the same device.
+    ``.sum()`` of the result is the loss whose one backward the grouped collector splits
+    into the per-task gradients of the loop method. No host sync.
+    """
+    if per_example_loss.dim() != 1 or per_example_loss.shape != task_ids.shape:
+        raise ValueError(f"per_example_loss: expected shape [batch] = {tuple(task_ids.shape)}, got {tuple(per_example_loss.shape)}")
+    ids = task_ids.to(per_example_loss.device, torch.int64)
+    sums = per_example_loss.new_zeros(num_tasks).index_add(0, ids, per_example_loss)
+    counts = torch.bincount(ids, minlength=num_tasks)[:num_tasks].to(per_example_loss.dtype)
+    return sums / counts.clamp_min(1)
+
+
+class TaskGroups:
+    """Which rows of the batch belong to which task; built once per ``record``.
+
+    When the batch is sorted by task (the usual concatenation of per-task batches) each
+    task is a slice and nothing is copied; otherwise rows are gathered per task.
+    """
+
+    def __init__(self, task_ids: torch.Tensor, num_tasks: int):
+        ids = check_task_ids(task_ids, num_tasks)
+        self.batch_size = ids.numel()
+        self.counts = torch.bincount(ids, minlength=num_tasks).tolist()
+        self.sorted = bool((ids[1:] >= ids[:-1]).all()) if ids.numel() > 1 else True
+        self.groups: list[tuple[int, object]] = []
+        if self.sorted:
+            start = 0
+            for t, c in enumerate(self.counts):
+                if c:
+                    self.groups.append((t, slice(start, start + c)))
+                start += c
+        else:
+            for t, c in enumerate(self.counts):
+                if c:
+                    self.groups.append((t, (ids == t).nonzero().squeeze(1)))
+        self._on_device: dict = {}
+
+    def select(self, sel, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(sel, slice):
+            return x[sel]
+        key = (x.device, id(sel))
+        idx = self._on_device.get(key)
+        if idx is None:
+            idx = self._on_device[key] = sel.to(x.device)
+        return x.index_select(0, idx)
+
+
+class LoopCollector:
+    """Per-task gradients from one backward pass per task (the paper's loop).
+
+    Wrap each task's backward in :meth:`task` (or call :meth:`backward` with T losses of one
+    forward): the LoRA ``.grad`` produced inside is added into the task's buffer row and
+    reset to ``None``. Other parameters (heads) accumulate ``.grad`` as usual.
+    """
+
+    def __init__(self, layout: LoRALayout, num_tasks: int, get_buffer):
+        self.layout = layout
+        self.num_tasks = num_tasks
+        self._get_buffer = get_buffer
+        self._active = False
+
+    @contextlib.contextmanager
+    def task(self, t: int):
+        buf = self._get_buffer()
+        if self._active:
+            raise RuntimeError("task: contexts do not nest")
+        params = self.layout.params
+        for p in params:  # .grad now would be a leftover from before: not this task's
+            p.grad = None
+        self._active = True
+        try:
+            yield
+            views = self.layout.views(buf[t])
+            for p, v in zip(params, views):
+                if p.grad is not None:
+                    v.add_(p.grad)
+        finally:
+            self._active = False
+            for p in params:
+                p.grad = None
+
+    def remove(self):
+        """Nothing to undo (the loop collector patches nothing)."""
+
+
+def _accumulate(dst: torch.Tensor, dy2: torch.Tensor, x2: torch.Tensor) -> None:
+    """``dst += dy2^T @ x2`` (dst ``[out, in]``), without a temporary when dtypes agree."""
+    if dy2.dtype == dst.dtype and x2.dtype == dst.dtype:
+        dst.addmm_(dy2.t(), x2)
+    else:
+        dst.add_(dy2.t().mm(x2.to(dy2.dtype)))
+
+
+class _Slot:
+    __slots__ = ("collector", "index")
+
+    def __init__(self, collector, index):
+        self.collector, self.index = collector, index
+
+
+class _RoutedLinear(torch.autograd.Function):
+    """``y = x W^T`` whose backward routes the weight gradient through the collector."""
+
+    @staticmethod
+    def forward(ctx, x, weight, slot):
+        ctx.save_for_backward(x, weight)
+        ctx.slot = slot
+        return F.linear(x, weight)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w = ctx.saved_tensors
+        dx = dy.matmul(w.to(dy.dtype)) if ctx.needs_input_grad[0] else None
+        dw = None
+        if ctx.needs_input_grad[1]:
+            dw = ctx.slot.collector._weight_grad(ctx.slot.index, x, dy, w)
+        return dx, dw, None
+
+
+def _routed_forward(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    slot = module._ortholora_slot
+    w = module.weight
+    if not (torch.is_grad_enabled() and w.requires_grad):
+        return F.linear(x, w, module.bias)
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev) and x.is_floating_point():
+        # What autocast does to F.linear, done by hand so the function sees one dtype.
+        dt = torch.get_autocast_dtype(dev)
+        with torch.autocast(dev, enabled=False):
+            y = _RoutedLinear.apply(x.to(dt), w.to(dt), slot)
+    else:
+        y = _RoutedLinear.apply(x, w, slot)
+    if module.bias is not None:
+        y = y + module.bias.to(y.dtype)
+    return y
+
+
+class GroupedCollector:
+    """Per-task LoRA gradients from one backward pass (grouped ``dy_t^T x_t`` products).
+
+    Patches the ``forward`` of every layout entry's ``nn.Linear`` (instance attribute, undone
+    by :meth:`remove`). Routing, read when the backward runs:
+
+    * inside :meth:`grouped` (``task_ids`` of the batch): rows of task t -> buffer row t;
+    * inside :meth:`task` (``t``): the whole batch -> buffer row t;
+    * otherwise: the ordinary ``.grad`` (nothing changes for plain training or eval).
+
+    The batch dimension of every LoRA layer input must be dimension 0 (``[batch, ...,
+    features]``, as in Hugging Face models).
+    """
+
+    def __init__(self, layout: LoRALayout, num_tasks: int, get_buffer):
+        self.layout = layout
+        self.num_tasks = num_tasks
+        self._get_buffer = get_buffer
+        self._route: tuple | None = None
+        self._views: list[torch.Tensor] | None = None
+        self._views_of = None
+        missing = [e.name for e in layout.entries if not isinstance(e.module, nn.Linear)]
+        if missing:
+            raise ValueError(
+                "collect: 'grouped' needs every shared LoRA matrix to be the weight of an nn.Linear "
+                f"(peft lora_A/lora_B); these are not: {missing[:4]}{'...' if len(missing) > 4 else ''}. "
+                "Use collect='loop', or give the nn.Linear modules to LoRALayout.from_params."
+            )
+        for e in layout.entries:
+            m = e.module
+            if "forward" in m.__dict__ or hasattr(m, "_ortholora_slot"):
+                raise RuntimeError(f"collect: the module of {e.name} already has a patched forward "
+                                   "(another OrthoLoRA on the same model? call .remove() on it first)")
+            if m.weight is not e.param:
+                raise ValueError(f"{e.name}: the parameter is not the weight of its nn.Linear")
+        self._patched = []
+        for i, e in enumerate(layout.entries):
+            m = e.module
+            m._ortholora_slot = _Slot(self, i)
+            m.forward = types.MethodType(_routed_forward, m)
+            self._patched.append(m)
+
+    def remove(self) -> None:
+        """Restore the original ``forward`` of every patched module."""
+        for m in self._patched:
+            m.__dict__.pop("forward", None)
+            if hasattr(m, "_ortholora_slot"):
+                del m._ortholora_slot
+        self._patched = []
+
+    def _row_views(self) -> list[torch.Tensor]:
+        buf = self._get_buffer()
+        if self._views_of is not buf:
+            self._views = self.layout.views(buf)  # [T, *shape] per entry
+            self._views_of = buf
+        return self._views
+
+    @contextlib.contextmanager
+    def _routing(self, route):
+        if self._route is not None:
+            raise RuntimeError("record/task: contexts do not nest")
+        self._get_buffer()
+        self._route = route
+        try:
+            yield
+        finally:
+            self._route = None
+
+    def grouped(self, task_ids):
+        """Context: backward passes inside split LoRA gradients by ``task_ids`` ``[batch]``."""
+        return self._routing(("grouped", TaskGroups(task_ids, self.num_tasks)))
+
+    def task(self, t: int):
+        """Context: backward passes inside send all LoRA gradients to task ``t``'s row."""
+        return self._routing(("task", t))
+
+    def _weight_grad(self, index: int, x: torch.Tensor, dy: torch.Tensor, w: torch.Tensor):
+        route = self._route
+        x2 = x.reshape(-1, x.shape[-1])
+        dy2 = dy.reshape(-1, dy.shape[-1])
+        if route is None:  # ordinary gradient
+            return dy2.t().mm(x2.to(dy2.dtype)).to(w.dtype)
+        views = self._row_views()[index]
+        kind, arg = route
+        if kind == "task":
+            _accumulate(views[arg], dy2, x2)
+            return None
+        groups: TaskGroups = arg
+        if x.dim() < 2 or x.shape[0] != groups.batch_size:
+            raise RuntimeError(
+                f"task_ids: has {groups.batch_size} entries but the LoRA layer "
+                f"{self.layout.entries[index].name} saw an input of shape {tuple(x.shape)}; the batch "
+                "must be dimension 0 of every LoRA input"
+            )
+        for t, sel in groups.groups:
+            xs = groups.select(sel, x)
+            ds = groups.select(sel, dy)
+            _accumulate(views[t], ds.reshape(-1, ds.shape[-1]), xs.reshape(-1, xs.shape[-1]))
+        return None

@@ -1,0 +1,254 @@
+"""Training-loop integration: collect per-task LoRA gradients -> project -> write ``.grad``.
+
+    ortho = OrthoLoRA(model, num_tasks=3, granularity="ab", collect="grouped", seed=0)
+    ...
+    with ortho.record(task_ids):              # task ids of the concatenated batch
+        loss = per_task_mean_loss(model(...), task_ids, 3).sum()   # forward may be outside too
+        loss.backward()
+    stats = ortho.project_()                  # projected sum -> LoRA .grad; heads untouched
+    optimizer.step(); optimizer.zero_grad()
+
+Works with any optimizer and scheduler (it only sets ``.grad``), gradient accumulation (call
+``record``/``task`` per micro-batch, ``project_`` once per optimizer step), AMP with
+``GradScaler`` (projection is scale-invariant and NaN/Inf pass through to the scaler),
+``clip_grad_norm_`` after ``project_``, and ``torch.distributed`` (the per-task buffer is
+all-reduced before projecting; see :mod:`ortholora_kernels.integrations.distributed`).
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from .collect import GroupedCollector, LoopCollector, check_task_ids
+from .layout import GRANULARITIES, LoRALayout
+from .ops import project
+from .result import ProjectionResult
+
+COLLECT_MODES = ("grouped", "loop")
+
+
+class OrthoLoRA:
+    """Ortho-LoRA (PCGrad in the LoRA subspace, A and B apart) for an existing training loop.
+
+    Args:
+        model: a peft model (``LoRALayout.from_peft(model, adapter_name)``), or a
+            :class:`LoRALayout` for any module structure.
+        num_tasks: T >= 1.
+        granularity: "global", "ab" (the paper's bipartite decoupling), "layer" or "matrix".
+        collect: "grouped" (one backward for all tasks; patches the LoRA ``nn.Linear``
+            forwards until :meth:`remove`) or "loop" (one backward per task, reads ``.grad``).
+        reduction: "sum" (the paper) or "mean" of the projected task gradients.
+        seed: seed of the generator that draws the visiting orders (a fresh order every
+            step). ``None`` uses torch's global RNG (not allowed under ``torch.distributed``:
+            every rank must draw the same orders).
+        backend: the projection backend (see :func:`ortholora_kernels.project`).
+        adapter_name: the peft adapter.
+        buffer_dtype: dtype of the ``[T, N]`` buffer (default: the parameters' dtype).
+        distributed: "auto" (all-reduce the buffer when ``torch.distributed`` is initialised
+            with more than one rank), True (require it), or False.
+        process_group: the group to reduce over (default: the world).
+
+    Attributes:
+        layout: the :class:`LoRALayout`.
+        last_stats: the :class:`ProjectionResult` of the last :meth:`project_` (device tensors:
+            ``conflict_fraction``, ``mean_cosine``, ``cosine`` per segment), or None.
+    """
+
+    def __init__(self, model: nn.Module | LoRALayout, num_tasks: int, *, granularity: str = "ab",
+                 collect: str = "grouped", reduction: str = "sum", seed: int | None = 0, backend: str | None = None,
+                 adapter_name: str = "default", buffer_dtype: torch.dtype | None = None, distributed="auto",
+                 process_group=None):
+        if not isinstance(num_tasks, int) or isinstance(num_tasks, bool) or num_tasks < 1:
+            raise ValueError(f"num_tasks: expected an int >= 1, got {num_tasks!r}")
+        if granularity not in GRANULARITIES:
+            raise ValueError(f"granularity: expected one of {GRANULARITIES}, got {granularity!r}")
+        if collect not in COLLECT_MODES:
+            raise ValueError(f"collect: expected one of {COLLECT_MODES}, got {collect!r}")
+        if reduction not in ("sum", "mean"):
+            raise ValueError(f"reduction: expected 'sum' or 'mean', got {reduction!r}")
+        if distributed not in ("auto", True, False):
+            raise ValueError(f"distributed: expected 'auto', True or False, got {distributed!r}")
+        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+            raise TypeError(f"seed: expected an int or None, got {type(seed).__name__}")
+        if isinstance(model, LoRALayout):
+            layout, module = model, None
+        elif isinstance(model, nn.Module):
+            from torch.nn.parallel import DistributedDataParallel
+            if isinstance(model, DistributedDataParallel):
+                raise ValueError("model: build OrthoLoRA before wrapping the model in DistributedDataParallel "
+                                 "(DDP must be told to leave the LoRA parameters to OrthoLoRA)")
+            layout, module = LoRALayout.from_peft(model, adapter_name), model
+        else:
+            raise TypeError(f"model: expected a peft model (nn.Module) or a LoRALayout, got {type(model).__name__}")
+        self.layout = layout
+        self.num_tasks = num_tasks
+        self.granularity = granularity
+        self.collect = collect
+        self.reduction = reduction
+        self.seed = seed
+        self.backend = backend
+        self.buffer_dtype = buffer_dtype
+        self.distributed = distributed
+        self.process_group = process_group
+        self.offsets = layout.segments(granularity)
+        self.segment_names = layout.segment_names(granularity)
+        self.last_stats: ProjectionResult | None = None
+        self.num_steps = 0
+        self._buffer: torch.Tensor | None = None
+        self._generator: torch.Generator | None = None
+        self._pending = False
+        if collect == "grouped":
+            self._collector = GroupedCollector(layout, num_tasks, self._get_buffer)
+        else:
+            self._collector = LoopCollector(layout, num_tasks, self._get_buffer)
+        if module is not None:
+            from .integrations.distributed import exclude_from_ddp
+            exclude_from_ddp(module, layout)
+        if self._world_size() > 1:
+            from .integrations.distributed import broadcast_params
+            broadcast_params(layout.params, self.process_group)
+
+    # ------------------------------------------------------------------ buffer
+    @property
+    def buffer(self) -> torch.Tensor:
+        """The ``[T, N]`` per-task gradient buffer (allocated on first use)."""
+        return self._get_buffer()
+
+    def _get_buffer(self) -> torch.Tensor:
+        if self._buffer is None:
+            self._buffer = self.layout.new_buffer(self.num_tasks, self.buffer_dtype, self.layout.device)
+        return self._buffer
+
+    def zero_grad(self) -> None:
+        """Clear the accumulated per-task gradients (``project_`` does this by itself)."""
+        if self._buffer is not None:
+            self._buffer.zero_()
+        self._pending = False
+
+    def _check_task(self, t) -> int:
+        if isinstance(t, torch.Tensor) and t.numel() == 1 and not t.is_floating_point():
+            t = int(t)
+        if not isinstance(t, int) or isinstance(t, bool):
+            raise TypeError(f"task: expected an int task id, got {type(t).__name__}")
+        if not 0 <= t < self.num_tasks:
+            raise ValueError(f"task: task id {t} out of range [0, {self.num_tasks}) (num_tasks={self.num_tasks})")
+        return t
+
+    # ------------------------------------------------------------------ collection
+    @contextlib.contextmanager
+    def record(self, task_ids: torch.Tensor):
+        """Context for ONE backward of ``sum_t mean-loss_t`` over a concatenated batch.
+
+        ``task_ids`` is the ``[batch]`` task id of every example (a CPU tensor avoids a
+        host sync). Needs ``collect="grouped"``. The forward may run inside or before the
+        context; the backward must run inside. May be entered once per micro-batch:
+        gradients accumulate until :meth:`project_`.
+        """
+        if self.collect != "grouped":
+            raise RuntimeError("record: needs collect='grouped'; with collect='loop' use task(t) or backward(task_losses)")
+        with self._collector.grouped(task_ids):
+            yield self
+        self._pending = True
+
+    @contextlib.contextmanager
+    def task(self, t: int):
+        """Context for the backward pass(es) of task ``t`` alone (separate per-task passes)."""
+        t = self._check_task(t)
+        with self._collector.task(t):
+            yield self
+        self._pending = True
+
+    def backward(self, task_losses: Sequence[torch.Tensor], retain_graph: bool = False) -> None:
+        """T backward passes over one forward: ``task_losses[t]`` -> row t (``retain_graph`` between).
+
+        ``task_losses`` holds T scalar losses (a task absent from the batch may be ``None``).
+        """
+        if isinstance(task_losses, torch.Tensor):
+            if task_losses.dim() != 1:
+                raise ValueError(f"task_losses: expected T scalar losses, got a tensor of shape {tuple(task_losses.shape)}")
+            task_losses = list(task_losses.unbind(0))
+        if len(task_losses) != self.num_tasks:
+            raise ValueError(f"task_losses: expected {self.num_tasks} losses (num_tasks), got {len(task_losses)}")
+        present = [t for t, l in enumerate(task_losses) if l is not None]
+        for k, t in enumerate(present):
+            loss = task_losses[t]
+            if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+                raise ValueError(f"task_losses: entry {t} must be a scalar tensor")
+            with self.task(t):
+                loss.backward(retain_graph=retain_graph or k < len(present) - 1)
+        self._pending = True
+
+    # ------------------------------------------------------------------ projection
+    def _world_size(self) -> int:
+        if self.distributed is False:
+            return 1
+        import torch.distributed as dist
+        if not (dist.is_available() and dist.is_initialized()):
+            if self.distributed is True:
+                raise RuntimeError("distributed=True: torch.distributed is not initialised")
+            return 1
+        return dist.get_world_size(self.process_group)
+
+    def _get_generator(self, device) -> torch.Generator | None:
+        if self.seed is None:
+            return None
+        if self._generator is None:
+            self._generator = torch.Generator(device=device)
+            self._generator.manual_seed(self.seed)
+        return self._generator
+
+    def project_(self) -> ProjectionResult:
+        """Project the accumulated per-task gradients, write them to the LoRA ``.grad``, reset.
+
+        Under ``torch.distributed`` the buffer is first all-reduced (sum) and divided by the
+        world size, matching DDP's gradient averaging. Each LoRA parameter's ``.grad`` is SET
+        (not added) to its slice of the projected sum; other parameters are untouched. NaN/Inf
+        in the buffer propagate into ``.grad`` (so ``GradScaler`` skips the step).
+
+        Returns the :class:`ProjectionResult` (device tensors, no host sync), also kept in
+        :attr:`last_stats`.
+        """
+        if self._buffer is None or not self._pending:
+            raise RuntimeError("project_: no task gradients recorded since the last project_ "
+                               "(run a backward inside record(...) / task(t), or backward(task_losses))")
+        buf = self._buffer
+        world = self._world_size()
+        if world > 1:
+            if self.seed is None:
+                raise ValueError("seed: must be an int under torch.distributed so every rank draws the same orders")
+            from .integrations.distributed import all_reduce_task_grads
+            all_reduce_task_grads(buf, self.process_group, average=True)
+        res = project(buf, self.offsets, reduction=self.reduction, generator=self._get_generator(buf.device),
+                      backend=self.backend, return_stats=True)
+        out = res.output
+        for p, v in zip(self.layout.params, self.layout.views(out)):
+            p.grad = v if v.dtype == p.dtype else v.to(p.dtype)
+        buf.zero_()
+        self._pending = False
+        self.last_stats = res
+        self.num_steps += 1
+        return res
+
+    def stats_dict(self, prefix: str = "ortho/") -> dict[str, float]:
+        """The last step's conflict fraction and mean cosine per segment as floats (a host sync)."""
+        s = self.last_stats
+        if s is None:
+            return {}
+        cf = s.conflict_fraction.tolist()
+        mc = s.mean_cosine.tolist()
+        out = {}
+        for name, a, b in zip(self.segment_names, cf, mc):
+            out[f"{prefix}conflict_fraction/{name}"] = a
+            out[f"{prefix}mean_cosine/{name}"] = b
+        return out
+
+    def remove(self) -> None:
+        """Undo the forward patches of the grouped collector (the model is plain peft again)."""
+        self._collector.remove()
+
+    def __repr__(self) -> str:
+        return (f"OrthoLoRA(num_tasks={self.num_tasks}, granularity={self.granularity!r}, collect={self.collect!r}, "
+                f"reduction={self.reduction!r}, {self.layout!r})")
