@@ -1,0 +1,411 @@
+"""LoRI (arXiv 2504.07448): LoRA with a frozen random A and a sparse B.
+
+For a frozen linear layer y = W x + b, LoRI adds
+
+    dy = (alpha / r) * (B * M) @ A @ dropout(x)
+
+    A  (r, in)    frozen at its random initialisation (Kaiming-uniform, a=sqrt(5): peft's
+                  default LoRA init, U(-1/sqrt(in), 1/sqrt(in))), drawn from a generator
+                  seeded by (seed, module name): adapters built with the same seed on the
+                  same architecture have bit-identical A, whatever else the model holds,
+                  the device, or the global RNG state. A is a buffer, not a parameter: no
+                  optimizer or gradient buffer ever sees it.
+    B  (out, r)   the only trainable matrix, zero init.
+    M  (out, r)   optional fixed 0/1 mask (LoRI-S); no mask means dense B (LoRI-D).
+
+Training pipeline (the paper's two stages):
+
+    apply_lori(model, target_modules, r, alpha, seed)  # LoRI-D: dense B, A frozen
+    ... train ...
+    masks = lori_mask(model, sparsity=0.9)   # global magnitude top-k over ALL B's of the
+                                             # model: keep the largest 10% of |B| entries
+    apply_lori_mask(model, masks)            # LoRI-S: B restarts from zero (reset_b=True,
+                                             # our reading of the paper's "train LoRI-S
+                                             # with the calibrated mask"; reset_b=False
+                                             # keeps the LoRI-D values, masked)
+    ... train ...
+
+Masked entries stay exactly zero: the forward uses B * M (so autograd gives them exactly
+zero gradient, and the effective weight is zero whatever the stored value), and the
+stored B is zeroed at masking time. With zero gradients Adam/AdamW leave a zero entry at
+zero (decoupled weight decay of 0 is 0, moments stay 0). For gradients written by other
+means (e.g. a grouped Ortho-LoRA collector that forms dB itself) or optimizer state
+carried over from LoRI-D, ``attach_lori_mask(optimizer, model)`` masks ``.grad`` before
+and re-zeroes the weights after every ``optimizer.step()``; ``mask_lori_grads`` /
+``enforce_lori_mask`` do the same by hand.
+
+Trainable scalars per adapted module: out*r (LoRI-D); the number of kept mask entries
+(LoRI-S: about (1 - sparsity) * out*r on average, exactly
+round((1 - sparsity) * sum_modules out*r) over the model). ``count_trainable`` counts this.
+
+Multi-task merging (``merge_lori``): per-task LoRI adapters trained separately are merged
+into one by the paper's concatenated merging, dW = sum_t w_t * s_t * B_t A_t:
+
+  * same A in all adapters (same seed; the default workflow here): the merge is exactly
+    one adapter of the same rank with B = sum_t w_t B_t (and mask = union of the task
+    masks; entries outside the union stay exactly zero);
+  * different A's (different seeds): A = [A_1; ...; A_T] (rank T*r) and
+    B = [w_1 B_1, ..., w_T B_T], which is the same dW.
+
+Default weights w_t = 1/T (an average; the paper treats the merge weights as a
+hyper-parameter; pass ``weights=[1.0] * T`` for a plain sum).
+
+Ortho-LoRA composition: ``lori_parameters(model)`` gives the shared trainable parameters
+(only the B's, side "B"; A is frozen and never in the projection buffer), grouped by layer
+key as ``LoRALayout.from_params`` expects; ``.entries()`` gives its 4-tuples.
+
+Implementation choice: our own wrapper of nn.Linear (``LoRILinear``) rather than peft, so
+A can be a seeded buffer and the mask part of the forward. It plugs into the same target
+modules as peft LoRA (``target_modules`` names, peft matching rules) and keeps the base
+parameter names (``...query.weight``); adapter tensors are ``...query.lora_A`` (buffer),
+``...query.lora_B`` (parameter), ``...query.lora_mask`` (bool buffer, LoRI-S only).
+"""
+from __future__ import annotations
+
+import math
+import re
+import zlib
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .mtl_lora import (
+    DEFAULT_KEEP_TRAINABLE,
+    AdapterParams,
+    _check_dropout,
+    _check_rank,
+    _find_targets,
+    _freeze_base,
+    _set_submodule,
+    count_trainable,
+    layer_key,
+)
+
+__all__ = [
+    "LoRILinear",
+    "apply_lori",
+    "lori_modules",
+    "lori_mask",
+    "apply_lori_mask",
+    "remove_lori_mask",
+    "mask_lori_grads",
+    "enforce_lori_mask",
+    "attach_lori_mask",
+    "lori_parameters",
+    "lori_state_dict",
+    "save_lori",
+    "load_lori",
+    "merge_lori",
+    "count_trainable",
+    "lori_param_count",
+]
+
+
+def _module_seed(seed: int, name: str) -> int:
+    return (int(seed) * 1_000_003 + zlib.crc32(name.encode())) % (2**63 - 1)
+
+
+def _random_a(seed: int, name: str, r: int, in_features: int) -> torch.Tensor:
+    g = torch.Generator(device="cpu").manual_seed(_module_seed(seed, name))
+    bound = 1.0 / math.sqrt(in_features)  # kaiming_uniform_(a=sqrt(5)) on an (r, in) matrix
+    return (torch.rand(r, in_features, generator=g, dtype=torch.float64) * 2 - 1).mul_(bound).float()
+
+
+class LoRILinear(nn.Module):
+    """A frozen nn.Linear plus a LoRI adapter (see the module docstring)."""
+
+    def __init__(self, base: nn.Linear, r: int, alpha: float, seed: int, name: str,
+                 dropout: float = 0.0, scaling: float | None = None):
+        super().__init__()
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight = base.weight
+        self.bias = base.bias
+        self.weight.requires_grad_(False)
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+        self.r, self.alpha, self.seed = r, float(alpha), int(seed)
+        self.scaling = float(scaling) if scaling is not None else self.alpha / r
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        kw = dict(device=base.weight.device, dtype=base.weight.dtype)
+        self.register_buffer("lora_A", _random_a(seed, name, r, self.in_features).to(**kw))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, **kw))
+        self.lora_mask: torch.Tensor | None
+        self.register_buffer("lora_mask", None)
+
+    def extra_repr(self) -> str:
+        mode = "LoRI-D" if self.lora_mask is None else f"LoRI-S, kept={int(self.lora_mask.sum())}"
+        return f"in={self.in_features}, out={self.out_features}, r={self.r}, scaling={self.scaling}, {mode}"
+
+    def effective_b(self) -> torch.Tensor:
+        b = self.lora_B
+        return b if self.lora_mask is None else b * self.lora_mask.to(b.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        return self.scaling * self.effective_b() @ self.lora_A
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.linear(x, self.weight, self.bias)
+        h = F.linear(self.lora_dropout(x), self.lora_A.to(x.dtype))
+        return out + F.linear(h, self.effective_b().to(h.dtype)) * self.scaling
+
+
+def lori_modules(model: nn.Module) -> list[tuple[str, LoRILinear]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRILinear)]
+
+
+def _require(model) -> list[tuple[str, LoRILinear]]:
+    mods = lori_modules(model)
+    if not mods:
+        raise ValueError("model has no LoRI modules (call apply_lori first)")
+    return mods
+
+
+def apply_lori(
+    model: nn.Module,
+    target_modules: Sequence[str] | str = ("query", "value"),
+    r: int = 8,
+    alpha: float = 16,
+    seed: int = 0,
+    dropout: float = 0.0,
+    freeze_base: bool = True,
+    keep_trainable: Sequence[str] | None = DEFAULT_KEEP_TRAINABLE,
+    scaling: float | None = None,
+) -> list[str]:
+    """Wrap every nn.Linear matching ``target_modules`` (peft rules: a name equals a target
+    or ends with ``.<target>``; a single string is a full-match regex) in a LoRILinear with
+    A frozen from ``seed`` and B = 0 (LoRI-D). Freezing as in ``apply_mtl_lora``.
+    ``scaling`` overrides alpha / r (used when loading a concatenation-merged adapter).
+    Returns the adapted module names."""
+    _check_rank(r)
+    _check_dropout(dropout)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed must be an integer, got seed={seed!r}")
+    if not math.isfinite(float(alpha)):
+        raise ValueError(f"alpha must be finite, got alpha={alpha!r}")
+    targets = _find_targets(model, target_modules, (LoRILinear,))
+    if freeze_base:
+        _freeze_base(model, keep_trainable)
+    names = []
+    for name, lin in targets:
+        _set_submodule(model, name, LoRILinear(lin, r, alpha, seed, name, dropout, scaling))
+        names.append(name)
+    model._lori_config = dict(target_modules=names, r=r, alpha=float(alpha), seed=int(seed), dropout=float(dropout),
+                              scaling=float(scaling) if scaling is not None else float(alpha) / r)
+    return names
+
+
+def lori_param_count(out_features: int, r: int) -> int:
+    """Trainable scalars of one LoRI-D module (A is frozen)."""
+    return out_features * r
+
+
+# ---------------------------------------------------------------------------------------
+# masks
+# ---------------------------------------------------------------------------------------
+
+
+def _check_sparsity(sparsity) -> float:
+    try:
+        s = float(sparsity)
+    except (TypeError, ValueError):
+        raise ValueError(f"sparsity must be a number in [0, 1), got sparsity={sparsity!r}") from None
+    if not (0.0 <= s < 1.0):
+        raise ValueError(f"sparsity must be in [0, 1), got sparsity={sparsity!r}")
+    return s
+
+
+@torch.no_grad()
+def lori_mask(model: nn.Module, sparsity: float = 0.9) -> dict[str, torch.Tensor]:
+    """Global magnitude masks: over all B matrices of the model together keep the
+    k = round((1 - sparsity) * N) entries of largest |B| (N = total B entries; at least
+    one), exactly k even with ties (torch.topk). Uses the effective B (B * current mask).
+    Returns {module name: bool tensor of B's shape}."""
+    s = _check_sparsity(sparsity)
+    mods = _require(model)
+    flat = torch.cat([m.effective_b().detach().abs().float().reshape(-1).cpu() for _, m in mods])
+    n = flat.numel()
+    k = max(1, min(n, int(round((1.0 - s) * n))))
+    keep = torch.zeros(n, dtype=torch.bool)
+    keep[torch.topk(flat, k, sorted=False).indices] = True
+    masks, off = {}, 0
+    for name, m in mods:
+        numel = m.lora_B.numel()
+        masks[name] = keep[off: off + numel].reshape(m.lora_B.shape).clone()
+        off += numel
+    return masks
+
+
+@torch.no_grad()
+def apply_lori_mask(model: nn.Module, masks: dict[str, torch.Tensor], reset_b: bool = True) -> None:
+    """Switch to LoRI-S: fix ``masks`` (from ``lori_mask``) on the B matrices. With
+    ``reset_b`` (default) B restarts from zero, else it keeps its values on the mask."""
+    mods = dict(_require(model))
+    if not isinstance(masks, dict):
+        raise TypeError(f"masks must be a dict {{module name: bool tensor}}, got {type(masks).__name__}")
+    missing, extra = sorted(set(mods) - set(masks)), sorted(set(masks) - set(mods))
+    if missing or extra:
+        raise ValueError(f"masks do not match the LoRI modules: missing {missing[:4]}, unexpected {extra[:4]}")
+    for name, m in mods.items():
+        mask = torch.as_tensor(masks[name])
+        if mask.shape != m.lora_B.shape:
+            raise ValueError(f"masks[{name!r}] has shape {tuple(mask.shape)}, B has {tuple(m.lora_B.shape)}")
+        m.lora_mask = mask.to(device=m.lora_B.device, dtype=torch.bool).clone()
+        if reset_b:
+            m.lora_B.zero_()
+        else:
+            m.lora_B.mul_(m.lora_mask.to(m.lora_B.dtype))
+
+
+def remove_lori_mask(model: nn.Module) -> None:
+    """Back to dense B (LoRI-D); the stored values are kept."""
+    for _, m in _require(model):
+        m.lora_mask = None
+
+
+@torch.no_grad()
+def mask_lori_grads(model: nn.Module) -> None:
+    """Zero the masked entries of every B's ``.grad`` (no-op without a mask)."""
+    for _, m in lori_modules(model):
+        if m.lora_mask is not None and m.lora_B.grad is not None:
+            m.lora_B.grad.mul_(m.lora_mask.to(m.lora_B.grad.dtype))
+
+
+@torch.no_grad()
+def enforce_lori_mask(model: nn.Module) -> None:
+    """Zero the masked entries of every stored B (no-op without a mask)."""
+    for _, m in lori_modules(model):
+        if m.lora_mask is not None:
+            m.lora_B.mul_(m.lora_mask.to(m.lora_B.dtype))
+
+
+def attach_lori_mask(optimizer: torch.optim.Optimizer, model: nn.Module):
+    """Mask the gradients before and the weights after each ``optimizer.step()``.
+    Returns the two hook handles (``.remove()`` them to detach)."""
+    pre = optimizer.register_step_pre_hook(lambda opt, args, kwargs: mask_lori_grads(model))
+    post = optimizer.register_step_post_hook(lambda opt, args, kwargs: enforce_lori_mask(model))
+    return pre, post
+
+
+# ---------------------------------------------------------------------------------------
+# Ortho-LoRA composition
+# ---------------------------------------------------------------------------------------
+
+
+def lori_parameters(model: nn.Module) -> AdapterParams:
+    """The shared trainable parameters for Ortho-LoRA: only the B's (side "B"), grouped by
+    layer key; A is frozen and has no A-side entry. No task-specific parameters."""
+    out = AdapterParams()
+    for name, m in _require(model):
+        if m.lora_B.requires_grad:
+            out.add_shared(layer_key(name), "B", f"{name}.lora_B", m.lora_B)
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# save / load / merge
+# ---------------------------------------------------------------------------------------
+
+
+def lori_state_dict(model: nn.Module) -> dict:
+    """{"method": "lori", "config": {...}, "state": {name: tensor}} with the adapter only:
+    ``<module>.lora_A``, ``<module>.lora_B`` (masked) and ``<module>.lora_mask`` (LoRI-S)."""
+    mods = _require(model)
+    m0 = mods[0][1]
+    cfg = dict(getattr(model, "_lori_config", {}))
+    cfg.update(target_modules=[n for n, _ in mods], r=m0.r, alpha=m0.alpha, seed=m0.seed, scaling=m0.scaling)
+    cfg.setdefault("dropout", 0.0)
+    state = {}
+    for name, m in mods:
+        state[f"{name}.lora_A"] = m.lora_A.detach().cpu().clone()
+        state[f"{name}.lora_B"] = m.effective_b().detach().cpu().clone()
+        if m.lora_mask is not None:
+            state[f"{name}.lora_mask"] = m.lora_mask.detach().cpu().clone()
+    return {"method": "lori", "config": cfg, "state": state}
+
+
+def save_lori(model: nn.Module, path) -> None:
+    torch.save(lori_state_dict(model), path)
+
+
+def _load_dict(src) -> dict:
+    d = src if isinstance(src, dict) else torch.load(src, map_location="cpu", weights_only=True)
+    if not isinstance(d, dict) or d.get("method") != "lori":
+        raise ValueError(f"not a LoRI adapter (method={d.get('method') if isinstance(d, dict) else None!r})")
+    return d
+
+
+@torch.no_grad()
+def load_lori(model: nn.Module, src, freeze_base: bool = True, keep_trainable=DEFAULT_KEEP_TRAINABLE) -> nn.Module:
+    """Load a LoRI adapter (a path or the dict from ``lori_state_dict``/``merge_lori``).
+    A model without LoRI modules is adapted first from the saved config. A, B and the mask
+    (if any) are replaced by the saved ones (so a merged adapter of a larger rank loads
+    into a model adapted at the same rank)."""
+    d = _load_dict(src)
+    cfg = d["config"]
+    if not lori_modules(model):
+        apply_lori(model, "|".join(re.escape(n) for n in cfg["target_modules"]), r=cfg["r"], alpha=cfg["alpha"],
+                   seed=cfg["seed"], dropout=cfg.get("dropout", 0.0), freeze_base=freeze_base,
+                   keep_trainable=keep_trainable, scaling=cfg.get("scaling"))
+        model._lori_config["target_modules"] = list(cfg["target_modules"])
+    mods = dict(lori_modules(model))
+    if sorted(mods) != sorted(cfg["target_modules"]):
+        raise ValueError(f"adapter modules {sorted(cfg['target_modules'])} do not match the model's LoRI modules {sorted(mods)}")
+    st = d["state"]
+    for name, m in mods.items():
+        a, b = st[f"{name}.lora_A"], st[f"{name}.lora_B"]
+        if a.shape != m.lora_A.shape or b.shape != m.lora_B.shape:
+            raise ValueError(f"{name}: adapter A{tuple(a.shape)} B{tuple(b.shape)} vs model "
+                             f"A{tuple(m.lora_A.shape)} B{tuple(m.lora_B.shape)} (rank r={cfg['r']})")
+        m.lora_A.copy_(a.to(m.lora_A.device, m.lora_A.dtype))
+        m.lora_B.copy_(b.to(m.lora_B.device, m.lora_B.dtype))
+        mask = st.get(f"{name}.lora_mask")
+        m.lora_mask = None if mask is None else mask.to(device=m.lora_B.device, dtype=torch.bool).clone()
+        m.alpha, m.seed = float(cfg["alpha"]), int(cfg["seed"])
+        m.scaling = float(cfg.get("scaling", cfg["alpha"] / cfg["r"]))
+    return model
+
+
+def merge_lori(adapters: Sequence, weights: Sequence[float] | None = None) -> dict:
+    """Merge per-task LoRI adapters (paths or dicts from ``lori_state_dict``) into one:
+    dW = sum_t w_t * s_t * B_t A_t (concatenated merging; s_t the adapter's scaling).
+    Same A everywhere: B = sum_t w_t (s_t/s_1) B_t at the same rank, mask = union.
+    Otherwise A's and weighted B's are concatenated along the rank (rank = sum of ranks).
+    ``weights`` default to 1/T each. Returns an adapter dict (``load_lori``/``save``)."""
+    ds = [_load_dict(a) for a in adapters]
+    if not ds:
+        raise ValueError("adapters: need at least one LoRI adapter to merge")
+    T = len(ds)
+    if weights is None:
+        weights = [1.0 / T] * T
+    weights = [float(w) for w in weights]
+    if len(weights) != T or not all(math.isfinite(w) for w in weights):
+        raise ValueError(f"weights must be {T} finite numbers (one per adapter), got {weights!r}")
+    names = list(ds[0]["config"]["target_modules"])
+    for i, d in enumerate(ds[1:], 1):
+        if sorted(d["config"]["target_modules"]) != sorted(names):
+            raise ValueError(f"adapters[{i}] adapts other modules than adapters[0]")
+    s0 = float(ds[0]["config"]["scaling"])
+    same_a = all(
+        torch.equal(d["state"][f"{n}.lora_A"], ds[0]["state"][f"{n}.lora_A"]) for d in ds[1:] for n in names
+    )
+    state = {}
+    for n in names:
+        bs = [w * float(d["config"]["scaling"]) / s0 * d["state"][f"{n}.lora_B"].double() for w, d in zip(weights, ds)]
+        masks = [d["state"].get(f"{n}.lora_mask") for d in ds]
+        if same_a:
+            state[f"{n}.lora_A"] = ds[0]["state"][f"{n}.lora_A"].clone()
+            state[f"{n}.lora_B"] = torch.stack(bs).sum(0).to(ds[0]["state"][f"{n}.lora_B"].dtype)
+            if all(m is not None for m in masks):
+                state[f"{n}.lora_mask"] = torch.stack(masks).any(0)
+        else:
+            state[f"{n}.lora_A"] = torch.cat([d["state"][f"{n}.lora_A"] for d in ds], 0)
+            state[f"{n}.lora_B"] = torch.cat(bs, 1).to(ds[0]["state"][f"{n}.lora_B"].dtype)
+            if all(m is not None for m in masks):
+                state[f"{n}.lora_mask"] = torch.cat(masks, 1)
+    cfg = dict(ds[0]["config"])
+    if not same_a:
+        cfg["r"] = sum(int(d["config"]["r"]) for d in ds)
+    cfg.update(scaling=s0, merged_from=T, merge_weights=weights, merge="sum_B" if same_a else "concat")
+    return {"method": "lori", "config": cfg, "state": state}
