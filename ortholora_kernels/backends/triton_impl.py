@@ -244,17 +244,20 @@ def _table(seg: Segments, device: torch.device, block: int, chunked: bool):
     Built once per (layout, device, block) and cached on ``seg``: per-call host work
     does not grow with N. Chunks never straddle a segment.
     """
+    per = 1
+    if chunked:  # enough programs to fill the GPU first, then fewer, longer ones
+        n_blocks = -(-seg.numel // block) + seg.num_segments
+        per = min(_MAX_CHUNK_BLOCKS, max(1, -(-n_blocks // _TARGET_PROGRAMS)))
+    span = per * block
+
     def build():
-        n_blocks = sum(-(-size // block) for size in seg.sizes)
-        per = min(_MAX_CHUNK_BLOCKS, max(1, -(-n_blocks // _TARGET_PROGRAMS))) if chunked else 1
-        span = per * block
         rows, offs = [], [0]
         for s, (lo, hi) in enumerate(zip(seg.offsets, seg.offsets[1:])):
             rows.extend((s, a, min(a + span, hi)) for a in range(lo, hi, span))
             offs.append(len(rows))
         table = torch.tensor(rows, dtype=torch.int64, device=device)
         return table, torch.tensor(offs, dtype=torch.int64, device=device), len(rows)
-    return seg.cached(("triton_table", torch.device(device), block, chunked), build)
+    return seg.cached(("triton_table", torch.device(device), span), build)
 
 
 def _gram(a: torch.Tensor, b: torch.Tensor | None, seg: Segments, *, order=None, reduction="sum"):
