@@ -124,6 +124,8 @@ class LoRALayout:
             ValueError: no trainable parameter, a bad ``side``, a parameter given twice.
             TypeError: an entry that is neither a triple nor a 4-tuple of the right types.
         """
+        if callable(getattr(entries, "entries", None)):  # e.g. glue.mtl_lora.AdapterParams
+            entries = entries.entries()
         flat: list[tuple[str, str, str, object]] = []
         for i, e in enumerate(entries):
             if not isinstance(e, (tuple, list)):
