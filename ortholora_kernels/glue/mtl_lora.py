@@ -191,6 +191,14 @@ class AdapterParams:
                     out.append((key, side, self.names[id(p)], p))
         return out
 
+    def layout(self):
+        """``LoRALayout.from_params(self.entries())``: the Ortho-LoRA buffer layout over the
+        shared parameters (frozen ones skipped). Use it with ``OrthoLoRA(layout, T,
+        collect="loop")``: the grouped collector needs peft ``nn.Linear`` LoRA modules."""
+        from ..layout import LoRALayout
+
+        return LoRALayout.from_params(self.entries())
+
     def shared_parameters(self) -> list[nn.Parameter]:
         return [p for _, _, _, p in self.entries()]
 
