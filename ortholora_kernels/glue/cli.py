@@ -1,0 +1,292 @@
+"""``ortholora-glue``: train and compare multi-task LoRA methods on GLUE.
+
+Subcommands:
+    train     train one method (single | joint | ortho | registered extras) on GLUE tasks
+    compare   markdown table (tasks x runs, GLUE average) + overlaid learning curves
+    demo      offline: synthetic GLUE-format suite, tiny RoBERTa, single vs joint vs ortho
+    synth     write the synthetic suite (GLUE TSV layout) to a directory
+
+User mistakes (unknown task, missing file, bad path, incompatible options) print one
+line ``ortholora-glue: error: ...`` on stderr and exit with status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+PROG = "ortholora-glue"
+
+
+class CliError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (raised, so ``main`` can print and return 2)."""
+
+    def error(self, message):
+        raise CliError(message)
+
+
+def _int_or_none(s):
+    return None if s in ("none", "None", "") else int(s)
+
+
+def _add_train_options(p, demo=False):
+    from .methods import available_methods
+
+    from .tasks import PAPER_TASKS
+
+    g = p.add_argument_group("data")
+    if not demo:
+        g.add_argument("--tasks", default=",".join(PAPER_TASKS),
+                       help="comma-separated GLUE tasks: cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte, wnli "
+                            "(default: %(default)s)")
+        src = g.add_mutually_exclusive_group()
+        src.add_argument("--data-dir", default=None,
+                         help="local directory in the original GLUE layout (CoLA/train.tsv, MNLI/dev_matched.tsv, ...); "
+                              "default: download nyu-mll/glue from the Hugging Face hub through `datasets`")
+        src.add_argument("--synthetic", action="store_true",
+                         help="generate the offline synthetic suite (GLUE TSV format) in OUT/data and train on it")
+    g.add_argument("--max-train-samples", type=_int_or_none, default=None,
+                   help="keep a seeded random subset of N training examples per task (default: all)")
+    g.add_argument("--max-eval-samples", type=_int_or_none, default=None,
+                   help="keep a seeded random subset of N examples per evaluation split (default: all)")
+    g.add_argument("--max-length", type=int, default=128, help="max tokens per (pair) example; longer ones are "
+                   "truncated, batches are padded dynamically to their longest (default: %(default)s)")
+    g.add_argument("--cache-dir", default=None, help="datasets cache directory for hub downloads")
+
+    g = p.add_argument_group("model")
+    if not demo:
+        g.add_argument("--model", default="roberta-base",
+                       help="Hugging Face encoder: hub name or local path, or 'tiny-roberta' (a random 2-layer "
+                            "RoBERTa from a config with an offline word-level tokenizer) (default: %(default)s)")
+        g.add_argument("--tiny", action="store_true", help="shorthand for --model tiny-roberta")
+    g.add_argument("--tiny-hidden", type=int, default=32, help="tiny-roberta hidden size (default: %(default)s)")
+    g.add_argument("--tiny-layers", type=int, default=2, help="tiny-roberta layers (default: %(default)s)")
+    g.add_argument("--lora-r", type=int, default=8, help="LoRA rank (paper: 8) (default: %(default)s)")
+    g.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA alpha (default: %(default)s)")
+    g.add_argument("--lora-dropout", type=float, default=0.1, help="LoRA dropout (default: %(default)s)")
+    g.add_argument("--lora-target-modules", default="query,value",
+                   help="comma-separated module names to adapt (paper: query,value) (default: %(default)s)")
+
+    g = p.add_argument_group("method")
+    if not demo:
+        g.add_argument("--method", default="ortho", choices=available_methods(),
+                       help="single: one adapter per task, trained separately; joint: one shared adapter, summed "
+                            "task losses; ortho: shared adapter + Ortho-LoRA projection (default: %(default)s)")
+        g.add_argument("--granularity", default=None, choices=["global", "ab", "layer", "matrix"],
+                       help="ortho only: projection segments; ab = A and B matrices apart, the paper's bipartite "
+                            "decoupling (default: ab)")
+        g.add_argument("--collect", default=None, choices=["grouped", "loop"],
+                       help="ortho only: per-task gradients from one grouped backward, or one backward per task "
+                            "(default: grouped)")
+        g.add_argument("--backend", default=None,
+                       help="ortho only: projection backend: torch, triton, native, reference (default: automatic)")
+
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--batch-size", type=int, default=16, help="examples per task per step (default: %(default)s)")
+    g.add_argument("--eval-batch-size", type=int, default=64, help="evaluation batch size (default: %(default)s)")
+    g.add_argument("--lr", type=float, default=5e-4, help="AdamW learning rate (default: %(default)s)")
+    g.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (default: %(default)s)")
+    g.add_argument("--warmup-ratio", type=float, default=0.06,
+                   help="linear warm-up over this fraction of the steps, then linear decay (default: %(default)s)")
+    g.add_argument("--max-steps", type=int, default=300 if demo else 2000,
+                   help="training steps; every step takes one batch from every task (default: %(default)s)")
+    if not demo:
+        g.add_argument("--epochs", type=float, default=None,
+                       help="instead of --max-steps: epochs over the largest task's training set")
+    g.add_argument("--seed", type=int, default=0, help="seed for python, numpy, torch, data order, LoRA init and "
+                   "projection order (default: %(default)s)")
+
+    g = p.add_argument_group("evaluation, logging, checkpoints")
+    if not demo:
+        g.add_argument("--out", default="runs/glue", help="output directory (default: %(default)s)")
+    g.add_argument("--eval-every", type=int, default=100 if demo else 500,
+                   help="evaluate every N steps and at the end (default: %(default)s)")
+    if not demo:
+        g.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps (default: %(default)s)")
+        g.add_argument("--resume", action="store_true",
+                       help="continue from OUT/checkpoint.pt (optimizer, scheduler, RNG and data order restored)")
+        g.add_argument("--stop-after-steps", type=int, default=None,
+                       help="testing aid: checkpoint and stop after N steps, as if interrupted (resume with --resume)")
+    g.add_argument("--log-every", type=int, default=50,
+                   help="flush the conflict log (kept on the device) every N steps (default: %(default)s)")
+    g.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    g.add_argument("--no-plots", action="store_true", help="do not write PNG plots")
+
+
+def build_parser():
+    p = _Parser(prog=PROG, description="Multi-task LoRA on GLUE: single-task, joint and Ortho-LoRA training, "
+                "official metrics, reports, checkpoints. Also: python -m ortholora_kernels.glue.",
+                formatter_class=argparse.ArgumentDefaultsHelpFormatter if False else argparse.HelpFormatter)
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+    t = sub.add_parser("train", help="train one method and evaluate it",
+                       description="Train one method on GLUE tasks; writes config.json, results.json, "
+                                   "conflicts.jsonl (ortho), checkpoint.pt, summary.md and plots/ in --out.")
+    _add_train_options(t)
+    c = sub.add_parser("compare", help="compare finished runs: markdown table and learning curves",
+                       description="Print a markdown table (tasks x runs, with the GLUE average: per task the "
+                                   "mean of its official metrics x100, then the mean over tasks).")
+    c.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories (each with results.json)")
+    c.add_argument("--out", default=None, help="also write the table to this markdown file and the overlaid "
+                   "learning curves next to it (<name>_curves.png)")
+    d = sub.add_parser("demo", help="offline demo: synthetic suite, tiny model, single vs joint vs ortho",
+                       description="Offline, a few minutes on 2 CPU cores: writes the synthetic GLUE-format "
+                                   "suite, trains single, joint and ortho with a tiny random RoBERTa, prints "
+                                   "the comparison table and writes the plots.")
+    d.add_argument("--out", default="runs/demo", help="output directory (default: %(default)s)")
+    d.add_argument("--tasks", default="sst2,cola,mrpc,stsb",
+                   help="synthetic tasks (from sst2, cola, mrpc, stsb, rte) (default: %(default)s)")
+    d.add_argument("--methods", default="single,joint,ortho", help="methods to compare (default: %(default)s)")
+    d.add_argument("--granularity", default="ab", choices=["global", "ab", "layer", "matrix"],
+                   help="ortho granularity (default: %(default)s)")
+    d.add_argument("--collect", default=None, choices=["grouped", "loop"], help="ortho collection (default: grouped)")
+    d.add_argument("--n-train", type=int, default=2000, help="synthetic training rows per task (default: %(default)s)")
+    d.add_argument("--n-dev", type=int, default=400, help="synthetic dev rows per task (default: %(default)s)")
+    _add_train_options(d, demo=True)
+    s = sub.add_parser("synth", help="write the synthetic suite in GLUE TSV layout",
+                       description="Write the synthetic tasks (learnable, mildly conflicting) as GLUE TSV files.")
+    s.add_argument("out", help="output directory (e.g. data/synthetic_glue)")
+    s.add_argument("--tasks", default="sst2,cola,mrpc,stsb,rte", help="(default: %(default)s)")
+    s.add_argument("--n-train", type=int, default=2000, help="(default: %(default)s)")
+    s.add_argument("--n-dev", type=int, default=400, help="(default: %(default)s)")
+    s.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
+    return p
+
+
+def _config_from_args(a, **over):
+    from .train import TrainConfig
+
+    model = "tiny-roberta" if getattr(a, "tiny", False) else getattr(a, "model", "tiny-roberta")
+    cfg = TrainConfig(
+        tasks=[x.strip() for x in a.tasks.split(",") if x.strip()], method=getattr(a, "method", "ortho"),
+        out=a.out, data_dir=getattr(a, "data_dir", None), synthetic=getattr(a, "synthetic", False), model=model,
+        tiny_hidden=a.tiny_hidden, tiny_layers=a.tiny_layers, max_length=a.max_length, lora_r=a.lora_r,
+        lora_alpha=a.lora_alpha, lora_dropout=a.lora_dropout,
+        lora_target_modules=[x.strip() for x in a.lora_target_modules.split(",") if x.strip()],
+        batch_size=a.batch_size, eval_batch_size=a.eval_batch_size, lr=a.lr, weight_decay=a.weight_decay,
+        warmup_ratio=a.warmup_ratio, max_steps=a.max_steps, epochs=getattr(a, "epochs", None),
+        eval_every=a.eval_every, save_every=getattr(a, "save_every", 10**9), log_every=a.log_every, seed=a.seed,
+        granularity=getattr(a, "granularity", None), collect=getattr(a, "collect", None),
+        backend=getattr(a, "backend", None), max_train_samples=a.max_train_samples,
+        max_eval_samples=a.max_eval_samples, resume=getattr(a, "resume", False),
+        stop_after_steps=getattr(a, "stop_after_steps", None), progress=not a.no_progress,
+        plots=not a.no_plots, cache_dir=a.cache_dir)
+    for k, v in over.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+def _print_summary(res, out):
+    from .report import markdown_table
+
+    table = markdown_table([(res.get("method") or "run", res)])
+    print(table, end="")
+    from .checkpoint import atomic_write_text
+
+    atomic_write_text(os.path.join(out, "summary.md"), table)
+
+
+def cmd_train(a):
+    from .train import train
+
+    cfg = _config_from_args(a)
+    res = train(cfg)
+    _print_summary(res, cfg.out)
+    print(f"reports in {cfg.out}/ (results.json, config.json, summary.md, plots/)")
+    return 0
+
+
+def cmd_compare(a):
+    from .report import compare, load_results, plot_learning_curves, load_config, run_label
+
+    table = compare(a.runs, a.out)
+    print(table, end="")
+    if a.out:
+        runs = [(run_label(d, load_results(d), load_config(d)), load_results(d)) for d in a.runs]
+        plot_learning_curves(runs, os.path.splitext(a.out)[0] + "_curves.png")
+    return 0
+
+
+def cmd_demo(a):
+    from .data import write_synthetic_suite
+    from .report import compare, load_config, load_results, plot_learning_curves, run_label
+    from .tasks import parse_tasks
+    from .train import train
+
+    tasks = [t.name for t in parse_tasks(a.tasks)]
+    methods = [m.strip() for m in a.methods.split(",") if m.strip()]
+    from .methods import get_method
+
+    for m in methods:
+        try:
+            get_method(m)
+        except ValueError as e:
+            raise CliError(str(e)) from None
+    data = os.path.join(a.out, "data")
+    write_synthetic_suite(data, n_train=a.n_train, n_dev=a.n_dev, seed=a.seed, tasks=tasks)
+    dirs = []
+    for m in methods:
+        ortho = get_method(m).options
+        over = dict(method=m, out=os.path.join(a.out, m), data_dir=data, model="tiny-roberta",
+                    granularity=a.granularity if "granularity" in ortho else None,
+                    collect=a.collect if "collect" in ortho else None, backend=None)
+        cfg = _config_from_args(a, **over)
+        print(f"== {m} ==", file=sys.stderr)
+        train(cfg)
+        dirs.append(cfg.out)
+    table = compare(dirs, os.path.join(a.out, "comparison.md"))
+    runs = [(run_label(d, load_results(d), load_config(d)), load_results(d)) for d in dirs]
+    os.makedirs(os.path.join(a.out, "plots"), exist_ok=True)
+    plot_learning_curves(runs, os.path.join(a.out, "plots", "learning_curves.png"))
+    print(table, end="")
+    print(f"table: {a.out}/comparison.md; plots: {a.out}/plots/learning_curves.png and "
+          f"{a.out}/<method>/plots/ (conflicts.png, cosine_heatmap.png for ortho)")
+    return 0
+
+
+def cmd_synth(a):
+    from .data import write_synthetic_suite
+    from .tasks import parse_tasks
+
+    write_synthetic_suite(a.out, n_train=a.n_train, n_dev=a.n_dev, seed=a.seed,
+                          tasks=[t.name for t in parse_tasks(a.tasks)])
+    print(f"synthetic GLUE suite written to {a.out}")
+    return 0
+
+
+def main(argv=None) -> int:
+    from .data import DataError
+    from .model import ModelError
+    from .tasks import UnknownTaskError
+
+    parser = build_parser()
+    try:
+        try:
+            a = parser.parse_args(argv)
+        except SystemExit as e:  # --help
+            return int(e.code or 0)
+        from .train import Stopped, TrainError
+
+        try:
+            return {"train": cmd_train, "compare": cmd_compare, "demo": cmd_demo, "synth": cmd_synth}[a.command](a)
+        except Stopped as e:
+            print(f"{PROG}: stopped after step {e.args[0]} (--stop-after-steps); continue with --resume",
+                  file=sys.stderr)
+            return 0
+        except (TrainError, DataError, ModelError, UnknownTaskError, FileNotFoundError) as e:
+            raise CliError(str(e)) from None
+    except CliError as e:
+        msg = " ".join(str(e).split())
+        print(f"{PROG}: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,170 @@
+"""Training methods: a registry of name -> :class:`Method` subclass.
+
+A method decides (1) how the model is built from the encoder (default: one shared peft
+LoRA adapter + one head per task), (2) whether tasks train together or one at a time
+(``separate_tasks``), and (3) what one training step does between the forward pass and
+``optimizer.step()`` (writing ``.grad``). New methods (MTL-LoRA, LoRI...) register with::
+
+    @register_method
+    class MyMethod(Method):
+        name = "mine"
+        help = "one line for --help"
+        options = ("granularity",)        # method-specific CLI options it accepts
+        def build_model(self, encoder, tasks): ...
+        def backward(self, model, losses, task_ids): ...   # returns stats or None
+
+or, for a module imported lazily, by listing it in :data:`LAZY_METHODS`.
+"""
+from __future__ import annotations
+
+import importlib
+
+import torch
+
+from .model import MultiTaskModel, add_lora
+
+METHODS: dict = {}
+
+#: methods living in modules that are imported on first use (name -> module)
+LAZY_METHODS = {"mtl_lora": "ortholora_kernels.glue.mtl_lora", "lori": "ortholora_kernels.glue.lori"}
+
+#: method-specific CLI options (dest names); a method lists those it accepts in ``options``
+METHOD_OPTIONS = ("granularity", "collect", "backend")
+
+
+def register_method(cls):
+    METHODS[cls.name] = cls
+    return cls
+
+
+def available_methods() -> list[str]:
+    names = list(METHODS)
+    for name, mod in LAZY_METHODS.items():
+        if name not in METHODS and importlib.util.find_spec(mod) is not None:
+            names.append(name)
+    return names
+
+
+def get_method(name: str):
+    if name not in METHODS and name in LAZY_METHODS:
+        try:
+            importlib.import_module(LAZY_METHODS[name])
+        except ModuleNotFoundError:
+            pass
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise ValueError(f"unknown method {name!r} (known: {', '.join(available_methods())})") from None
+
+
+class Method:
+    """Base: one shared LoRA adapter; the loss is the sum of the per-task mean losses."""
+
+    name = "base"
+    help = ""
+    options: tuple = ()
+    separate_tasks = False   # True: one independent run per task (e.g. "single")
+
+    def __init__(self, cfg, tasks):
+        self.cfg = cfg
+        self.tasks = tasks
+
+    def build_model(self, encoder, tasks) -> MultiTaskModel:
+        c = self.cfg
+        peft_model = add_lora(encoder, c.lora_r, c.lora_alpha, c.lora_dropout, c.lora_target_modules)
+        return MultiTaskModel(peft_model, tasks)
+
+    def setup(self, model) -> None:
+        """Called once the model is built (e.g. to attach a projector)."""
+
+    def backward(self, model, losses, task_ids):
+        """Write ``.grad`` from the per-task losses; return stats (or None)."""
+        torch.stack(losses).sum().backward()
+        return None
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+@register_method
+class Single(Method):
+    name = "single"
+    help = "one adapter (and head) per task, each task trained on its own"
+    separate_tasks = True
+
+
+@register_method
+class Joint(Method):
+    name = "joint"
+    help = "one shared adapter, summed task losses (multi-task LoRA baseline)"
+
+
+@register_method
+class Ortho(Method):
+    name = "ortho"
+    help = "shared adapter with Ortho-LoRA gradient projection (--granularity/--collect/--backend)"
+    options = ("granularity", "collect", "backend")
+
+    def setup(self, model):
+        c = self.cfg
+        self.projector = make_projector(model, len(self.tasks), c.granularity or "ab", c.collect or "grouped",
+                                        c.seed, c.backend)
+
+    def backward(self, model, losses, task_ids):
+        p = self.projector
+        if (self.cfg.collect or "grouped") == "loop":
+            p.backward(losses)
+        else:
+            with p.record(task_ids):
+                torch.stack(losses).sum().backward()
+        return p.project_()
+
+    def state_dict(self):
+        return {"projector": projector_state(self.projector)}
+
+    def load_state_dict(self, state):
+        load_projector_state(self.projector, state.get("projector"))
+
+
+# ----------------------------------------------------------------------------- projector glue
+
+def make_projector(model, num_tasks, granularity, collect, seed, backend):
+    """The package's ``OrthoLoRA`` when available, else a small loop-only fallback."""
+    try:
+        from ortholora_kernels import OrthoLoRA  # the training-loop integration
+    except ImportError:
+        OrthoLoRA = None
+    if OrthoLoRA is not None:
+        return OrthoLoRA(model, num_tasks=num_tasks, granularity=granularity, collect=collect, seed=seed,
+                         backend=backend)
+    from ._fallback import LoopProjector
+
+    return LoopProjector(model, num_tasks, granularity, collect, seed, backend)
+
+
+def _generators(p):
+    gens = []
+    for attr in ("generator", "_generator", "gen"):
+        g = getattr(p, attr, None)
+        if isinstance(g, torch.Generator):
+            gens.append((attr, g))
+    return gens
+
+
+def projector_state(p):
+    if hasattr(p, "state_dict"):
+        return {"state_dict": p.state_dict()}
+    return {"generators": {a: g.get_state() for a, g in _generators(p)}}
+
+
+def load_projector_state(p, s):
+    if not s:
+        return
+    if "state_dict" in s and hasattr(p, "load_state_dict"):
+        p.load_state_dict(s["state_dict"])
+    for a, g in _generators(p):
+        if a in s.get("generators", {}):
+            g.set_state(s["generators"][a])

@@ -1,0 +1,311 @@
+"""Run reports: results.json, conflict log, markdown tables and PNG plots.
+
+Files in a run directory::
+
+    config.json         the resolved configuration
+    results.json        every evaluation ({"evals": [...]}) and the final metrics/score
+    conflicts.jsonl     per step and segment: conflict fraction, mean cosine (ortho runs)
+    cosine.json         mean task x task gradient cosine per segment (ortho runs)
+    plots/learning_curves.png, plots/conflicts.png, plots/cosine_heatmap.png
+    summary.md          the table of this run (``compare`` writes a table of several runs)
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import torch
+
+from .checkpoint import atomic_write_json, atomic_write_text
+from .metrics import glue_score, task_score
+from .tasks import get_task
+
+RESULTS = "results.json"
+CONFLICTS = "conflicts.jsonl"
+
+
+class ConflictLog:
+    """Per-step projection statistics, kept on the device and flushed every ``flush_every``.
+
+    ``append`` only stacks device tensors (no host sync); ``flush`` moves the pending
+    steps to the host in one transfer and appends JSON lines. The mean task x task cosine
+    matrix is accumulated on the device as well.
+    """
+
+    def __init__(self, path: str, flush_every: int = 50):
+        self.path = path
+        self.flush_every = max(1, flush_every)
+        self.pending = []   # (step, tensor [2, S])
+        self.cos_sum = None
+        self.cos_count = 0
+
+    def append(self, step: int, stats) -> None:
+        if stats is None:
+            return
+        cf = _get(stats, "conflict_fraction")
+        mc = _get(stats, "mean_cosine")
+        if cf is None or mc is None:
+            return
+        self.pending.append((step, torch.stack([cf.detach().float(), mc.detach().float()])))
+        cos = _get(stats, "cosine")
+        if cos is not None:
+            cos = cos.detach().double()
+            self.cos_sum = cos if self.cos_sum is None else self.cos_sum + cos
+            self.cos_count += 1
+        if len(self.pending) >= self.flush_every:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        steps = [s for s, _ in self.pending]
+        vals = torch.stack([v for _, v in self.pending]).cpu().tolist()   # one transfer
+        self.pending = []
+        with open(self.path, "a", encoding="utf-8") as f:
+            for step, (cf, mc) in zip(steps, vals):
+                for seg, (a, b) in enumerate(zip(cf, mc)):
+                    f.write(json.dumps({"step": step, "segment": seg, "conflict_fraction": round(a, 6),
+                                        "mean_cosine": round(b, 6)}) + "\n")
+
+    def mean_cosine_matrix(self):
+        if self.cos_sum is None:
+            return None
+        return (self.cos_sum / self.cos_count).cpu().tolist()
+
+    def state_dict(self):
+        return {"cos_sum": None if self.cos_sum is None else self.cos_sum.cpu(), "cos_count": self.cos_count}
+
+    def load_state_dict(self, s, step: int):
+        """Restore the accumulators and drop logged rows after ``step`` (written after the checkpoint)."""
+        self.cos_sum, self.cos_count = s.get("cos_sum"), s.get("cos_count", 0)
+        if os.path.exists(self.path):
+            with open(self.path, encoding="utf-8") as f:
+                keep = [ln for ln in f if ln.strip() and json.loads(ln)["step"] <= step]
+            atomic_write_text(self.path, "".join(keep))
+
+
+def _get(stats, name):
+    if isinstance(stats, dict):
+        return stats.get(name)
+    try:
+        return getattr(stats, name)
+    except AttributeError:
+        return None
+
+
+def read_conflicts(path):
+    if not os.path.exists(path):
+        return []
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(ln) for ln in f if ln.strip()]
+
+
+# ----------------------------------------------------------------------------- results
+
+def final_metrics(evals: list) -> dict:
+    """``{task: metrics}`` of the last evaluation of every task."""
+    last = {}
+    for e in evals:
+        if last.get(e["task"], {"step": -1})["step"] <= e["step"]:
+            last[e["task"]] = e
+    return {t: e["metrics"] for t, e in last.items()}
+
+
+def write_results(run_dir: str, cfg: dict, evals: list, extra: dict | None = None) -> dict:
+    final = final_metrics(evals)
+    res = {"method": cfg.get("method"), "tasks": cfg.get("tasks"), "evals": evals,
+           "final": final, "task_scores": {t: task_score(t, m) for t, m in final.items()},
+           "glue_score": glue_score(final) if final else None}
+    if extra:
+        res.update(extra)
+    atomic_write_json(os.path.join(run_dir, RESULTS), res)
+    return res
+
+
+def load_results(run_dir: str) -> dict:
+    p = os.path.join(run_dir, RESULTS)
+    if not os.path.isfile(p):
+        raise FileNotFoundError(f"{run_dir}: no {RESULTS} (not a finished run directory?)")
+    with open(p, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _metric_cell(task, metrics):
+    t = get_task(task)
+    vals = [100 * metrics[k] for k in t.metric_names()]
+    return "/".join(f"{v:.1f}" for v in vals)
+
+
+def markdown_table(runs: list) -> str:
+    """Tasks x runs: per-task metrics (``acc/F1`` etc.) and the GLUE average.
+
+    ``runs``: list of (label, results dict).
+    """
+    tasks = []
+    for _, r in runs:
+        for t in r["final"]:
+            if t not in tasks:
+                tasks.append(t)
+    head = ["method"] + [_task_header(t) for t in tasks] + ["avg"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    for label, r in runs:
+        cells = [label]
+        for t in tasks:
+            cells.append(_metric_cell(t, r["final"][t]) if t in r["final"] else "-")
+        cells.append(f"{r['glue_score']:.1f}" if r.get("glue_score") is not None else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _task_header(task):
+    t = get_task(task)
+    short = {"matthews_correlation": "mcc", "accuracy": "acc", "f1": "F1", "pearson": "P", "spearmanr": "S",
+             "accuracy_m": "m", "accuracy_mm": "mm"}
+    return f"{t.name} ({'/'.join(short.get(k, k) for k in t.metric_names())})"
+
+
+def run_label(run_dir: str, res: dict, cfg: dict | None) -> str:
+    label = res.get("method") or os.path.basename(os.path.normpath(run_dir))
+    if cfg and cfg.get("method") == "ortho":
+        label += f" ({cfg.get('granularity') or 'ab'})"
+    return label
+
+
+def load_config(run_dir):
+    p = os.path.join(run_dir, "config.json")
+    if os.path.isfile(p):
+        with open(p, encoding="utf-8") as f:
+            return json.load(f)
+    return None
+
+
+def compare(run_dirs, out=None) -> str:
+    runs = []
+    for d in run_dirs:
+        res = load_results(d)
+        runs.append((run_label(d, res, load_config(d)), res))
+    table = markdown_table(runs)
+    if out:
+        atomic_write_text(out, table)
+    return table
+
+
+# ----------------------------------------------------------------------------- plots
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_learning_curves(runs, path: str) -> None:
+    """One panel per task: task score (mean of its metrics, x100) over steps, one line per run."""
+    plt = _plt()
+    tasks = []
+    for _, r in runs:
+        for e in r["evals"]:
+            if e["task"] not in tasks:
+                tasks.append(e["task"])
+    if not tasks:
+        return
+    n = len(tasks)
+    cols = min(n, 3)
+    rows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
+    for ax, task in zip(axes.flat, tasks):
+        for label, r in runs:
+            pts = sorted((e["step"], e["score"]) for e in r["evals"] if e["task"] == task)
+            if pts:
+                ax.plot(*zip(*pts), marker="o", ms=3, label=label)
+        ax.set_title(_task_header(task))
+        ax.set_xlabel("step")
+        ax.set_ylabel("score")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_conflicts(rows, path: str, labels=None, smooth: int = 10) -> None:
+    """Conflict fraction per segment over steps (moving average over ``smooth`` steps)."""
+    plt = _plt()
+    if not rows:
+        return
+    segs = sorted({r["segment"] for r in rows})
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for s in segs:
+        pts = sorted((r["step"], r["conflict_fraction"]) for r in rows if r["segment"] == s)
+        x, y = np.array(pts).T
+        if len(y) >= smooth:
+            y = np.convolve(y, np.ones(smooth) / smooth, mode="valid")
+            x = x[smooth - 1:]
+        name = labels[s] if labels and s < len(labels) else f"segment {s}"
+        ax.plot(x, y, label=name)
+    ax.set_xlabel("step")
+    ax.set_ylabel("conflicting task pairs (fraction)")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_cosine_heatmap(cos, tasks, path: str, labels=None) -> None:
+    """Mean task x task gradient cosine, one panel per segment."""
+    plt = _plt()
+    if cos is None:
+        return
+    cos = np.asarray(cos)
+    s = cos.shape[0]
+    fig, axes = plt.subplots(1, s, figsize=(3.6 * s + 0.8, 3.4), squeeze=False)
+    im = None
+    for k, ax in enumerate(axes.flat):
+        im = ax.imshow(cos[k], vmin=-1, vmax=1, cmap="RdBu_r")
+        ax.set_xticks(range(len(tasks)), tasks, rotation=45, fontsize=8)
+        ax.set_yticks(range(len(tasks)), tasks, fontsize=8)
+        for i in range(len(tasks)):
+            for j in range(len(tasks)):
+                ax.text(j, i, f"{cos[k, i, j]:.2f}", ha="center", va="center", fontsize=7)
+        ax.set_title(labels[k] if labels and k < len(labels) else f"segment {k}", fontsize=9)
+    fig.colorbar(im, ax=list(axes.flat), shrink=0.8)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+
+
+def segment_labels(granularity, num_segments):
+    if granularity == "ab" and num_segments == 2:
+        return ["A", "B"]
+    if granularity == "global":
+        return ["all LoRA"]
+    return [f"segment {i}" for i in range(num_segments)]
+
+
+def write_run_plots(run_dir: str, res: dict, cfg: dict) -> list:
+    os.makedirs(os.path.join(run_dir, "plots"), exist_ok=True)
+    out = []
+    p = os.path.join(run_dir, "plots", "learning_curves.png")
+    plot_learning_curves([(cfg.get("method", "run"), res)], p)
+    out.append(p)
+    rows = read_conflicts(os.path.join(run_dir, CONFLICTS))
+    if rows:
+        nseg = max(r["segment"] for r in rows) + 1
+        labels = segment_labels(cfg.get("granularity"), nseg)
+        p = os.path.join(run_dir, "plots", "conflicts.png")
+        plot_conflicts(rows, p, labels)
+        out.append(p)
+        cos_path = os.path.join(run_dir, "cosine.json")
+        if os.path.isfile(cos_path):
+            with open(cos_path, encoding="utf-8") as f:
+                cos = json.load(f)["mean_cosine"]
+            p = os.path.join(run_dir, "plots", "cosine_heatmap.png")
+            plot_cosine_heatmap(cos, cfg["tasks"], p, labels)
+            out.append(p)
+    return out

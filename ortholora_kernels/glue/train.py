@@ -1,0 +1,316 @@
+"""The training loop shared by every method.
+
+Each step takes one batch from every task (each task cycles through its own data), runs
+one forward pass over the concatenated multi-task batch, and hands the per-task mean
+losses to the method, which writes ``.grad`` (joint: sum; ortho: per-task gradients ->
+projection); then AdamW and a linear schedule with warm-up. Methods with
+``separate_tasks`` (single) run this loop once per task.
+
+Checkpoints (``checkpoint.pt``, atomic) hold the trainable weights, optimizer, scheduler,
+python/numpy/torch RNG states, the data-order state, the method's state (projection order
+generator) and the evaluations so far; ``resume=True`` continues from it and ends with
+exactly the metrics of an uninterrupted run (on CPU).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from . import checkpoint as ckpt
+from .data import MultiTaskSampler, encode, load_tasks, pad_batch, write_synthetic_suite
+from .methods import get_method
+from .metrics import split_metrics, task_score
+from .model import is_tiny, load_encoder, load_tokenizer
+from .report import CONFLICTS, ConflictLog, write_results, write_run_plots
+from .tasks import parse_tasks
+
+
+@dataclass
+class TrainConfig:
+    tasks: list = field(default_factory=lambda: ["cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte"])
+    method: str = "ortho"
+    out: str = "runs/glue"
+    data_dir: str | None = None          # None: hub (nyu-mll/glue)
+    synthetic: bool = False               # write the synthetic suite into <out>/data and use it
+    model: str = "roberta-base"
+    tiny_hidden: int = 32
+    tiny_layers: int = 2
+    max_length: int = 128
+    lora_r: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.1
+    lora_target_modules: list = field(default_factory=lambda: ["query", "value"])
+    batch_size: int = 16                  # per task and step
+    eval_batch_size: int = 64
+    lr: float = 5e-4
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.06
+    max_steps: int = 2000
+    epochs: float | None = None           # overrides max_steps: epochs of the largest task
+    eval_every: int = 500
+    save_every: int = 500
+    log_every: int = 50                   # conflict-log flush period (steps)
+    seed: int = 0
+    granularity: str | None = None        # ortho: global|ab|layer|matrix (default ab)
+    collect: str | None = None            # ortho: grouped|loop (default grouped)
+    backend: str | None = None            # ortho: projection backend (default automatic)
+    max_train_samples: int | None = None
+    max_eval_samples: int | None = None
+    resume: bool = False
+    stop_after_steps: int | None = None   # testing: stop (as if killed) after this global step
+    progress: bool = True
+    plots: bool = True
+    cache_dir: str | None = None
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+
+class TrainError(ValueError):
+    """A user-facing training problem (bad option combination...)."""
+
+
+def validate(cfg: TrainConfig):
+    """Check option combinations; returns (method class, task specs)."""
+    tasks = parse_tasks(cfg.tasks)
+    try:
+        method_cls = get_method(cfg.method)
+    except ValueError as e:
+        raise TrainError(str(e)) from None
+    for opt in ("granularity", "collect", "backend"):
+        if getattr(cfg, opt) is not None and opt not in method_cls.options:
+            raise TrainError(f"--{opt} applies only to methods that take it "
+                             f"(not --method {cfg.method})")
+    if cfg.granularity is not None and cfg.granularity not in ("global", "ab", "layer", "matrix"):
+        raise TrainError(f"--granularity must be global, ab, layer or matrix, not {cfg.granularity!r}")
+    if cfg.collect is not None and cfg.collect not in ("grouped", "loop"):
+        raise TrainError(f"--collect must be grouped or loop, not {cfg.collect!r}")
+    for name in ("batch_size", "eval_batch_size", "max_length", "lora_r", "eval_every", "save_every", "log_every"):
+        if getattr(cfg, name) < 1:
+            raise TrainError(f"--{name.replace('_', '-')} must be >= 1")
+    if cfg.max_steps < 1 and cfg.epochs is None:
+        raise TrainError("--max-steps must be >= 1")
+    if not 0 <= cfg.warmup_ratio < 1:
+        raise TrainError("--warmup-ratio must be in [0, 1)")
+    if cfg.synthetic and cfg.data_dir:
+        raise TrainError("--synthetic and --data-dir are exclusive")
+    if len(tasks) < 2 and not method_cls.separate_tasks:
+        pass  # one task is allowed (a joint run on one task is single-task training)
+    return method_cls, tasks
+
+
+# ----------------------------------------------------------------------------- batches
+
+class Batcher:
+    def __init__(self, encoded, batch_size, seed, pad_id):
+        self.encoded = encoded
+        self.pad_id = pad_id
+        self.sampler = MultiTaskSampler([len(e) for e in encoded], batch_size, seed)
+
+    def next(self, device):
+        seqs, labels, slices, tids = [], [], [], []
+        for t, enc in enumerate(self.encoded):
+            idx = self.sampler.next_indices(t)
+            slices.append((len(seqs), len(seqs) + len(idx)))
+            seqs.extend(enc.input_ids[i] for i in idx)
+            labels.append(enc.labels[idx].to(device))
+            tids.extend([t] * len(idx))
+        ids, mask = pad_batch(seqs, self.pad_id)
+        return ids.to(device), mask.to(device), slices, labels, torch.tensor(tids, device=device)
+
+
+@torch.no_grad()
+def evaluate(model, task_index, task, enc, batch_size, pad_id, device):
+    model.eval()
+    preds = []
+    order = sorted(range(len(enc)), key=lambda i: len(enc.input_ids[i]))  # length-sorted: less padding
+    for k in range(0, len(order), batch_size):
+        idx = order[k:k + batch_size]
+        ids, mask = pad_batch([enc.input_ids[i] for i in idx], pad_id)
+        h = model.features(ids.to(device), mask.to(device))
+        out = model.heads[task.name](h)
+        p = out.squeeze(-1) if task.is_regression else out.argmax(-1)
+        preds.append(p.float().cpu() if task.is_regression else p.cpu())
+    model.train()
+    pred = torch.empty(len(enc), dtype=preds[0].dtype)
+    pred[torch.tensor(order)] = torch.cat(preds)
+    return pred.numpy(), enc.labels.numpy()
+
+
+# ----------------------------------------------------------------------------- one run unit
+
+def _linear_schedule(optimizer, warmup, total):
+    def f(step):
+        if step < warmup:
+            return (step + 1) / max(1, warmup) if warmup else 1.0
+        return max(0.0, (total - step) / max(1, total - warmup))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, f)
+
+
+def _num_steps(cfg, datas):
+    if cfg.epochs is None:
+        return cfg.max_steps
+    biggest = max(len(d.train) for d in datas)
+    return max(1, math.ceil(cfg.epochs * biggest / cfg.batch_size))
+
+
+class Stopped(Exception):
+    pass
+
+
+def _run_unit(cfg, method_cls, tasks, datas, tokenizer, unit, state, out_dir, device, evals, log):
+    """Train one model on ``tasks`` (all of them, or one for ``single``)."""
+    total = _num_steps(cfg, datas)
+    ckpt.seed_everything(cfg.seed)
+    method = method_cls(cfg, tasks)
+    encoder = load_encoder(cfg.model, tokenizer, cfg.max_length, cfg.seed, cfg.tiny_hidden, cfg.tiny_layers)
+    model = method.build_model(encoder, tasks).to(device)
+    model.train()
+    method.setup(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = _linear_schedule(optimizer, int(round(cfg.warmup_ratio * total)), total)
+    train_enc = [encode(tokenizer, d.train, d.task, cfg.max_length) for d in datas]
+    eval_enc = [{s: encode(tokenizer, e, d.task, cfg.max_length) for s, e in d.evals.items()} for d in datas]
+    pad_id = tokenizer.pad_token_id
+    batcher = Batcher(train_enc, cfg.batch_size, cfg.seed, pad_id)
+    start = 0
+    if state is not None and state.get("unit") == unit and "model" in state:
+        missing = model.load_state_dict(state["model"], strict=False)
+        if missing.unexpected_keys:
+            raise TrainError(f"checkpoint does not match the model: {missing.unexpected_keys[:3]}")
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        batcher.sampler.load_state_dict(state["sampler"])
+        method.load_state_dict(state["method"])
+        log.load_state_dict(state.get("conflicts", {}), state["global_step"])
+        ckpt.set_rng_state(state["rng"])
+        start = state["step"]
+
+    def do_eval(step):
+        for ti, (d, encs) in enumerate(zip(datas, eval_enc)):
+            metrics = {}
+            for suffix, enc in encs.items():
+                p, y = evaluate(model, ti, d.task, enc, cfg.eval_batch_size, pad_id, device)
+                metrics.update({k + suffix: v for k, v in split_metrics(d.task, p, y).items()})
+            evals.append({"step": step, "task": d.task.name, "metrics": metrics,
+                          "score": task_score(d.task, metrics)})
+
+    def save(step):
+        log.flush()
+        ckpt.atomic_save({"unit": unit, "step": step, "global_step": step, "model": model.trainable_state_dict(),
+                          "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                          "sampler": batcher.sampler.state_dict(), "method": method.state_dict(),
+                          "conflicts": log.state_dict(), "rng": ckpt.rng_state(), "evals": list(evals),
+                          "config": cfg.to_dict()}, os.path.join(out_dir, ckpt.LATEST))
+
+    bar = None
+    if cfg.progress:
+        from tqdm.auto import tqdm
+
+        desc = cfg.method if len(tasks) > 1 or not method_cls.separate_tasks else f"{cfg.method}:{tasks[0].name}"
+        bar = tqdm(total=total, initial=start, desc=desc, unit="step", file=sys.stderr, dynamic_ncols=True,
+                   leave=True)
+    loss_acc, loss_n, t0 = None, 0, time.perf_counter()
+    for step in range(start + 1, total + 1):
+        ids, mask, slices, labels, tids = batcher.next(device)
+        outs = model(ids, mask, slices)
+        losses = model.task_losses(outs, labels)
+        stats = method.backward(model, losses, tids)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        log.append(step, stats)
+        cur = torch.stack([x.detach() for x in losses]).sum()
+        loss_acc = cur if loss_acc is None else loss_acc + cur
+        loss_n += 1
+        if bar is not None:
+            bar.update(1)
+            if step % 10 == 0 or step == total:   # one host sync per 10 steps for the display
+                bar.set_postfix(loss=f"{float(loss_acc) / loss_n:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+                loss_acc, loss_n = None, 0
+        if step % cfg.eval_every == 0 or step == total:
+            do_eval(step)
+        if step % cfg.save_every == 0 and step != total:
+            save(step)
+        if cfg.stop_after_steps is not None and step >= cfg.stop_after_steps and step != total:
+            save(step)
+            if bar is not None:
+                bar.close()
+            raise Stopped(step)
+    if bar is not None:
+        bar.close()
+    log.flush()
+    return model, total, time.perf_counter() - t0
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Run the configured method; write the reports in ``cfg.out``; return results.json's dict."""
+    method_cls, tasks = validate(cfg)
+    out = cfg.out
+    os.makedirs(out, exist_ok=True)
+    if cfg.synthetic:
+        cfg.data_dir = os.path.join(out, "data")
+        if not os.path.isdir(cfg.data_dir):
+            write_synthetic_suite(cfg.data_dir, seed=cfg.seed, tasks=[t.name for t in tasks])
+    state = None
+    ckpt_path = os.path.join(out, ckpt.LATEST)
+    if cfg.resume:
+        if not os.path.isfile(ckpt_path):
+            raise TrainError(f"--resume: no checkpoint in {out}")
+        state = ckpt.load(ckpt_path)
+        saved = dict(state["config"])
+        for k in ("resume", "stop_after_steps", "progress", "plots"):
+            saved.pop(k, None)
+        mine = {k: v for k, v in cfg.to_dict().items() if k in saved}
+        diff = [k for k in saved if saved[k] != mine.get(k) and k not in ("out", "data_dir", "cache_dir")]
+        if diff:
+            raise TrainError(f"--resume: options differ from the checkpointed run: {', '.join(diff)}")
+    else:
+        for f in (ckpt_path, os.path.join(out, CONFLICTS)):
+            if os.path.exists(f):
+                os.remove(f)
+    ckpt.atomic_write_json(os.path.join(out, "config.json"), cfg.to_dict())
+    datas = load_tasks(tasks, cfg.data_dir, cfg.max_train_samples, cfg.max_eval_samples, cfg.seed, cfg.cache_dir)
+    texts = []
+    if is_tiny(cfg.model):
+        for d in datas:
+            texts.extend(d.train.text_a)
+            texts.extend(d.train.text_b or [])
+    tokenizer = load_tokenizer(cfg.model, out, texts)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    evals = list(state["evals"]) if state else []
+    log = ConflictLog(os.path.join(out, CONFLICTS), cfg.log_every)
+    units = [[i] for i in range(len(tasks))] if method_cls.separate_tasks else [list(range(len(tasks)))]
+    first = state["unit"] if state else 0
+    seconds = 0.0
+    steps = 0
+    try:
+        for u, members in enumerate(units):
+            if u < first:
+                continue
+            _, n, sec = _run_unit(cfg, method_cls, [tasks[i] for i in members], [datas[i] for i in members],
+                                  tokenizer, u, state if u == first else None, out, device, evals, log)
+            seconds += sec
+            steps += n
+            if u + 1 < len(units):   # checkpoint the unit boundary
+                ckpt.atomic_save({"unit": u + 1, "evals": list(evals), "config": cfg.to_dict(), "step": 0,
+                                  "global_step": 0}, ckpt_path)
+    except Stopped:
+        write_results(out, cfg.to_dict(), evals, {"finished": False})
+        raise
+    cos = log.mean_cosine_matrix()
+    if cos is not None:
+        ckpt.atomic_write_json(os.path.join(out, "cosine.json"), {"tasks": [t.name for t in tasks],
+                                                                   "mean_cosine": cos})
+    res = write_results(out, cfg.to_dict(), evals, {"finished": True, "train_seconds": round(seconds, 2)})
+    if cfg.plots:
+        write_run_plots(out, res, cfg.to_dict())
+    return res
