@@ -1,0 +1,224 @@
+// Torch glue of the CPU implementation and the op schemas (namespace ortholora_C).
+//
+// torch.ops.ortholora_C.project is ONE call for the three stages over all segments:
+//   1. Gram: columns are cut into fixed chunks (independent of the thread count), each
+//      chunk-segment piece gets its own float64 partial Gram; at::parallel_for over chunks.
+//   2. Per segment: sum the partials in column order (fixed order: deterministic), solve
+//      the projection on the T x T Gram matrix, build the combine weights.
+//   3. Combine: out = W_s X_s per piece, at::parallel_for over the same chunks.
+// Kernels (csrc/cpu/) are plain C++ on raw pointers, one variant per instruction set.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <string>
+#include <vector>
+
+#include "cpu/kernels_api.h"
+#include "ortholora_ops.h"
+#include "solve.h"
+
+namespace ortholora {
+namespace {
+
+// Columns per chunk: about 256 KiB of input, a multiple of 512 columns. Depends only on
+// the shape and dtype, never on the thread count, so results are bitwise reproducible.
+int64_t chunk_columns(int64_t rows, int64_t elem) {
+  int64_t c = (int64_t{1} << 18) / std::max<int64_t>(1, rows * elem);
+  c = std::max<int64_t>(512, c / 512 * 512);
+  return c;
+}
+
+bool is_low_precision(at::ScalarType t) { return t == at::kHalf || t == at::kBFloat16; }
+
+// fp16/bf16 are widened to fp32 once (exact); fp32 accumulation, one rounding at the end.
+at::Tensor working(const at::Tensor& x) { return is_low_precision(x.scalar_type()) ? x.to(at::kFloat) : x; }
+
+// Pair products Y_s X_s^T of every segment, float64 [S, R, T] (sym: Y is X, Gram).
+void segment_pairs(const at::Tensor& y, const at::Tensor& x, bool sym, const Pieces& P, int64_t S,
+                   double* out) {
+  const int64_t R = y.size(0), T = x.size(0), N = x.size(1);
+  const int64_t RT = R * T;
+  const int64_t np = static_cast<int64_t>(P.lo.size());
+  std::vector<double> partial(static_cast<size_t>(np * RT), 0.0);
+  const cpu::KernelTable& K = cpu::active_table();
+  const bool f64 = x.scalar_type() == at::kDouble;
+  const void* yp = y.data_ptr();
+  const void* xp = x.data_ptr();
+  at::parallel_for(0, P.nchunks, 1, [&](int64_t b, int64_t e) {
+    for (int64_t q = P.chunk_first[b]; q < P.chunk_first[e]; ++q) {
+      double* dst = partial.data() + q * RT;
+      if (f64) {
+        K.pairs_f64(static_cast<const double*>(yp), static_cast<int>(R), static_cast<const double*>(xp),
+                    static_cast<int>(T), sym, N, P.lo[q], P.hi[q], dst);
+      } else {
+        K.pairs_f32(static_cast<const float*>(yp), static_cast<int>(R), static_cast<const float*>(xp),
+                    static_cast<int>(T), sym, N, P.lo[q], P.hi[q], dst);
+      }
+    }
+  });
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, RT * (1 + np / S)));
+  at::parallel_for(0, S, grain, [&](int64_t b, int64_t e) {
+    for (int64_t s = b; s < e; ++s) {
+      double* g = out + s * RT;
+      for (int64_t i = 0; i < R; ++i) {
+        const int64_t jend = sym ? i + 1 : T;
+        for (int64_t j = 0; j < jend; ++j) {
+          double acc = partial[P.seg_first[s] * RT + i * T + j];
+          for (int64_t q = P.seg_first[s] + 1; q < P.seg_first[s + 1]; ++q) acc += partial[q * RT + i * T + j];
+          g[i * T + j] = acc;
+          if (sym) g[j * T + i] = acc;
+        }
+      }
+    }
+  });
+}
+
+// out[r, c] = sum_k m1_s[r, k] s1[k, c] (+ sum_k m2_s[r, k] s2[k, c]) per piece.
+template <class S_>
+void segment_combine(const S_* s1, int64_t k1, const S_* m1, const S_* s2, int64_t k2, const S_* m2,
+                     int64_t rout, int64_t N, const Pieces& P, S_* out) {
+  const cpu::KernelTable& K = cpu::active_table();
+  at::parallel_for(0, P.nchunks, 1, [&](int64_t b, int64_t e) {
+    for (int64_t q = P.chunk_first[b]; q < P.chunk_first[e]; ++q) {
+      const int64_t s = P.seg[q];
+      const S_* w1 = m1 + s * rout * k1;
+      const S_* w2 = k2 ? m2 + s * rout * k2 : nullptr;
+      if constexpr (std::is_same<S_, double>::value) {
+        K.combine_f64(s1, static_cast<int>(k1), w1, s2, static_cast<int>(k2), w2, static_cast<int>(rout), N,
+                      P.lo[q], P.hi[q], out, N);
+      } else {
+        K.combine_f32(s1, static_cast<int>(k1), w1, s2, static_cast<int>(k2), w2, static_cast<int>(rout), N,
+                      P.lo[q], P.hi[q], out, N);
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> project_cpu(const at::Tensor& grads,
+                                                                       at::IntArrayRef offsets,
+                                                                       const at::Tensor& order,
+                                                                       c10::string_view reduction) {
+  const at::Tensor x0 = check_grads(grads, "grads");
+  const int red = reduction_code(reduction);
+  const int64_t T = x0.size(0), N = x0.size(1);
+  const std::vector<int64_t> offs = check_offsets(offsets, N);
+  const int64_t S = static_cast<int64_t>(offs.size()) - 1;
+  const at::Tensor ord = check_order(order, S, T, x0.device());
+  const int64_t* op = ord.data_ptr<int64_t>();
+  for (int64_t q = 0; q < S * T * T; ++q) {
+    TORCH_CHECK_VALUE(op[q] >= 0 && op[q] < T, "order: every row must be a permutation of 0..", T - 1);
+  }
+  const at::Tensor x = working(x0);
+  const bool f64 = x.scalar_type() == at::kDouble;
+  const Pieces P = make_pieces(offs, chunk_columns(T, f64 ? 8 : 4));
+
+  auto f64opt = x.options().dtype(at::kDouble);
+  at::Tensor gram = at::empty({S, T, T}, f64opt);
+  at::Tensor coeffs = at::empty({S, T, T}, f64opt);
+  at::Tensor nproj = at::empty({S}, x.options().dtype(at::kInt));
+  segment_pairs(x, x, true, P, S, gram.data_ptr<double>());
+
+  const int64_t R = red == 2 ? T : 1;
+  std::vector<double> w64(static_cast<size_t>(S * R * T));
+  std::vector<float> w32(f64 ? 0 : static_cast<size_t>(S * R * T));
+  double* gp = gram.data_ptr<double>();
+  double* cp = coeffs.data_ptr<double>();
+  int32_t* npp = nproj.data_ptr<int32_t>();
+  at::parallel_for(0, S, std::max<int64_t>(1, 4096 / (T * T * T)), [&](int64_t b, int64_t e) {
+    for (int64_t s = b; s < e; ++s) {
+      npp[s] = solve_one(gp + s * T * T, op + s * T * T, static_cast<int>(T), cp + s * T * T);
+      weights_one(cp + s * T * T, static_cast<int>(T), red, w64.data() + s * R * T);
+      if (!f64) {
+        for (int64_t q = s * R * T; q < (s + 1) * R * T; ++q) w32[q] = static_cast<float>(w64[q]);
+      }
+    }
+  });
+
+  at::Tensor out = red == 2 ? at::empty({T, N}, x.options()) : at::empty({N}, x.options());
+  if (f64) {
+    segment_combine<double>(x.data_ptr<double>(), T, w64.data(), nullptr, 0, nullptr, R, N, P,
+                            out.data_ptr<double>());
+  } else {
+    segment_combine<float>(x.data_ptr<float>(), T, w32.data(), nullptr, 0, nullptr, R, N, P,
+                           out.data_ptr<float>());
+  }
+  if (out.scalar_type() != x0.scalar_type()) out = out.to(x0.scalar_type());
+  return {out, gram, coeffs, nproj};
+}
+
+// v[s] = Y_s X_s^T, float64 [S, R, T] (the Gram-like pass of the backward).
+at::Tensor cross_cpu(const at::Tensor& y, const at::Tensor& x, at::IntArrayRef offsets) {
+  const at::Tensor x0 = check_grads(x, "x");
+  at::Tensor y0 = check_grads(y, "y");
+  TORCH_CHECK_VALUE(y0.size(1) == x0.size(1), "y and x must have the same number of columns");
+  const at::Tensor xw = working(x0);
+  const at::Tensor yw = y0.to(xw.scalar_type()).contiguous();
+  const int64_t R = yw.size(0), T = xw.size(0), N = xw.size(1);
+  const std::vector<int64_t> offs = check_offsets(offsets, N);
+  const int64_t S = static_cast<int64_t>(offs.size()) - 1;
+  const Pieces P = make_pieces(offs, chunk_columns(R + T, xw.scalar_type() == at::kDouble ? 8 : 4));
+  at::Tensor v = at::empty({S, R, T}, xw.options().dtype(at::kDouble));
+  segment_pairs(yw, xw, false, P, S, v.data_ptr<double>());
+  return v;
+}
+
+// dX = per segment W_s^T dY_s + M_s X_s, in the dtype of x (fp32-or-better accumulation).
+at::Tensor backward_combine_cpu(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& w,
+                                const at::Tensor& m, at::IntArrayRef offsets) {
+  const at::Tensor x0 = check_grads(x, "x");
+  const at::Tensor dy0 = check_grads(dy, "dy");
+  TORCH_CHECK_VALUE(dy0.size(1) == x0.size(1), "dy and x must have the same number of columns");
+  const at::Tensor xw = working(x0);
+  const at::ScalarType acc = xw.scalar_type();
+  const at::Tensor yw = dy0.to(acc).contiguous();
+  const int64_t R = yw.size(0), T = xw.size(0), N = xw.size(1);
+  const std::vector<int64_t> offs = check_offsets(offsets, N);
+  const int64_t S = static_cast<int64_t>(offs.size()) - 1;
+  TORCH_CHECK_VALUE(w.dim() == 3 && w.size(0) == S && w.size(1) == R && w.size(2) == T, "w: expected [S, R, T] = [",
+                    S, ", ", R, ", ", T, "], got ", w.sizes());
+  TORCH_CHECK_VALUE(m.dim() == 3 && m.size(0) == S && m.size(1) == T && m.size(2) == T, "m: expected [S, T, T], got ",
+                    m.sizes());
+  // m1 = W_s^T [T, R], m2 = M_s [T, T], in the accumulation dtype.
+  const at::Tensor m1 = w.transpose(1, 2).to(acc).contiguous();
+  const at::Tensor m2 = m.to(acc).contiguous();
+  const Pieces P = make_pieces(offs, chunk_columns(R + T, acc == at::kDouble ? 8 : 4));
+  at::Tensor out = at::empty({T, N}, xw.options());
+  if (acc == at::kDouble) {
+    segment_combine<double>(yw.data_ptr<double>(), R, m1.data_ptr<double>(), xw.data_ptr<double>(), T,
+                            m2.data_ptr<double>(), T, N, P, out.data_ptr<double>());
+  } else {
+    segment_combine<float>(yw.data_ptr<float>(), R, m1.data_ptr<float>(), xw.data_ptr<float>(), T,
+                           m2.data_ptr<float>(), T, N, P, out.data_ptr<float>());
+  }
+  if (out.scalar_type() != x0.scalar_type()) out = out.to(x0.scalar_type());
+  return out;
+}
+
+std::string cpu_isa() { return cpu::active_table().name; }
+
+std::string set_cpu_isa(c10::string_view isa) {
+  std::string previous = cpu::active_table().name;
+  const std::string name(isa.data(), isa.size());
+  TORCH_CHECK_VALUE(cpu::set_table_by_name(name.c_str()), "set_cpu_isa: '", name,
+                    "' is not available on this CPU or in this build (expected baseline, avx2, avx512 or auto)");
+  return previous;
+}
+
+}  // namespace
+}  // namespace ortholora
+
+TORCH_LIBRARY(ortholora_C, m) {
+  m.def("project(Tensor grads, int[] offsets, Tensor order, str reduction) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("cross(Tensor y, Tensor x, int[] offsets) -> Tensor");
+  m.def("backward_combine(Tensor dy, Tensor x, Tensor w, Tensor m, int[] offsets) -> Tensor");
+  m.def("cpu_isa() -> str", &ortholora::cpu_isa);
+  m.def("set_cpu_isa(str isa) -> str", &ortholora::set_cpu_isa);
+}
+
+TORCH_LIBRARY_IMPL(ortholora_C, CPU, m) {
+  m.impl("project", &ortholora::project_cpu);
+  m.impl("cross", &ortholora::cross_cpu);
+  m.impl("backward_combine", &ortholora::backward_combine_cpu);
+}

@@ -1,0 +1,90 @@
+"""The native backend: the compiled extension ``ortholora_kernels._C`` (csrc/).
+
+``torch.ops.ortholora_C.project`` runs Gram, solve and combine over all segments in ONE
+call; the dispatcher picks the CPU (C++, at::parallel_for, per-ISA vector kernels) or the
+CUDA implementation by the device of the input. The extension is loaded lazily on first
+use, so ``import ortholora_kernels`` never fails when it is missing; ``availability``
+then says why (not built, built without CUDA, or the import error).
+"""
+from __future__ import annotations
+
+import importlib
+
+import torch
+
+from .._args import Segments
+from ..solve import solve, solve_vjp, weights, weights_vjp
+
+NAME = "native"
+
+_state: dict = {}
+
+
+def _load():
+    """The extension module, or None (the import error is kept for ``availability``)."""
+    if "module" not in _state:
+        try:
+            _state["module"] = importlib.import_module("ortholora_kernels._C")
+            _state["error"] = None
+        except Exception as exc:  # noqa: BLE001  ImportError, OSError (ABI mismatch), ...
+            _state["module"] = None
+            _state["error"] = f"{type(exc).__name__}: {exc}"
+    return _state["module"]
+
+
+def built_with_cuda() -> bool:
+    """Whether the loaded extension has CUDA kernels (False when it is not built)."""
+    mod = _load()
+    return bool(mod is not None and getattr(mod, "WITH_CUDA", 0)
+                and torch._C._dispatch_has_kernel_for_dispatch_key("ortholora_C::project", "CUDA"))
+
+
+def availability(device: torch.device) -> str | None:
+    """None when the extension has kernels for ``device``'s type, else the reason."""
+    device = torch.device(device)
+    if _load() is None:
+        err = _state["error"] or ""
+        if "No module named" in err and "_C" in err:
+            return ("the compiled extension ortholora_kernels._C is not built (install with "
+                    "`pip install -e . --no-build-isolation` after torch, without ORTHOLORA_SKIP_BUILD)")
+        return f"the compiled extension ortholora_kernels._C failed to load: {err}"
+    if device.type == "cpu":
+        return None
+    if device.type == "cuda":
+        if not built_with_cuda():
+            return ("ortholora_kernels._C was built without CUDA (CPU-only torch, no nvcc, or "
+                    "ORTHOLORA_SKIP_CUDA_BUILD=1 at build time)")
+        return None
+    return f"ortholora_kernels._C has no kernels for device type {device.type!r}"
+
+
+def _ops():
+    if _load() is None:
+        raise RuntimeError(f"backend 'native': {availability(torch.device('cpu'))}")
+    return torch.ops.ortholora_C
+
+
+def forward(x: torch.Tensor, seg: Segments, order: torch.Tensor, reduction: str):
+    """``(out, G, C, nproj)``: one compiled call for all three stages and all segments."""
+    return _ops().project(x, list(seg.offsets), order, reduction)
+
+
+def backward(x, dout, g, order, seg: Segments, reduction: str):
+    """``dX = W^T dY + (Gbar + Gbar^T) X``; both passes over memory are compiled code.
+
+    The tiny reverse-mode solve (``Gbar``) runs in torch (ortholora_kernels.solve).
+    On a device without the compiled passes (CUDA builds keep the backward in torch for
+    now) the torch backend's backward is used.
+    """
+    if x.device.type != "cpu":
+        from . import torch_impl
+        return torch_impl.backward(x, dout, g, order, seg, reduction)
+    ops = _ops()
+    offsets = list(seg.offsets)
+    dy = dout if reduction == "none" else dout.unsqueeze(0)
+    g64 = g.to(torch.float64)
+    c, _ = solve(g64, order)
+    v = ops.cross(dy, x, offsets)                                 # dL/dW, [S, R, T]
+    gbar = solve_vjp(g64, order, weights_vjp(v, g.shape[-1], reduction))
+    m = gbar + gbar.transpose(-1, -2)
+    return ops.backward_combine(dy, x, weights(c, reduction), m, offsets)
