@@ -51,6 +51,7 @@ _TILE_ELEMS = 16384
 _MAX_CHUNK_BLOCKS = 16     # tiles per Gram program on large N (fewer fp64 partials)
 _TARGET_PROGRAMS = 1024    # enough programs to fill a large GPU before chunking
 _REDUCE_ELEMS = 8192
+_FUSED = True              # stage 2 in the tail of the Gram launch (False: its own launch)
 
 
 def availability(device: torch.device) -> str | None:
@@ -91,9 +92,17 @@ if triton is not None:
 
     @triton.jit
     def _gram_kernel(a_ptr, b_ptr, part_ptr, table_ptr, N, R, T,
+                     chunk_off_ptr, counter_ptr, g_ptr, order_ptr, c_ptr, w_ptr, nproj_ptr,
                      R_PAD: tl.constexpr, T_PAD: tl.constexpr, BLOCK: tl.constexpr,
-                     SAME: tl.constexpr, FP64: tl.constexpr, USE_DOT: tl.constexpr):
-        """Partial ``A_c B_c^T`` (fp64 ``[R_PAD, T_PAD]``) of chunk ``c = program_id``."""
+                     SAME: tl.constexpr, FP64: tl.constexpr, USE_DOT: tl.constexpr,
+                     FUSED: tl.constexpr, RB: tl.constexpr, SOLVE: tl.constexpr,
+                     MEAN: tl.constexpr, NONE: tl.constexpr):
+        """Partial ``A_c B_c^T`` (fp64 ``[R_PAD, T_PAD]``) of chunk ``c = program_id``.
+
+        FUSED: the last program to finish a segment (an atomic ticket per segment) runs
+        :func:`_finish` for it, so stage 2 needs no launch of its own. Which program is
+        last varies; the fixed-order sum it runs does not, so results stay bitwise equal.
+        """
         pid = tl.program_id(0)
         start = tl.load(table_ptr + pid * 3 + 1)
         end = tl.load(table_ptr + pid * 3 + 2)
@@ -129,22 +138,33 @@ if triton is not None:
                 acc += p.to(tl.float64) * ua[:, None] * ub[None, :]
         flat = ra[:, None] * T_PAD + rb[None, :]
         tl.store(part_ptr + pid.to(tl.int64) * (R_PAD * T_PAD) + flat, acc)
+        if FUSED:
+            s = tl.load(table_ptr + pid * 3)
+            lo = tl.load(chunk_off_ptr + s)
+            hi = tl.load(chunk_off_ptr + s + 1)
+            tl.debug_barrier()  # every thread's partial is stored before the release below
+            ticket = tl.atomic_add(counter_ptr + s, 1, sem="acq_rel")
+            if ticket == hi - lo - 1:
+                # Reset for the next call (the kernel boundary orders it): no memset launch.
+                tl.store(counter_ptr + s, 0)
+                _finish(part_ptr, lo, hi, s, g_ptr, order_ptr, c_ptr, w_ptr, nproj_ptr, R, T,
+                        R_PAD, T_PAD, RB, SOLVE, MEAN, NONE)
 
     @triton.jit
-    def _reduce_solve_kernel(part_ptr, chunk_off_ptr, g_ptr, order_ptr, c_ptr, w_ptr, nproj_ptr, R, T,
-                             R_PAD: tl.constexpr, T_PAD: tl.constexpr, RB: tl.constexpr,
-                             SOLVE: tl.constexpr, MEAN: tl.constexpr, NONE: tl.constexpr):
-        """Per segment: fixed-order fp64 sum of partials -> ``G``; then (SOLVE) C, W, nproj."""
-        s = tl.program_id(0)
-        lo = tl.load(chunk_off_ptr + s)
-        hi = tl.load(chunk_off_ptr + s + 1)
+    def _finish(part_ptr, lo, hi, s, g_ptr, order_ptr, c_ptr, w_ptr, nproj_ptr, R, T,
+                R_PAD: tl.constexpr, T_PAD: tl.constexpr, RB: tl.constexpr,
+                SOLVE: tl.constexpr, MEAN: tl.constexpr, NONE: tl.constexpr):
+        """Segment ``s``: fixed-order fp64 sum of partials ``lo..hi`` -> ``G``; then (SOLVE)
+        the sequential projection -> C, W, nproj. Same order every run: bitwise reproducible.
+        """
         flat = tl.arange(0, R_PAD * T_PAD)
         rb = tl.arange(0, RB)
         acc = tl.zeros([R_PAD * T_PAD], dtype=tl.float64)
         for p0 in range(lo, hi, RB):
             p = p0 + rb
+            # .cg: partials written by other programs of this launch must not come from L1
             tile = tl.load(part_ptr + p.to(tl.int64)[:, None] * (R_PAD * T_PAD) + flat[None, :],
-                           mask=(p < hi)[:, None], other=0.0)
+                           mask=(p < hi)[:, None], other=0.0, cache_modifier=".cg")
             acc += tl.sum(tile, axis=0)
         r = flat // T_PAD
         k = flat % T_PAD
@@ -156,10 +176,10 @@ if triton is not None:
             col = tl.arange(0, T_PAD)
             live = i < T
             cmask = col[None, :] < T
-            coeffs = (i[:, None] == col[None, :]).to(tl.float64)
+            coeffs = (i[:, None] == col[None, :]).to(tl.float64)   # g_i' = sum_k C[i, k] g_k
             count = tl.zeros([T_PAD], dtype=tl.int32)
             o_seg = order_ptr + s.to(tl.int64) * T * T
-            for step in range(0, T):
+            for step in range(0, T):   # every task i visits j = order[s, i, step] at once
                 j = tl.load(o_seg + i * T + step, mask=live, other=0)
                 g_j = tl.load(g_seg + j[:, None] * T + col[None, :], mask=live[:, None] & cmask, other=0.0)
                 inner = tl.sum(coeffs * g_j, axis=1)                 # g_i' . g_j
@@ -173,14 +193,22 @@ if triton is not None:
             tl.store(c_ptr + s.to(tl.int64) * T * T + i[:, None] * T + col[None, :], coeffs,
                      mask=live[:, None] & cmask)
             tl.store(nproj_ptr + s, tl.sum(count, axis=0))
-            if NONE:
-                tl.store(w_ptr + s.to(tl.int64) * T * T + i[:, None] * T + col[None, :], coeffs,
-                         mask=live[:, None] & cmask)
-            else:
+            if not NONE:  # for "none" the combine reads C itself
                 w = tl.sum(coeffs, axis=0)
                 if MEAN:
                     w = w / T
                 tl.store(w_ptr + s.to(tl.int64) * T + col, w, mask=col < T)
+
+    @triton.jit
+    def _reduce_solve_kernel(part_ptr, chunk_off_ptr, g_ptr, order_ptr, c_ptr, w_ptr, nproj_ptr, R, T,
+                             R_PAD: tl.constexpr, T_PAD: tl.constexpr, RB: tl.constexpr,
+                             SOLVE: tl.constexpr, MEAN: tl.constexpr, NONE: tl.constexpr):
+        """Unfused stage 2 (``_FUSED = False``): one program per segment."""
+        s = tl.program_id(0)
+        lo = tl.load(chunk_off_ptr + s)
+        hi = tl.load(chunk_off_ptr + s + 1)
+        _finish(part_ptr, lo, hi, s, g_ptr, order_ptr, c_ptr, w_ptr, nproj_ptr, R, T,
+                R_PAD, T_PAD, RB, SOLVE, MEAN, NONE)
 
     @triton.jit
     def _combine_kernel(table_ptr, x_ptr, K1, a_ptr, a_ss, a_sr, a_sk,
@@ -260,37 +288,57 @@ def _table(seg: Segments, device: torch.device, block: int, chunked: bool):
     return seg.cached(("triton_table", torch.device(device), span), build)
 
 
+def _workspace(seg: Segments, device: torch.device, n_prog: int, tile: int):
+    """``(partials fp64 [P, tile], tickets int32 [S])``, cached per layout, device and stream.
+
+    The tickets return to zero at the end of every fused launch, so no memset is needed
+    and a CUDA graph can replay the call. One set per stream: launches on different
+    streams never share tickets or partials.
+    """
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else None
+
+    def build():
+        return (torch.empty((n_prog, tile), dtype=torch.float64, device=device),
+                torch.zeros((seg.num_segments,), dtype=torch.int32, device=device))
+    return seg.cached(("triton_ws", device, stream, n_prog, tile), build)
+
+
 def _gram(a: torch.Tensor, b: torch.Tensor | None, seg: Segments, *, order=None, reduction="sum"):
-    """Launch kernels 1 and 2: ``A B^T`` per segment (``b=None``: the Gram, plus the solve).
+    """Stages 1-2: ``A B^T`` per segment (``b=None``: the Gram of ``a``, then the solve).
 
     Returns ``(G [S, R, T] fp64, C, W, nproj)``; C, W, nproj only when ``b is None``.
+    One launch when ``_FUSED`` (default), two otherwise.
     """
     same = b is None
     b = a if same else b
     r, n = a.shape
     t = b.shape[0]
     s_count = seg.num_segments
+    dev = a.device
     fp64 = a.dtype == torch.float64 or b.dtype == torch.float64
     r_pad, t_pad = max(2, _pow2(r)), max(2, _pow2(t))
     block, use_dot = _gram_config(r_pad, t_pad, fp64)
-    table, chunk_off, n_prog = _table(seg, a.device, block, True)
-    dev = a.device
-    parts = torch.empty((n_prog, r_pad * t_pad), dtype=torch.float64, device=dev)
-    _gram_kernel[(n_prog,)](a, b, parts, table, n, r, t, R_PAD=r_pad, T_PAD=t_pad, BLOCK=block,
-                            SAME=same, FP64=fp64, USE_DOT=use_dot)
+    table, chunk_off, n_prog = _table(seg, dev, block, True)
+    parts, tickets = _workspace(seg, dev, n_prog, r_pad * t_pad)
     g = torch.empty((s_count, r, t), dtype=torch.float64, device=dev)
+    if same:
+        c = torch.empty_like(g)
+        w = c if reduction == "none" else torch.empty((s_count, 1, t), dtype=torch.float64, device=dev)
+        nproj = torch.empty((s_count,), dtype=torch.int32, device=dev)
+        order = order.contiguous()
+    else:  # unused pointers: any tensor will do
+        c = w = order = g
+        nproj = tickets
     rb = max(1, _REDUCE_ELEMS // (r_pad * t_pad))
-    if not same:
-        _reduce_solve_kernel[(s_count,)](parts, chunk_off, g, g, g, g, g, r, t, R_PAD=r_pad, T_PAD=t_pad,
-                                         RB=rb, SOLVE=False, MEAN=False, NONE=False)
-        return g, None, None, None
-    c = torch.empty_like(g)
-    w = c if reduction == "none" else torch.empty((s_count, 1, t), dtype=torch.float64, device=dev)
-    nproj = torch.empty((s_count,), dtype=torch.int32, device=dev)
-    # For "none" W is C: the kernel writes it twice to the same place (harmless, same values).
-    _reduce_solve_kernel[(s_count,)](parts, chunk_off, g, order, c, w, nproj, t, t, R_PAD=t_pad, T_PAD=t_pad,
-                                     RB=rb, SOLVE=True, MEAN=reduction == "mean", NONE=reduction == "none")
-    return g, c, w, nproj
+    flags = dict(RB=rb, SOLVE=same, MEAN=reduction == "mean", NONE=reduction == "none")
+    warps = 8 if t_pad >= 32 else 4
+    _gram_kernel[(n_prog,)](a, b, parts, table, n, r, t, chunk_off, tickets, g, order, c, w, nproj,
+                            R_PAD=r_pad, T_PAD=t_pad, BLOCK=block, SAME=same, FP64=fp64,
+                            USE_DOT=use_dot, FUSED=_FUSED, num_warps=warps, **flags)
+    if not _FUSED:
+        _reduce_solve_kernel[(s_count,)](parts, chunk_off, g, order, c, w, nproj, r, t,
+                                         R_PAD=r_pad, T_PAD=t_pad, num_warps=warps, **flags)
+    return (g, c, w, nproj) if same else (g, None, None, None)
 
 
 def _combine(seg: Segments, x, a, y=None, b=None, out_rows=1, out_dtype=None):
@@ -309,14 +357,14 @@ def _combine(seg: Segments, x, a, y=None, b=None, out_rows=1, out_dtype=None):
 
 
 def gram(x: torch.Tensor, seg: Segments) -> torch.Tensor:
-    """``[S, T, T]`` float64 Gram matrices (kernels 1-2 without the solve)."""
+    """``[S, T, T]`` float64 Gram matrices (stages 1-2 without the solve)."""
     return _gram(x, x, seg)[0]
 
 
 def forward(x: torch.Tensor, seg: Segments, order: torch.Tensor, reduction: str):
     x = x.contiguous()
     t = x.shape[0]
-    g, c, w, nproj = _gram(x, None, seg, order=order.contiguous(), reduction=reduction)
+    g, c, w, nproj = _gram(x, None, seg, order=order, reduction=reduction)
     out = _combine(seg, x, w, out_rows=t if reduction == "none" else 1)
     return (out if reduction == "none" else out[0]), g, c, nproj
 
