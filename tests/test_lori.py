@@ -79,6 +79,7 @@ def test_shapes_counts_and_frozen_a():
     names = apply_lori(model, r=r, alpha=8, seed=0)
     assert len(names) == 2 * LAYERS
     for _, m in lori_modules(model):
+        assert isinstance(m, LoRILinear)
         assert m.lora_A.shape == (r, H) and m.lora_B.shape == (H, r)
         assert not isinstance(m.lora_A, nn.Parameter) and not m.lora_A.requires_grad
         assert torch.equal(m.lora_B, torch.zeros(H, r))

@@ -17,6 +17,7 @@ from ortholora_kernels.glue.mtl_lora import (  # noqa: E402
     mtl_task_ids,
     save_mtl_lora,
     set_mtl_task_ids,
+    task_ids_from_slices,
 )
 
 H, LAYERS, VOCAB, SEQ = 32, 2, 100, 7
@@ -66,6 +67,7 @@ def test_shapes_and_parameter_counts(diagonal):
     names = apply_mtl_lora(model, r=r, alpha=8, num_tasks=T, num_b=nb, diagonal=diagonal)
     assert len(names) == 2 * LAYERS and all(n.endswith(("query", "value")) for n in names)
     for _, m in mtl_lora_modules(model):
+        assert isinstance(m, MTLLoRALinear)
         assert m.lora_A.shape == (r, H)
         assert m.lora_lambdas.shape == ((T, r) if diagonal else (T, r, r))
         assert len(m.lora_B) == nb and all(b.shape == (H, r) for b in m.lora_B)
@@ -362,3 +364,10 @@ def test_two_training_steps_with_ortho_lora_projection():
         assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in shared)
         opt.step()
     assert all(b.abs().sum() > 0 for _, m in mtl_lora_modules(model) for b in m.lora_B)
+
+
+def test_task_ids_from_slices():
+    assert task_ids_from_slices([(0, 2), (2, 3), (3, 6)]).tolist() == [0, 0, 1, 2, 2, 2]
+    assert task_ids_from_slices([(0, 2), (2, 2), (2, 4)]).tolist() == [0, 0, 2, 2]
+    with pytest.raises(ValueError, match="task_slices"):
+        task_ids_from_slices([(0, 2), (3, 4)])

@@ -49,7 +49,7 @@ import contextlib
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -61,6 +61,7 @@ __all__ = [
     "apply_mtl_lora",
     "mtl_task_ids",
     "set_mtl_task_ids",
+    "task_ids_from_slices",
     "mtl_lora_modules",
     "mtl_lora_parameters",
     "mtl_lora_state_dict",
@@ -412,6 +413,18 @@ def mtl_task_ids(model: nn.Module, task_ids) -> Iterator[None]:
     finally:
         for (_, m), p in zip(mods, prev):
             m.task_ids = p
+
+
+def task_ids_from_slices(task_slices: Sequence[tuple[int, int]], device=None) -> torch.Tensor:
+    """Per-example task ids of a batch given as (start, stop) rows per task, task t being
+    the t-th slice (the GLUE harness's ``task_slices``). Rows outside every slice raise."""
+    n = max((int(b) for _, b in task_slices), default=0)
+    ids = torch.full((n,), -1, dtype=torch.long)
+    for t, (a, b) in enumerate(task_slices):
+        ids[int(a):int(b)] = t
+    if (ids < 0).any():
+        raise ValueError(f"task_slices {list(task_slices)!r} do not cover rows 0..{n - 1}")
+    return ids if device is None else ids.to(device)
 
 
 def mtl_lora_parameters(model: nn.Module) -> AdapterParams:
