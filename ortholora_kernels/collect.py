@@ -60,19 +60,29 @@ def check_task_ids(task_ids, num_tasks: int) -> torch.Tensor:
     return ids
 
 
-def per_task_mean_loss(per_example_loss: torch.Tensor, task_ids: torch.Tensor, num_tasks: int) -> torch.Tensor:
+def per_task_mean_loss(per_example_loss: torch.Tensor, task_ids: torch.Tensor, num_tasks: int,
+                       counts: torch.Tensor | None = None) -> torch.Tensor:
     """``[T]`` mean loss of each task over its examples in the batch (0 for an absent task).
 
-    ``per_example_loss`` is ``[batch]``; ``task_ids`` is ``[batch]`` on the same device.
-    ``.sum()`` of the result is the loss whose one backward the grouped collector splits
-    into the per-task gradients of the loop method. No host sync.
+    ``per_example_loss`` is ``[batch]``; ``task_ids`` is ``[batch]``. ``.sum()`` of the result
+    is the loss whose one backward the grouped collector splits into the per-task gradients
+    of the loop method. ``counts`` (``[T]``, optional) replaces the local per-task example
+    counts as denominators, e.g. :func:`ortholora_kernels.integrations.distributed.global_task_counts`
+    so that data-parallel ranks with unequal per-task counts reproduce the union-batch mean.
+    No host sync.
     """
-    if per_example_loss.dim() != 1 or per_example_loss.shape != task_ids.shape:
-        raise ValueError(f"per_example_loss: expected shape [batch] = {tuple(task_ids.shape)}, got {tuple(per_example_loss.shape)}")
+    if not isinstance(per_example_loss, torch.Tensor) or per_example_loss.dim() != 1 \
+            or per_example_loss.shape != task_ids.shape:
+        got = tuple(per_example_loss.shape) if isinstance(per_example_loss, torch.Tensor) else type(per_example_loss).__name__
+        raise ValueError(f"per_example_loss: expected shape [batch] = {tuple(task_ids.shape)}, got {got}")
     ids = task_ids.to(per_example_loss.device, torch.int64)
     sums = per_example_loss.new_zeros(num_tasks).index_add(0, ids, per_example_loss)
-    counts = torch.bincount(ids, minlength=num_tasks)[:num_tasks].to(per_example_loss.dtype)
-    return sums / counts.clamp_min(1)
+    if counts is None:
+        counts = torch.bincount(ids, minlength=num_tasks)[:num_tasks]
+    elif counts.shape != (num_tasks,):
+        raise ValueError(f"counts: expected shape [num_tasks] = [{num_tasks}], got {tuple(counts.shape)}")
+    counts = counts.to(per_example_loss.device, per_example_loss.dtype)
+    return sums / torch.where(counts > 0, counts, torch.ones_like(counts))
 
 
 class TaskGroups:

@@ -4,7 +4,8 @@ Names are imported lazily so that ``import ortholora_kernels`` needs neither tra
 nor an initialised process group:
 
     OrthoLoRATrainer, MultiTaskCollator, OrthoLoRAArguments   (trainer.py, needs transformers)
-    all_reduce_task_grads, all_reduce_grads, exclude_from_ddp, broadcast_params  (distributed.py)
+    all_reduce_task_grads, all_reduce_grads, exclude_from_ddp, broadcast_params,
+    global_task_counts                                        (distributed.py)
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ _NAMES = {
     "all_reduce_grads": "distributed",
     "exclude_from_ddp": "distributed",
     "broadcast_params": "distributed",
+    "global_task_counts": "distributed",
 }
 
 __all__ = list(_NAMES)

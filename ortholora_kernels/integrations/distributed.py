@@ -9,8 +9,9 @@ Normalisation: ``(1/W) sum_r mean_{rank r, task t}`` equals the per-task mean ov
 batch only when every rank holds the same number of examples of task t (for every t). With
 unequal per-rank counts (or a task missing on some rank) the reduced gradient weights
 examples of small per-rank groups more; to match the union exactly then, make each rank's
-per-task loss ``sum_{i in rank r, task t} loss_i * W / n_t^global`` (the global count). The
-projection itself is scale-invariant per task, so only the relative weighting matters.
+per-task loss ``sum_{i in rank r, task t} loss_i * W / n_t^global``: that is
+``per_task_mean_loss(per_example_loss, task_ids, T, counts=global_task_counts(task_ids, T))``
+(one small all-reduce of the ``[T]`` counts per micro-batch).
 
 With DDP, the LoRA parameters must be left to OrthoLoRA (the grouped collector produces no
 ``.grad`` for them, and the loop collector would otherwise reduce them twice):
@@ -42,6 +43,22 @@ def all_reduce_task_grads(buffer: torch.Tensor, group=None, average: bool = True
         if average:
             buffer.div_(w)
     return buffer
+
+
+def global_task_counts(task_ids: torch.Tensor, num_tasks: int, group=None, device=None) -> torch.Tensor:
+    """``[T]`` per-task example counts summed over the ranks and divided by the world size.
+
+    Pass as ``counts=`` to :func:`ortholora_kernels.per_task_mean_loss`: then the DDP-averaged
+    gradient of ``sum_t loss_t`` equals the gradient of the per-task means over the union batch
+    whatever the per-rank counts. (With gloo the tensor is reduced on the CPU.)
+    """
+    ids = task_ids.to(device or task_ids.device, torch.int64)
+    counts = torch.bincount(ids, minlength=num_tasks)[:num_tasks].to(torch.float64)
+    w = _world(group)
+    if w > 1:
+        dist.all_reduce(counts, op=dist.ReduceOp.SUM, group=group)
+        counts /= w
+    return counts
 
 
 def all_reduce_grads(params: Iterable[torch.Tensor], group=None, average: bool = True) -> None:
