@@ -410,3 +410,18 @@ def test_two_stage_training_tiny_roberta_with_projection():
     for name, m in lori_modules(model):
         assert torch.all(m.lora_B[~masks[name]] == 0)
     assert any(m.lora_B.abs().sum() > 0 for _, m in lori_modules(model))
+
+
+@pytest.mark.gpu
+def test_cuda_same_a_as_cpu_and_masks():
+    cpu = adapter(seed=3, sparsity=0.9)
+    gpu = tiny_roberta().cuda()
+    apply_lori(gpu, r=4, alpha=8, seed=3)  # A drawn on the CPU generator: device-independent
+    for (_, a), (_, b) in zip(lori_modules(cpu), lori_modules(gpu)):
+        assert torch.equal(a.lora_A, b.lora_A.cpu())
+    load_lori(gpu, lori_state_dict(cpu))
+    x = batch()
+    with torch.no_grad():
+        torch.testing.assert_close(gpu(input_ids=x.cuda()).logits.cpu(), cpu(input_ids=x).logits, rtol=1e-4, atol=1e-5)
+    masks = lori_mask(gpu, 0.9)
+    assert sum(int(m.sum()) for m in masks.values()) == round(0.1 * 2 * LAYERS * H * 4)

@@ -371,3 +371,17 @@ def test_task_ids_from_slices():
     assert task_ids_from_slices([(0, 2), (2, 2), (2, 4)]).tolist() == [0, 0, 2, 2]
     with pytest.raises(ValueError, match="task_slices"):
         task_ids_from_slices([(0, 2), (3, 4)])
+
+
+@pytest.mark.gpu
+def test_cuda_forward_matches_cpu_with_cpu_task_ids():
+    model = tiny_roberta()
+    apply_mtl_lora(model, num_tasks=3, r=4)
+    randomize_b(model)
+    x, ids = batch(), torch.tensor([0, 1, 2, 2, 1, 0])
+    with torch.no_grad(), mtl_task_ids(model, ids):
+        ref = model(input_ids=x).logits
+    model.cuda()
+    with torch.no_grad(), mtl_task_ids(model, ids):  # CPU ids, moved once on entry
+        out = model(input_ids=x.cuda()).logits
+    torch.testing.assert_close(out.cpu(), ref, rtol=1e-4, atol=1e-5)

@@ -19,16 +19,21 @@ Training pipeline (the paper's two stages):
     ... train ...
     masks = lori_mask(model, sparsity=0.9)   # global magnitude top-k over ALL B's of the
                                              # model: keep the largest 10% of |B| entries
-    apply_lori_mask(model, masks)            # LoRI-S: B restarts from zero (reset_b=True,
-                                             # our reading of the paper's "train LoRI-S
-                                             # with the calibrated mask"; reset_b=False
-                                             # keeps the LoRI-D values, masked)
+    apply_lori_mask(model, masks)            # LoRI-S: B restarts from zero (reset_b=True)
     ... train ...
+
+Whether LoRI-S starts from B = 0 or from the masked LoRI-D values is not settled by what
+we could read: the reference code (juzhengz/LoRI, per its maintainer in issue #3) loads
+the masks "along with the corresponding parameters" and masks the gradients in the
+backward pass. We default to a restart from zero (lottery-ticket style, as in the same
+group's LoTA); ``reset_b=False`` keeps the LoRI-D values on the mask.
 
 Masked entries stay exactly zero: the forward uses B * M (so autograd gives them exactly
 zero gradient, and the effective weight is zero whatever the stored value), and the
 stored B is zeroed at masking time. With zero gradients Adam/AdamW leave a zero entry at
-zero (decoupled weight decay of 0 is 0, moments stay 0). For gradients written by other
+zero (decoupled weight decay of 0 is 0, moments stay 0). An optimizer that carries Adam
+moments over from LoRI-D moves the stored masked entries, but never the effective weight
+B * M (what the forward, ``lori_mask``, save and merge use). For gradients written by other
 means (e.g. a grouped Ortho-LoRA collector that forms dB itself) or optimizer state
 carried over from LoRI-D, ``attach_lori_mask(optimizer, model)`` masks ``.grad`` before
 and re-zeroes the weights after every ``optimizer.step()``; ``mask_lori_grads`` /
