@@ -1,0 +1,202 @@
+"""Hugging Face ``Trainer`` integration: switch to Ortho-LoRA by changing one class.
+
+    trainer = OrthoLoRATrainer(
+        model=peft_model, args=TrainingArguments(...), train_dataset=ds,   # rows carry "task_id"
+        data_collator=MultiTaskCollator(DataCollatorWithPadding(tokenizer)),
+        num_tasks=3,                              # the only new required argument
+    )
+    trainer.train()
+
+What changes against ``Trainer``:
+
+* the loss is ``sum_t mean_{task-t examples} loss_i`` (per-example loss from the logits:
+  cross-entropy, or MSE for one regression output; override :meth:`per_example_loss`);
+* the per-task LoRA gradients are collected (``ortho_collect="grouped"``: one backward;
+  ``"loop"``: one forward and backward per task in the batch) over every micro-batch of
+  gradient accumulation, and projected once per optimizer step, right after the last
+  micro-batch's backward: before gradient clipping, AMP unscaling and ``optimizer.step``;
+* every logging step adds ``ortho/conflict_fraction/<segment>`` and
+  ``ortho/mean_cosine/<segment>`` (the only host sync the integration adds);
+* the task ids column (``task_ids_key``, default "task_ids"; the collator also accepts
+  "task_id" per row) is kept by ``remove_unused_columns`` and is not passed to the model
+  unless ``pass_task_ids=True`` (models with per-task heads).
+
+Distributed (``torchrun`` / accelerate DDP): OrthoLoRA is built before accelerate wraps the
+model, so DDP leaves the LoRA parameters alone and the per-task buffer is all-reduced
+before projecting (see :mod:`.distributed` for the loss normalisation across ranks).
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+from transformers import Trainer
+from transformers.data.data_collator import default_data_collator
+
+from ..collect import per_task_mean_loss
+from ..projector import OrthoLoRA
+
+__all__ = ["OrthoLoRATrainer", "MultiTaskCollator"]
+
+
+class MultiTaskCollator:
+    """Collate rows that carry a task id into a batch with a ``task_ids`` LongTensor.
+
+    Args:
+        base: the collator for everything else (default ``default_data_collator``; e.g.
+            ``DataCollatorWithPadding(tokenizer)``).
+        task_key: the row key holding the task id ("task_id" or "task_ids" are both found).
+        out_key: the batch key of the ``[batch]`` task ids (default "task_ids").
+        sort_by_task: stable-sort the rows by task so every task is a contiguous slice (the
+            grouped collector then copies nothing). The order inside a task is kept.
+        num_tasks: when given, task ids are checked against ``[0, num_tasks)``.
+    """
+
+    def __init__(self, base=None, task_key: str = "task_id", out_key: str = "task_ids", sort_by_task: bool = True,
+                 num_tasks: int | None = None):
+        self.base = base or default_data_collator
+        self.task_key, self.out_key = task_key, out_key
+        self.sort_by_task = sort_by_task
+        self.num_tasks = num_tasks
+
+    def _task_of(self, i, row) -> int:
+        for key in (self.task_key, "task_id", "task_ids"):
+            if key in row:
+                v = row[key]
+                v = int(v.item()) if isinstance(v, torch.Tensor) else int(v)
+                if v < 0 or (self.num_tasks is not None and v >= self.num_tasks):
+                    raise ValueError(f"task_ids: row {i} has task id {v}, out of range [0, {self.num_tasks})")
+                return v
+        raise KeyError(f"task_key: row {i} has no {self.task_key!r} entry (keys: {sorted(row)})")
+
+    def __call__(self, features: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        tasks = [self._task_of(i, f) for i, f in enumerate(features)]
+        order = sorted(range(len(features)), key=lambda i: tasks[i]) if self.sort_by_task else list(range(len(features)))
+        drop = {self.task_key, "task_id", "task_ids"}
+        rows = [{k: v for k, v in features[i].items() if k not in drop} for i in order]
+        batch = dict(self.base(rows))
+        batch[self.out_key] = torch.tensor([tasks[i] for i in order], dtype=torch.long)
+        return batch
+
+
+class OrthoLoRATrainer(Trainer):
+    """A ``transformers.Trainer`` that trains the shared LoRA adapter with Ortho-LoRA.
+
+    Keyword args (everything else goes to ``Trainer``):
+        num_tasks: T (required).
+        ortho_granularity: "ab" (default), "global", "layer" or "matrix".
+        ortho_collect: "grouped" (default: one backward) or "loop" (per-task passes).
+        ortho_reduction: "sum" (default) or "mean".
+        ortho_seed: seed of the projection orders (default ``args.seed``).
+        ortho_backend: the projection backend (default automatic).
+        adapter_name: the peft adapter (default "default").
+        task_ids_key: the batch key of the task ids (default "task_ids").
+        pass_task_ids: also pass the task ids to the model's forward (per-task heads).
+        log_ortho_stats: add conflict fraction / mean cosine per segment to the logs.
+
+    Attributes:
+        ortho: the :class:`~ortholora_kernels.OrthoLoRA` (``ortho.last_stats`` per step).
+    """
+
+    def __init__(self, *args, num_tasks: int, ortho_granularity: str = "ab", ortho_collect: str = "grouped",
+                 ortho_reduction: str = "sum", ortho_seed: int | None = None, ortho_backend: str | None = None,
+                 adapter_name: str = "default", task_ids_key: str = "task_ids", pass_task_ids: bool = False,
+                 log_ortho_stats: bool = True, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.task_ids_key = task_ids_key
+        self.pass_task_ids = pass_task_ids
+        self.log_ortho_stats = log_ortho_stats
+        self.num_tasks = num_tasks
+        seed = self.args.seed if ortho_seed is None else ortho_seed
+        self.ortho = OrthoLoRA(self.model, num_tasks, granularity=ortho_granularity, collect=ortho_collect,
+                               reduction=ortho_reduction, seed=seed, backend=ortho_backend, adapter_name=adapter_name)
+        # The loss is ours (per-task means): let the Trainer divide it by the accumulation steps.
+        self.model_accepts_loss_kwargs = False
+
+    # ------------------------------------------------------------------ columns
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        for k in (self.task_ids_key, "task_id", "task_ids"):
+            if k not in self._signature_columns:
+                self._signature_columns.append(k)
+
+    # ------------------------------------------------------------------ loss
+    def per_example_loss(self, outputs, labels: torch.Tensor) -> torch.Tensor:
+        """``[batch]`` losses from the model outputs: cross-entropy (mean over tokens for
+        token-level logits, ignoring label -100), or MSE for a single regression output."""
+        logits = outputs["logits"] if isinstance(outputs, dict) or hasattr(outputs, "keys") else outputs
+        if isinstance(logits, (tuple, list)):
+            logits = logits[0]
+        if logits.dim() == 2 and logits.shape[-1] == 1 and labels.is_floating_point():
+            return (logits.squeeze(-1).float() - labels.float()) ** 2
+        if logits.dim() == 2:
+            return nn.functional.cross_entropy(logits.float(), labels.long(), reduction="none")
+        if logits.dim() == 3:  # token classification / LM-style: mean over labelled tokens
+            tok = nn.functional.cross_entropy(logits.float().transpose(1, 2), labels.long(), reduction="none",
+                                              ignore_index=-100)
+            n = (labels != -100).sum(1).clamp_min(1)
+            return tok.sum(1) / n
+        raise ValueError(f"outputs: cannot derive per-example losses from logits of shape {tuple(logits.shape)}; "
+                         "override OrthoLoRATrainer.per_example_loss")
+
+    def _split_inputs(self, inputs):
+        inputs = dict(inputs)
+        if self.task_ids_key not in inputs:
+            raise KeyError(f"task_ids_key: the batch has no {self.task_ids_key!r} (use MultiTaskCollator); "
+                           f"keys: {sorted(inputs)}")
+        task_ids = inputs.pop(self.task_ids_key)
+        labels = inputs.pop("labels", None)
+        if self.pass_task_ids:
+            inputs[self.task_ids_key] = task_ids
+        return inputs, labels, task_ids
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """``sum_t`` of the per-task mean losses of the batch (tasks absent contribute 0)."""
+        model_inputs, labels, task_ids = self._split_inputs(inputs)
+        if labels is None:
+            raise ValueError("inputs: OrthoLoRATrainer needs 'labels' in the batch")
+        outputs = model(**model_inputs)
+        per_ex = self.per_example_loss(outputs, labels)
+        loss = per_task_mean_loss(per_ex, task_ids.to(per_ex.device), self.num_tasks).sum()
+        return (loss, outputs) if return_outputs else loss
+
+    # ------------------------------------------------------------------ step
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        """One micro-batch: collect per-task gradients; on the last micro-batch, project."""
+        task_ids = inputs.get(self.task_ids_key)
+        if task_ids is None:
+            raise KeyError(f"task_ids_key: the batch has no {self.task_ids_key!r} (use MultiTaskCollator)")
+        if self.ortho.collect == "grouped":
+            with self.ortho.record(task_ids):
+                loss = super().training_step(model, inputs, num_items_in_batch)
+        else:
+            loss = self._loop_training_step(model, inputs, task_ids, num_items_in_batch)
+        if self.accelerator.gradient_state.sync_gradients:
+            self.ortho.project_()
+        return loss
+
+    def _loop_training_step(self, model, inputs, task_ids, num_items_in_batch):
+        """The paper's loop: a forward and backward pass per task present in the batch."""
+        ids = task_ids.detach().cpu()
+        total = None
+        for t in torch.unique(ids).tolist():
+            rows = (ids == t).nonzero().squeeze(1)
+            sub = {k: (v[rows.to(v.device)] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == ids.numel()
+                       else v) for k, v in inputs.items()}
+            with self.ortho.task(t):
+                loss_t = super().training_step(model, sub, num_items_in_batch)
+            total = loss_t if total is None else total + loss_t
+        return total
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """Evaluation: as ``Trainer``; the task ids only reach the model with ``pass_task_ids``."""
+        if self.task_ids_key in inputs and not self.pass_task_ids and "labels" not in inputs:
+            inputs = {k: v for k, v in inputs.items() if k != self.task_ids_key}
+        return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        """Adds the last projection's per-segment conflict fraction and mean cosine."""
+        if self.log_ortho_stats and self.ortho.last_stats is not None and "loss" in logs:
+            logs = {**logs, **self.ortho.stats_dict()}
+        super().log(logs, *args, **kwargs)
