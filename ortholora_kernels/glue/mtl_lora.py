@@ -39,9 +39,16 @@ task t's examples reach them, so they take ordinary gradients). Shared parameter
 grouped by layer key (the transformer layer, e.g. ``roberta.encoder.layer.0``) and side
 ("A": [A of each adapted module], "B": [B_1..B_nB of each adapted module]).
 
+A and every B_k are bias-free ``nn.Linear`` submodules (``lora_A``: in -> r,
+``lora_B[k]``: r -> out), called as modules: B_k is applied to mix_t[k] * Lambda_t A x
+(sum_k B_k (mix_t[k] z) = B_t z), so the layout can remember them and Ortho-LoRA's grouped
+collector (one backward for all tasks, ``collect="grouped"``) gets the exact per-task
+gradients dA_t, dB_k,t; the task-specific Lambda_t and w_t get ordinary gradients.
+
 Wrapping keeps the base parameter names (``...query.weight``, ``...query.bias``), so the
-model's own state dict keys do not change; adapter parameters are ``...query.lora_A``,
-``...query.lora_lambdas``, ``...query.lora_B.<k>``, ``...query.lora_B_w``.
+model's own state dict keys do not change; adapter parameters are
+``...query.lora_A.weight``, ``...query.lora_B.<k>.weight``, ``...query.lora_lambdas``,
+``...query.lora_B_w``.
 """
 from __future__ import annotations
 
@@ -182,26 +189,31 @@ class AdapterParams:
     shared: dict[str, dict[str, list[nn.Parameter]]] = field(default_factory=dict)
     task_specific: list[tuple[str, nn.Parameter]] = field(default_factory=list)
     names: dict[int, str] = field(default_factory=dict)
+    modules: dict[int, nn.Linear] = field(default_factory=dict)
 
-    def entries(self) -> list[tuple[str, str, str, nn.Parameter]]:
-        """Flat (layer_key, side, name, param) tuples: layer by layer, A side then B side."""
+    def entries(self) -> list[tuple[str, str, str, object]]:
+        """Flat (layer_key, side, name, param_or_linear) tuples for
+        ``LoRALayout.from_params``: layer by layer, A side then B side. Where the parameter
+        is the weight of an ``nn.Linear`` (MTL-LoRA's A and B_k) the Linear is given, so the
+        layout remembers it (needed by the grouped collector)."""
         out = []
         for key, sides in self.shared.items():
             for side in ("A", "B"):
                 for p in sides.get(side, []):
-                    out.append((key, side, self.names[id(p)], p))
+                    out.append((key, side, self.names[id(p)], self.modules.get(id(p), p)))
         return out
 
     def layout(self):
         """``LoRALayout.from_params(self.entries())``: the Ortho-LoRA buffer layout over the
-        shared parameters (frozen ones skipped). Use it with ``OrthoLoRA(layout, T,
-        collect="loop")``: the grouped collector needs peft ``nn.Linear`` LoRA modules."""
+        shared parameters (frozen ones skipped), for ``OrthoLoRA(layout, T, ...)``.
+        MTL-LoRA works with ``collect="grouped"`` and ``"loop"``; LoRI (B masked in the
+        forward, not an nn.Linear) with ``collect="loop"`` only."""
         from ..layout import LoRALayout
 
         return LoRALayout.from_params(self.entries())
 
     def shared_parameters(self) -> list[nn.Parameter]:
-        return [p for _, _, _, p in self.entries()]
+        return [p for sides in self.shared.values() for side in ("A", "B") for p in sides.get(side, [])]
 
     def task_parameters(self) -> list[nn.Parameter]:
         return [p for _, p in self.task_specific]
@@ -209,7 +221,11 @@ class AdapterParams:
     def num_shared(self) -> int:
         return sum(p.numel() for p in self.shared_parameters())
 
-    def add_shared(self, key: str, side: str, name: str, p: nn.Parameter) -> None:
+    def add_shared(self, key: str, side: str, name: str, p) -> None:
+        """Add a shared parameter (or an nn.Linear: its weight, module remembered)."""
+        if isinstance(p, nn.Linear):
+            self.modules[id(p.weight)] = p
+            p = p.weight
         self.shared.setdefault(key, {"A": [], "B": []})[side].append(p)
         self.names[id(p)] = name
 
@@ -246,25 +262,23 @@ class MTLLoRALinear(nn.Module):
         self.scaling = self.alpha / r
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         kw = dict(device=base.weight.device, dtype=base.weight.dtype)
-        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, **kw))
+        self.lora_A = nn.Linear(self.in_features, r, bias=False, **kw)
         lam_shape = (num_tasks, r) if diagonal else (num_tasks, r, r)
         self.lora_lambdas = nn.Parameter(torch.empty(lam_shape, **kw))
-        self.lora_B = nn.ParameterList(
-            [nn.Parameter(torch.zeros(self.out_features, r, **kw)) for _ in range(num_b)]
-        )
+        self.lora_B = nn.ModuleList([nn.Linear(r, self.out_features, bias=False, **kw) for _ in range(num_b)])
         self.lora_B_w = nn.Parameter(torch.empty(num_tasks, num_b, **kw))
         self.task_ids: torch.Tensor | None = None
         self.reset_adapter()
 
     @torch.no_grad()
     def reset_adapter(self) -> None:
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         if self.diagonal:
             self.lora_lambdas.fill_(1.0)
         else:
             self.lora_lambdas.copy_(torch.eye(self.r).expand(self.num_tasks, self.r, self.r))
         for b in self.lora_B:
-            b.zero_()
+            b.weight.zero_()
         nn.init.kaiming_uniform_(self.lora_B_w, a=math.sqrt(5))
 
     def extra_repr(self) -> str:
@@ -280,8 +294,8 @@ class MTLLoRALinear(nn.Module):
 
     def task_matrices(self) -> torch.Tensor:
         """(T, out, r): M_t = B_t @ Lambda_t with B_t the task's mixture of the B_k."""
-        mix = self.mixture().to(self.lora_A.dtype)
-        b = torch.stack(list(self.lora_B))  # (n_B, out, r)
+        mix = self.mixture().to(self.lora_A.weight.dtype)
+        b = torch.stack([lin.weight for lin in self.lora_B])  # (n_B, out, r)
         bt = torch.einsum("tk,kor->tor", mix, b)
         if self.diagonal:
             return bt * self.lora_lambdas[:, None, :]
@@ -289,7 +303,7 @@ class MTLLoRALinear(nn.Module):
 
     def delta_weight(self, task: int) -> torch.Tensor:
         """(out, in) dense weight update of task ``task`` (scaling included)."""
-        return self.scaling * self.task_matrices()[task] @ self.lora_A
+        return self.scaling * self.task_matrices()[task] @ self.lora_A.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.linear(x, self.weight, self.bias)
@@ -299,18 +313,24 @@ class MTLLoRALinear(nn.Module):
                 "MTL-LoRA forward needs the task ids of the batch: wrap the call in "
                 "`with mtl_task_ids(model, task_ids):` (or call set_mtl_task_ids)"
             )
-        h = F.linear(self.lora_dropout(x), self.lora_A)  # (..., r)
-        m = self.task_matrices()  # (T, out, r)
+        h = self.lora_A(self.lora_dropout(x))  # (..., r)
+        lam = self.lora_lambdas
+        mix = self.mixture().to(h.dtype)  # (T, n_B)
         if ids.dim() == 0:
-            delta = F.linear(h, m[ids])
+            z = h * lam[ids] if self.diagonal else F.linear(h, lam[ids])
+            mix_i = mix[ids]
+            delta = sum(b(z * mix_i[k]) for k, b in enumerate(self.lora_B))
         else:
             if x.dim() < 2 or x.shape[0] != ids.shape[0]:
                 raise ValueError(
                     f"task_ids has {ids.shape[0]} entries but the input batch has shape "
                     f"{tuple(x.shape)} (the first dimension must be the batch)"
                 )
-            hb = h.reshape(x.shape[0], -1, self.r)
-            delta = torch.bmm(hb, m.index_select(0, ids).transpose(1, 2))
+            hb = h.reshape(x.shape[0], -1, self.r)  # (batch, tokens, r)
+            lam_i = lam.index_select(0, ids)
+            z = hb * lam_i[:, None, :] if self.diagonal else torch.bmm(hb, lam_i.transpose(1, 2))
+            mix_i = mix.index_select(0, ids)[:, :, None, None]  # (batch, n_B, 1, 1)
+            delta = sum(b(z * mix_i[:, k]) for k, b in enumerate(self.lora_B))
             delta = delta.reshape(*x.shape[:-1], self.out_features)
         return out + delta.to(out.dtype) * self.scaling
 
@@ -383,7 +403,7 @@ def _as_task_ids(model: nn.Module, task_ids, mods) -> torch.Tensor | None:
     lo, hi = int(t.min()), int(t.max())  # one host sync per batch, outside the forward
     if lo < 0 or hi >= num_tasks:
         raise ValueError(f"task_ids out of range: got values in [{lo}, {hi}], the adapter has num_tasks={num_tasks}")
-    return t.to(device=mods[0][1].lora_A.device, dtype=torch.long)
+    return t.to(device=mods[0][1].lora_A.weight.device, dtype=torch.long)
 
 
 def set_mtl_task_ids(model: nn.Module, task_ids) -> None:
@@ -436,9 +456,9 @@ def mtl_lora_parameters(model: nn.Module) -> AdapterParams:
     out = AdapterParams()
     for name, m in mods:
         key = layer_key(name)
-        out.add_shared(key, "A", f"{name}.lora_A", m.lora_A)
+        out.add_shared(key, "A", f"{name}.lora_A.weight", m.lora_A)
         for k, b in enumerate(m.lora_B):
-            out.add_shared(key, "B", f"{name}.lora_B.{k}", b)
+            out.add_shared(key, "B", f"{name}.lora_B.{k}.weight", b)
         for pname in ("lora_lambdas", "lora_B_w"):
             p = getattr(m, pname)
             out.task_specific.append((f"{name}.{pname}", p))
