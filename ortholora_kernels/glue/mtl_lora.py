@@ -29,8 +29,10 @@ pass::
 
 (``set_mtl_task_ids(model, ids)`` / ``set_mtl_task_ids(model, None)`` does the same
 without a ``with`` block). A forward pass without task ids raises. In a mixed-task batch
-each example uses its own Lambda_t and mixture w_t: internally the per-task matrices
-M_t = B_t @ Lambda_t (out, r) are built for all T tasks and gathered per example.
+each example uses its own Lambda_t and mixture w_t (gathered per example; the grouped
+product costs n_B small r -> out matmuls per adapted module). ``task_ids_from_slices``
+turns the GLUE harness's ``task_slices`` into ids. Evaluation of task t: ``with
+mtl_task_ids(model, t): ...``.
 
 Ortho-LoRA composition. ``mtl_lora_parameters(model)`` splits the adapter into the
 parameters shared by all tasks (A and the B_k: these are what task gradients fight over,
