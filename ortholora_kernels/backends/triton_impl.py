@@ -50,7 +50,7 @@ except Exception as exc:  # pragma: no cover - depends on the environment
 _TILE_ELEMS = 16384
 _MAX_CHUNK_BLOCKS = 16     # tiles per Gram program on large N (fewer fp64 partials)
 _TARGET_PROGRAMS = 1024    # enough programs to fill a large GPU before chunking
-_REDUCE_ELEMS = 8192
+_REDUCE_ELEMS = 1024
 _FUSED = True              # stage 2 in the tail of the Gram launch (False: its own launch)
 
 
@@ -78,17 +78,17 @@ def _pow2(v: int) -> int:
 if triton is not None:
 
     @triton.jit
-    def _row_scale(t):
-        """``(t * 2^-e, 2^e as fp64)`` per row, ``e`` the exponent of the row's max-abs.
+    def _pow2_scale(m):
+        """``(2^-e fp32, 2^e fp64)`` per row, ``e`` the binary exponent of max-abs ``m``.
 
-        Bit manipulation rather than log2/exp2: no libdevice, exact powers of two.
+        Bit manipulation rather than log2/exp2: no libdevice, exact powers of two, so
+        scaling loses no bits and the fp64 un-scaling is exact.
         """
-        m = tl.max(tl.abs(t), axis=1)
         e = ((m.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
         e = tl.minimum(tl.maximum(e, -126), 126)            # denormals, inf/NaN: stay in range
         down = ((127 - e) << 23).to(tl.float32, bitcast=True)
         up = ((e.to(tl.int64) + 1023) << 52).to(tl.float64, bitcast=True)
-        return t * down[:, None], up
+        return down, up
 
     @triton.jit
     def _gram_kernel(a_ptr, b_ptr, part_ptr, table_ptr, N, R, T,
@@ -111,31 +111,63 @@ if triton is not None:
         cols = tl.arange(0, BLOCK)
         a_rows = a_ptr + ra.to(tl.int64)[:, None] * N
         b_rows = b_ptr + rb.to(tl.int64)[:, None] * N
-        acc = tl.zeros([R_PAD, T_PAD], dtype=tl.float64)
-        for c0 in range(start, end, BLOCK):
-            c = c0 + cols
-            cm = (c < end)[None, :]
-            if FP64:  # fp64 has the range for squares: no scaling needed
-                a = tl.load(a_rows + c[None, :], mask=(ra[:, None] < R) & cm, other=0.0).to(tl.float64)
+        a_live = (ra < R)[:, None]
+        b_live = (rb < T)[:, None]
+        if FP64:  # fp64 has the range for squares: no scaling, fp64 products
+            acc3 = tl.zeros([R_PAD, T_PAD, BLOCK], dtype=tl.float64)
+            for c0 in range(start, end, BLOCK):
+                c = c0 + cols
+                cm = (c < end)[None, :]
+                a = tl.load(a_rows + c[None, :], mask=a_live & cm, other=0.0).to(tl.float64)
                 if SAME:
                     b = a
                 else:
-                    b = tl.load(b_rows + c[None, :], mask=(rb[:, None] < T) & cm, other=0.0).to(tl.float64)
-                acc += tl.sum(a[:, None, :] * b[None, :, :], axis=2)
+                    b = tl.load(b_rows + c[None, :], mask=b_live & cm, other=0.0).to(tl.float64)
+                acc3 += a[:, None, :] * b[None, :, :]
+            acc = tl.sum(acc3, axis=2)
+        else:
+            # Pass 1: per-row max-abs over the chunk. Squares of 1e-30 or 1e30 leave fp32's
+            # range, so rows are scaled by powers of two into [1, 2) before any product.
+            # (Pass 2 re-reads the chunk, just fetched: from L2, not HBM.)
+            ma = tl.zeros([R_PAD], dtype=tl.float32)
+            mb = tl.zeros([T_PAD], dtype=tl.float32)
+            for c0 in range(start, end, BLOCK):
+                c = c0 + cols
+                cm = (c < end)[None, :]
+                a = tl.load(a_rows + c[None, :], mask=a_live & cm, other=0.0).to(tl.float32)
+                ma = tl.maximum(ma, tl.max(tl.abs(a), axis=1))
+                if not SAME:
+                    b = tl.load(b_rows + c[None, :], mask=b_live & cm, other=0.0).to(tl.float32)
+                    mb = tl.maximum(mb, tl.max(tl.abs(b), axis=1))
+            da, ua = _pow2_scale(ma)
+            if SAME:
+                db = da
+                ub = ua
             else:
-                a = tl.load(a_rows + c[None, :], mask=(ra[:, None] < R) & cm, other=0.0).to(tl.float32)
-                a, ua = _row_scale(a)
+                db, ub = _pow2_scale(mb)
+            # Pass 2: fp32 products of scaled values (|.| < 2), accumulated per thread over
+            # the whole chunk; one cross-thread reduction per chunk, not per tile.
+            if USE_DOT:
+                acc2 = tl.zeros([R_PAD, T_PAD], dtype=tl.float32)
+            else:
+                acc3 = tl.zeros([R_PAD, T_PAD, BLOCK], dtype=tl.float32)
+            for c0 in range(start, end, BLOCK):
+                c = c0 + cols
+                cm = (c < end)[None, :]
+                a = tl.load(a_rows + c[None, :], mask=a_live & cm, other=0.0).to(tl.float32) * da[:, None]
                 if SAME:
                     b = a
-                    ub = ua
                 else:
-                    b = tl.load(b_rows + c[None, :], mask=(rb[:, None] < T) & cm, other=0.0).to(tl.float32)
-                    b, ub = _row_scale(b)
+                    b = tl.load(b_rows + c[None, :], mask=b_live & cm, other=0.0).to(tl.float32) * db[:, None]
                 if USE_DOT:
-                    p = tl.dot(a, tl.trans(b), input_precision="ieee")
+                    acc2 = tl.dot(a, tl.trans(b), acc2, input_precision="ieee")
                 else:
-                    p = tl.sum(a[:, None, :] * b[None, :, :], axis=2)
-                acc += p.to(tl.float64) * ua[:, None] * ub[None, :]
+                    acc3 += a[:, None, :] * b[None, :, :]
+            if USE_DOT:
+                p = acc2
+            else:
+                p = tl.sum(acc3, axis=2)
+            acc = p.to(tl.float64) * ua[:, None] * ub[None, :]
         flat = ra[:, None] * T_PAD + rb[None, :]
         tl.store(part_ptr + pid.to(tl.int64) * (R_PAD * T_PAD) + flat, acc)
         if FUSED:
@@ -259,11 +291,17 @@ else:
 # ----------------------------------------------------------------------------- host side
 
 def _gram_config(r_pad: int, t_pad: int, fp64: bool):
-    """``(BLOCK, USE_DOT)``: tensor-core-shaped tl.dot for >= 16 rows, else a broadcast sum."""
+    """``(BLOCK, USE_DOT)``: tl.dot for >= 16 x 16 tiles, else per-thread fp32 outer products.
+
+    The outer-product accumulator ``[R_PAD, T_PAD, BLOCK]`` is held in registers: about
+    64 per thread at 4 warps. tl.dot operands are staged in shared memory: 16 KiB each.
+    """
     use_dot = (not fp64) and r_pad >= 16 and t_pad >= 16
-    per_col = max(r_pad, t_pad) if use_dot else r_pad * t_pad
-    block = max(16, min(4096, _TILE_ELEMS // per_col))
-    return _pow2(block) if block & (block - 1) else block, use_dot
+    if use_dot:
+        block = 4096 // max(r_pad, t_pad)
+    else:
+        block = (_TILE_ELEMS // 2 if not fp64 else _TILE_ELEMS // 4) // (r_pad * t_pad)
+    return max(16, min(2048, block)), use_dot
 
 
 def _table(seg: Segments, device: torch.device, block: int, chunked: bool):
@@ -316,7 +354,7 @@ def _gram(a: torch.Tensor, b: torch.Tensor | None, seg: Segments, *, order=None,
     s_count = seg.num_segments
     dev = a.device
     fp64 = a.dtype == torch.float64 or b.dtype == torch.float64
-    r_pad, t_pad = max(2, _pow2(r)), max(2, _pow2(t))
+    r_pad, t_pad = _pow2(r), _pow2(t)
     block, use_dot = _gram_config(r_pad, t_pad, fp64)
     table, chunk_off, n_prog = _table(seg, dev, block, True)
     parts, tickets = _workspace(seg, dev, n_prog, r_pad * t_pad)
@@ -341,11 +379,16 @@ def _gram(a: torch.Tensor, b: torch.Tensor | None, seg: Segments, *, order=None,
     return (g, c, w, nproj) if same else (g, None, None, None)
 
 
+def _combine_config(rows: int):
+    """``(R_PAD, BLOCK)`` of the combine: a ``[R_PAD, BLOCK]`` fp32 accumulator, ~32 per thread."""
+    r_pad = _pow2(rows)
+    return r_pad, max(32, min(1024, (_TILE_ELEMS // 4) // r_pad))
+
+
 def _combine(seg: Segments, x, a, y=None, b=None, out_rows=1, out_dtype=None):
     """Launch kernel 3: ``out [R, N] = A_s X_s (+ B_s Y_s)``; ``A``, ``B`` strided ``[S, R, K]``."""
     n = x.shape[1]
-    r_pad = max(2, _pow2(out_rows))
-    block = max(16, min(2048, (_TILE_ELEMS // 2) // r_pad))
+    r_pad, block = _combine_config(out_rows)
     table, _, n_prog = _table(seg, x.device, block, False)
     out = torch.empty((out_rows, n), dtype=out_dtype or x.dtype, device=x.device)
     has_y = y is not None
