@@ -17,6 +17,7 @@ from ortholora_kernels.glue.mtl_lora import (  # noqa: E402
     mtl_task_ids,
     save_mtl_lora,
     set_mtl_task_ids,
+    route_task_slices,
     task_ids_from_slices,
 )
 
@@ -420,3 +421,45 @@ def test_grouped_collector_matches_loop(diagonal):
     torch.testing.assert_close(b2, b1, rtol=1e-4, atol=1e-6)
     for a, b in zip(s1 + t1, s2 + t2):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+
+
+class _TwoHeads(nn.Module):
+    """The harness's MultiTaskModel calling convention: forward(ids, mask, task_slices)."""
+
+    def __init__(self, encoder):
+        super().__init__()
+        self.encoder = encoder
+        self.heads = nn.ModuleList([nn.Linear(H, 2), nn.Linear(H, 3)])
+
+    def features(self, input_ids, attention_mask):
+        return self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+    def forward(self, input_ids, attention_mask, task_slices):
+        h = self.features(input_ids, attention_mask)
+        return [head(h[a:b, 0]) for head, (a, b) in zip(self.heads, task_slices)]
+
+
+def test_route_task_slices_hooks():
+    enc = tiny_bert()
+    apply_mtl_lora(enc, num_tasks=2, r=4)
+    randomize_b(enc)
+    model = _TwoHeads(enc)
+    handles = route_task_slices(model, enc)
+    x = batch(5)
+    mask = torch.ones_like(x)
+    with torch.no_grad():
+        outs = model(x, mask, [(0, 2), (2, 5)])
+        outs_kw = model(x, mask, task_slices=[(0, 2), (2, 5)])
+        assert all(m.task_ids is None for _, m in mtl_lora_modules(enc))  # cleared after the forward
+        with mtl_task_ids(enc, torch.tensor([0, 0, 1, 1, 1])):
+            ref = model.features(x, mask)
+        with pytest.raises(RuntimeError, match="mtl_task_ids"):
+            model.features(x, mask)
+    torch.testing.assert_close(outs[0], model.heads[0](ref[:2, 0]))
+    torch.testing.assert_close(outs[1], model.heads[1](ref[2:, 0]))
+    torch.testing.assert_close(outs_kw[1], outs[1])
+    with pytest.raises(ValueError, match="task_slices"):
+        model(x, mask, [(0, 2), (3, 5)])
+    assert all(m.task_ids is None for _, m in mtl_lora_modules(enc))
+    for h in handles:
+        h.remove()

@@ -71,6 +71,7 @@ __all__ = [
     "mtl_task_ids",
     "set_mtl_task_ids",
     "task_ids_from_slices",
+    "route_task_slices",
     "mtl_lora_modules",
     "mtl_lora_parameters",
     "mtl_lora_state_dict",
@@ -447,6 +448,35 @@ def task_ids_from_slices(task_slices: Sequence[tuple[int, int]], device=None) ->
     if (ids < 0).any():
         raise ValueError(f"task_slices {list(task_slices)!r} do not cover rows 0..{n - 1}")
     return ids if device is None else ids.to(device)
+
+
+def route_task_slices(model: nn.Module, adapted: nn.Module | None = None, arg_index: int = 2,
+                      kwarg: str = "task_slices") -> tuple:
+    """Hooks on ``model`` (e.g. the harness's ``MultiTaskModel``, whose forward takes
+    ``(input_ids, attention_mask, task_slices)``): each forward sets the MTL-LoRA task ids
+    of ``adapted`` (default ``model``) from its ``task_slices`` argument (positional index
+    ``arg_index`` or keyword ``kwarg``) and clears them afterwards, also on an exception;
+    a forward without slices leaves the ids alone. Cleared ids make any other forward
+    (e.g. evaluation through ``model.features``) fail loudly unless it runs inside
+    ``mtl_task_ids(adapted, t)``. Returns the hook handles (``.remove()`` them)."""
+    target = model if adapted is None else adapted
+    if not mtl_lora_modules(target):
+        raise ValueError("adapted: no MTL-LoRA modules (call apply_mtl_lora first)")
+    state = {"set": False}
+
+    def pre(mod, args, kwargs):
+        slices = kwargs.get(kwarg) if kwarg in kwargs else (args[arg_index] if len(args) > arg_index else None)
+        if slices is not None:
+            set_mtl_task_ids(target, task_ids_from_slices(slices))
+            state["set"] = True
+
+    def post(mod, args, kwargs, output):
+        if state["set"]:
+            set_mtl_task_ids(target, None)
+            state["set"] = False
+
+    return (model.register_forward_pre_hook(pre, with_kwargs=True),
+            model.register_forward_hook(post, with_kwargs=True, always_call=True))
 
 
 def mtl_lora_parameters(model: nn.Module) -> AdapterParams:
