@@ -1,0 +1,271 @@
+"""GPU benchmark of the projection op: triton and torch backends, the per-pair loop, TorchJD.
+
+One command on a CUDA machine (no internet needed):
+
+    python benchmarks/bench_project_gpu.py [--out DIR] [--quick]
+
+For every T x N x dtype it times, with ``triton.testing.do_bench`` (medians, CUDA events,
+L2 flushed between calls):
+
+- ``triton``: ``project(x, order=order, backend="triton")``, eager (what a training loop pays);
+- ``triton graph``: the same call replayed from a CUDA graph (GPU time without launch cost);
+- ``torch``: ``backend="torch"``;
+- ``per-pair loop``: the common PCGrad loop (one host sync per pair);
+- ``torchjd PCGrad``: TorchJD's aggregator, or a "skipped: torchjd not installed" row.
+
+Bandwidth counts the physical floor: 2 reads of T x N plus 1 write of N, in the input
+dtype; ``frac_copy`` divides it by a measured device-to-device copy (``copy_`` of 1 GiB).
+Results: a table printed last, ``results.csv`` and ``results.json`` under ``--out``
+(default ``$OUT`` or ``./bench_out``).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import random
+import sys
+import time
+import traceback
+
+import torch
+
+import ortholora_kernels as ok
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+try:
+    from bench_project import pcgrad_loop
+except Exception:  # the CPU benchmark is missing or changed: use the same loop, inline
+    def pcgrad_loop(grads: torch.Tensor) -> torch.Tensor:
+        """The common per-pair loop (Pytorch-PCGrad style): one host sync per pair."""
+        originals = list(grads)
+        pc_grad = [g.clone() for g in originals]
+        for g_i in pc_grad:
+            random.shuffle(originals)
+            for g_j in originals:
+                g_i_g_j = torch.dot(g_i, g_j)
+                if g_i_g_j < 0:
+                    g_i -= g_i_g_j * g_j / (g_j.norm() ** 2)
+        return torch.stack(pc_grad).sum(dim=0)
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+TASKS = [2, 4, 8, 16, 32]
+NUMELS = [295_000, 3_000_000, 16_000_000]
+FIELDS = ["T", "N", "dtype", "impl", "median_us", "GBps", "frac_copy", "speedup_vs_loop", "max_rel_err", "note"]
+
+
+def torchjd_pcgrad():
+    """TorchJD's PCGrad aggregator, or None when torchjd is not installed."""
+    try:
+        from torchjd.aggregation import PCGrad
+    except ImportError:
+        return None
+    return PCGrad()
+
+
+def floor_bytes(t: int, n: int, dtype: torch.dtype) -> int:
+    """The physical floor of one call: two reads of T x N and one write of N."""
+    return (2 * t * n + n) * torch.finfo(dtype).bits // 8
+
+
+def gbps(nbytes: int, us: float) -> float:
+    return nbytes / (us * 1e-6) / 1e9
+
+
+def do_bench(fn, rep_ms: float) -> float:
+    """Median microseconds of ``fn()`` (CUDA events, L2 flushed between calls)."""
+    from triton.testing import do_bench as _do_bench
+    return _do_bench(fn, warmup=max(5, int(rep_ms // 4)), rep=rep_ms, return_mode="median") * 1e3
+
+
+def copy_bandwidth(rep_ms: float) -> float:
+    """Device-to-device GB/s of ``copy_`` on a 1 GiB buffer (read + write counted)."""
+    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    us = do_bench(lambda: dst.copy_(src), rep_ms)
+    del src, dst
+    torch.cuda.empty_cache()
+    return gbps(2 << 30, us)
+
+
+def graph_of(fn):
+    """``fn`` captured in a CUDA graph (after a warm-up call), returned as a replay callable."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return g.replay
+
+
+def candidates(x: torch.Tensor, order: torch.Tensor):
+    """``[(label, fn or None, note)]`` for one input; ``fn`` None marks a skipped row."""
+    out = []
+    reason = ok.backends.availability("triton", x.device)
+    if reason is None:
+        tri = lambda: ok.project(x, order=order, backend="triton")  # noqa: E731
+        out.append(("triton", tri, ""))
+        out.append(("triton graph", "graph", ""))
+    else:
+        out.append(("triton", None, f"skipped: {reason}"))
+    out.append(("torch", lambda: ok.project(x, order=order, backend="torch"), ""))
+    out.append(("per-pair loop", lambda: pcgrad_loop(x), ""))
+    jd = torchjd_pcgrad()
+    if jd is None:
+        out.append(("torchjd PCGrad", None, "skipped: torchjd not installed"))
+    else:
+        out.append(("torchjd PCGrad", lambda: jd(x), ""))
+    return out
+
+
+def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
+    ref = ref.double()
+    return float((got.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-300))
+
+
+def bench_one(t, n, dtype_name, copy_bw, rep_ms, skip_loop_above):
+    dtype = DTYPES[dtype_name]
+    gen = torch.Generator(device="cuda").manual_seed(1000 * t + n % 997)
+    x = torch.randn(t, n, device="cuda", generator=gen)
+    # a shared direction with alternating signs: tasks conflict, so projections happen
+    signs = torch.arange(t, device="cuda").remainder(2).mul(-2).add(1).unsqueeze(1)
+    x = (x + 0.5 * signs * torch.randn(1, n, device="cuda", generator=gen)).to(dtype)
+    order = torch.rand(t, t, device="cuda", generator=gen).argsort(-1)
+    ref = ok.project(x, order=order, backend="torch")               # same order: comparable
+    nbytes = floor_bytes(t, n, dtype)
+    rows, times = [], {}
+    for label, fn, note in candidates(x, order):
+        row = {"T": t, "N": n, "dtype": dtype_name, "impl": label, "median_us": None, "GBps": None,
+               "frac_copy": None, "speedup_vs_loop": None, "max_rel_err": None, "note": note}
+        rows.append(row)
+        if fn is None:
+            continue
+        if label == "per-pair loop" and skip_loop_above and t * n > skip_loop_above:
+            row["note"] = f"skipped: T*N > {skip_loop_above}"
+            continue
+        try:
+            if fn == "graph":
+                fn = graph_of(lambda: ok.project(x, order=order, backend="triton"))
+                result = None
+            else:
+                result = fn()
+            torch.cuda.synchronize()
+            if result is not None and label not in ("per-pair loop", "torchjd PCGrad"):
+                # The loop and TorchJD draw their own random orders: no exact comparison.
+                row["max_rel_err"] = f"{rel_err(result, ref):.2e}"
+            us = do_bench(fn, rep_ms)
+        except Exception as exc:  # one failing implementation must not lose the others
+            row["note"] = f"error: {type(exc).__name__}: {str(exc)[:120]}"
+            traceback.print_exc(limit=2)
+            continue
+        times[label] = us
+        row["median_us"] = round(us, 2)
+        row["GBps"] = round(gbps(nbytes, us), 1)
+        row["frac_copy"] = round(gbps(nbytes, us) / copy_bw, 3)
+    base = times.get("per-pair loop")
+    for row in rows:
+        if base and row["median_us"]:
+            row["speedup_vs_loop"] = round(base / row["median_us"], 1)
+    del x, ref
+    torch.cuda.empty_cache()
+    return rows
+
+
+def check_correctness():
+    """Triton equals the float64 reference on a small ragged case (guards the figures)."""
+    if ok.backends.availability("triton", "cuda") is not None:
+        return "triton unavailable: not checked"
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    worst = 0.0
+    for t in (2, 8, 17):
+        x = torch.randn(t, 20_000, device="cuda", generator=gen)
+        segs = [0, 1, 7000, 20_000]
+        order = torch.rand(3, t, t, device="cuda", generator=gen).argsort(-1)
+        for reduction in ("sum", "none"):
+            got = ok.project(x, segs, order=order, reduction=reduction, backend="triton")
+            ref = ok.reference.project(x, segs, order=order, reduction=reduction)
+            worst = max(worst, rel_err(got.cpu(), ref))
+    assert worst < 1e-4, f"triton disagrees with the reference: rel err {worst:.2e}"
+    return f"triton vs reference: max rel err {worst:.1e}"
+
+
+def fmt(v, spec):
+    return format("-", ">" + spec.split(".")[0]) if v is None else format(v, spec)
+
+
+def print_table(rows, copy_bw):
+    print(f"\ncopy bandwidth (copy_ of 1 GiB): {copy_bw:.0f} GB/s; GB/s counts 2 reads of T x N + 1 write of N")
+    print(f"{'T':>3} {'N':>9} {'dtype':>5} {'implementation':<15} {'median us':>11} {'GB/s':>8} "
+          f"{'of copy':>8} {'x loop':>8} {'rel err':>9}  note")
+    for r in rows:
+        print(f"{r['T']:>3} {r['N']:>9} {r['dtype']:>5} {r['impl']:<15} {fmt(r['median_us'], '11.2f')} "
+              f"{fmt(r['GBps'], '8.1f')} {fmt(r['frac_copy'], '8.1%')} {fmt(r['speedup_vs_loop'], '8.1f')} "
+              f"{r['max_rel_err'] or '-':>9}  {r['note']}")
+
+
+def write_results(rows, meta, out_dir):
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "results.json"), "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    with open(os.path.join(out_dir, "results.csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=FIELDS)
+        w.writeheader()
+        w.writerows(rows)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="only T=8, N=295k and 16M, fp32")
+    p.add_argument("--tasks", type=int, nargs="+", default=TASKS, help="values of T")
+    p.add_argument("--numel", type=int, nargs="+", default=NUMELS, help="values of N")
+    p.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=sorted(DTYPES))
+    p.add_argument("--rep-ms", type=float, default=100.0, help="do_bench repetition time per measurement")
+    p.add_argument("--skip-loop-above", type=int, default=0,
+                   help="skip the per-pair loop when T*N exceeds this (0: never skip)")
+    p.add_argument("--out", default=os.environ.get("OUT") or "bench_out", help="directory for results.csv/json")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.tasks, args.numel, args.dtypes = [8], [295_000, 16_000_000], ["fp32"]
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_project_gpu: no CUDA device; use benchmarks/bench_project.py on CPU", file=sys.stderr)
+        return 2
+    import triton
+    random.seed(0)
+    torch.manual_seed(0)
+    name = torch.cuda.get_device_name()
+    meta = {"device": name, "torch": torch.__version__, "triton": triton.__version__,
+            "cuda": torch.version.cuda, "ortholora_kernels": getattr(ok, "__version__", "?"),
+            "python": platform.python_version(), "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "backends": {k: v[1] for k, v in ok.backends_available("cuda").items()},
+            "torchjd": torchjd_pcgrad() is not None}
+    print(f"{name}, torch {torch.__version__}, triton {triton.__version__}, CUDA {torch.version.cuda}")
+    print("backends:", meta["backends"])
+    meta["check"] = check_correctness()
+    print(meta["check"])
+    copy_bw = copy_bandwidth(args.rep_ms)
+    meta["copy_GBps"] = round(copy_bw, 1)
+    rows = []
+    for dtype_name in args.dtypes:
+        for n in args.numel:
+            for t in args.tasks:
+                rows += bench_one(t, n, dtype_name, copy_bw, args.rep_ms, args.skip_loop_above)
+                print(f"done T={t} N={n} {dtype_name}", flush=True)
+                write_results(rows, meta, args.out)   # partial results survive a time limit
+    print_table(rows, copy_bw)
+    print(f"\nwrote {os.path.join(args.out, 'results.csv')} and results.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
