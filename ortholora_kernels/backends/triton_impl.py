@@ -290,7 +290,7 @@ else:
 
 # ----------------------------------------------------------------------------- host side
 
-def _gram_config(r_pad: int, t_pad: int, fp64: bool):
+def _gram_config(r_pad: int, t_pad: int, fp64: bool, same: bool = True):
     """``(BLOCK, USE_DOT)``: tl.dot for >= 16 x 16 tiles, else per-thread fp32 outer products.
 
     The outer-product accumulator ``[R_PAD, T_PAD, BLOCK]`` is held in registers: about
@@ -300,7 +300,9 @@ def _gram_config(r_pad: int, t_pad: int, fp64: bool):
     if use_dot:
         block = 4096 // max(r_pad, t_pad)
     else:
-        block = (_TILE_ELEMS // 2 if not fp64 else _TILE_ELEMS // 4) // (r_pad * t_pad)
+        per_col = r_pad * t_pad + (0 if same else r_pad + t_pad)   # accumulator (+ tiles of A, B)
+        block = (_TILE_ELEMS // 2 if not fp64 else _TILE_ELEMS // 4) // per_col
+        block = 1 << (block.bit_length() - 1) if block > 0 else 1
     return max(16, min(2048, block)), use_dot
 
 
@@ -355,7 +357,7 @@ def _gram(a: torch.Tensor, b: torch.Tensor | None, seg: Segments, *, order=None,
     dev = a.device
     fp64 = a.dtype == torch.float64 or b.dtype == torch.float64
     r_pad, t_pad = _pow2(r), _pow2(t)
-    block, use_dot = _gram_config(r_pad, t_pad, fp64)
+    block, use_dot = _gram_config(r_pad, t_pad, fp64, same)
     table, chunk_off, n_prog = _table(seg, dev, block, True)
     parts, tickets = _workspace(seg, dev, n_prog, r_pad * t_pad)
     g = torch.empty((s_count, r, t), dtype=torch.float64, device=dev)
