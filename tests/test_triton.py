@@ -60,11 +60,12 @@ def test_stats_match_reference(t):
 
 
 @interpreter
-def test_gram_is_float64_accurate_for_float64_input():
-    x = make_grads(6, 700, seed=62, dtype=torch.float64, shared=-0.3)
+@pytest.mark.parametrize("t", [6, 17])
+def test_gram_is_float64_accurate_for_float64_input(t):
+    x = make_grads(t, 700, seed=62, dtype=torch.float64, shared=-0.3)
     segs = [0, 300, 700]
     got = _impl().gram(x, ok._args.segments_for(segs, 700))
-    ref = reference.project(x, segs, order=random_order(6, 2, seed=0), return_stats=True).gram
+    ref = reference.project(x, segs, order=random_order(t, 2, seed=0), return_stats=True).gram
     torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12 * float(ref.abs().max()))
 
 

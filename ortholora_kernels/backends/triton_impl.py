@@ -1,29 +1,31 @@
 """The triton backend: fused kernels for the Gram, the solve and the combine.
 
-Forward, three launches, no host synchronisation:
+Forward: two launches, no host synchronisation, no per-call host work growing with N.
 
-1. ``_gram_kernel``: one program per *chunk* (a column range inside one segment; the
-   chunk table is built once per layout and cached on the :class:`Segments`). It walks its
-   chunk in tiles of ``[R_PAD, BLOCK]`` columns, scales every row of a tile by a power of
-   two taken from the row's max-abs (so squares of gradients at 1e-30 or 1e30 neither
-   underflow nor overflow fp32), forms the fp32 tile product and adds it, un-scaled, to
-   an fp64 accumulator. One fp64 partial per chunk goes to a workspace: no atomics.
-2. ``_reduce_solve_kernel``: one program per segment sums that segment's partials in a
-   fixed order (fp64, deterministic: bitwise-equal results run after run), stores G and
-   runs the sequential projection on the T x T matrix branch-free in fp64
-   (``inner > 0 -> 0``, ``G[j, j] == 0`` skipped), storing C, the combine weights W and
-   the projection count.
-3. ``_combine_kernel``: ``out = W_s X_s`` per column block, fp32 accumulation (fp64 for
-   fp64 input), rounded once to the input dtype.
+1. ``_gram_kernel``, one program per *chunk* (a column range inside one segment; the
+   chunk table is built once per layout and cached on the :class:`Segments`):
+   pass 1 takes each row's max-abs over the chunk, pass 2 scales the rows by the power
+   of two that brings that max into [1, 2) (squares of gradients at 1e-30 or 1e30 leave
+   fp32's range), accumulates fp32 products per thread (``tl.dot`` in IEEE fp32 for
+   T >= 16) and un-scales exactly into one fp64 partial per chunk. No atomics on data.
+   The last program to finish a segment (an atomic ticket) then runs stage 2 for it:
+   a fixed-order fp64 sum of the segment's partials -> G (bitwise equal run after run,
+   whichever program came last), and the sequential projection on the T x T matrix,
+   branch-free in fp64 (``min(inner, 0)``, ``G[j, j] == 0`` skipped) -> C, the combine
+   weights W, the projection count.
+2. ``_combine_kernel``: ``out = W_s X_s`` (C_s X_s for "none") per column block, fp32
+   accumulation (fp64 for fp64 input), rounded once to the input dtype.
 
-Backward: ``v = dY X^T`` with kernels 1-2 (no solve), the T x T reverse mode in torch
-(:mod:`ortholora_kernels.solve`), then ``dX = W^T dY + M X`` with kernel 3.
+``_FUSED = False`` runs stage 2 as a launch of its own (three launches; same results).
+Backward: ``v = dY X^T`` by the Gram kernel (cross product, no solve), the T x T reverse
+mode in torch (:mod:`ortholora_kernels.solve`), then ``dX = W^T dY + M X`` by the combine.
 
 On CPU tensors the same kernels run through the Triton interpreter, only when
 ``TRITON_INTERPRET=1`` is set before this module is first imported (Triton picks the
-interpreter when a kernel is defined). Non-contiguous input is copied by the op
-(``ops.py`` calls ``.contiguous()``); the kernels assume row-major ``[T, N]``.
-CUDA graphs: call once outside capture first, so the cached tables exist.
+interpreter when a kernel is defined). Non-contiguous input is copied (``ops.py`` calls
+``.contiguous()``); the kernels assume row-major ``[T, N]``. CUDA graphs: make one call
+outside capture first (it builds the cached tables). The per-segment tickets and
+partials are a cached workspace per layout, device and stream.
 """
 from __future__ import annotations
 
@@ -114,7 +116,10 @@ if triton is not None:
         a_live = (ra < R)[:, None]
         b_live = (rb < T)[:, None]
         if FP64:  # fp64 has the range for squares: no scaling, fp64 products
-            acc3 = tl.zeros([R_PAD, T_PAD, BLOCK], dtype=tl.float64)
+            if USE_DOT:
+                acc = tl.zeros([R_PAD, T_PAD], dtype=tl.float64)
+            else:
+                acc3 = tl.zeros([R_PAD, T_PAD, BLOCK], dtype=tl.float64)
             for c0 in range(start, end, BLOCK):
                 c = c0 + cols
                 cm = (c < end)[None, :]
@@ -123,8 +128,12 @@ if triton is not None:
                     b = a
                 else:
                     b = tl.load(b_rows + c[None, :], mask=b_live & cm, other=0.0).to(tl.float64)
-                acc3 += a[:, None, :] * b[None, :, :]
-            acc = tl.sum(acc3, axis=2)
+                if USE_DOT:
+                    acc = tl.dot(a, tl.trans(b), acc)
+                else:
+                    acc3 += a[:, None, :] * b[None, :, :]
+            if not USE_DOT:
+                acc = tl.sum(acc3, axis=2)
         else:
             # Pass 1: per-row max-abs over the chunk. Squares of 1e-30 or 1e30 leave fp32's
             # range, so rows are scaled by powers of two into [1, 2) before any product.
@@ -296,9 +305,9 @@ def _gram_config(r_pad: int, t_pad: int, fp64: bool, same: bool = True):
     The outer-product accumulator ``[R_PAD, T_PAD, BLOCK]`` is held in registers: about
     64 per thread at 4 warps. tl.dot operands are staged in shared memory: 16 KiB each.
     """
-    use_dot = (not fp64) and r_pad >= 16 and t_pad >= 16
+    use_dot = r_pad >= 16 and t_pad >= 16
     if use_dot:
-        block = 4096 // max(r_pad, t_pad)
+        block = (4096 if not fp64 else 2048) // max(r_pad, t_pad)
     else:
         per_col = r_pad * t_pad + (0 if same else r_pad + t_pad)   # accumulator (+ tiles of A, B)
         block = (_TILE_ELEMS // 2 if not fp64 else _TILE_ELEMS // 4) // per_col
