@@ -1,0 +1,293 @@
+"""Train-step time and peak memory: joint LoRA vs Ortho-LoRA loop vs Ortho-LoRA grouped.
+
+    python benchmarks/bench_train_step.py                       # CPU (and CUDA if present)
+    python benchmarks/bench_train_step.py --tasks 4 --batch 8 --device cpu --out results.json
+
+Model: a BERT-like encoder built from a config (4 layers, hidden 256, 4 heads, intermediate
+1024, vocab 2000, sequence length 32 by default), peft LoRA r=8 on query/value, one linear
+head per task on the CLS token. One optimizer step (AdamW) per measured step:
+
+* joint:   one forward/backward of ``sum_t mean-loss_t`` over the concatenated batch, plain
+           peft LoRA gradients (no projection): the cost floor;
+* loop:    per task a forward and a backward of its own batch (the paper's method, the fair
+           baseline), per-task gradients copied into the buffer, projection;
+* grouped: one forward and one backward over the concatenated batch, per-task LoRA weight
+           gradients as grouped products written into the buffer, projection.
+
+Timing: for each (T, batch) one subprocess builds a model per method (same weights) and
+runs their steps interleaved in a rotating order, ``--warmup`` rounds then ``--repeat``
+rounds, so that load changes on a shared machine hit every method alike. The step time is
+the median over rounds; "x joint" is the median over rounds of (method time / joint time
+of the same round).
+
+Peak memory: every (method, T, batch) runs ``warmup + 1`` steps in a fresh subprocess,
+starting after the model and optimizer are built (so optimizer-state creation and the
+``[T, N]`` buffer are included, identically for every method):
+
+* CUDA: ``torch.cuda.max_memory_allocated`` minus the allocation before the first step
+  (allocator-exact);
+* CPU: the process's peak resident set size minus the resident set before the first step.
+  The kernel's high-water mark (VmHWM) is reset right before the steps by writing 5 to
+  /proc/self/clear_refs, then read from /proc/self/status. This counts every page the
+  process touches (tensors, autograd state, Python objects), whichever allocator made it;
+  it is an estimate at page granularity and includes allocator caching effects.
+
+Ratios are against joint for the same (T, batch).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+
+METHODS = ("joint", "loop", "grouped")
+
+
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _reset_hwm() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def build(args, device):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from torch import nn
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=args.vocab, hidden_size=args.hidden, num_hidden_layers=args.layers,
+                     num_attention_heads=args.heads, intermediate_size=4 * args.hidden,
+                     max_position_embeddings=max(64, args.seq_len), hidden_dropout_prob=0.1,
+                     attention_probs_dropout_prob=0.1)
+    enc = get_peft_model(BertModel(cfg, add_pooling_layer=False),
+                         LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.1,
+                                    target_modules=list(args.targets)))
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc = enc
+            self.heads = nn.ModuleList(nn.Linear(args.hidden, 3) for _ in range(args.tasks))
+
+        def forward(self, ids, mask, task_ids, labels, num_tasks):
+            from ortholora_kernels import per_task_mean_loss
+            h = self.enc(input_ids=ids, attention_mask=mask).last_hidden_state[:, 0]
+            logits = torch.stack([hd(h) for hd in self.heads], 1)[torch.arange(h.shape[0], device=h.device), task_ids]
+            per_ex = nn.functional.cross_entropy(logits, labels, reduction="none")
+            return per_task_mean_loss(per_ex, task_ids, num_tasks)
+
+    net = Net().to(device)
+    net.train()
+    return net
+
+
+def make_step(args, method, device):
+    """A fresh model (same weights for every method) and a closure running one optimizer step."""
+    import torch
+    from ortholora_kernels import OrthoLoRA
+
+    net = build(args, device)
+    t, bs, L = args.tasks, args.batch, args.seq_len
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, args.vocab, (t * bs, L), generator=g).to(device)
+    mask = torch.ones(t * bs, L, dtype=torch.long, device=device)
+    labels = torch.randint(0, 3, (t * bs,), generator=g).to(device)
+    task_ids_cpu = torch.arange(t).repeat_interleave(bs)
+    task_ids = task_ids_cpu.to(device)
+    params = [p for p in net.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    ortho = None
+    if method != "joint":
+        ortho = OrthoLoRA(net.enc, t, granularity="ab", collect="loop" if method == "loop" else "grouped",
+                          seed=0, backend=args.backend)
+
+    def step():
+        if method == "joint":
+            net(ids, mask, task_ids, labels, t).sum().backward()
+        elif method == "grouped":
+            with ortho.record(task_ids_cpu):
+                net(ids, mask, task_ids, labels, t).sum().backward()
+            ortho.project_()
+        else:
+            for k in range(t):
+                sl = slice(k * bs, (k + 1) * bs)
+                with ortho.task(k):
+                    net(ids[sl], mask[sl], task_ids[sl], labels[sl], t)[k].backward()
+            ortho.project_()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def _sync(device):
+    import torch
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def worker_time(args) -> list[dict]:
+    """All methods in one process, steps interleaved (rotating order), so that load drift on
+    a shared machine hits every method alike. Ratios are medians of per-round ratios."""
+    import torch
+    device = torch.device(args.device)
+    steps = {m: make_step(args, m, device) for m in args.methods}
+    for _ in range(args.warmup):
+        for m in args.methods:
+            steps[m]()
+    _sync(device)
+    times = {m: [] for m in args.methods}
+    for rep in range(args.repeat):
+        order = args.methods[rep % len(args.methods):] + args.methods[:rep % len(args.methods)]
+        for m in order:
+            _sync(device)
+            t0 = time.perf_counter()
+            steps[m]()
+            _sync(device)
+            times[m].append(time.perf_counter() - t0)
+    out = []
+    for m in args.methods:
+        r = {"method": m, "device": args.device, "tasks": args.tasks, "batch": args.batch, "seq_len": args.seq_len,
+             "median_ms": 1e3 * statistics.median(times[m]), "min_ms": 1e3 * min(times[m]),
+             "threads": torch.get_num_threads()}
+        if "joint" in times:
+            r["time_vs_joint"] = statistics.median(a / b for a, b in zip(times[m], times["joint"]))
+        out.append(r)
+    return out
+
+
+def worker_mem(args) -> dict:
+    """Peak memory of ``warmup + 1`` steps of one method in a fresh process (see module doc)."""
+    import gc
+    import torch
+    device = torch.device(args.device)
+    step = make_step(args, args.method, device)
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        hwm_ok = _reset_hwm()
+        base = _status_kb("VmRSS") * 1024
+    for _ in range(max(args.warmup, 1) + 1):
+        step()
+    _sync(device)
+    if device.type == "cuda":
+        peak, kind = torch.cuda.max_memory_allocated() - base, "cuda max_memory_allocated delta"
+    else:
+        peak = _status_kb("VmHWM") * 1024 - base
+        kind = "cpu VmHWM-VmRSS delta" if hwm_ok else "cpu VmHWM-VmRSS delta (HWM NOT reset)"
+    return {"method": args.method, "peak_mib": peak / 2 ** 20, "mem": kind}
+
+
+def _run_worker(cmd):
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        print(r.stderr[-3000:], file=sys.stderr)
+        raise SystemExit(f"worker failed: {' '.join(cmd)}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--tasks", type=int, nargs="+", default=[2, 4, 8])
+    ap.add_argument("--batch", type=int, nargs="+", default=[8, 32], help="per-task batch sizes")
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    ap.add_argument("--device", nargs="+", default=None, help="default: cpu, plus cuda when available")
+    ap.add_argument("--seq-len", type=int, default=32)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--vocab", type=int, default=2000)
+    ap.add_argument("--rank", type=int, default=8)
+    ap.add_argument("--targets", nargs="+", default=["query", "value"])
+    ap.add_argument("--backend", default=None)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--repeat", type=int, default=7)
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads in the workers")
+    ap.add_argument("--out", default=None, help="write results to this .json or .csv")
+    ap.add_argument("--no-mem", action="store_true", help="skip the memory subprocesses")
+    ap.add_argument("--worker", choices=["time", "mem"], default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--method", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+
+    if args.worker:
+        import torch
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        args.tasks, args.batch, args.device = args.tasks[0], args.batch[0], args.device[0]
+        print(json.dumps(worker_time(args) if args.worker == "time" else worker_mem(args)))
+        return
+
+    devices = args.device
+    if devices is None:
+        import torch
+        devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    rows = []
+    passthrough = ["--seq-len", str(args.seq_len), "--layers", str(args.layers), "--hidden", str(args.hidden),
+                   "--heads", str(args.heads), "--vocab", str(args.vocab), "--rank", str(args.rank),
+                   "--warmup", str(args.warmup), "--repeat", str(args.repeat), "--targets", *args.targets]
+    if args.backend:
+        passthrough += ["--backend", args.backend]
+    if args.threads:
+        passthrough += ["--threads", str(args.threads)]
+    for dev in devices:
+        for t in args.tasks:
+            for bs in args.batch:
+                base = [sys.executable, os.path.abspath(__file__), "--tasks", str(t), "--batch", str(bs),
+                        "--device", dev, *passthrough]
+                res = _run_worker(base + ["--worker", "time", "--methods", *args.methods])
+                for r in res:
+                    if not args.no_mem:
+                        r.update(_run_worker(base + ["--worker", "mem", "--method", r["method"]]))
+                    rows.append(r)
+                    print(f"  done {dev} T={t} bs={bs} {r['method']}: {r['median_ms']:.1f} ms "
+                          f"{r.get('peak_mib', float('nan')):.1f} MiB", file=sys.stderr, flush=True)
+    joint = {(r["device"], r["tasks"], r["batch"]): r for r in rows if r["method"] == "joint"}
+    for r in rows:
+        j = joint.get((r["device"], r["tasks"], r["batch"]))
+        r.setdefault("time_vs_joint", float("nan"))
+        r.setdefault("peak_mib", float("nan"))
+        r["mem_vs_joint"] = r["peak_mib"] / j["peak_mib"] if j and j.get("peak_mib", 0) > 0 else float("nan")
+    hdr = f"{'device':6} {'T':>2} {'bs':>3} {'method':8} {'median ms':>10} {'x joint':>8} {'peak MiB':>9} {'x joint':>8}"
+    print(hdr)
+    print("-" * len(hdr))
+    for r in rows:
+        print(f"{r['device']:6} {r['tasks']:>2} {r['batch']:>3} {r['method']:8} {r['median_ms']:>10.1f} "
+              f"{r['time_vs_joint']:>8.3f} {r['peak_mib']:>9.1f} {r['mem_vs_joint']:>8.3f}")
+    if rows:
+        print(f"memory: {sorted(set(r.get('mem', 'not measured') for r in rows))}; x joint (time) = median of per-round ratios; "
+              f"seq_len={args.seq_len}, hidden={args.hidden}, layers={args.layers}, r={args.rank}, threads={rows[0]['threads']}")
+    if args.out:
+        if args.out.endswith(".csv"):
+            with open(args.out, "w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=list(rows[0]))
+                w.writeheader()
+                w.writerows(rows)
+        else:
+            with open(args.out, "w") as f:
+                json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
