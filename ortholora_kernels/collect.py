@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import types
+import weakref
 from typing import Sequence
 
 import torch
@@ -167,10 +168,17 @@ def _accumulate(dst: torch.Tensor, dy2: torch.Tensor, x2: torch.Tensor) -> None:
 
 
 class _Slot:
-    __slots__ = ("collector", "index")
+    """Where a patched module's weight gradient goes: a weak reference to its collector (a
+    collector that was garbage-collected without ``remove()`` leaves a plain linear layer)."""
+
+    __slots__ = ("_ref", "index")
 
     def __init__(self, collector, index):
-        self.collector, self.index = collector, index
+        self._ref, self.index = weakref.ref(collector), index
+
+    @property
+    def collector(self):
+        return self._ref()
 
 
 class _RoutedLinear(torch.autograd.Function):
@@ -188,14 +196,19 @@ class _RoutedLinear(torch.autograd.Function):
         dx = dy.matmul(w.to(dy.dtype)) if ctx.needs_input_grad[0] else None
         dw = None
         if ctx.needs_input_grad[1]:
-            dw = ctx.slot.collector._weight_grad(ctx.slot.index, x, dy, w)
+            col = ctx.slot.collector
+            if col is None:  # collector gone: ordinary gradient
+                dy2, x2 = dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1])
+                dw = dy2.t().mm(x2.to(dy2.dtype)).to(w.dtype)
+            else:
+                dw = col._weight_grad(ctx.slot.index, x, dy, w)
         return dx, dw, None
 
 
 def _routed_forward(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     slot = module._ortholora_slot
     w = module.weight
-    if not (torch.is_grad_enabled() and w.requires_grad):
+    if not (torch.is_grad_enabled() and w.requires_grad) or slot.collector is None:
         return F.linear(x, w, module.bias)
     dev = x.device.type
     if torch.is_autocast_enabled(dev) and x.is_floating_point():
@@ -240,6 +253,10 @@ class GroupedCollector:
             )
         for e in layout.entries:
             m = e.module
+            old = m.__dict__.get("_ortholora_slot")
+            if old is not None and old.collector is None:  # left by a collector that no longer exists
+                m.__dict__.pop("forward", None)
+                del m._ortholora_slot
             if "forward" in m.__dict__ or hasattr(m, "_ortholora_slot"):
                 raise RuntimeError(f"collect: the module of {e.name} already has a patched forward "
                                    "(another OrthoLoRA on the same model? call .remove() on it first)")

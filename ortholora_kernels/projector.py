@@ -246,8 +246,18 @@ class OrthoLoRA:
         return out
 
     def remove(self) -> None:
-        """Undo the forward patches of the grouped collector (the model is plain peft again)."""
+        """Undo the forward patches of the grouped collector (the model is plain peft again).
+
+        An OrthoLoRA that is garbage-collected without ``remove()`` leaves patched layers that
+        behave as plain linear layers, and a new OrthoLoRA may patch them again.
+        """
         self._collector.remove()
+
+    def __enter__(self) -> "OrthoLoRA":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
 
     def __repr__(self) -> str:
         return (f"OrthoLoRA(num_tasks={self.num_tasks}, granularity={self.granularity!r}, collect={self.collect!r}, "

@@ -322,3 +322,22 @@ def test_errors():
             pass
     with pytest.raises(RuntimeError, match="project_"):
         loop.project_()
+
+
+def test_dropped_projector_leaves_plain_layers_and_allows_a_new_one():
+    import gc
+    m = _model()
+    ref = copy.deepcopy(m)
+    ortho = OrthoLoRA(m, T)
+    del ortho
+    gc.collect()
+    b = make_batch([2, 2, 2])
+    task_losses(m, b).sum().backward()  # patched but orphaned: ordinary gradients
+    task_losses(ref, b).sum().backward()
+    for p, q in zip(_lora(m), _lora(ref)):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=1e-9)
+    with OrthoLoRA(m, T) as again:  # may patch again; removed on exit
+        with again.record(b["task_ids"]):
+            task_losses(m, b).sum().backward()
+        assert again.buffer.abs().sum() > 0
+    assert all("forward" not in e.module.__dict__ for e in again.layout.entries)
