@@ -102,7 +102,7 @@ class LoRALayout:
 
     # ------------------------------------------------------------------ factories
     @classmethod
-    def from_params(cls, entries: Iterable) -> "LoRALayout":
+    def from_params(cls, entries: Iterable, model: nn.Module | None = None) -> "LoRALayout":
         """Layout over explicitly given shared parameters.
 
         ``entries`` is an iterable of either
@@ -119,6 +119,10 @@ class LoRALayout:
         collector needs). Parameters with ``requires_grad=False`` (e.g. LoRI's frozen A)
         are skipped. The layout order is: A side before B side; within a side, layers in
         order of first appearance; within a layer, the given order.
+
+        ``model`` (optional): a parameter given bare that is the ``weight`` of an ``nn.Linear``
+        in ``model`` gets that module attached, so the grouped collector can be used (e.g.
+        MTL-LoRA's ``lora_A`` / ``lora_B[k]`` linears).
 
         Raises:
             ValueError: no trainable parameter, a bad ``side``, a parameter given twice.
@@ -141,6 +145,9 @@ class LoRALayout:
                 flat.append((str(layer), side, str(name), p))
             else:
                 raise TypeError(f"entries[{i}]: expected (name, A, B) or (layer_key, side, name, param), got {len(e)} items")
+        if model is not None:
+            linears = {id(m.weight): m for m in model.modules() if isinstance(m, nn.Linear)}
+            flat = [(l, s, n, linears.get(id(p), p) if isinstance(p, torch.Tensor) else p) for l, s, n, p in flat]
         return cls._build(flat)
 
     @classmethod
