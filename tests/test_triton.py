@@ -191,33 +191,45 @@ def test_opcheck():
 
 
 @interpreter
-@pytest.mark.parametrize("fused", [True, False])
-def test_fused_and_unfused_stage2_agree(monkeypatch, fused):
+@pytest.mark.parametrize("fused,group,target", [(True, 16, 3), (True, 2, 10_000), (True, 1, 10_000),
+                                                (False, 16, 10_000)])
+def test_fused_and_unfused_stage2_agree(monkeypatch, fused, group, target):
+    """Both levels of the ticket tree (groups of chunks, then segments) and the unfused path."""
     impl = _impl()
-    monkeypatch.setattr(impl, "_TARGET_PROGRAMS", 3)
+    monkeypatch.setattr(impl, "_TARGET_PROGRAMS", target)
+    monkeypatch.setattr(impl, "_GROUP", group)
     monkeypatch.setattr(impl, "_FUSED", fused)
     x = make_grads(5, 3000, seed=85, shared=-0.6)
     segs = [0, 1, 900, 3000]
     order = random_order(5, 3, seed=86)
+    seg = ok._args.segments_for(segs, 3000)
+    seg._device_cache.clear()          # tables depend on the patched constants
     r = _project(x, segs, order=order, reduction="mean", return_stats=True)
     assert_matches_reference(r.output, x, segs, order=order, reduction="mean")
     ref = reference.project(x, segs, order=order, return_stats=True)
     torch.testing.assert_close(r.gram, ref.gram, rtol=1e-6, atol=1e-6 * float(ref.gram.abs().max()))
-    seg = ok._args.segments_for(segs, 3000)
+    torch.testing.assert_close(r.coeffs, ref.coeffs, rtol=1e-5, atol=1e-6)
     tickets = [v[1] for k, v in seg._device_cache.items() if k[0] == "triton_ws"]
     assert tickets and all(int(tk.abs().sum()) == 0 for tk in tickets)   # reset for the next call
+    again = _project(x, segs, order=order, reduction="mean", return_stats=True)
+    assert torch.equal(again.output, r.output) and torch.equal(again.gram, r.gram)
+    seg._device_cache.clear()
 
 
 @interpreter
-def test_layout_tables_are_cached():
-    """Per-call host work does not grow with N: the chunk table is built once per layout."""
+def test_layout_tables_are_cached(monkeypatch):
+    """Per-call host work does not grow with N: the chunk tables are built once per layout."""
     impl = _impl()
+    monkeypatch.setattr(impl, "_GROUP", 4)
     seg = ok._args.segments_for([0, 100, 3000], 3000)
-    first = impl._table(seg, torch.device("cpu"), 256, True)
-    assert impl._table(seg, torch.device("cpu"), 256, True) is first
-    table, chunk_off, n_prog = first
-    assert chunk_off.tolist() == [0, 1, 13] and n_prog == 13     # chunks never straddle segments
-    assert table[1].tolist() == [1, 100, 356] and table[-1].tolist() == [1, 2916, 3000]
+    seg._device_cache.clear()
+    lay = impl._table(seg, torch.device("cpu"), 256, True)
+    assert impl._table(seg, torch.device("cpu"), 256, True) is lay
+    assert lay.chunk_off.tolist() == [0, 1, 13] and lay.n_prog == 13     # chunks never straddle segments
+    assert lay.table[1].tolist() == [1, 100, 356, 1] and lay.table[-1].tolist() == [1, 2916, 3000, 3]
+    assert lay.group_off.tolist() == [0, 1, 5, 9, 13] and lay.seg_group_off.tolist() == [0, 1, 4]
+    assert [int(v) for v in lay.table[:, 3]] == [0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3]
+    seg._device_cache.clear()
 
 
 def test_cpu_without_interpreter_raises(monkeypatch):

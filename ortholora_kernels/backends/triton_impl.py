@@ -52,7 +52,8 @@ except Exception as exc:  # pragma: no cover - depends on the environment
 _TILE_ELEMS = 16384
 _MAX_CHUNK_BLOCKS = 16     # tiles per Gram program on large N (fewer fp64 partials)
 _TARGET_PROGRAMS = 1024    # enough programs to fill a large GPU before chunking
-_REDUCE_ELEMS = 1024
+_REDUCE_ELEMS = 2048       # fp64 elements per step of a partial sum (16 per thread)
+_GROUP = 16                # chunks per first-level group of the fused reduction
 _FUSED = True              # stage 2 in the tail of the Gram launch (False: its own launch)
 
 
@@ -94,20 +95,23 @@ if triton is not None:
 
     @triton.jit
     def _gram_kernel(a_ptr, b_ptr, part_ptr, table_ptr, N, R, T,
-                     chunk_off_ptr, counter_ptr, g_ptr, order_ptr, c_ptr, w_ptr, nproj_ptr,
+                     group_off_ptr, seg_group_off_ptr, gpart_ptr, gticket_ptr, sticket_ptr,
+                     g_ptr, order_ptr, c_ptr, w_ptr, nproj_ptr,
                      R_PAD: tl.constexpr, T_PAD: tl.constexpr, BLOCK: tl.constexpr,
                      SAME: tl.constexpr, FP64: tl.constexpr, USE_DOT: tl.constexpr,
                      FUSED: tl.constexpr, RB: tl.constexpr, SOLVE: tl.constexpr,
-                     MEAN: tl.constexpr, NONE: tl.constexpr):
+                     MEAN: tl.constexpr, NONE: tl.constexpr, REG_SOLVE: tl.constexpr):
         """Partial ``A_c B_c^T`` (fp64 ``[R_PAD, T_PAD]``) of chunk ``c = program_id``.
 
-        FUSED: the last program to finish a segment (an atomic ticket per segment) runs
-        :func:`_finish` for it, so stage 2 needs no launch of its own. Which program is
-        last varies; the fixed-order sum it runs does not, so results stay bitwise equal.
+        FUSED: a two-level ticket tree replaces the stage-2 launch. The last program to
+        finish a *group* of chunks sums the group's partials; the last group of a
+        segment sums the group sums and runs the solve (:func:`_finish`). Two short
+        fixed-order sums keep the serial tail short, and whichever program comes last,
+        the order of every sum is the same: results are bitwise equal run after run.
         """
         pid = tl.program_id(0)
-        start = tl.load(table_ptr + pid * 3 + 1)
-        end = tl.load(table_ptr + pid * 3 + 2)
+        start = tl.load(table_ptr + pid * 4 + 1)
+        end = tl.load(table_ptr + pid * 4 + 2)
         ra = tl.arange(0, R_PAD)
         rb = tl.arange(0, T_PAD)
         cols = tl.arange(0, BLOCK)
@@ -180,51 +184,78 @@ if triton is not None:
         flat = ra[:, None] * T_PAD + rb[None, :]
         tl.store(part_ptr + pid.to(tl.int64) * (R_PAD * T_PAD) + flat, acc)
         if FUSED:
-            s = tl.load(table_ptr + pid * 3)
-            lo = tl.load(chunk_off_ptr + s)
-            hi = tl.load(chunk_off_ptr + s + 1)
+            grp = tl.load(table_ptr + pid * 4 + 3)
+            glo = tl.load(group_off_ptr + grp)
+            ghi = tl.load(group_off_ptr + grp + 1)
             tl.debug_barrier()  # every thread's partial is stored before the release below
-            ticket = tl.atomic_add(counter_ptr + s, 1, sem="acq_rel")
-            if ticket == hi - lo - 1:
-                # Reset for the next call (the kernel boundary orders it): no memset launch.
-                tl.store(counter_ptr + s, 0)
-                _finish(part_ptr, lo, hi, s, g_ptr, order_ptr, c_ptr, w_ptr, nproj_ptr, R, T,
-                        R_PAD, T_PAD, RB, SOLVE, MEAN, NONE)
+            ticket = tl.atomic_add(gticket_ptr + grp, 1, sem="acq_rel")
+            if ticket == ghi - glo - 1:              # last chunk of its group to finish
+                tl.store(gticket_ptr + grp, 0)       # reset for the next call: no memset launch
+                gsum = _sum_partials(part_ptr, glo, ghi, R_PAD, T_PAD, RB)
+                tl.store(gpart_ptr + grp.to(tl.int64) * (R_PAD * T_PAD) + flat, gsum)
+                s = tl.load(table_ptr + pid * 4)
+                slo = tl.load(seg_group_off_ptr + s)
+                shi = tl.load(seg_group_off_ptr + s + 1)
+                tl.debug_barrier()
+                ticket2 = tl.atomic_add(sticket_ptr + s, 1, sem="acq_rel")
+                if ticket2 == shi - slo - 1:         # last group of its segment
+                    tl.store(sticket_ptr + s, 0)
+                    _finish(gpart_ptr, slo, shi, s, g_ptr, order_ptr, c_ptr, w_ptr, nproj_ptr, R, T,
+                            R_PAD, T_PAD, RB, SOLVE, MEAN, NONE, REG_SOLVE)
+
+    @triton.jit
+    def _sum_partials(part_ptr, lo, hi, R_PAD: tl.constexpr, T_PAD: tl.constexpr, RB: tl.constexpr):
+        """``sum(part[lo:hi])`` as fp64 ``[R_PAD, T_PAD]``, in a fixed order."""
+        i = tl.arange(0, RB)
+        r = tl.arange(0, R_PAD)
+        k = tl.arange(0, T_PAD)
+        flat = (r[:, None] * T_PAD + k[None, :])[None, :, :]
+        acc = tl.zeros([R_PAD, T_PAD], dtype=tl.float64)
+        for p0 in range(lo, hi, RB):
+            p = p0 + i
+            # .cg: partials written by other programs of this launch must not come from L1
+            tile = tl.load(part_ptr + p.to(tl.int64)[:, None, None] * (R_PAD * T_PAD) + flat,
+                           mask=(p < hi)[:, None, None], other=0.0, cache_modifier=".cg")
+            acc += tl.sum(tile, axis=0)
+        return acc
 
     @triton.jit
     def _finish(part_ptr, lo, hi, s, g_ptr, order_ptr, c_ptr, w_ptr, nproj_ptr, R, T,
                 R_PAD: tl.constexpr, T_PAD: tl.constexpr, RB: tl.constexpr,
-                SOLVE: tl.constexpr, MEAN: tl.constexpr, NONE: tl.constexpr):
-        """Segment ``s``: fixed-order fp64 sum of partials ``lo..hi`` -> ``G``; then (SOLVE)
-        the sequential projection -> C, W, nproj. Same order every run: bitwise reproducible.
+                SOLVE: tl.constexpr, MEAN: tl.constexpr, NONE: tl.constexpr, REG_SOLVE: tl.constexpr):
+        """Segment ``s``: ``G = sum(part[lo:hi])`` (fixed order, fp64); then (SOLVE) the
+        sequential projection -> C, W, nproj.
         """
-        flat = tl.arange(0, R_PAD * T_PAD)
-        rb = tl.arange(0, RB)
-        acc = tl.zeros([R_PAD * T_PAD], dtype=tl.float64)
-        for p0 in range(lo, hi, RB):
-            p = p0 + rb
-            # .cg: partials written by other programs of this launch must not come from L1
-            tile = tl.load(part_ptr + p.to(tl.int64)[:, None] * (R_PAD * T_PAD) + flat[None, :],
-                           mask=(p < hi)[:, None], other=0.0, cache_modifier=".cg")
-            acc += tl.sum(tile, axis=0)
-        r = flat // T_PAD
-        k = flat % T_PAD
+        g = _sum_partials(part_ptr, lo, hi, R_PAD, T_PAD, RB)
+        r = tl.arange(0, R_PAD)
+        col = tl.arange(0, T_PAD)
         g_seg = g_ptr + s.to(tl.int64) * R * T
-        tl.store(g_seg + r * T + k, acc, mask=(r < R) & (k < T))
-        if SOLVE:  # R == T here
-            tl.debug_barrier()  # G is re-read below by other threads of this program
-            i = tl.arange(0, T_PAD)
-            col = tl.arange(0, T_PAD)
+        tl.store(g_seg + r[:, None] * T + col[None, :], g, mask=(r[:, None] < R) & (col[None, :] < T))
+        if SOLVE:  # R == T, R_PAD == T_PAD here
+            i = r
             live = i < T
             cmask = col[None, :] < T
             coeffs = (i[:, None] == col[None, :]).to(tl.float64)   # g_i' = sum_k C[i, k] g_k
             count = tl.zeros([T_PAD], dtype=tl.int32)
             o_seg = order_ptr + s.to(tl.int64) * T * T
+            if REG_SOLVE:
+                # Small T: G and the orders stay in registers; rows G[j_i] are gathered with
+                # one-hot products, so no step waits on a memory round trip.
+                orders = tl.load(o_seg + i[:, None] * T + col[None, :], mask=live[:, None] & cmask, other=0)
+                diag = tl.sum(tl.where(i[:, None] == col[None, :], g, 0.0), axis=1)
+            else:
+                tl.debug_barrier()  # G is re-read below by other threads of this program
             for step in range(0, T):   # every task i visits j = order[s, i, step] at once
-                j = tl.load(o_seg + i * T + step, mask=live, other=0)
-                g_j = tl.load(g_seg + j[:, None] * T + col[None, :], mask=live[:, None] & cmask, other=0.0)
+                if REG_SOLVE:
+                    j = tl.sum(tl.where(col[None, :] == step, orders, 0), axis=1)
+                    onehot = (j[:, None] == col[None, :]).to(tl.float64)            # [i, q]
+                    g_j = tl.sum(onehot[:, :, None] * g[None, :, :], axis=1)         # G[j_i, :]
+                    norm2 = tl.sum(onehot * diag[None, :], axis=1)
+                else:
+                    j = tl.load(o_seg + i * T + step, mask=live, other=0)
+                    g_j = tl.load(g_seg + j[:, None] * T + col[None, :], mask=live[:, None] & cmask, other=0.0)
+                    norm2 = tl.load(g_seg + j * (T + 1), mask=live, other=0.0)
                 inner = tl.sum(coeffs * g_j, axis=1)                 # g_i' . g_j
-                norm2 = tl.load(g_seg + j * (T + 1), mask=live, other=0.0)
                 valid = live & (j != i) & (norm2 > 0)                # never divide by a zero task
                 safe = tl.where(valid, norm2, 1.0)
                 # min(inner, 0) written so a NaN inner stays NaN (propagates, never zeroed)
@@ -243,13 +274,14 @@ if triton is not None:
     @triton.jit
     def _reduce_solve_kernel(part_ptr, chunk_off_ptr, g_ptr, order_ptr, c_ptr, w_ptr, nproj_ptr, R, T,
                              R_PAD: tl.constexpr, T_PAD: tl.constexpr, RB: tl.constexpr,
-                             SOLVE: tl.constexpr, MEAN: tl.constexpr, NONE: tl.constexpr):
+                             SOLVE: tl.constexpr, MEAN: tl.constexpr, NONE: tl.constexpr,
+                             REG_SOLVE: tl.constexpr):
         """Unfused stage 2 (``_FUSED = False``): one program per segment."""
         s = tl.program_id(0)
         lo = tl.load(chunk_off_ptr + s)
         hi = tl.load(chunk_off_ptr + s + 1)
         _finish(part_ptr, lo, hi, s, g_ptr, order_ptr, c_ptr, w_ptr, nproj_ptr, R, T,
-                R_PAD, T_PAD, RB, SOLVE, MEAN, NONE)
+                R_PAD, T_PAD, RB, SOLVE, MEAN, NONE, REG_SOLVE)
 
     @triton.jit
     def _combine_kernel(table_ptr, x_ptr, K1, a_ptr, a_ss, a_sr, a_sk,
@@ -261,9 +293,9 @@ if triton is not None:
         ``A``/``B`` are read through strides so a transpose costs nothing.
         """
         pid = tl.program_id(0)
-        s = tl.load(table_ptr + pid * 3)
-        start = tl.load(table_ptr + pid * 3 + 1)
-        end = tl.load(table_ptr + pid * 3 + 2)
+        s = tl.load(table_ptr + pid * 4)
+        start = tl.load(table_ptr + pid * 4 + 1)
+        end = tl.load(table_ptr + pid * 4 + 2)
         r = tl.arange(0, R_PAD)
         c = start + tl.arange(0, BLOCK)
         cm = c < end
@@ -315,41 +347,60 @@ def _gram_config(r_pad: int, t_pad: int, fp64: bool, same: bool = True):
     return max(16, min(2048, block)), use_dot
 
 
-def _table(seg: Segments, device: torch.device, block: int, chunked: bool):
-    """``(table int64 [P, 3] = (segment, start, end), chunk offsets int64 [S + 1], P)``.
+class _Layout:
+    """Device tables of one layout for one chunk span (built once, cached on the Segments).
 
-    Built once per (layout, device, block) and cached on ``seg``: per-call host work
-    does not grow with N. Chunks never straddle a segment.
+    ``table`` int64 ``[P, 4]``: per program (segment, start, end, group); chunks never
+    straddle a segment. ``chunk_off [S + 1]``: chunks of each segment. ``group_off
+    [G + 1]``: chunks of each group (``_GROUP`` consecutive chunks of one segment).
+    ``seg_group_off [S + 1]``: groups of each segment.
+    """
+
+    def __init__(self, seg: Segments, device: torch.device, span: int):
+        rows, chunk_off, group_off, seg_group_off = [], [0], [0], [0]
+        for s, (lo, hi) in enumerate(zip(seg.offsets, seg.offsets[1:])):
+            first = len(rows)
+            for a in range(lo, hi, span):
+                rows.append((s, a, min(a + span, hi), len(group_off) - 1 + (len(rows) - first) // _GROUP))
+            chunk_off.append(len(rows))
+            group_off.extend(range(first + _GROUP, len(rows), _GROUP))
+            group_off.append(len(rows))
+            seg_group_off.append(len(group_off) - 1)
+
+        def dev(v):
+            return torch.tensor(v, dtype=torch.int64, device=device)
+        self.table, self.chunk_off = dev(rows), dev(chunk_off)
+        self.group_off, self.seg_group_off = dev(group_off), dev(seg_group_off)
+        self.n_prog, self.n_groups = len(rows), len(group_off) - 1
+
+
+def _table(seg: Segments, device: torch.device, block: int, chunked: bool) -> _Layout:
+    """The cached :class:`_Layout` for ``block``-column tiles (``chunked``: several per program).
+
+    Per-call host work does not grow with N: this runs once per (layout, device, span).
     """
     per = 1
     if chunked:  # enough programs to fill the GPU first, then fewer, longer ones
         n_blocks = -(-seg.numel // block) + seg.num_segments
         per = min(_MAX_CHUNK_BLOCKS, max(1, -(-n_blocks // _TARGET_PROGRAMS)))
     span = per * block
-
-    def build():
-        rows, offs = [], [0]
-        for s, (lo, hi) in enumerate(zip(seg.offsets, seg.offsets[1:])):
-            rows.extend((s, a, min(a + span, hi)) for a in range(lo, hi, span))
-            offs.append(len(rows))
-        table = torch.tensor(rows, dtype=torch.int64, device=device)
-        return table, torch.tensor(offs, dtype=torch.int64, device=device), len(rows)
-    return seg.cached(("triton_table", torch.device(device), span), build)
+    return seg.cached(("triton_table", device, span), lambda: _Layout(seg, device, span))
 
 
-def _workspace(seg: Segments, device: torch.device, n_prog: int, tile: int):
-    """``(partials fp64 [P, tile], tickets int32 [S])``, cached per layout, device and stream.
+def _workspace(seg: Segments, lay: _Layout, device: torch.device, tile: int):
+    """``(partials fp64 [P + G, tile], tickets int32 [G + S])``, cached per layout, device, stream.
 
-    The tickets return to zero at the end of every fused launch, so no memset is needed
-    and a CUDA graph can replay the call. One set per stream: launches on different
-    streams never share tickets or partials.
+    Rows ``P:`` of the partials hold the group sums; tickets ``:G`` count finished chunks
+    per group, ``G:`` finished groups per segment. The tickets return to zero at the end
+    of every fused launch: no memset, and a CUDA graph can replay the call. One set per
+    stream, so launches on different streams never share tickets or partials.
     """
     stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else None
 
     def build():
-        return (torch.empty((n_prog, tile), dtype=torch.float64, device=device),
-                torch.zeros((seg.num_segments,), dtype=torch.int32, device=device))
-    return seg.cached(("triton_ws", device, stream, n_prog, tile), build)
+        return (torch.empty((lay.n_prog + lay.n_groups, tile), dtype=torch.float64, device=device),
+                torch.zeros((lay.n_groups + seg.num_segments,), dtype=torch.int32, device=device))
+    return seg.cached(("triton_ws", device, stream, lay.n_prog, tile), build)
 
 
 def _gram(a: torch.Tensor, b: torch.Tensor | None, seg: Segments, *, order=None, reduction="sum"):
@@ -367,8 +418,8 @@ def _gram(a: torch.Tensor, b: torch.Tensor | None, seg: Segments, *, order=None,
     fp64 = a.dtype == torch.float64 or b.dtype == torch.float64
     r_pad, t_pad = _pow2(r), _pow2(t)
     block, use_dot = _gram_config(r_pad, t_pad, fp64, same)
-    table, chunk_off, n_prog = _table(seg, dev, block, True)
-    parts, tickets = _workspace(seg, dev, n_prog, r_pad * t_pad)
+    lay = _table(seg, dev, block, True)
+    parts, tickets = _workspace(seg, lay, dev, r_pad * t_pad)
     g = torch.empty((s_count, r, t), dtype=torch.float64, device=dev)
     if same:
         c = torch.empty_like(g)
@@ -379,13 +430,15 @@ def _gram(a: torch.Tensor, b: torch.Tensor | None, seg: Segments, *, order=None,
         c = w = order = g
         nproj = tickets
     rb = max(1, _REDUCE_ELEMS // (r_pad * t_pad))
-    flags = dict(RB=rb, SOLVE=same, MEAN=reduction == "mean", NONE=reduction == "none")
+    flags = dict(RB=rb, SOLVE=same, MEAN=reduction == "mean", NONE=reduction == "none",
+                 REG_SOLVE=t_pad <= 16)
     warps = 8 if t_pad >= 32 else 4
-    _gram_kernel[(n_prog,)](a, b, parts, table, n, r, t, chunk_off, tickets, g, order, c, w, nproj,
-                            R_PAD=r_pad, T_PAD=t_pad, BLOCK=block, SAME=same, FP64=fp64,
-                            USE_DOT=use_dot, FUSED=_FUSED, num_warps=warps, **flags)
+    _gram_kernel[(lay.n_prog,)](a, b, parts, lay.table, n, r, t, lay.group_off, lay.seg_group_off,
+                                parts[lay.n_prog:], tickets, tickets[lay.n_groups:], g, order, c, w, nproj,
+                                R_PAD=r_pad, T_PAD=t_pad, BLOCK=block, SAME=same, FP64=fp64,
+                                USE_DOT=use_dot, FUSED=_FUSED, num_warps=warps, **flags)
     if not _FUSED:
-        _reduce_solve_kernel[(s_count,)](parts, chunk_off, g, order, c, w, nproj, r, t,
+        _reduce_solve_kernel[(s_count,)](parts, lay.chunk_off, g, order, c, w, nproj, r, t,
                                          R_PAD=r_pad, T_PAD=t_pad, num_warps=warps, **flags)
     return (g, c, w, nproj) if same else (g, None, None, None)
 
@@ -400,11 +453,11 @@ def _combine(seg: Segments, x, a, y=None, b=None, out_rows=1, out_dtype=None):
     """Launch kernel 3: ``out [R, N] = A_s X_s (+ B_s Y_s)``; ``A``, ``B`` strided ``[S, R, K]``."""
     n = x.shape[1]
     r_pad, block = _combine_config(out_rows)
-    table, _, n_prog = _table(seg, x.device, block, False)
+    lay = _table(seg, x.device, block, False)
     out = torch.empty((out_rows, n), dtype=out_dtype or x.dtype, device=x.device)
     has_y = y is not None
     y_, b_ = (y, b) if has_y else (x, a)
-    _combine_kernel[(n_prog,)](table, x, x.shape[0], a, *a.stride(), y_, y_.shape[0], b_, *b_.stride(),
+    _combine_kernel[(lay.n_prog,)](lay.table, x, x.shape[0], a, *a.stride(), y_, y_.shape[0], b_, *b_.stride(),
                                out, n, out_rows, R_PAD=r_pad, BLOCK=block, HAS_Y=has_y,
                                FP64=x.dtype == torch.float64)
     return out
