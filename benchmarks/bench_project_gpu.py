@@ -9,6 +9,7 @@ L2 flushed between calls):
 
 - ``triton``: ``project(x, order=order, backend="triton")``, eager (what a training loop pays);
 - ``triton graph``: the same call replayed from a CUDA graph (GPU time without launch cost);
+- ``triton kernels``: the backend's ``forward`` alone (no validation, no dispatcher);
 - ``torch``: ``backend="torch"``;
 - ``per-pair loop``: the common PCGrad loop (one host sync per pair);
 - ``torchjd PCGrad``: TorchJD's aggregator, or a "skipped: torchjd not installed" row.
@@ -112,6 +113,11 @@ def candidates(x: torch.Tensor, order: torch.Tensor):
         tri = lambda: ok.project(x, order=order, backend="triton")  # noqa: E731
         out.append(("triton", tri, ""))
         out.append(("triton graph", "graph", ""))
+        # The backend's forward alone (no op validation or dispatcher): the launch floor.
+        impl = ok.backends.get("triton")
+        seg = ok._args.segments_for(None, x.shape[1])
+        order3 = order.unsqueeze(0).contiguous()
+        out.append(("triton kernels", lambda: impl.forward(x, seg, order3, "sum")[0], ""))
     else:
         out.append(("triton", None, f"skipped: {reason}"))
     out.append(("torch", lambda: ok.project(x, order=order, backend="torch"), ""))
