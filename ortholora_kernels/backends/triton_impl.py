@@ -429,7 +429,7 @@ def _gram(a: torch.Tensor, b: torch.Tensor | None, seg: Segments, *, order=None,
     else:  # unused pointers: any tensor will do
         c = w = order = g
         nproj = tickets
-    rb = max(1, _REDUCE_ELEMS // (r_pad * t_pad))
+    rb = max(1, min(64, _REDUCE_ELEMS // (r_pad * t_pad)))   # level 2 sums <= 1024 / _GROUP rows
     flags = dict(RB=rb, SOLVE=same, MEAN=reduction == "mean", NONE=reduction == "none",
                  REG_SOLVE=t_pad <= 16)
     warps = 8 if t_pad >= 32 else 4
