@@ -153,6 +153,20 @@ def test_nan_and_inf_propagate():
 
 
 @interpreter
+@pytest.mark.parametrize("t", [3, 17])
+def test_nan_stays_in_its_segment(t):
+    """A NaN poisons its own segment's output, never silently zeroed, never another segment."""
+    x = make_grads(t, 120, seed=78, shared=-0.5)
+    x[1, 5] = float("nan")
+    segs = [0, 40, 120]
+    order = random_order(t, 2, seed=79)
+    out = _project(x, segs, order=order)
+    ref = reference.project(x, segs, order=order)
+    assert torch.isnan(out[torch.isnan(ref)]).all()
+    assert_matches_reference(out[40:], x[:, 40:], order=order[1], reduction="sum")
+
+
+@interpreter
 def test_single_task_unchanged_and_noncontiguous_copied():
     x = make_grads(1, 513, seed=75)
     for reduction, expect in [("sum", x[0]), ("mean", x[0]), ("none", x)]:

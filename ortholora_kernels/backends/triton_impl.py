@@ -248,9 +248,10 @@ if triton is not None:
             for step in range(0, T):   # every task i visits j = order[s, i, step] at once
                 if REG_SOLVE:
                     j = tl.sum(tl.where(col[None, :] == step, orders, 0), axis=1)
-                    onehot = (j[:, None] == col[None, :]).to(tl.float64)            # [i, q]
-                    g_j = tl.sum(onehot[:, :, None] * g[None, :, :], axis=1)         # G[j_i, :]
-                    norm2 = tl.sum(onehot * diag[None, :], axis=1)
+                    # where, not a 0/1 product: a NaN in another row must not leak in
+                    pick = j[:, None] == col[None, :]                                # [i, q]
+                    g_j = tl.sum(tl.where(pick[:, :, None], g[None, :, :], 0.0), axis=1)  # G[j_i, :]
+                    norm2 = tl.sum(tl.where(pick, diag[None, :], 0.0), axis=1)
                 else:
                     j = tl.load(o_seg + i * T + step, mask=live, other=0)
                     g_j = tl.load(g_seg + j[:, None] * T + col[None, :], mask=live[:, None] & cmask, other=0.0)
@@ -260,7 +261,7 @@ if triton is not None:
                 safe = tl.where(valid, norm2, 1.0)
                 # min(inner, 0) written so a NaN inner stays NaN (propagates, never zeroed)
                 coef = tl.where(valid, tl.where(inner > 0, 0.0, inner) / safe, 0.0)
-                coeffs -= coef[:, None] * (col[None, :] == j[:, None]).to(tl.float64)
+                coeffs = tl.where(col[None, :] == j[:, None], coeffs - coef[:, None], coeffs)
                 count += (valid & (inner < 0)).to(tl.int32)
             tl.store(c_ptr + s.to(tl.int64) * T * T + i[:, None] * T + col[None, :], coeffs,
                      mask=live[:, None] & cmask)
