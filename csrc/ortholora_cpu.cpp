@@ -80,8 +80,10 @@ template <class S_>
 void segment_combine(const S_* s1, int64_t k1, const S_* m1, const S_* s2, int64_t k2, const S_* m2,
                      int64_t rout, int64_t N, const Pieces& P, S_* out) {
   const cpu::KernelTable& K = cpu::active_table();
+  // Each thread walks its chunks backwards: the ones the Gram pass read last are still
+  // in its L2. (Which thread writes which column never changes the values.)
   at::parallel_for(0, P.nchunks, 1, [&](int64_t b, int64_t e) {
-    for (int64_t q = P.chunk_first[b]; q < P.chunk_first[e]; ++q) {
+    for (int64_t q = P.chunk_first[e] - 1; q >= P.chunk_first[b]; --q) {
       const int64_t s = P.seg[q];
       const S_* w1 = m1 + s * rout * k1;
       const S_* w2 = k2 ? m2 + s * rout * k2 : nullptr;

@@ -5,6 +5,10 @@
 #include "kernels_api.h"
 
 #if defined(ORTHOLORA_X86_DISPATCH)
+#include <immintrin.h>
+#endif
+
+#if defined(ORTHOLORA_X86_DISPATCH)
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 namespace ortholora {
