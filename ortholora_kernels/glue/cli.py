@@ -53,7 +53,7 @@ def _add_train_options(p, demo=False):
                    help="keep a seeded random subset of N training examples per task (default: all)")
     g.add_argument("--max-eval-samples", type=_int_or_none, default=None,
                    help="keep a seeded random subset of N examples per evaluation split (default: all)")
-    g.add_argument("--max-length", type=int, default=128, help="max tokens per (pair) example; longer ones are "
+    g.add_argument("--max-length", type=int, default=64 if demo else 128, help="max tokens per (pair) example; longer ones are "
                    "truncated, batches are padded dynamically to their longest (default: %(default)s)")
     g.add_argument("--cache-dir", default=None, help="datasets cache directory for hub downloads")
 
@@ -65,6 +65,9 @@ def _add_train_options(p, demo=False):
         g.add_argument("--tiny", action="store_true", help="shorthand for --model tiny-roberta")
     g.add_argument("--tiny-hidden", type=int, default=32, help="tiny-roberta hidden size (default: %(default)s)")
     g.add_argument("--tiny-layers", type=int, default=2, help="tiny-roberta layers (default: %(default)s)")
+    g.add_argument("--pooling", default="mean" if demo else "cls", choices=["cls", "mean"],
+                   help="head input: the first token (<s>, RoBERTa's classification head) or the mean over the "
+                        "tokens (default: %(default)s)")
     g.add_argument("--lora-r", type=int, default=8, help="LoRA rank (paper: 8) (default: %(default)s)")
     g.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA alpha (default: %(default)s)")
     g.add_argument("--lora-dropout", type=float, default=0.1, help="LoRA dropout (default: %(default)s)")
@@ -88,7 +91,8 @@ def _add_train_options(p, demo=False):
     g = p.add_argument_group("optimisation")
     g.add_argument("--batch-size", type=int, default=16, help="examples per task per step (default: %(default)s)")
     g.add_argument("--eval-batch-size", type=int, default=64, help="evaluation batch size (default: %(default)s)")
-    g.add_argument("--lr", type=float, default=5e-4, help="AdamW learning rate (default: %(default)s)")
+    g.add_argument("--lr", type=float, default=2e-3 if demo else 5e-4,
+                   help="AdamW learning rate (default: %(default)s)")
     g.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (default: %(default)s)")
     g.add_argument("--warmup-ratio", type=float, default=0.06,
                    help="linear warm-up over this fraction of the steps, then linear decay (default: %(default)s)")
@@ -164,7 +168,7 @@ def _config_from_args(a, **over):
     cfg = TrainConfig(
         tasks=[x.strip() for x in a.tasks.split(",") if x.strip()], method=getattr(a, "method", "ortho"),
         out=a.out, data_dir=getattr(a, "data_dir", None), synthetic=getattr(a, "synthetic", False), model=model,
-        tiny_hidden=a.tiny_hidden, tiny_layers=a.tiny_layers, max_length=a.max_length, lora_r=a.lora_r,
+        tiny_hidden=a.tiny_hidden, tiny_layers=a.tiny_layers, pooling=a.pooling, max_length=a.max_length, lora_r=a.lora_r,
         lora_alpha=a.lora_alpha, lora_dropout=a.lora_dropout,
         lora_target_modules=[x.strip() for x in a.lora_target_modules.split(",") if x.strip()],
         batch_size=a.batch_size, eval_batch_size=a.eval_batch_size, lr=a.lr, weight_decay=a.weight_decay,

@@ -244,81 +244,95 @@ SYNTHETIC_TASKS = ("sst2", "cola", "mrpc", "stsb", "rte")
 
 _POS = ["good", "great", "fine", "happy", "nice", "superb", "lovely", "bright"]
 _NEG = ["bad", "awful", "poor", "sad", "ugly", "grim", "dull", "nasty"]
-_NOUNS = ["cat", "dog", "bird", "house", "tree", "car", "river", "book", "song", "city", "road", "lamp"]
+_ANIMALS = ["cat", "dog", "bird", "horse", "fish", "mouse", "lion", "goat"]
+_THINGS = ["house", "tree", "car", "river", "book", "song", "city", "lamp"]
 _VERBS = ["sees", "likes", "finds", "takes", "makes", "holds", "moves", "hears"]
 _FILL = ["the", "a", "this", "that", "very", "quite", "some", "one"]
+_ERR = ["wugs", "blick", "zorp", "gleeb"]      # "ungrammatical" tokens (synthetic CoLA)
+_NOT = ["not", "never", "no"]                  # negations (synthetic RTE)
 
 
-def _sentence(rng: random.Random, n_words: int, sentiment_bias: float = 0.0):
-    """Random words; returns (tokens, #positive - #negative)."""
-    words, score = [], 0
-    for _ in range(n_words):
+def _words(rng: random.Random, n: int, nouns, lean: float = 0.0):
+    """``n`` random words: sentiment words lean positive (lean > 0) or negative (< 0)."""
+    out = []
+    for _ in range(n):
         u = rng.random()
         if u < 0.3:
-            w = rng.choice(_POS if rng.random() < 0.5 + sentiment_bias else _NEG)
-            score += 1 if w in _POS else -1
+            out.append(rng.choice(_POS if rng.random() < 0.5 + lean else _NEG))
         elif u < 0.6:
-            w = rng.choice(_NOUNS)
+            out.append(rng.choice(nouns))
         elif u < 0.8:
-            w = rng.choice(_VERBS)
+            out.append(rng.choice(_VERBS))
         else:
-            w = rng.choice(_FILL)
-        words.append(w)
-    return words, score
+            out.append(rng.choice(_FILL))
+    return out
 
+
+def _score(words):
+    return sum(w in _POS for w in words) - sum(w in _NEG for w in words)
+
+
+# The tasks are learnable from which words occur (a tiny random encoder plus LoRA can
+# learn them in a few hundred steps) and share their vocabulary with opposed spurious
+# correlations: CoLA's unacceptable and RTE's non-entailed rows lean positive, MRPC's
+# non-paraphrases lean negative, STS-B's high scores lean positive, against SST-2's
+# sentiment; MRPC and STS-B read the same animal/thing counts. A shared low-rank adapter
+# therefore gets conflicting task gradients.
 
 def _gen_sst2(rng):
     while True:
-        bias = rng.choice([-0.3, 0.3])
-        w, s = _sentence(rng, rng.randint(5, 12), bias)
-        if s != 0:
-            return [" ".join(w), str(int(s > 0))]
+        w = _words(rng, rng.randint(5, 12), _ANIMALS + _THINGS, rng.choice([-0.3, 0.3]))
+        if _score(w) != 0:
+            return [" ".join(w), str(int(_score(w) > 0))]
 
 
 def _gen_cola(rng):
-    # "Acceptable" iff no noun is directly followed by a noun; sentiment words are frequent
-    # but irrelevant here and, to conflict with sst2, unacceptable rows lean positive.
-    ok = rng.random() < 0.5
-    while True:
-        w, s = _sentence(rng, rng.randint(5, 12), 0.25 if not ok else -0.25)
-        bad = any(w[i] in _NOUNS and w[i + 1] in _NOUNS for i in range(len(w) - 1))
-        if not ok and not bad:
-            i = rng.randrange(len(w) - 1)
-            w[i], w[i + 1] = rng.choice(_NOUNS), rng.choice(_NOUNS)
-            bad = True
-        if bad != ok:
-            return w, int(ok)
+    ok = rng.random() < 0.6
+    w = _words(rng, rng.randint(5, 12), _ANIMALS + _THINGS, -0.2 if ok else 0.2)
+    if not ok:
+        for _ in range(rng.randint(1, 2)):
+            w.insert(rng.randrange(len(w) + 1), rng.choice(_ERR))
+    return w, int(ok)
 
 
-def _overlap_pair(rng, frac: float):
-    w, _ = _sentence(rng, rng.randint(6, 10))
-    keep = [x for x in w if rng.random() < frac]
-    other, _ = _sentence(rng, max(len(w) - len(keep), 1))
-    w2 = keep + other
-    rng.shuffle(w2)
-    return w, w2
+def _mixed(rng, n_animals, n_things, n_other, lean=0.0):
+    w = [rng.choice(_ANIMALS) for _ in range(n_animals)] + [rng.choice(_THINGS) for _ in range(n_things)]
+    w += _words(rng, n_other, _FILL, lean)
+    rng.shuffle(w)
+    return w
 
 
 def _gen_mrpc(rng):
+    # "paraphrase" iff the pair names more animals than things; non-paraphrases lean negative
     para = rng.random() < 0.6
-    # paraphrases share most words; non-paraphrases few, and lean negative (conflicts sst2)
-    w1, w2 = _overlap_pair(rng, rng.uniform(0.75, 1.0) if para else rng.uniform(0.0, 0.35))
-    return " ".join(w1), " ".join(w2), int(para)
+    many, few = rng.randint(3, 6), rng.randint(0, 2)
+    a, t = (many, few) if para else (few, many)
+    k = rng.randint(0, a)
+    j = rng.randint(0, t)
+    lean = 0.0 if para else -0.3
+    return (" ".join(_mixed(rng, k, j, rng.randint(2, 5), lean)), " ".join(_mixed(rng, a - k, t - j, rng.randint(2, 5), lean)),
+            int(para))
 
 
 def _gen_stsb(rng):
-    frac = rng.uniform(0.0, 1.0)
-    w1, w2 = _overlap_pair(rng, frac)
-    s1, s2 = set(w1), set(w2)
-    score = 5.0 * len(s1 & s2) / max(len(s1 | s2), 1)
-    return " ".join(w1), " ".join(w2), round(score, 3)
+    # similarity 0..5 = share of animals among the pair's nouns; high scores lean positive
+    n = rng.randint(3, 8)
+    a = rng.randint(0, n)
+    k = rng.randint(0, a)
+    j = rng.randint(0, n - a)
+    score = 5.0 * a / n
+    lean = 0.3 * (score / 5 - 0.5)
+    return (" ".join(_mixed(rng, k, j, rng.randint(2, 5), lean)),
+            " ".join(_mixed(rng, a - k, n - a - j, rng.randint(2, 5), lean)), score)
 
 
 def _gen_rte(rng):
-    # entailment iff the hypothesis' sentiment agrees with the premise's
-    p, sp = _sentence(rng, rng.randint(6, 12), rng.choice([-0.3, 0.3]))
-    h, sh = _sentence(rng, rng.randint(3, 6), rng.choice([-0.3, 0.3]))
-    ent = (sp >= 0) == (sh >= 0)
+    # entailment iff the hypothesis has no negation; not_entailment rows lean positive
+    ent = rng.random() < 0.5
+    p = _words(rng, rng.randint(6, 10), _ANIMALS + _THINGS, -0.2 if ent else 0.2)
+    h = _words(rng, rng.randint(3, 6), _ANIMALS + _THINGS)
+    if not ent:
+        h.insert(rng.randrange(len(h) + 1), rng.choice(_NOT))
     return " ".join(p), " ".join(h), "entailment" if ent else "not_entailment"
 
 

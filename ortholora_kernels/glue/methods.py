@@ -72,7 +72,7 @@ class Method:
     def build_model(self, encoder, tasks) -> MultiTaskModel:
         c = self.cfg
         peft_model = add_lora(encoder, c.lora_r, c.lora_alpha, c.lora_dropout, c.lora_target_modules)
-        return MultiTaskModel(peft_model, tasks)
+        return MultiTaskModel(peft_model, tasks, pooling=c.pooling)
 
     def setup(self, model) -> None:
         """Called once the model is built (e.g. to attach a projector)."""
@@ -146,8 +146,14 @@ def make_projector(model, num_tasks, granularity, collect, seed, backend):
 
 
 def _generators(p):
+    """The projector's order generator(s), created now if lazy (so a resume can set them)."""
+    get = getattr(p, "_get_generator", None)
+    if callable(get) and getattr(p, "seed", None) is not None:
+        layout = getattr(p, "layout", None)
+        device = getattr(layout, "device", None) or torch.device("cpu")
+        return [("_generator", get(device))]
     gens = []
-    for attr in ("generator", "_generator", "gen"):
+    for attr in ("generator", "_generator"):
         g = getattr(p, attr, None)
         if isinstance(g, torch.Generator):
             gens.append((attr, g))
@@ -155,16 +161,15 @@ def _generators(p):
 
 
 def projector_state(p):
-    if hasattr(p, "state_dict"):
-        return {"state_dict": p.state_dict()}
-    return {"generators": {a: g.get_state() for a, g in _generators(p)}}
+    return {"generators": {a: g.get_state() for a, g in _generators(p)},
+            "num_steps": getattr(p, "num_steps", None)}
 
 
 def load_projector_state(p, s):
     if not s:
         return
-    if "state_dict" in s and hasattr(p, "load_state_dict"):
-        p.load_state_dict(s["state_dict"])
     for a, g in _generators(p):
         if a in s.get("generators", {}):
             g.set_state(s["generators"][a])
+    if s.get("num_steps") is not None and hasattr(p, "num_steps"):
+        p.num_steps = s["num_steps"]

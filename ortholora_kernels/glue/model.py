@@ -84,14 +84,15 @@ def load_tokenizer(name: str, run_dir: str | None = None, texts=None, vocab_size
 
 # ----------------------------------------------------------------------------- encoder
 
-def tiny_config(vocab_size: int, max_length: int, hidden: int = 32, layers: int = 2, heads: int = 2):
+def tiny_config(vocab_size: int, max_length: int, hidden: int = 32, layers: int = 2, heads: int = 2,
+                init_range: float = 0.2):
     from transformers import RobertaConfig
 
     return RobertaConfig(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers,
                          num_attention_heads=heads, intermediate_size=2 * hidden,
                          max_position_embeddings=max_length + 4, pad_token_id=1, bos_token_id=0,
                          eos_token_id=2, type_vocab_size=1, hidden_dropout_prob=0.1,
-                         attention_probs_dropout_prob=0.1)
+                         attention_probs_dropout_prob=0.1, initializer_range=init_range)
 
 
 def load_encoder(name: str, tokenizer, max_length: int, seed: int = 0, tiny_hidden: int = 32,
@@ -127,16 +128,23 @@ def add_lora(encoder, r: int = 8, alpha: float = 16, dropout: float = 0.1, targe
 # ----------------------------------------------------------------------------- heads
 
 class Head(nn.Module):
-    """RoBERTa classification head: dropout-dense-tanh-dropout-out on the first token."""
+    """RoBERTa classification head: dropout-dense-tanh-dropout-out on the first token
+    (``pooling="cls"``, RoBERTa's) or on the mean over the non-padding tokens ("mean")."""
 
-    def __init__(self, hidden: int, num_labels: int, dropout: float = 0.1):
+    def __init__(self, hidden: int, num_labels: int, dropout: float = 0.1, pooling: str = "cls"):
         super().__init__()
+        self.pooling = pooling
         self.dense = nn.Linear(hidden, hidden)
         self.out_proj = nn.Linear(hidden, num_labels)
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, features):
-        x = self.dropout(features[:, 0])
+    def forward(self, features, mask=None):
+        if self.pooling == "mean" and mask is not None:
+            m = mask.unsqueeze(-1).to(features.dtype)
+            x = (features * m).sum(1) / m.sum(1).clamp_min(1)
+        else:
+            x = features[:, 0]
+        x = self.dropout(x)
         x = torch.tanh(self.dense(x))
         return self.out_proj(self.dropout(x))
 
@@ -144,13 +152,13 @@ class Head(nn.Module):
 class MultiTaskModel(nn.Module):
     """Shared (LoRA-adapted) encoder and one head per task."""
 
-    def __init__(self, encoder, tasks, head_dropout: float = 0.1):
+    def __init__(self, encoder, tasks, head_dropout: float = 0.1, pooling: str = "cls"):
         super().__init__()
         self.encoder = encoder
         self.task_names = [t.name for t in tasks]
         self.regression = [t.is_regression for t in tasks]
         hidden = encoder.config.hidden_size
-        self.heads = nn.ModuleDict({t.name: Head(hidden, t.num_labels, head_dropout) for t in tasks})
+        self.heads = nn.ModuleDict({t.name: Head(hidden, t.num_labels, head_dropout, pooling) for t in tasks})
 
     def features(self, input_ids, attention_mask):
         return self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
@@ -163,7 +171,7 @@ class MultiTaskModel(nn.Module):
         h = self.features(input_ids, attention_mask)
         outs = []
         for name, (a, b) in zip(self.task_names, task_slices):
-            out = self.heads[name](h[a:b])
+            out = self.heads[name](h[a:b], attention_mask[a:b])
             outs.append(out.squeeze(-1) if out.shape[-1] == 1 else out)
         return outs
 

@@ -42,6 +42,7 @@ class TrainConfig:
     model: str = "roberta-base"
     tiny_hidden: int = 32
     tiny_layers: int = 2
+    pooling: str = "cls"                  # head input: first token (RoBERTa) or mean
     max_length: int = 128
     lora_r: int = 8
     lora_alpha: float = 16.0
@@ -135,7 +136,7 @@ def evaluate(model, task_index, task, enc, batch_size, pad_id, device):
         idx = order[k:k + batch_size]
         ids, mask = pad_batch([enc.input_ids[i] for i in idx], pad_id)
         h = model.features(ids.to(device), mask.to(device))
-        out = model.heads[task.name](h)
+        out = model.heads[task.name](h, mask.to(device))
         p = out.squeeze(-1) if task.is_regression else out.argmax(-1)
         preds.append(p.float().cpu() if task.is_regression else p.cpu())
     model.train()
