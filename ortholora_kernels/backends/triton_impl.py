@@ -404,11 +404,30 @@ def _workspace(seg: Segments, lay: _Layout, device: torch.device, tile: int):
     return seg.cached(("triton_ws", device, stream, lay.n_prog, tile), build)
 
 
+def _gram_plan(seg: Segments, dev: torch.device, r: int, t: int, fp64: bool, same: bool, reduction: str):
+    """Everything about a Gram launch that does not change between calls (cached)."""
+    stream = torch.cuda.current_stream(dev).cuda_stream if dev.type == "cuda" else None
+
+    def build():
+        r_pad, t_pad = _pow2(r), _pow2(t)
+        block, use_dot = _gram_config(r_pad, t_pad, fp64, same)
+        lay = _table(seg, dev, block, True)
+        parts, tickets = _workspace(seg, lay, dev, r_pad * t_pad)
+        rb = max(1, min(64, _REDUCE_ELEMS // (r_pad * t_pad)))   # level 2 sums <= 1024 / _GROUP rows
+        consts = dict(R_PAD=r_pad, T_PAD=t_pad, BLOCK=block, SAME=same, FP64=fp64, USE_DOT=use_dot,
+                      RB=rb, SOLVE=same, MEAN=reduction == "mean", NONE=reduction == "none",
+                      REG_SOLVE=t_pad <= 16, num_warps=8 if t_pad >= 32 else 4)
+        return (lay, parts, parts[lay.n_prog:], tickets, tickets[lay.n_groups:], consts)
+    return seg.cached(("triton_gram", dev, stream, r, t, fp64, same, reduction, _FUSED, _GROUP,
+                       _TARGET_PROGRAMS), build)
+
+
 def _gram(a: torch.Tensor, b: torch.Tensor | None, seg: Segments, *, order=None, reduction="sum"):
     """Stages 1-2: ``A B^T`` per segment (``b=None``: the Gram of ``a``, then the solve).
 
     Returns ``(G [S, R, T] fp64, C, W, nproj)``; C, W, nproj only when ``b is None``.
-    One launch when ``_FUSED`` (default), two otherwise.
+    One launch when ``_FUSED`` (default), two otherwise. Host work per call: one cache
+    lookup, the output allocations and the launch.
     """
     same = b is None
     b = a if same else b
@@ -417,10 +436,7 @@ def _gram(a: torch.Tensor, b: torch.Tensor | None, seg: Segments, *, order=None,
     s_count = seg.num_segments
     dev = a.device
     fp64 = a.dtype == torch.float64 or b.dtype == torch.float64
-    r_pad, t_pad = _pow2(r), _pow2(t)
-    block, use_dot = _gram_config(r_pad, t_pad, fp64, same)
-    lay = _table(seg, dev, block, True)
-    parts, tickets = _workspace(seg, lay, dev, r_pad * t_pad)
+    lay, parts, gparts, gtickets, stickets, consts = _gram_plan(seg, dev, r, t, fp64, same, reduction)
     g = torch.empty((s_count, r, t), dtype=torch.float64, device=dev)
     if same:
         c = torch.empty_like(g)
@@ -429,18 +445,12 @@ def _gram(a: torch.Tensor, b: torch.Tensor | None, seg: Segments, *, order=None,
         order = order.contiguous()
     else:  # unused pointers: any tensor will do
         c = w = order = g
-        nproj = tickets
-    rb = max(1, min(64, _REDUCE_ELEMS // (r_pad * t_pad)))   # level 2 sums <= 1024 / _GROUP rows
-    flags = dict(RB=rb, SOLVE=same, MEAN=reduction == "mean", NONE=reduction == "none",
-                 REG_SOLVE=t_pad <= 16)
-    warps = 8 if t_pad >= 32 else 4
+        nproj = stickets
     _gram_kernel[(lay.n_prog,)](a, b, parts, lay.table, n, r, t, lay.group_off, lay.seg_group_off,
-                                parts[lay.n_prog:], tickets, tickets[lay.n_groups:], g, order, c, w, nproj,
-                                R_PAD=r_pad, T_PAD=t_pad, BLOCK=block, SAME=same, FP64=fp64,
-                                USE_DOT=use_dot, FUSED=_FUSED, num_warps=warps, **flags)
+                                gparts, gtickets, stickets, g, order, c, w, nproj, FUSED=_FUSED, **consts)
     if not _FUSED:
-        _reduce_solve_kernel[(s_count,)](parts, lay.chunk_off, g, order, c, w, nproj, r, t,
-                                         R_PAD=r_pad, T_PAD=t_pad, num_warps=warps, **flags)
+        k = {key: v for key, v in consts.items() if key not in ("BLOCK", "SAME", "FP64", "USE_DOT")}
+        _reduce_solve_kernel[(s_count,)](parts, lay.chunk_off, g, order, c, w, nproj, r, t, **k)
     return (g, c, w, nproj) if same else (g, None, None, None)
 
 
@@ -450,18 +460,27 @@ def _combine_config(rows: int):
     return r_pad, max(32, min(1024, (_TILE_ELEMS // 4) // r_pad))
 
 
-def _combine(seg: Segments, x, a, y=None, b=None, out_rows=1, out_dtype=None):
-    """Launch kernel 3: ``out [R, N] = A_s X_s (+ B_s Y_s)``; ``A``, ``B`` strided ``[S, R, K]``."""
+def _combine(seg: Segments, x, a, y=None, b=None, out_rows=1, out_dtype=None, flat=False):
+    """Launch kernel 3: ``out [R, N] = A_s X_s (+ B_s Y_s)``; ``A``, ``B`` strided ``[S, R, K]``.
+
+    ``flat``: return ``[N]`` (R must be 1) without a view op.
+    """
     n = x.shape[1]
-    r_pad, block = _combine_config(out_rows)
-    lay = _table(seg, x.device, block, False)
-    out = torch.empty((out_rows, n), dtype=out_dtype or x.dtype, device=x.device)
     has_y = y is not None
     y_, b_ = (y, b) if has_y else (x, a)
+    lay, consts = seg.cached(("triton_combine", x.device, out_rows, x.dtype, has_y),
+                             lambda: _combine_plan(seg, x.device, out_rows, x.dtype, has_y))
+    out = torch.empty((n,) if flat else (out_rows, n), dtype=out_dtype or x.dtype, device=x.device)
     _combine_kernel[(lay.n_prog,)](lay.table, x, x.shape[0], a, *a.stride(), y_, y_.shape[0], b_, *b_.stride(),
-                               out, n, out_rows, R_PAD=r_pad, BLOCK=block, HAS_Y=has_y,
-                               FP64=x.dtype == torch.float64)
+                                   out, n, out_rows, **consts)
     return out
+
+
+def _combine_plan(seg, dev, out_rows, dtype, has_y):
+    """Table and constants of a combine launch (cached per layout)."""
+    r_pad, block = _combine_config(out_rows)
+    consts = dict(R_PAD=r_pad, BLOCK=block, HAS_Y=has_y, FP64=dtype == torch.float64)
+    return _table(seg, dev, block, False), consts
 
 
 def gram(x: torch.Tensor, seg: Segments) -> torch.Tensor:
@@ -473,8 +492,9 @@ def forward(x: torch.Tensor, seg: Segments, order: torch.Tensor, reduction: str)
     x = x.contiguous()
     t = x.shape[0]
     g, c, w, nproj = _gram(x, None, seg, order=order, reduction=reduction)
-    out = _combine(seg, x, w, out_rows=t if reduction == "none" else 1)
-    return (out if reduction == "none" else out[0]), g, c, nproj
+    none = reduction == "none"
+    out = _combine(seg, x, w, out_rows=t if none else 1, flat=not none)
+    return out, g, c, nproj
 
 
 def backward(x, dout, g, order, seg: Segments, reduction: str):
