@@ -26,11 +26,14 @@ starting after the model and optimizer are built (so optimizer-state creation an
 
 * CUDA: ``torch.cuda.max_memory_allocated`` minus the allocation before the first step
   (allocator-exact);
-* CPU: the process's peak resident set size minus the resident set before the first step.
-  The kernel's high-water mark (VmHWM) is reset right before the steps by writing 5 to
-  /proc/self/clear_refs, then read from /proc/self/status. This counts every page the
-  process touches (tensors, autograd state, Python objects), whichever allocator made it;
-  it is an estimate at page granularity and includes allocator caching effects.
+* CPU: the peak of the bytes allocated through glibc malloc (``mallinfo2``: heap chunks in
+  use + mmapped chunks; every CPU tensor, autograd buffer and Python object comes from
+  there) sampled after every aten op of forward and backward by a ``TorchDispatchMode``,
+  minus the value before the first step. Unlike RSS it does not count freed memory the
+  allocator keeps cached, so it is comparable across methods (temporaries that live only
+  inside one op are not seen, for every method alike). The JSON also holds ``rss_peak_mib``:
+  the kernel's resident-set high-water mark (VmHWM, reset through /proc/self/clear_refs)
+  minus the resident set before the steps, which does include allocator caching.
 
 Ratios are against joint for the same (T, batch).
 """
@@ -175,6 +178,41 @@ def worker_time(args) -> list[dict]:
     return out
 
 
+def _malloc_in_use():
+    """Bytes currently allocated through glibc malloc (heap + mmapped chunks), or None."""
+    import ctypes
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                   "fsmblks", "uordblks", "fordblks", "keepcost")]
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallinfo2.restype = MallInfo2
+    except (OSError, AttributeError):
+        return None
+
+    def now():
+        m = libc.mallinfo2()
+        return m.uordblks + m.hblkhd
+    return now
+
+
+def _peak_tracker(now):
+    """A dispatch mode sampling ``now()`` after every aten op (forward and backward)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Peak(TorchDispatchMode):
+        peak = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            v = now()
+            if v > self.peak:
+                self.peak = v
+            return out
+    return Peak()
+
+
 def worker_mem(args) -> dict:
     """Peak memory of ``warmup + 1`` steps of one method in a fresh process (see module doc)."""
     import gc
@@ -187,17 +225,30 @@ def worker_mem(args) -> dict:
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
+        now = _malloc_in_use()
+        tracker = _peak_tracker(now) if now is not None else None
         hwm_ok = _reset_hwm()
-        base = _status_kb("VmRSS") * 1024
-    for _ in range(max(args.warmup, 1) + 1):
-        step()
-    _sync(device)
-    if device.type == "cuda":
-        peak, kind = torch.cuda.max_memory_allocated() - base, "cuda max_memory_allocated delta"
+        base_rss = _status_kb("VmRSS") * 1024
+        base = now() if now is not None else 0
+    if device.type == "cpu" and tracker is not None:
+        tracker.peak = base
+        with tracker:
+            for _ in range(max(args.warmup, 1) + 1):
+                step()
     else:
-        peak = _status_kb("VmHWM") * 1024 - base
-        kind = "cpu VmHWM-VmRSS delta" if hwm_ok else "cpu VmHWM-VmRSS delta (HWM NOT reset)"
-    return {"method": args.method, "peak_mib": peak / 2 ** 20, "mem": kind}
+        for _ in range(max(args.warmup, 1) + 1):
+            step()
+    _sync(device)
+    out = {"method": args.method}
+    if device.type == "cuda":
+        out.update(peak_mib=(torch.cuda.max_memory_allocated() - base) / 2 ** 20, mem="cuda max_memory_allocated delta")
+    else:
+        out["rss_peak_mib"] = (_status_kb("VmHWM") * 1024 - base_rss) / 2 ** 20 if hwm_ok else float("nan")
+        if tracker is not None:
+            out.update(peak_mib=(tracker.peak - base) / 2 ** 20, mem="cpu malloc in-use peak (mallinfo2 after every op)")
+        else:
+            out.update(peak_mib=out["rss_peak_mib"], mem="cpu VmHWM-VmRSS delta")
+    return out
 
 
 def _run_worker(cmd):
