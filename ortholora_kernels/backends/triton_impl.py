@@ -385,7 +385,7 @@ def _table(seg: Segments, device: torch.device, block: int, chunked: bool) -> _L
         n_blocks = -(-seg.numel // block) + seg.num_segments
         per = min(_MAX_CHUNK_BLOCKS, max(1, -(-n_blocks // _TARGET_PROGRAMS)))
     span = per * block
-    return seg.cached(("triton_table", device, span), lambda: _Layout(seg, device, span))
+    return seg.cached(("triton_table", device, span, _GROUP), lambda: _Layout(seg, device, span))
 
 
 def _workspace(seg: Segments, lay: _Layout, device: torch.device, tile: int):
@@ -401,7 +401,7 @@ def _workspace(seg: Segments, lay: _Layout, device: torch.device, tile: int):
     def build():
         return (torch.empty((lay.n_prog + lay.n_groups, tile), dtype=torch.float64, device=device),
                 torch.zeros((lay.n_groups + seg.num_segments,), dtype=torch.int32, device=device))
-    return seg.cached(("triton_ws", device, stream, lay.n_prog, tile), build)
+    return seg.cached(("triton_ws", device, stream, lay.n_prog, lay.n_groups, tile), build)
 
 
 def _gram_plan(seg: Segments, dev: torch.device, r: int, t: int, fp64: bool, same: bool, reduction: str):
