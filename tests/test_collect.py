@@ -98,3 +98,19 @@ def test_mtl_lora_shared_params_grouped_equals_loop():
     torch.testing.assert_close(bufs[0], bufs[1], rtol=1e-5, atol=1e-7)
     for a, b in zip(*task_grads):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_grouped_with_gradient_checkpointing(reentrant):
+    """The layers re-run their forward inside the backward: routing is read there too."""
+    sizes = [2, 3, 1]
+    model = tiny_multitask("bert", 3, lora_dropout=0.0)
+    model.train()
+    batch = make_batch(sizes, seq_len=6)
+    plain, _ = _collect(model, batch, "grouped", 3)
+    model.encoder.base_model.model.gradient_checkpointing_enable(
+        gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    model.encoder.base_model.model.enable_input_require_grads()
+    ckpt, _ = _collect(model, batch, "grouped", 3)
+    assert plain.abs().sum() > 0
+    torch.testing.assert_close(ckpt, plain, rtol=1e-5, atol=1e-8)
