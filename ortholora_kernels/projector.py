@@ -232,6 +232,18 @@ class OrthoLoRA:
         self.num_steps += 1
         return res
 
+    def state_dict(self) -> dict:
+        """Step count and the order generator's state (for resuming a run bit-exactly)."""
+        gen = self._generator
+        return {"num_steps": self.num_steps, "seed": self.seed,
+                "generator": gen.get_state() if gen is not None else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict` (the generator is created on the parameters' device)."""
+        self.num_steps = int(state["num_steps"])
+        if state.get("generator") is not None:
+            self._get_generator(self.layout.device).set_state(state["generator"])
+
     def stats_dict(self, prefix: str = "ortho/") -> dict[str, float]:
         """The last step's conflict fraction and mean cosine per segment as floats (a host sync)."""
         s = self.last_stats

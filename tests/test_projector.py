@@ -341,3 +341,25 @@ def test_dropped_projector_leaves_plain_layers_and_allows_a_new_one():
             task_losses(m, b).sum().backward()
         assert again.buffer.abs().sum() > 0
     assert all("forward" not in e.module.__dict__ for e in again.layout.entries)
+
+
+def test_state_dict_resumes_the_order_stream():
+    m = _model()
+    b = make_batch([2, 2, 2])
+    ortho = OrthoLoRA(m, T, seed=11, granularity="matrix")
+
+    def step(o):
+        with o.record(b["task_ids"]):
+            task_losses(m, b).sum().backward()
+        return o.project_().order.clone()
+
+    step(ortho)
+    state = ortho.state_dict()
+    want = step(ortho)
+    ortho.remove()
+    fresh = OrthoLoRA(m, T, seed=11, granularity="matrix")
+    first = step(fresh)
+    fresh.load_state_dict(state)
+    assert fresh.num_steps == 1
+    assert torch.equal(step(fresh), want) and not torch.equal(first, want)
+    fresh.remove()
