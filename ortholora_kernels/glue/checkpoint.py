@@ -17,6 +17,8 @@ import numpy as np
 import torch
 
 LATEST = "checkpoint.pt"
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
 
 def _fsync_dir(path: str) -> None:
@@ -37,6 +39,7 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
     os.makedirs(d, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=d)
     try:
+        os.chmod(tmp, 0o666 & ~_UMASK)   # mkstemp makes 0600 files; reports should be readable
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 from torch import nn
@@ -120,7 +121,9 @@ def add_lora(encoder, r: int = 8, alpha: float = 16, dropout: float = 0.1, targe
 
     cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules), bias="none")
     try:
-        return get_peft_model(encoder, cfg)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            return get_peft_model(encoder, cfg)
     except ValueError as e:
         raise ModelError(f"LoRA: {str(e).splitlines()[0]}") from None
 

@@ -27,7 +27,7 @@ from . import checkpoint as ckpt
 from .data import MultiTaskSampler, encode, load_tasks, pad_batch, write_synthetic_suite
 from .methods import get_method
 from .metrics import split_metrics, task_score
-from .model import is_tiny, load_encoder, load_tokenizer
+from .model import check_model_name, is_tiny, load_encoder, load_tokenizer
 from .report import CONFLICTS, ConflictLog, write_results, write_run_plots
 from .tasks import parse_tasks
 
@@ -81,6 +81,7 @@ class TrainError(ValueError):
 def validate(cfg: TrainConfig):
     """Check option combinations; returns (method class, task specs)."""
     tasks = parse_tasks(cfg.tasks)
+    check_model_name(cfg.model)
     try:
         method_cls = get_method(cfg.method)
     except ValueError as e:

@@ -1,0 +1,90 @@
+"""CLI: help, one-line errors for user mistakes, compare."""
+import json
+
+import pytest
+
+from ortholora_kernels.glue.cli import build_parser, main
+
+
+def _one_line_error(capsys, argv, match):
+    rc = main(argv)
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert rc == 2, err
+    assert len(lines) == 1 and lines[0].startswith("ortholora-glue: error:"), err
+    assert "Traceback" not in err
+    assert match in lines[0], lines[0]
+
+
+def test_help_documents_every_option(capsys):
+    assert main(["--help"]) == 0
+    top = capsys.readouterr().out
+    for cmd in ("train", "compare", "demo", "synth"):
+        assert cmd in top
+    for cmd in ("train", "compare", "demo", "synth"):
+        assert main([cmd, "--help"]) == 0
+        out = capsys.readouterr().out
+        sub = build_parser()._subparsers._group_actions[0].choices[cmd]
+        for action in sub._actions:
+            if action.option_strings and action.dest != "help":
+                assert action.help, f"{cmd} {action.option_strings} has no help"
+                assert action.option_strings[0] in out
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["train", "--tasks", "sst2,bogus", "--tiny"], "unknown GLUE task 'bogus'"),
+    (["train", "--tasks", "", "--tiny"], "no task"),
+    (["train", "--method", "joint", "--collect", "loop", "--tiny"], "--collect applies only"),
+    (["train", "--method", "single", "--granularity", "ab", "--tiny"], "--granularity applies only"),
+    (["train", "--method", "nope"], "invalid choice"),
+    (["train", "--max-steps", "x"], "invalid int value"),
+    (["train", "--batch-size", "0", "--tiny"], "--batch-size must be >= 1"),
+    (["compare"], "the following arguments are required"),
+    (["bogus-command"], "invalid choice"),
+])
+def test_user_mistakes_give_one_line(capsys, argv, match):
+    _one_line_error(capsys, argv, match)
+
+
+def test_missing_data_files(capsys, tmp_path):
+    (tmp_path / "RTE").mkdir()
+    (tmp_path / "RTE" / "train.tsv").write_text("index\tsentence1\tsentence2\tlabel\n")
+    _one_line_error(capsys, ["train", "--tiny", "--tasks", "rte", "--data-dir", str(tmp_path),
+                             "--out", str(tmp_path / "run")], "missing file")
+    _one_line_error(capsys, ["train", "--tiny", "--tasks", "rte", "--data-dir", str(tmp_path / "nodir"),
+                             "--out", str(tmp_path / "run")], "does not exist")
+
+
+def test_model_path_missing(capsys, tmp_path):
+    _one_line_error(capsys, ["train", "--model", str(tmp_path / "no_model"), "--synthetic", "--tasks", "sst2",
+                             "--out", str(tmp_path / "run")], "does not exist")
+
+
+def test_resume_without_checkpoint_and_compare_non_run(capsys, tmp_path):
+    _one_line_error(capsys, ["train", "--tiny", "--synthetic", "--tasks", "sst2", "--resume",
+                             "--out", str(tmp_path / "run")], "no checkpoint")
+    _one_line_error(capsys, ["compare", str(tmp_path)], "no results.json")
+
+
+def test_compare_table(capsys, tmp_path):
+    for name, acc in (("joint", 0.8), ("ortho", 0.9)):
+        d = tmp_path / name
+        d.mkdir()
+        res = {"method": name, "final": {"mrpc": {"accuracy": acc, "f1": 0.5}, "cola": {"matthews_correlation": 0.2}},
+               "glue_score": (100 * (acc + 0.5) / 2 + 20) / 2, "evals": [
+                   {"step": 10, "task": "mrpc", "metrics": {"accuracy": acc, "f1": 0.5}, "score": 50.0}]}
+        (d / "results.json").write_text(json.dumps(res))
+        (d / "config.json").write_text(json.dumps({"method": name, "granularity": None}))
+    out_md = tmp_path / "cmp.md"
+    assert main(["compare", str(tmp_path / "joint"), str(tmp_path / "ortho"), "--out", str(out_md)]) == 0
+    out = capsys.readouterr().out
+    assert "| method | mrpc (acc/F1) | cola (mcc) | avg |" in out
+    assert "| ortho (ab) | 90.0/50.0 | 20.0 | 45.0 |" in out
+    assert out_md.read_text() == out
+    assert (tmp_path / "cmp_curves.png").stat().st_size > 0
+
+
+def test_synth_command(capsys, tmp_path):
+    assert main(["synth", str(tmp_path / "s"), "--tasks", "sst2,rte", "--n-train", "10", "--n-dev", "5"]) == 0
+    assert (tmp_path / "s" / "SST-2" / "train.tsv").read_text().count("\n") == 11
+    assert (tmp_path / "s" / "RTE" / "dev.tsv").exists()
