@@ -41,11 +41,11 @@ at::Tensor check_order(const at::Tensor& order, int64_t s, int64_t t, const at::
                    "order: expected an int64 tensor, got ", order.scalar_type());
   TORCH_CHECK_VALUE(order.device() == device, "order: expected a tensor on the device of grads (", device,
                     "), got ", order.device());
-  at::Tensor o = order;
-  if (o.dim() == 2) o = o.unsqueeze(0).expand({s, t, t});
-  TORCH_CHECK_VALUE(o.dim() == 3 && o.size(0) == s && o.size(1) == t && o.size(2) == t,
-                    "order: expected shape [T, T] or [S, T, T] with S = ", s, ", T = ", t, ", got ",
+  const bool ok2 = order.dim() == 2 && order.size(0) == t && order.size(1) == t;
+  const bool ok3 = order.dim() == 3 && order.size(0) == s && order.size(1) == t && order.size(2) == t;
+  TORCH_CHECK_VALUE(ok2 || ok3, "order: expected shape [T, T] or [S, T, T] with S = ", s, ", T = ", t, ", got ",
                     order.sizes());
+  at::Tensor o = ok2 ? order.unsqueeze(0).expand({s, t, t}) : order;
   return o.to(at::kLong).contiguous();
 }
 

@@ -24,12 +24,35 @@ def _load():
     """The extension module, or None (the import error is kept for ``availability``)."""
     if "module" not in _state:
         try:
-            _state["module"] = importlib.import_module("ortholora_kernels._C")
-            _state["error"] = None
+            module = importlib.import_module("ortholora_kernels._C")
+            _register_fakes()
+            _state["module"], _state["error"] = module, None
         except Exception as exc:  # noqa: BLE001  ImportError, OSError (ABI mismatch), ...
-            _state["module"] = None
-            _state["error"] = f"{type(exc).__name__}: {exc}"
+            _state["module"], _state["error"] = None, f"{type(exc).__name__}: {exc}"
     return _state["module"]
+
+
+def _register_fakes():
+    """Shape functions of the compiled ops (torch.compile / FakeTensor can trace them)."""
+    if _state.get("fakes"):
+        return
+    _state["fakes"] = True
+
+    @torch.library.register_fake("ortholora_C::project")
+    def _(grads, offsets, order, reduction):
+        t, n = grads.shape
+        s = len(offsets) - 1
+        out = grads.new_empty((t, n) if reduction == "none" else (n,))
+        gram = grads.new_empty((s, t, t), dtype=torch.float64)
+        return out, gram, torch.empty_like(gram), grads.new_empty((s,), dtype=torch.int32)
+
+    @torch.library.register_fake("ortholora_C::cross")
+    def _(y, x, offsets):
+        return x.new_empty((len(offsets) - 1, y.shape[0], x.shape[0]), dtype=torch.float64)
+
+    @torch.library.register_fake("ortholora_C::backward_combine")
+    def _(dy, x, w, m, offsets):
+        return torch.empty_like(x)
 
 
 def built_with_cuda() -> bool:

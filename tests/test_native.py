@@ -1,0 +1,433 @@
+"""The native backend (compiled extension ortholora_kernels._C): what the shared suite
+does not already cover through the ``backend`` fixture.
+
+Determinism, thread counts, every CPU instruction-set variant, large N, the registered
+ops called directly, the availability reasons, the CUDA registration, the compiled
+backward passes and setup.py's build decisions. GPU tests carry ``@pytest.mark.gpu`` and
+have CPU twins.
+"""
+import importlib.util
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import ortholora_kernels as ok
+from ortholora_kernels import reference
+from ortholora_kernels.backends import native_impl, torch_impl
+from ortholora_kernels._args import segments_for
+
+from cases import assert_matches_reference, make_grads, random_order, random_segments
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NATIVE = native_impl.availability(torch.device("cpu")) is None
+needs_native = pytest.mark.skipif(not NATIVE, reason=f"native backend unavailable: "
+                                  f"{native_impl.availability(torch.device('cpu'))}")
+
+
+def _ops():
+    return torch.ops.ortholora_C
+
+
+def _isas():
+    """The CPU kernel variants this machine can run (always includes 'baseline')."""
+    names = []
+    previous = _ops().cpu_isa()
+    try:
+        for name in ("baseline", "avx2", "avx512"):
+            try:
+                _ops().set_cpu_isa(name)
+                names.append(name)
+            except (RuntimeError, ValueError):
+                pass
+    finally:
+        _ops().set_cpu_isa(previous)
+    return names
+
+
+@pytest.fixture
+def threads():
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def isa():
+    previous = _ops().cpu_isa() if NATIVE else None
+    yield _ops().set_cpu_isa
+    if NATIVE:
+        _ops().set_cpu_isa(previous)
+
+
+def _run(x, segs, order, reduction):
+    return _ops().project(x, segs, order, reduction)
+
+
+def _assert_identical(a, b):
+    for u, v in zip(a, b):
+        assert u.dtype == v.dtype and u.shape == v.shape
+        assert torch.equal(u.view(torch.uint8) if u.is_floating_point() else u,
+                           v.view(torch.uint8) if v.is_floating_point() else v)
+
+
+# --------------------------------------------------------------------------------------
+# Determinism and threads
+# --------------------------------------------------------------------------------------
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+def test_repeated_calls_are_bitwise_identical(dtype, reduction):
+    x = make_grads(8, 200_003, dtype=dtype, seed=60, shared=-0.4)
+    segs = [0, 70_001, 70_002, 200_003]
+    order = random_order(8, 3, seed=61)
+    first = _run(x, segs, order, reduction)
+    for _ in range(3):
+        _assert_identical(first, _run(x, segs, order, reduction))
+
+
+@needs_native
+@pytest.mark.parametrize("reduction", ["sum", "mean", "none"])
+def test_one_and_two_threads_match_reference_and_each_other(threads, reduction):
+    x = make_grads(8, 150_000, seed=62, shared=-0.5)
+    segs = random_segments(150_000, 5, seed=63)
+    order = random_order(8, len(segs) - 1, seed=64)
+    results = []
+    for n in (1, 2):
+        threads(n)
+        out = ok.project(x, segs, order=order, reduction=reduction, backend="native", return_stats=True)
+        assert_matches_reference(out.output, x, segs, order=order, reduction=reduction)
+        results.append((out.output, out.gram, out.coeffs, out.num_projections))
+    # The column chunks never depend on the thread count: bitwise equal, not just close.
+    _assert_identical(results[0], results[1])
+
+
+# --------------------------------------------------------------------------------------
+# Instruction-set variants
+# --------------------------------------------------------------------------------------
+
+@needs_native
+def test_isa_reporting_and_bad_name(isa):
+    assert _ops().cpu_isa() in ("baseline", "avx2", "avx512")
+    assert "baseline" in _isas()
+    with pytest.raises((RuntimeError, ValueError), match="set_cpu_isa"):
+        isa("sse9000")
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("t,n,s", [(1, 33, 2), (3, 1001, 3), (8, 20_000, 4), (13, 3_001, 2), (33, 517, 3)])
+def test_every_cpu_variant_matches_reference(isa, dtype, t, n, s):
+    x = make_grads(t, n, dtype=dtype, seed=65 + t, shared=-0.5)
+    segs = random_segments(n, s, seed=66 + t)
+    order = random_order(t, len(segs) - 1, seed=67 + t)
+    for name in _isas():
+        isa(name)
+        for reduction in ("sum", "none"):
+            out, gram, coeffs, nproj = _run(x, segs, order, reduction)
+            assert_matches_reference(out, x, segs, order=order, reduction=reduction)
+            ref = reference.project(x, segs, order=order, return_stats=True)
+            torch.testing.assert_close(gram, ref.gram, rtol=1e-10, atol=1e-10 * float(ref.gram.abs().max()))
+            assert torch.equal(nproj.long(), ref.num_projections)
+
+
+# --------------------------------------------------------------------------------------
+# Large N and many segments
+# --------------------------------------------------------------------------------------
+
+@needs_native
+def test_large_n_target_shape():
+    x = make_grads(8, 295_000, seed=68, shared=-0.3)
+    order = random_order(8, seed=69)
+    out = ok.project(x, order=order, backend="native")
+    assert_matches_reference(out, x, order=order)
+
+
+@needs_native
+def test_many_ragged_segments_across_chunk_boundaries():
+    n = 100_000
+    segs = random_segments(n, 400, seed=70)
+    x = make_grads(5, n, seed=71, shared=-0.6)
+    order = random_order(5, len(segs) - 1, seed=72)
+    for reduction in ("mean", "none"):
+        out = ok.project(x, segs, order=order, reduction=reduction, backend="native")
+        assert_matches_reference(out, x, segs, order=order, reduction=reduction)
+
+
+@needs_native
+def test_fp32_gram_is_float64_accurate_at_extreme_scales():
+    base = make_grads(4, 50_000, dtype=torch.float64, seed=73, shared=-0.5)
+    for scale in (1e-30, 1e30):
+        x = (base * scale).to(torch.float32)
+        _, gram, _, _ = _run(x, [0, 50_000], random_order(4, 1, seed=74), "sum")
+        exact = x.double() @ x.double().T
+        torch.testing.assert_close(gram[0], exact, rtol=1e-12, atol=0)
+
+
+# --------------------------------------------------------------------------------------
+# The registered ops, called directly
+# --------------------------------------------------------------------------------------
+
+@needs_native
+def test_op_direct_shapes_dtypes_and_stats():
+    x = make_grads(6, 3000, dtype=torch.float16, seed=75, shared=-0.6)
+    segs = [0, 1000, 1500, 3000]
+    order = random_order(6, 3, seed=76)
+    out, gram, coeffs, nproj = _run(x, segs, order, "sum")
+    assert out.shape == (3000,) and out.dtype == torch.float16
+    assert gram.shape == coeffs.shape == (3, 6, 6) and gram.dtype == coeffs.dtype == torch.float64
+    assert nproj.shape == (3,) and nproj.dtype == torch.int32
+    ref = reference.project(x, segs, order=order, return_stats=True)
+    torch.testing.assert_close(gram, ref.gram, rtol=1e-12, atol=1e-12 * float(ref.gram.abs().max()))
+    torch.testing.assert_close(coeffs, ref.coeffs, rtol=1e-9, atol=1e-9)
+    assert torch.equal(nproj.long(), ref.num_projections)
+    none, *_ = _run(x, segs, order, "none")
+    assert none.shape == (6, 3000) and none.dtype == torch.float16
+    # a [T, T] order applies to every segment
+    _assert_identical(_run(x, segs, order[0], "sum"), _run(x, segs, order[0].expand(3, 6, 6).contiguous(), "sum"))
+
+
+@needs_native
+@pytest.mark.parametrize("args,exc,match", [
+    (lambda x, o: (x[0], [0, 10], o, "sum"), ValueError, "grads: expected a 2-D"),
+    (lambda x, o: (x.long(), [0, 10], o, "sum"), TypeError, "grads: expected a float"),
+    (lambda x, o: (x, [0, 5, 5, 10], o, "sum"), ValueError, "strictly increasing"),
+    (lambda x, o: (x, [0, 9], o, "sum"), ValueError, "last offset"),
+    (lambda x, o: (x, [1, 10], o, "sum"), ValueError, "first offset"),
+    (lambda x, o: (x, [0, 10], o, "max"), ValueError, "reduction"),
+    (lambda x, o: (x, [0, 10], torch.full((3, 3), 7), "sum"), ValueError, "permutation"),
+    (lambda x, o: (x, [0, 10], o.float(), "sum"), TypeError, "order: expected an int64"),
+    (lambda x, o: (x, [0, 10], torch.zeros(4, 4, dtype=torch.int64), "sum"), ValueError, "order: expected shape"),
+])
+def test_op_direct_errors(args, exc, match):
+    x = torch.randn(3, 10)
+    order = random_order(3, seed=77)
+    with pytest.raises(exc, match=match):
+        _run(*args(x, order))
+
+
+@needs_native
+def test_ops_opcheck_and_compile():
+    x = make_grads(4, 40, seed=78)
+    order = random_order(4, 2, seed=79)
+    torch.library.opcheck(_ops().project.default, (x, [0, 10, 40], order, "none"))
+    torch.library.opcheck(_ops().cross.default, (x[:2], x, [0, 10, 40]))
+    w, m = torch.randn(2, 2, 4, dtype=torch.float64), torch.randn(2, 4, 4, dtype=torch.float64)
+    torch.library.opcheck(_ops().backward_combine.default, (x[:2], x, w, m, [0, 10, 40]))
+    torch._dynamo.reset()
+    fn = torch.compile(lambda v: _ops().project(v, [0, 10, 40], order, "sum")[0] * 2, fullgraph=True)
+    torch.testing.assert_close(fn(x), _run(x, [0, 10, 40], order, "sum")[0] * 2)
+
+
+# --------------------------------------------------------------------------------------
+# Backward passes (compiled)
+# --------------------------------------------------------------------------------------
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_compiled_backward_passes_match_torch(dtype):
+    x = make_grads(5, 20_011, dtype=dtype, seed=80, shared=-0.6)
+    seg = segments_for([0, 7000, 7001, 20_011], 20_011)
+    order = random_order(5, 3, seed=81)
+    y = make_grads(5, 20_011, dtype=dtype, seed=82)
+    v = _ops().cross(y, x, list(seg.offsets))
+    torch.testing.assert_close(v, torch_impl.cross(y, x, seg), rtol=1e-10, atol=1e-9)
+    gram = torch_impl.gram(x, seg)
+    for reduction, dout in (("sum", y[0]), ("none", y)):
+        got = native_impl.backward(x, dout, gram, order, seg, reduction)
+        want = torch_impl.backward(x, dout, gram, order, seg, reduction)
+        assert got.dtype == dtype
+        rtol = {torch.float64: 1e-9, torch.float32: 1e-4, torch.bfloat16: 2e-2}[dtype]
+        torch.testing.assert_close(got.double(), want.double(), rtol=rtol,
+                                   atol=rtol * float(want.double().abs().max()))
+
+
+@needs_native
+def test_autograd_through_native_matches_torch_backend():
+    x = make_grads(6, 30_000, seed=83, shared=-0.5)
+    order = random_order(6, 2, seed=84)
+    segs = [0, 12_345, 30_000]
+    dy = torch.randn(30_000)
+    grads = []
+    for backend in ("native", "torch"):
+        v = x.clone().requires_grad_()
+        (g,) = torch.autograd.grad(ok.project(v, segs, order=order, backend=backend), v, dy)
+        grads.append(g)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-4 * float(grads[1].abs().max()))
+
+
+# --------------------------------------------------------------------------------------
+# Availability and registration
+# --------------------------------------------------------------------------------------
+
+def test_availability_when_the_extension_is_missing(monkeypatch):
+    def fail(name):
+        raise ModuleNotFoundError("No module named 'ortholora_kernels._C'")
+    monkeypatch.setattr(native_impl, "_state", {})
+    monkeypatch.setattr(native_impl.importlib, "import_module", fail)
+    reason = native_impl.availability(torch.device("cpu"))
+    assert reason is not None and "not built" in reason
+    assert not native_impl.built_with_cuda()
+    with pytest.raises(RuntimeError, match="not built"):
+        native_impl.forward(torch.randn(2, 3), segments_for(None, 3), random_order(2, 1), "sum")
+
+
+def test_availability_reports_a_load_error(monkeypatch):
+    def fail(name):
+        raise OSError("undefined symbol: _ZN3c10whatever")
+    monkeypatch.setattr(native_impl, "_state", {})
+    monkeypatch.setattr(native_impl.importlib, "import_module", fail)
+    reason = native_impl.availability(torch.device("cpu"))
+    assert "failed to load" in reason and "undefined symbol" in reason
+
+
+def test_package_imports_and_falls_back_without_the_extension():
+    code = textwrap.dedent("""
+        import sys
+        class Block:
+            def find_spec(self, name, path=None, target=None):
+                if name == "ortholora_kernels._C":
+                    raise ImportError("blocked for the test")
+        sys.meta_path.insert(0, Block())
+        import torch, ortholora_kernels as ok
+        usable, reason = ok.backends_available("cpu")["native"]
+        assert not usable and "blocked for the test" in reason, reason
+        from ortholora_kernels import backends
+        assert backends.select(None, torch.device("cpu")) == "torch"
+        print(ok.project(torch.randn(3, 10)).shape)
+    """)
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("ORTHOLORA_BACKEND", None)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT)
+    assert res.returncode == 0, res.stderr
+    assert "torch.Size([10])" in res.stdout
+
+
+@needs_native
+def test_cuda_glue_is_registered_only_when_built_with_cuda():
+    from ortholora_kernels import _C
+    has_cpu = torch._C._dispatch_has_kernel_for_dispatch_key("ortholora_C::project", "CPU")
+    has_cuda = torch._C._dispatch_has_kernel_for_dispatch_key("ortholora_C::project", "CUDA")
+    assert has_cpu
+    assert has_cuda == bool(_C.WITH_CUDA) == native_impl.built_with_cuda()
+    if not has_cuda:
+        assert "without CUDA" in native_impl.availability(torch.device("cuda"))
+    assert "no kernels" in native_impl.availability(torch.device("meta"))
+
+
+@needs_native
+def test_automatic_choice_prefers_native_on_cpu(monkeypatch):
+    from ortholora_kernels import backends
+    monkeypatch.delenv("ORTHOLORA_BACKEND", raising=False)
+    assert backends.select(None, torch.device("cpu")) == "native"
+
+
+# --------------------------------------------------------------------------------------
+# CUDA path (GPU) and its CPU twins
+# --------------------------------------------------------------------------------------
+
+def _check_device_matches_reference(device):
+    for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+        x = make_grads(8, 70_001, dtype=dtype, seed=85, shared=-0.5, device=device)
+        segs = [0, 30_000, 30_100, 70_001]
+        order = random_order(8, 3, seed=86, device=device)
+        for reduction in ("sum", "mean", "none"):
+            r = ok.project(x, segs, order=order, reduction=reduction, backend="native", return_stats=True)
+            assert r.output.device.type == torch.device(device).type
+            assert_matches_reference(r.output.cpu(), x.cpu(), segs, order=order.cpu(), reduction=reduction)
+            ref = reference.project(x.cpu(), segs, order=order.cpu(), return_stats=True)
+            assert torch.equal(r.num_projections.cpu().long(), ref.num_projections)
+            again = ok.project(x, segs, order=order, reduction=reduction, backend="native")
+            assert torch.equal(again, r.output)                      # deterministic
+
+
+def _check_device_edge_cases(device):
+    x = make_grads(5, 3000, seed=87, shared=-0.7, device=device)
+    x[1] = 0
+    segs = [0, 1500, 3000]
+    out = ok.project(x, segs, reduction="none", backend="native")
+    assert torch.equal(out[1].cpu(), torch.zeros(3000))               # a zero task stays zero
+    assert torch.isfinite(out).all().item()                           # and is never divided by
+    x[2, 10] = float("nan")
+    out = ok.project(x, segs, reduction="none", backend="native")
+    assert torch.isnan(out[2, 10]).item()                             # propagates, never zeroed
+    assert torch.isfinite(out[:, 1500:]).all().item()                 # but stays in its segment
+    x1 = make_grads(1, 777, seed=88, device=device)
+    assert torch.equal(ok.project(x1, backend="native"), x1[0])
+
+
+@pytest.mark.gpu
+def test_cuda_matches_reference():
+    if native_impl.availability(torch.device("cuda")) is not None:
+        pytest.skip(native_impl.availability(torch.device("cuda")))
+    _check_device_matches_reference("cuda")
+
+
+@needs_native
+def test_cpu_twin_matches_reference():
+    _check_device_matches_reference("cpu")
+
+
+@pytest.mark.gpu
+def test_cuda_edge_cases():
+    if native_impl.availability(torch.device("cuda")) is not None:
+        pytest.skip(native_impl.availability(torch.device("cuda")))
+    _check_device_edge_cases("cuda")
+
+
+@needs_native
+def test_cpu_twin_edge_cases():
+    _check_device_edge_cases("cpu")
+
+
+# --------------------------------------------------------------------------------------
+# setup.py's build decisions
+# --------------------------------------------------------------------------------------
+
+def _setup_module():
+    spec = importlib.util.spec_from_file_location("ortholora_setup", os.path.join(ROOT, "setup.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)                     # not __main__: setup() is not called
+    return mod
+
+
+FULL = dict(torch_version="2.13.0", torch_cuda="12.8", nvcc="/usr/local/cuda/bin/nvcc", cxx="/usr/bin/c++",
+            machine="x86_64")
+
+
+@pytest.mark.parametrize("env,facts,build,cuda,words", [
+    ({"ORTHOLORA_SKIP_BUILD": "1"}, FULL, False, False, "ORTHOLORA_SKIP_BUILD"),
+    ({}, dict(FULL, torch_version=None), False, False, "torch is not importable"),
+    ({}, dict(FULL, cxx=None), False, False, "no C++ compiler"),
+    ({}, dict(FULL, torch_cuda=None), True, False, "CPU-only"),
+    ({}, dict(FULL, nvcc=None), True, False, "nvcc not found"),
+    ({"ORTHOLORA_SKIP_CUDA_BUILD": "1"}, FULL, True, False, "ORTHOLORA_SKIP_CUDA_BUILD"),
+    ({"TORCH_CUDA_ARCH_LIST": "9.0"}, FULL, True, True, "9.0"),
+    ({"ORTHOLORA_SKIP_BUILD": "0"}, FULL, True, True, "CUDA kernels"),
+])
+def test_setup_build_plan(env, facts, build, cuda, words):
+    plan = _setup_module().build_plan(env, **facts)
+    assert plan["build"] is build and plan["cuda"] is cuda
+    assert words in plan["message"]
+    if build:
+        assert "-O3" in plan["cxx_flags"] and "-march=native" not in plan["cxx_flags"]
+        assert any(s.endswith(".cu") for s in plan["sources"]) is cuda
+        assert (("ORTHOLORA_WITH_CUDA", "1") in plan["define_macros"]) is cuda
+        assert not any("gencode" in f or f.startswith("-arch") for f in plan["nvcc_flags"])  # TORCH_CUDA_ARCH_LIST decides
+
+
+def test_setup_build_plan_opt_in_native_arch_and_msvc():
+    mod = _setup_module()
+    assert "-march=native" in mod.build_plan({"ORTHOLORA_NATIVE_ARCH": "1"}, **FULL)["cxx_flags"]
+    plan = mod.build_plan({}, **dict(FULL, cxx=None, compiler_kind="msvc"))
+    assert plan["build"] and plan["cxx_flags"] == ["/O2"]
+
+
+def test_setup_sources_cover_csrc():
+    cpu, cuda = _setup_module()._sources(ROOT)
+    assert "csrc/ortholora_cpu.cpp" in cpu and not any("cuda" in s for s in cpu)
+    assert all(s.startswith("csrc/cuda/") for s in cuda)
