@@ -231,6 +231,16 @@ def test_fused_and_unfused_stage2_agree(monkeypatch, fused, group, target):
 
 
 @interpreter
+def test_compile_fullgraph():
+    """No graph break around the op: the backend does no host sync dynamo would trip on."""
+    torch._dynamo.reset()
+    x = make_grads(3, 64, seed=87, shared=-0.5)
+    order = random_order(3, 2, seed=88)
+    fn = lambda v: _project(v * 2.0, [0, 20, 64], order=order) + 1.0  # noqa: E731
+    torch.testing.assert_close(torch.compile(fn, fullgraph=True)(x), fn(x), rtol=0, atol=0)
+
+
+@interpreter
 def test_layout_tables_are_cached(monkeypatch):
     """Per-call host work does not grow with N: the chunk tables are built once per layout."""
     impl = _impl()
