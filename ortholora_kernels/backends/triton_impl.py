@@ -8,11 +8,12 @@ Forward: two launches, no host synchronisation, no per-call host work growing wi
    of two that brings that max into [1, 2) (squares of gradients at 1e-30 or 1e30 leave
    fp32's range), accumulates fp32 products per thread (``tl.dot`` in IEEE fp32 for
    T >= 16) and un-scales exactly into one fp64 partial per chunk. No atomics on data.
-   The last program to finish a segment (an atomic ticket) then runs stage 2 for it:
-   a fixed-order fp64 sum of the segment's partials -> G (bitwise equal run after run,
-   whichever program came last), and the sequential projection on the T x T matrix,
-   branch-free in fp64 (``min(inner, 0)``, ``G[j, j] == 0`` skipped) -> C, the combine
-   weights W, the projection count.
+   Stage 2 runs in the tail of the same launch through a two-level ticket tree (atomic
+   counters): the last program of each group of ``_GROUP`` chunks sums the group's
+   partials; the last group of a segment sums the group sums -> G and runs the
+   sequential projection on the T x T matrix, branch-free in fp64 (``min(inner, 0)``,
+   ``G[j, j] == 0`` skipped) -> C, the combine weights W, the projection count. Every
+   sum has a fixed order whichever program comes last: bitwise equal run after run.
 2. ``_combine_kernel``: ``out = W_s X_s`` (C_s X_s for "none") per column block, fp32
    accumulation (fp64 for fp64 input), rounded once to the input dtype.
 
@@ -29,6 +30,7 @@ partials are a cached workspace per layout, device and stream.
 """
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -46,10 +48,9 @@ except Exception as exc:  # pragma: no cover - depends on the environment
     triton = tl = None
     _IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
 
-# Register budget per program (elements of the largest per-tile temporary). Fixed
-# configurations, no autotune: the interpreter runs multi-config autotune badly and a
-# fixed config keeps the reduction order, hence the bits, identical run after run.
-_TILE_ELEMS = 16384
+# Fixed configurations, no autotune: the interpreter runs multi-config autotune badly and
+# a fixed config keeps the reduction order, hence the bits, identical run after run.
+_TILE_ELEMS = 16384        # register budget (elements) that sizes the column tiles
 _MAX_CHUNK_BLOCKS = 16     # tiles per Gram program on large N (fewer fp64 partials)
 _TARGET_PROGRAMS = 1024    # enough programs to fill a large GPU before chunking
 _REDUCE_ELEMS = 2048       # fp64 elements per step of a partial sum (16 per thread)
@@ -353,18 +354,24 @@ class _Layout:
 
     ``table`` int64 ``[P, 4]``: per program (segment, start, end, group); chunks never
     straddle a segment. ``chunk_off [S + 1]``: chunks of each segment. ``group_off
-    [G + 1]``: chunks of each group (``_GROUP`` consecutive chunks of one segment).
+    [G + 1]``: chunks of each group (``group`` consecutive chunks of one segment, at least
+    ``_GROUP``, about sqrt(P) so both levels of the reduction stay short).
     ``seg_group_off [S + 1]``: groups of each segment.
+
+    A 1-D grid over this flattened (segment, chunk) table, not a 2-D [S, max chunks]
+    grid: ragged layouts (1-column segments beside 16M-column ones) launch no idle programs.
     """
 
     def __init__(self, seg: Segments, device: torch.device, span: int):
+        n_chunks = sum(-(-size // span) for size in seg.sizes)
+        group = max(_GROUP, math.isqrt(n_chunks - 1) + 1)
         rows, chunk_off, group_off, seg_group_off = [], [0], [0], [0]
         for s, (lo, hi) in enumerate(zip(seg.offsets, seg.offsets[1:])):
             first = len(rows)
             for a in range(lo, hi, span):
-                rows.append((s, a, min(a + span, hi), len(group_off) - 1 + (len(rows) - first) // _GROUP))
+                rows.append((s, a, min(a + span, hi), len(group_off) - 1 + (len(rows) - first) // group))
             chunk_off.append(len(rows))
-            group_off.extend(range(first + _GROUP, len(rows), _GROUP))
+            group_off.extend(range(first + group, len(rows), group))
             group_off.append(len(rows))
             seg_group_off.append(len(group_off) - 1)
 
