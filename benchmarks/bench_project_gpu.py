@@ -17,7 +17,8 @@ L2 flushed between calls):
 Bandwidth counts the physical floor: 2 reads of T x N plus 1 write of N, in the input
 dtype; ``frac_copy`` divides it by a measured device-to-device copy (``copy_`` of 1 GiB).
 Results: a table printed last, ``results.csv`` and ``results.json`` under ``--out``
-(default ``$OUT`` or ``./bench_out``).
+(default ``$OUT`` or ``./bench_out``). ``--sweep`` instead times the triton forward over
+a grid of its tile and chunk constants (``sweep.csv``), to tune them on a new GPU.
 """
 from __future__ import annotations
 
@@ -201,6 +202,49 @@ def check_correctness():
     return f"triton vs reference: max rel err {worst:.1e}"
 
 
+SWEEP = {  # triton_impl constants worth tuning on a new GPU (the defaults are untuned guesses)
+    "_TILE_ELEMS": [8192, 16384, 32768],
+    "_TARGET_PROGRAMS": [512, 1024, 2048],
+    "_MAX_CHUNK_BLOCKS": [4, 16, 64],
+}
+
+
+def sweep(ts, ns, rep_ms, device="cuda"):
+    """Time the triton forward alone over the SWEEP grid; rows sorted fastest first per shape."""
+    import itertools
+    impl = ok.backends.get("triton")
+    saved = {k: getattr(impl, k) for k in SWEEP}
+    rows, segs = [], []
+    try:
+        for t, n in itertools.product(ts, ns):
+            x = torch.randn(t, n, device=device)
+            order3 = torch.rand(1, t, t, device=device).argsort(-1)
+            seg = ok._args.segments_for(None, n)
+            segs.append(seg)
+            ref = impl.forward(x, seg, order3, "sum")[0]
+            shape_rows = []
+            for values in itertools.product(*SWEEP.values()):
+                for k, v in zip(SWEEP, values):
+                    setattr(impl, k, v)
+                seg._device_cache.clear()            # plans and tables depend on the constants
+                fn = lambda: impl.forward(x, seg, order3, "sum")[0]  # noqa: E731
+                err = rel_err(fn(), ref)
+                us = do_bench(fn, rep_ms)
+                shape_rows.append({"T": t, "N": n, **dict(zip(SWEEP, values)), "median_us": round(us, 2),
+                                   "GBps": round(gbps(floor_bytes(t, n, x.dtype), us), 1),
+                                   "max_rel_err": f"{err:.1e}"})
+            rows += sorted(shape_rows, key=lambda r: r["median_us"])
+            del x
+            if device == "cuda":
+                torch.cuda.empty_cache()
+    finally:
+        for k, v in saved.items():
+            setattr(impl, k, v)
+        for seg in segs:
+            seg._device_cache.clear()
+    return rows
+
+
 def fmt(v, spec):
     return format("-", ">" + spec.split(".")[0]) if v is None else format(v, spec)
 
@@ -234,6 +278,8 @@ def parse_args(argv=None):
     p.add_argument("--rep-ms", type=float, default=100.0, help="do_bench repetition time per measurement")
     p.add_argument("--skip-loop-above", type=int, default=0,
                    help="skip the per-pair loop when T*N exceeds this (0: never skip)")
+    p.add_argument("--sweep", action="store_true",
+                   help="instead: time the triton forward over a grid of tile/chunk constants (T=8 unless --tasks)")
     p.add_argument("--out", default=os.environ.get("OUT") or "bench_out", help="directory for results.csv/json")
     args = p.parse_args(argv)
     if args.quick:
@@ -259,6 +305,20 @@ def main(argv=None):
     print("backends:", meta["backends"])
     meta["check"] = check_correctness()
     print(meta["check"])
+    if args.sweep:
+        ts = args.tasks if args.tasks != TASKS else [8]
+        ns = args.numel if args.numel != NUMELS else [295_000, 16_000_000]
+        rows = sweep(ts, ns, args.rep_ms)
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "sweep.json"), "w") as f:
+            json.dump({"meta": meta, "rows": rows}, f, indent=1)
+        with open(os.path.join(args.out, "sweep.csv"), "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+        for r in rows:
+            print(" ".join(f"{k}={v}" for k, v in r.items()))
+        return 0
     copy_bw = copy_bandwidth(args.rep_ms)
     meta["copy_GBps"] = round(copy_bw, 1)
     rows = []
