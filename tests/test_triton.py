@@ -265,6 +265,26 @@ def test_cpu_without_interpreter_raises(monkeypatch):
     assert ok.backends.select(None, torch.device("cpu")) != "triton"   # never chosen automatically
 
 
+def test_import_without_triton_gives_a_reason():
+    """The module imports without triton (a fresh interpreter with triton blocked)."""
+    import subprocess
+    import sys
+    code = (
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] == 'triton': raise ImportError('blocked')\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import torch\n"
+        "from ortholora_kernels.backends import triton_impl as ti\n"
+        "print(ti.availability(torch.device('cuda')))\n"
+    )
+    root = __import__("pathlib").Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=root)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "triton is not importable" in out.stdout
+
+
 def test_availability_other_devices():
     impl = _impl()
     if impl._IMPORT_ERROR is None:
