@@ -56,6 +56,8 @@ def _add_train_options(p, demo=False):
     g.add_argument("--max-length", type=int, default=64 if demo else 128, help="max tokens per (pair) example; longer ones are "
                    "truncated, batches are padded dynamically to their longest (default: %(default)s)")
     g.add_argument("--cache-dir", default=None, help="datasets cache directory for hub downloads")
+    g.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: 1 for tiny-roberta, which is launch-bound, else torch's default)")
 
     g = p.add_argument_group("model")
     if not demo:
@@ -178,7 +180,7 @@ def _config_from_args(a, **over):
         backend=getattr(a, "backend", None), max_train_samples=a.max_train_samples,
         max_eval_samples=a.max_eval_samples, resume=getattr(a, "resume", False),
         stop_after_steps=getattr(a, "stop_after_steps", None), progress=not a.no_progress,
-        plots=not a.no_plots, cache_dir=a.cache_dir)
+        plots=not a.no_plots, cache_dir=a.cache_dir, threads=a.threads)
     for k, v in over.items():
         setattr(cfg, k, v)
     return cfg

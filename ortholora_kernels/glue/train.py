@@ -69,6 +69,7 @@ class TrainConfig:
     progress: bool = True
     plots: bool = True
     cache_dir: str | None = None
+    threads: int | None = None            # torch intra-op threads (None: 1 for tiny-roberta, else torch's)
 
     def to_dict(self):
         return dataclasses.asdict(self)
@@ -269,7 +270,7 @@ def train(cfg: TrainConfig) -> dict:
             raise TrainError(f"--resume: no checkpoint in {out}")
         state = ckpt.load(ckpt_path)
         saved = dict(state["config"])
-        for k in ("resume", "stop_after_steps", "progress", "plots"):
+        for k in ("resume", "stop_after_steps", "progress", "plots", "threads"):
             saved.pop(k, None)
         mine = {k: v for k, v in cfg.to_dict().items() if k in saved}
         diff = [k for k in saved if saved[k] != mine.get(k) and k not in ("out", "data_dir", "cache_dir")]
@@ -288,6 +289,9 @@ def train(cfg: TrainConfig) -> dict:
             texts.extend(d.train.text_b or [])
     tokenizer = load_tokenizer(cfg.model, out, texts)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    threads = cfg.threads or (1 if is_tiny(cfg.model) else None)
+    if threads:   # tiny models are launch-bound: extra threads only spin (and fight other jobs)
+        torch.set_num_threads(threads)
     evals = list(state["evals"]) if state else []
     log = ConflictLog(os.path.join(out, CONFLICTS), cfg.log_every)
     units = [[i] for i in range(len(tasks))] if method_cls.separate_tasks else [list(range(len(tasks)))]
