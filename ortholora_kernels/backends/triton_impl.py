@@ -496,6 +496,7 @@ def gram(x: torch.Tensor, seg: Segments) -> torch.Tensor:
 
 
 def forward(x: torch.Tensor, seg: Segments, order: torch.Tensor, reduction: str):
+    """``(out, G, C, nproj)`` for contiguous ``x [T, N]``: two launches, no host sync."""
     x = x.contiguous()
     t = x.shape[0]
     g, c, w, nproj = _gram(x, None, seg, order=order, reduction=reduction)
