@@ -161,3 +161,32 @@ def test_sampler_cycles_independently_and_resumes():
     s2 = MultiTaskSampler([5, 3], batch_size=4, seed=0)
     s2.load_state_dict(state)
     assert [s2.next_indices(t) for t in (0, 1, 0)] == a
+
+
+def test_hub_path_maps_columns_and_splits(monkeypatch):
+    """The hub code path (nyu-mll/glue through datasets), with load_dataset faked offline."""
+    import datasets
+
+    calls = []
+
+    def fake(name, config, split, cache_dir=None):
+        calls.append((name, config, split))
+        if config == "mnli":
+            return datasets.Dataset.from_dict({"premise": ["p1", "p2"], "hypothesis": ["h1", "h2"],
+                                               "label": [0, 2], "idx": [0, 1]})
+        return datasets.Dataset.from_dict({"sentence1": ["a", "b", "c"], "sentence2": ["x", "y", "z"],
+                                           "label": [1.5, 2.0, 4.25], "idx": [0, 1, 2]})
+
+    monkeypatch.setattr(datasets, "load_dataset", fake)
+    mnli, stsb = load_tasks(parse_tasks("mnli,stsb"), data_dir=None, max_train=1)
+    assert ("nyu-mll/glue", "mnli", "validation_mismatched") in calls
+    assert ("nyu-mll/glue", "stsb", "validation") in calls
+    assert len(mnli.train) == 1 and mnli.evals["_m"].labels == [0, 2] and mnli.evals["_mm"].text_b == ["h1", "h2"]
+    assert stsb.evals[""].labels == [1.5, 2.0, 4.25]
+
+    def offline(*a, **k):
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(DataError, match="could not load nyu-mll/glue/rte"):
+        load_tasks(parse_tasks("rte"))
