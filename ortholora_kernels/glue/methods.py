@@ -63,6 +63,7 @@ class Method:
     name = "base"
     help = ""
     options: tuple = ()
+    segment_names: list = []  # names of the projection segments (for reports), if any
     separate_tasks = False   # True: one independent run per task (e.g. "single")
 
     def __init__(self, cfg, tasks):
@@ -112,6 +113,7 @@ class Ortho(Method):
         c = self.cfg
         self.projector = make_projector(model, len(self.tasks), c.granularity or "ab", c.collect or "grouped",
                                         c.seed, c.backend)
+        self.segment_names = list(getattr(self.projector, "segment_names", []) or [])
 
     def backward(self, model, losses, task_ids):
         p = self.projector

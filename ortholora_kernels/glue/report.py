@@ -288,6 +288,24 @@ def segment_labels(granularity, num_segments):
     return [f"segment {i}" for i in range(num_segments)]
 
 
+def _short_segment(name: str) -> str:
+    """Short plot labels: ``A:...layer.0`` -> ``A:L0``, ``...layer.1...value.lora_B...`` -> ``L1.value.B``."""
+    import re
+
+    name = str(name)
+    side = ""
+    if ":" in name:
+        side, name = name.split(":", 1)
+        side += ":"
+    m = re.search(r"\.(\d+)\..*?(\w+)\.lora_(?:embedding_)?(A|B)\b", name)
+    if m:
+        return f"{side}L{m.group(1)}.{m.group(2)}.{m.group(3)}"
+    m = re.search(r"\.(\d+)$", name)
+    if m:
+        return f"{side}L{m.group(1)}"
+    return side + name
+
+
 def write_run_plots(run_dir: str, res: dict, cfg: dict) -> list:
     os.makedirs(os.path.join(run_dir, "plots"), exist_ok=True)
     out = []
@@ -298,6 +316,12 @@ def write_run_plots(run_dir: str, res: dict, cfg: dict) -> list:
     if rows:
         nseg = max(r["segment"] for r in rows) + 1
         labels = segment_labels(cfg.get("granularity"), nseg)
+        cos_path = os.path.join(run_dir, "cosine.json")
+        if os.path.isfile(cos_path):
+            with open(cos_path, encoding="utf-8") as f:
+                names = json.load(f).get("segments") or []
+            if len(names) == nseg:
+                labels = [_short_segment(n) for n in names]
         p = os.path.join(run_dir, "plots", "conflicts.png")
         plot_conflicts(rows, p, labels)
         out.append(p)

@@ -251,6 +251,7 @@ def _run_unit(cfg, method_cls, tasks, datas, tokenizer, unit, state, out_dir, de
     if bar is not None:
         bar.close()
     log.flush()
+    log.segment_names = list(method.segment_names)
     return model, total, time.perf_counter() - t0
 
 
@@ -315,6 +316,7 @@ def train(cfg: TrainConfig) -> dict:
     cos = log.mean_cosine_matrix()
     if cos is not None:
         ckpt.atomic_write_json(os.path.join(out, "cosine.json"), {"tasks": [t.name for t in tasks],
+                                                                   "segments": getattr(log, "segment_names", []),
                                                                    "mean_cosine": cos})
     res = write_results(out, cfg.to_dict(), evals, {"finished": True, "train_seconds": round(seconds, 2)})
     if cfg.plots:
