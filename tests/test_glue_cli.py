@@ -39,6 +39,8 @@ def test_help_documents_every_option(capsys):
     (["train", "--method", "nope"], "invalid choice"),
     (["train", "--max-steps", "x"], "invalid int value"),
     (["train", "--batch-size", "0", "--tiny"], "--batch-size must be >= 1"),
+    (["train", "--max-train-samples", "0", "--tiny"], "--max-train-samples must be >= 1"),
+    (["train", "--method", "ortho", "--backend", "warp9", "--tiny"], "--backend"),
     (["compare"], "the following arguments are required"),
     (["bogus-command"], "invalid choice"),
 ])

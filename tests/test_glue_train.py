@@ -91,6 +91,7 @@ def test_methods_and_reports(tmp_path, synth, capsys):
     assert (o / "plots" / "conflicts.png").stat().st_size > 0 and (o / "plots" / "cosine_heatmap.png").exists()
     cfg = json.loads((o / "config.json").read_text())
     assert cfg["method"] == "ortho" and cfg["granularity"] == "layer" and cfg["lora_r"] == 8
+    assert cfg["collect"] == "grouped" and cfg["resolved"]["backend"] in ("torch", "native", "triton")
     capsys.readouterr()
     assert main(["compare", *runs]) == 0
     table = capsys.readouterr().out

@@ -283,8 +283,10 @@ def main(argv=None) -> int:
             print(f"{PROG}: stopped after step {e.args[0]} (--stop-after-steps); continue with --resume",
                   file=sys.stderr)
             return 0
-        except (TrainError, DataError, ModelError, UnknownTaskError, FileNotFoundError) as e:
+        except (TrainError, DataError, ModelError, UnknownTaskError) as e:
             raise CliError(str(e)) from None
+        except OSError as e:   # unreadable/unwritable paths, missing run directories
+            raise CliError(f"{e.strerror or e}: {e.filename}" if getattr(e, "filename", None) else str(e)) from None
     except CliError as e:
         msg = " ".join(str(e).split())
         print(f"{PROG}: error: {msg}", file=sys.stderr)

@@ -75,6 +75,10 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
+def _device():
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 class TrainError(ValueError):
     """A user-facing training problem (bad option combination...)."""
 
@@ -95,6 +99,20 @@ def validate(cfg: TrainConfig):
         raise TrainError(f"--granularity must be global, ab, layer or matrix, not {cfg.granularity!r}")
     if cfg.collect is not None and cfg.collect not in ("grouped", "loop"):
         raise TrainError(f"--collect must be grouped or loop, not {cfg.collect!r}")
+    # resolved defaults of the method-specific options (recorded in config.json)
+    for opt, default in (("granularity", "ab"), ("collect", "grouped")):
+        if opt in method_cls.options and getattr(cfg, opt) is None:
+            setattr(cfg, opt, default)
+    if "backend" in method_cls.options:
+        from .. import backends
+
+        try:
+            backends.select(cfg.backend, _device())
+        except (ValueError, RuntimeError) as e:
+            raise TrainError(f"--backend: {e}") from None
+    for name in ("max_train_samples", "max_eval_samples", "threads"):
+        if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
+            raise TrainError(f"--{name.replace('_', '-')} must be >= 1")
     for name in ("batch_size", "eval_batch_size", "max_length", "lora_r", "eval_every", "save_every", "log_every"):
         if getattr(cfg, name) < 1:
             raise TrainError(f"--{name.replace('_', '-')} must be >= 1")
@@ -126,7 +144,8 @@ class Batcher:
             labels.append(enc.labels[idx].to(device))
             tids.extend([t] * len(idx))
         ids, mask = pad_batch(seqs, self.pad_id)
-        return ids.to(device), mask.to(device), slices, labels, torch.tensor(tids, device=device)
+        # task ids stay on the CPU: the grouped collector reads them without a device sync
+        return ids.to(device), mask.to(device), slices, labels, torch.tensor(tids)
 
 
 @torch.no_grad()
@@ -255,6 +274,23 @@ def _run_unit(cfg, method_cls, tasks, datas, tokenizer, unit, state, out_dir, de
     return model, total, time.perf_counter() - t0
 
 
+def _resolved_config(cfg, method_cls) -> dict:
+    """The configuration plus what it resolves to (backend, device, versions)."""
+    import peft
+    import transformers
+
+    d = cfg.to_dict()
+    res = {"device": str(_device()), "separate_tasks": method_cls.separate_tasks,
+           "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                        "peft": peft.__version__}}
+    if "backend" in method_cls.options:
+        from .. import backends
+
+        res["backend"] = backends.select(cfg.backend, _device())
+    d["resolved"] = res
+    return d
+
+
 def train(cfg: TrainConfig) -> dict:
     """Run the configured method; write the reports in ``cfg.out``; return results.json's dict."""
     method_cls, tasks = validate(cfg)
@@ -281,7 +317,7 @@ def train(cfg: TrainConfig) -> dict:
         for f in (ckpt_path, os.path.join(out, CONFLICTS)):
             if os.path.exists(f):
                 os.remove(f)
-    ckpt.atomic_write_json(os.path.join(out, "config.json"), cfg.to_dict())
+    ckpt.atomic_write_json(os.path.join(out, "config.json"), _resolved_config(cfg, method_cls))
     datas = load_tasks(tasks, cfg.data_dir, cfg.max_train_samples, cfg.max_eval_samples, cfg.seed, cfg.cache_dir)
     texts = []
     if is_tiny(cfg.model):
@@ -289,7 +325,7 @@ def train(cfg: TrainConfig) -> dict:
             texts.extend(d.train.text_a)
             texts.extend(d.train.text_b or [])
     tokenizer = load_tokenizer(cfg.model, out, texts)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = _device()
     threads = cfg.threads or (1 if is_tiny(cfg.model) else None)
     if threads:   # tiny models are launch-bound: extra threads only spin (and fight other jobs)
         torch.set_num_threads(threads)
