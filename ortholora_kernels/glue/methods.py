@@ -13,7 +13,10 @@ LoRA adapter + one head per task), (2) whether tasks train together or one at a 
         def build_model(self, encoder, tasks): ...
         def backward(self, model, losses, task_ids): ...   # returns stats or None
 
-or, for a module imported lazily, by listing it in :data:`LAZY_METHODS`.
+A method defined in another module is found when that module is imported; list it in
+:data:`LAZY_METHODS` (name -> module) so the CLI imports it on demand. The training loop
+passes ``model(input_ids, attention_mask, task_slices)`` (task_slices: the rows of each
+task in the concatenated batch) and ``task_ids`` (CPU LongTensor) to ``backward``.
 """
 from __future__ import annotations
 
@@ -37,20 +40,24 @@ def register_method(cls):
     return cls
 
 
+def _import_lazy(name: str) -> None:
+    if name in METHODS or name not in LAZY_METHODS:
+        return
+    try:
+        importlib.import_module(LAZY_METHODS[name])   # registers the method, if it defines one
+    except ImportError:
+        pass
+
+
 def available_methods() -> list[str]:
-    names = list(METHODS)
-    for name, mod in LAZY_METHODS.items():
-        if name not in METHODS and importlib.util.find_spec(mod) is not None:
-            names.append(name)
-    return names
+    """Registered methods, plus lazy ones whose module exists and registers them."""
+    for name in LAZY_METHODS:
+        _import_lazy(name)
+    return list(METHODS)
 
 
 def get_method(name: str):
-    if name not in METHODS and name in LAZY_METHODS:
-        try:
-            importlib.import_module(LAZY_METHODS[name])
-        except ModuleNotFoundError:
-            pass
+    _import_lazy(name)
     try:
         return METHODS[name]
     except KeyError:
