@@ -71,6 +71,8 @@ def test_single_resumes_across_task_units(tmp_path, synth):
     assert main(args + ["--out", part, "--resume"]) == 0
     assert _metrics(full)[0] == _metrics(part)[0]
     assert {t for _, t, _ in _metrics(full)[0]} == {"sst2", "cola"}
+    final = torch.load(os.path.join(part, "model_final_cola.pt"))
+    assert final["tasks"] == ["cola"] and any("lora_B" in k for k in final["state_dict"])
 
 
 def test_methods_and_reports(tmp_path, synth, capsys):
@@ -80,7 +82,7 @@ def test_methods_and_reports(tmp_path, synth, capsys):
         assert main(["train", *FAST, "--data-dir", synth, "--tasks", "sst2,cola,stsb", "--method", method,
                      "--max-steps", "4", "--eval-every", "2", "--out", out, *extra]) == 0
         runs.append(out)
-        for f in ("config.json", "results.json", "summary.md", "plots/learning_curves.png"):
+        for f in ("config.json", "results.json", "summary.md", "plots/learning_curves.png", "model_final.pt"):
             assert os.path.getsize(os.path.join(out, f)) > 0, f
     o = Path(runs[1])
     rows = [json.loads(x) for x in (o / "conflicts.jsonl").read_text().splitlines()]
@@ -103,6 +105,7 @@ def test_demo_command(tmp_path, capsys):
     assert main(["demo", "--out", out, "--max-steps", "3", "--eval-every", "3", "--n-train", "32", "--n-dev", "16",
                  "--batch-size", "4", "--tasks", "sst2,mrpc", "--no-progress"]) == 0
     text = capsys.readouterr().out
+    assert "ortho gradients per step (A: " in text
     for m in ("single", "joint", "ortho (ab)"):
         assert f"| {m} |" in text
     assert os.path.isfile(os.path.join(out, "comparison.md"))

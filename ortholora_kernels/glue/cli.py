@@ -202,6 +202,11 @@ def cmd_train(a):
     cfg = _config_from_args(a)
     res = train(cfg)
     _print_summary(res, cfg.out)
+    from .report import conflict_summary
+
+    line = conflict_summary(cfg.out)
+    if line:
+        print(f"task gradients per step: {line}")
     print(f"reports in {cfg.out}/ (results.json, config.json, summary.md, plots/)")
     return 0
 
@@ -249,6 +254,12 @@ def cmd_demo(a):
     os.makedirs(os.path.join(a.out, "plots"), exist_ok=True)
     plot_learning_curves(runs, os.path.join(a.out, "plots", "learning_curves.png"))
     print(table, end="")
+    from .report import conflict_summary
+
+    for m, d in zip(methods, dirs):
+        line = conflict_summary(d)
+        if line:
+            print(f"{m} gradients per step ({line})")
     print(f"table: {a.out}/comparison.md; plots: {a.out}/plots/learning_curves.png and "
           f"{a.out}/<method>/plots/ (conflicts.png, cosine_heatmap.png for ortho)")
     return 0

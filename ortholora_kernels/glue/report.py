@@ -94,6 +94,25 @@ def _get(stats, name):
         return None
 
 
+def conflict_summary(run_dir: str) -> str | None:
+    """One line: mean conflict fraction and mean cosine per segment over all logged steps."""
+    rows = read_conflicts(os.path.join(run_dir, CONFLICTS))
+    if not rows:
+        return None
+    names = []
+    cos_path = os.path.join(run_dir, "cosine.json")
+    if os.path.isfile(cos_path):
+        with open(cos_path, encoding="utf-8") as f:
+            names = json.load(f).get("segments") or []
+    parts = []
+    for s in sorted({r["segment"] for r in rows}):
+        seg = [r for r in rows if r["segment"] == s]
+        label = _short_segment(names[s]) if s < len(names) else f"segment {s}"
+        parts.append(f"{label}: {np.mean([r['conflict_fraction'] for r in seg]):.2f} conflicting pairs, "
+                     f"mean cosine {np.mean([r['mean_cosine'] for r in seg]):+.3f}")
+    return "; ".join(parts)
+
+
 def read_conflicts(path):
     if not os.path.exists(path):
         return []

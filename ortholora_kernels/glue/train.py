@@ -271,6 +271,9 @@ def _run_unit(cfg, method_cls, tasks, datas, tokenizer, unit, state, out_dir, de
         bar.close()
     log.flush()
     log.segment_names = list(method.segment_names)
+    name = "model_final.pt" if not method_cls.separate_tasks else f"model_final_{tasks[0].name}.pt"
+    ckpt.atomic_save({"tasks": [t.name for t in tasks], "state_dict": model.trainable_state_dict()},
+                     os.path.join(out_dir, name))
     return model, total, time.perf_counter() - t0
 
 
