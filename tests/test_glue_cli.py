@@ -41,6 +41,9 @@ def test_help_documents_every_option(capsys):
     (["train", "--batch-size", "0", "--tiny"], "--batch-size must be >= 1"),
     (["train", "--max-train-samples", "0", "--tiny"], "--max-train-samples must be >= 1"),
     (["train", "--method", "ortho", "--backend", "warp9", "--tiny"], "--backend"),
+    (["train", "--synthetic", "--tasks", "sst2,qqp", "--tiny"], "no synthetic version of qqp"),
+    (["demo", "--tasks", "mnli"], "no synthetic version of mnli"),
+    (["demo", "--methods", "joint,warp"], "unknown method 'warp'"),
     (["compare"], "the following arguments are required"),
     (["bogus-command"], "invalid choice"),
 ])

@@ -228,8 +228,15 @@ def cmd_demo(a):
     from .tasks import parse_tasks
     from .train import train
 
+    from .data import SYNTHETIC_TASKS
+
     tasks = [t.name for t in parse_tasks(a.tasks)]
+    bad = [t for t in tasks if t not in SYNTHETIC_TASKS]
+    if bad:
+        raise CliError(f"demo: no synthetic version of {', '.join(bad)} (synthetic tasks: {', '.join(SYNTHETIC_TASKS)})")
     methods = [m.strip() for m in a.methods.split(",") if m.strip()]
+    if not methods:
+        raise CliError("demo: --methods is empty")
     from .methods import get_method
 
     for m in methods:
@@ -269,8 +276,13 @@ def cmd_synth(a):
     from .data import write_synthetic_suite
     from .tasks import parse_tasks
 
-    write_synthetic_suite(a.out, n_train=a.n_train, n_dev=a.n_dev, seed=a.seed,
-                          tasks=[t.name for t in parse_tasks(a.tasks)])
+    from .data import SYNTHETIC_TASKS
+
+    tasks = [t.name for t in parse_tasks(a.tasks)]
+    bad = [t for t in tasks if t not in SYNTHETIC_TASKS]
+    if bad:
+        raise CliError(f"synth: no synthetic version of {', '.join(bad)} (synthetic tasks: {', '.join(SYNTHETIC_TASKS)})")
+    write_synthetic_suite(a.out, n_train=a.n_train, n_dev=a.n_dev, seed=a.seed, tasks=tasks)
     print(f"synthetic GLUE suite written to {a.out}")
     return 0
 

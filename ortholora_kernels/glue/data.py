@@ -105,7 +105,11 @@ def check_data_dir(data_dir: str, tasks) -> None:
 
 def load_hub_split(task: TaskSpec, split: str, cache_dir=None) -> Examples:
     """One split (``train``, ``validation``, ``validation_matched``...) of ``nyu-mll/glue``."""
-    import datasets  # lazy: heavy import, and only the hub path needs it
+    try:
+        import datasets  # lazy: heavy import, and only the hub path needs it
+    except ImportError:
+        raise DataError("loading GLUE from the hub needs the `datasets` package "
+                        "(pip install 'ortholora-kernels[glue]'), or use --data-dir") from None
 
     try:
         ds = datasets.load_dataset(HUB_DATASET, task.hub_config, split=split, cache_dir=cache_dir)

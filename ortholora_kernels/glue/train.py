@@ -122,6 +122,13 @@ def validate(cfg: TrainConfig):
         raise TrainError("--warmup-ratio must be in [0, 1)")
     if cfg.synthetic and cfg.data_dir:
         raise TrainError("--synthetic and --data-dir are exclusive")
+    if cfg.synthetic:
+        from .data import SYNTHETIC_TASKS
+
+        bad = [t.name for t in tasks if t.name not in SYNTHETIC_TASKS]
+        if bad:
+            raise TrainError(f"--synthetic: no synthetic version of {', '.join(bad)} "
+                             f"(synthetic tasks: {', '.join(SYNTHETIC_TASKS)})")
     if len(tasks) < 2 and not method_cls.separate_tasks:
         pass  # one task is allowed (a joint run on one task is single-task training)
     return method_cls, tasks
@@ -317,7 +324,7 @@ def train(cfg: TrainConfig) -> dict:
         if diff:
             raise TrainError(f"--resume: options differ from the checkpointed run: {', '.join(diff)}")
     else:
-        for f in (ckpt_path, os.path.join(out, CONFLICTS)):
+        for f in (ckpt_path, os.path.join(out, CONFLICTS), os.path.join(out, "cosine.json")):
             if os.path.exists(f):
                 os.remove(f)
     ckpt.atomic_write_json(os.path.join(out, "config.json"), _resolved_config(cfg, method_cls))
