@@ -98,7 +98,7 @@ def _add_train_options(p, demo=False):
     g.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (default: %(default)s)")
     g.add_argument("--warmup-ratio", type=float, default=0.06,
                    help="linear warm-up over this fraction of the steps, then linear decay (default: %(default)s)")
-    g.add_argument("--max-steps", type=int, default=300 if demo else 2000,
+    g.add_argument("--max-steps", type=int, default=600 if demo else 2000,
                    help="training steps; every step takes one batch from every task (default: %(default)s)")
     if not demo:
         g.add_argument("--epochs", type=float, default=None,
