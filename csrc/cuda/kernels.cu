@@ -40,13 +40,17 @@ __device__ __forceinline__ double warp_sum(double v) {
 
 // Stage 1: partial Gram of one piece. Shared memory: tile [T][tile] of Stage, plus
 // pair sums [npairs] (double) and the pair index tables.
+// sym (y == x, R == T): the T(T+1)/2 pairs i >= j of the Gram matrix; otherwise the
+// R * T pairs (i < R rows of y, j < T rows of x) of the backward's v = dY X^T.
 template <class In>
-__global__ void __launch_bounds__(kThreads) gram_partial_kernel(const In* __restrict__ x, int T, int64_t n,
-                                                                PieceTable table, int tile,
-                                                                double* __restrict__ partial) {
+__global__ void __launch_bounds__(kThreads) pairs_partial_kernel(const In* __restrict__ y, int R,
+                                                                 const In* __restrict__ x, int T, bool sym,
+                                                                 int64_t n, PieceTable table, int tile,
+                                                                 double* __restrict__ partial) {
   typedef typename StageOf<In>::type Stage;
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  const int npairs = T * (T + 1) / 2;
+  const int npairs = sym ? T * (T + 1) / 2 : R * T;
+  const int rows = sym ? T : R + T;               // staged rows: x (sym) or y then x
   double* sums = reinterpret_cast<double*>(smem_raw);
   unsigned char* pi = reinterpret_cast<unsigned char*>(sums + npairs);
   unsigned char* pj = pi + npairs;
@@ -56,18 +60,26 @@ __global__ void __launch_bounds__(kThreads) gram_partial_kernel(const In* __rest
   const int64_t lo = table.lo[piece], hi = table.hi[piece];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   for (int p = threadIdx.x; p < npairs; p += blockDim.x) {
-    int i = 0;
-    while ((i + 1) * (i + 2) / 2 <= p) ++i;
+    int i, j;
+    if (sym) {
+      i = 0;
+      while ((i + 1) * (i + 2) / 2 <= p) ++i;
+      j = p - i * (i + 1) / 2;
+    } else {
+      i = p / T;
+      j = R + p % T;                              // staged row of x[j - R]
+    }
     pi[p] = static_cast<unsigned char>(i);
-    pj[p] = static_cast<unsigned char>(p - i * (i + 1) / 2);
+    pj[p] = static_cast<unsigned char>(j);
     sums[p] = 0.0;
   }
   for (int64_t c0 = lo; c0 < hi; c0 += tile) {
     const int w = static_cast<int>(hi - c0 < tile ? hi - c0 : tile);
     __syncthreads();
-    for (int e = threadIdx.x; e < T * tile; e += blockDim.x) {
+    for (int e = threadIdx.x; e < rows * tile; e += blockDim.x) {
       const int r = e / tile, c = e % tile;
-      xs[e] = c < w ? to_stage(x[r * n + c0 + c]) : Stage(0);
+      const In* src = sym ? x + r * n : (r < R ? y + r * n : x + (r - R) * n);
+      xs[e] = c < w ? to_stage(src[c0 + c]) : Stage(0);
     }
     __syncthreads();
     // Warp `warp` owns pairs warp, warp + kWarps, ...: one writer per pair sum.
@@ -161,9 +173,46 @@ __global__ void __launch_bounds__(kThreads) combine_kernel(const In* __restrict_
 }
 
 template <class In>
-size_t gram_smem_bytes(int T, int tile) {
-  const int npairs = T * (T + 1) / 2;
-  return ((npairs * 8 + 2 * npairs + 15) / 16) * 16 + static_cast<size_t>(T) * tile * sizeof(typename StageOf<In>::type);
+size_t pairs_smem_bytes(int npairs, int rows, int tile) {
+  return ((npairs * 8 + 2 * npairs + 15) / 16) * 16 + static_cast<size_t>(rows) * tile * sizeof(typename StageOf<In>::type);
+}
+
+// v[s][i][j] = sum of the pieces' partials of segment s, in piece order (deterministic).
+__global__ void reduce_pairs_kernel(int npairs, PieceTable table, const double* __restrict__ partial,
+                                    double* __restrict__ out) {
+  const int s = blockIdx.x;
+  const int64_t q0 = table.seg_first[s], q1 = table.seg_first[s + 1];
+  for (int p = threadIdx.x; p < npairs; p += blockDim.x) {
+    double acc = partial[q0 * npairs + p];
+    for (int64_t q = q0 + 1; q < q1; ++q) acc += partial[q * npairs + p];
+    out[static_cast<int64_t>(s) * npairs + p] = acc;
+  }
+}
+
+// dX[t, c] = sum_r M1_s[t, r] dY[r, c] + sum_m M2_s[t, m] X[m, c] over one piece.
+template <class In>
+__global__ void __launch_bounds__(kThreads) backward_combine_kernel(const In* __restrict__ dy, int R,
+                                                                    const In* __restrict__ x, int T, int64_t n,
+                                                                    PieceTable table,
+                                                                    const typename AccOf<In>::type* __restrict__ m1,
+                                                                    const typename AccOf<In>::type* __restrict__ m2,
+                                                                    In* __restrict__ out) {
+  typedef typename AccOf<In>::type Acc;
+  __shared__ Acc w1[kMaxTasks * kMaxTasks];
+  __shared__ Acc w2[kMaxTasks * kMaxTasks];
+  const int piece = blockIdx.x;
+  const int64_t s = table.seg[piece], lo = table.lo[piece], hi = table.hi[piece];
+  for (int e = threadIdx.x; e < T * R; e += blockDim.x) w1[e] = m1[s * T * R + e];
+  for (int e = threadIdx.x; e < T * T; e += blockDim.x) w2[e] = m2[s * T * T + e];
+  __syncthreads();
+  for (int64_t c = lo + threadIdx.x; c < hi; c += blockDim.x) {
+    for (int t = 0; t < T; ++t) {
+      Acc acc = w1[t * R] * static_cast<Acc>(to_stage(dy[c]));
+      for (int r = 1; r < R; ++r) acc = fma(w1[t * R + r], static_cast<Acc>(to_stage(dy[r * n + c])), acc);
+      for (int m = 0; m < T; ++m) acc = fma(w2[t * T + m], static_cast<Acc>(to_stage(x[m * n + c])), acc);
+      out[t * n + c] = from_acc<In>(acc);
+    }
+  }
 }
 
 }  // namespace
@@ -184,8 +233,8 @@ cudaError_t launch_project(const In* x, int tasks, int64_t n, const PieceTable& 
   typedef typename AccOf<In>::type Acc;
   if (tasks < 1 || tasks > kMaxTasks) return cudaErrorInvalidValue;
   const int tile = gram_tile_columns(tasks, sizeof(In) == 8);
-  const size_t smem = gram_smem_bytes<In>(tasks, tile);
-  gram_partial_kernel<In><<<table.npieces, kThreads, smem, stream>>>(x, tasks, n, table, tile, partial);
+  const size_t smem = pairs_smem_bytes<In>(tasks * (tasks + 1) / 2, tasks, tile);
+  pairs_partial_kernel<In><<<table.npieces, kThreads, smem, stream>>>(x, tasks, x, tasks, true, n, table, tile, partial);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
   solve_kernel<Acc><<<table.nsegments, 64, 0, stream>>>(tasks, table, partial, order, reduction, gram, coeffs, nproj,
@@ -197,6 +246,41 @@ cudaError_t launch_project(const In* x, int tasks, int64_t n, const PieceTable& 
                                                              static_cast<const Acc*>(weights), out);
   return cudaGetLastError();
 }
+
+template <class In>
+cudaError_t launch_cross(const In* y, int rows, const In* x, int tasks, int64_t n, const PieceTable& table,
+                         double* partial, double* out, cudaStream_t stream) {
+  if (tasks < 1 || tasks > kMaxTasks || rows < 1 || rows > kMaxTasks) return cudaErrorInvalidValue;
+  const int tile = gram_tile_columns(rows + tasks, sizeof(In) == 8);
+  const int npairs = rows * tasks;
+  const size_t smem = pairs_smem_bytes<In>(npairs, rows + tasks, tile);
+  pairs_partial_kernel<In><<<table.npieces, kThreads, smem, stream>>>(y, rows, x, tasks, false, n, table, tile, partial);
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+  reduce_pairs_kernel<<<table.nsegments, kThreads, 0, stream>>>(npairs, table, partial, out);
+  return cudaGetLastError();
+}
+
+template <class In>
+cudaError_t launch_backward_combine(const In* dy, int rows, const In* x, int tasks, int64_t n, const PieceTable& table,
+                                    const void* m1, const void* m2, In* out, cudaStream_t stream) {
+  typedef typename AccOf<In>::type Acc;
+  if (tasks < 1 || tasks > kMaxTasks || rows < 1 || rows > kMaxTasks) return cudaErrorInvalidValue;
+  backward_combine_kernel<In><<<table.npieces, kThreads, 0, stream>>>(
+      dy, rows, x, tasks, n, table, static_cast<const Acc*>(m1), static_cast<const Acc*>(m2), out);
+  return cudaGetLastError();
+}
+
+#define OL_INSTANTIATE(T_)                                                                                      \
+  template cudaError_t launch_cross<T_>(const T_*, int, const T_*, int, int64_t, const PieceTable&, double*,     \
+                                        double*, cudaStream_t);                                                 \
+  template cudaError_t launch_backward_combine<T_>(const T_*, int, const T_*, int, int64_t, const PieceTable&,   \
+                                                   const void*, const void*, T_*, cudaStream_t);
+OL_INSTANTIATE(float)
+OL_INSTANTIATE(double)
+OL_INSTANTIATE(__half)
+OL_INSTANTIATE(__nv_bfloat16)
+#undef OL_INSTANTIATE
 
 template cudaError_t launch_project<float>(const float*, int, int64_t, const PieceTable&, const int64_t*, int, double*,
                                            double*, double*, int32_t*, void*, float*, cudaStream_t);

@@ -10,6 +10,7 @@
 //      (deterministic), writes G, runs the sequential projection (one thread per task
 //      row), writes C, nproj and the combine weights.
 //   3. combine: one block per piece, out[:, cols] = W_s x[:, cols], fp32-or-better.
+// The backward's two passes (v = dY X^T and dX = W^T dY + M X) reuse 1 and 3.
 #pragma once
 
 #include <cstdint>
@@ -42,6 +43,18 @@ template <class In>
 cudaError_t launch_project(const In* x, int tasks, int64_t n, const PieceTable& table, const int64_t* order,
                            int reduction, double* partial, double* gram, double* coeffs, int32_t* nproj,
                            void* weights, In* out, cudaStream_t stream);
+
+// Backward passes (T, R <= kMaxTasks). launch_cross: out [S][R][T] float64 = Y_s X_s^T
+// (partial: npieces * R * T doubles). launch_backward_combine: out [T, n] =
+// M1_s dY_s + M2_s X_s per piece, m1 [S][T][R] and m2 [S][T][T] of Acc.
+template <class In>
+cudaError_t launch_cross(const In* y, int rows, const In* x, int tasks, int64_t n, const PieceTable& table,
+                         double* partial, double* out, cudaStream_t stream);
+
+template <class In>
+cudaError_t launch_backward_combine(const In* dy, int rows, const In* x, int tasks, int64_t n,
+                                    const PieceTable& table, const void* m1, const void* m2, In* out,
+                                    cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace ortholora

@@ -17,24 +17,18 @@
 namespace ortholora {
 namespace {
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> project_cuda(const at::Tensor& grads,
-                                                                        at::IntArrayRef offsets,
-                                                                        const at::Tensor& order,
-                                                                        c10::string_view reduction) {
-  const at::Tensor x = check_grads(grads, "grads");
-  const int red = reduction_code(reduction);
-  const int64_t T = x.size(0), N = x.size(1);
-  TORCH_CHECK_VALUE(T <= cuda::kMaxTasks, "backend 'native' on CUDA supports T <= ", cuda::kMaxTasks,
-                    " tasks, got T = ", T, "; use backend='torch' or 'triton'");
-  const std::vector<int64_t> offs = check_offsets(offsets, N);
-  const int64_t S = static_cast<int64_t>(offs.size()) - 1;
-  const at::Tensor ord = check_order(order, S, T, x.device());   // values are not read: no host sync
-  c10::cuda::CUDAGuard guard(x.device());
+// The piece table on the device: segments cut into blocks of `piece` columns (a multiple
+// of the Gram tile), sized for a few hundred blocks. Depends only on the shape, so results
+// are deterministic. One pinned host buffer, copied asynchronously (the caching host
+// allocator keeps it alive until the copy has run): no host synchronisation.
+struct DeviceTable {
+  at::Tensor storage;
+  cuda::PieceTable table;
+};
 
-  // Pieces: segments cut into blocks of `piece` columns (a multiple of the Gram tile),
-  // sized for a few hundred blocks. Depends only on the shape: deterministic.
-  const bool f64 = x.scalar_type() == at::kDouble;
-  const int64_t tile = cuda::gram_tile_columns(static_cast<int>(T), f64);
+DeviceTable make_table(const std::vector<int64_t>& offs, int64_t tile, const at::Device& device) {
+  const int64_t S = static_cast<int64_t>(offs.size()) - 1;
+  const int64_t N = offs.back();
   const int64_t piece = tile * std::max<int64_t>(1, std::min<int64_t>(16, N / (tile * 512)));
   std::vector<int64_t> seg, lo, hi, seg_first(S + 1);
   for (int64_t s = 0; s < S; ++s) {
@@ -47,17 +41,41 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> project_cuda(const at
   }
   const int64_t np = static_cast<int64_t>(lo.size());
   seg_first[S] = np;
-  // One pinned host buffer, copied asynchronously (the caching host allocator keeps it
-  // alive until the copy has run).
   at::Tensor host = at::empty({3 * np + S + 1}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
   int64_t* h = host.data_ptr<int64_t>();
   std::copy(seg.begin(), seg.end(), h);
   std::copy(lo.begin(), lo.end(), h + np);
   std::copy(hi.begin(), hi.end(), h + 2 * np);
   std::copy(seg_first.begin(), seg_first.end(), h + 3 * np);
-  const at::Tensor dev = host.to(x.device(), /*non_blocking=*/true);
-  const int64_t* d = dev.data_ptr<int64_t>();
-  const cuda::PieceTable table{d, d + np, d + 2 * np, d + 3 * np, static_cast<int>(np), static_cast<int>(S)};
+  DeviceTable t;
+  t.storage = host.to(device, /*non_blocking=*/true);
+  const int64_t* d = t.storage.data_ptr<int64_t>();
+  t.table = cuda::PieceTable{d, d + np, d + 2 * np, d + 3 * np, static_cast<int>(np), static_cast<int>(S)};
+  return t;
+}
+
+void check_tasks(int64_t t, const char* what) {
+  TORCH_CHECK_VALUE(t <= cuda::kMaxTasks, "backend 'native' on CUDA supports ", what, " <= ", cuda::kMaxTasks,
+                    ", got ", t, "; use backend='torch' or 'triton'");
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> project_cuda(const at::Tensor& grads,
+                                                                        at::IntArrayRef offsets,
+                                                                        const at::Tensor& order,
+                                                                        c10::string_view reduction) {
+  const at::Tensor x = check_grads(grads, "grads");
+  const int red = reduction_code(reduction);
+  const int64_t T = x.size(0), N = x.size(1);
+  check_tasks(T, "T (tasks)");
+  const std::vector<int64_t> offs = check_offsets(offsets, N);
+  const int64_t S = static_cast<int64_t>(offs.size()) - 1;
+  const at::Tensor ord = check_order(order, S, T, x.device());   // values are not read: no host sync
+  c10::cuda::CUDAGuard guard(x.device());
+
+  const bool f64 = x.scalar_type() == at::kDouble;
+  const DeviceTable dt = make_table(offs, cuda::gram_tile_columns(static_cast<int>(T), f64), x.device());
+  const cuda::PieceTable& table = dt.table;
+  const int64_t np = table.npieces;
 
   auto f64opt = x.options().dtype(at::kDouble);
   const int64_t npairs = T * (T + 1) / 2;
@@ -88,7 +106,80 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> project_cuda(const at
   return {out, gram, coeffs, nproj};
 }
 
+#define OL_DISPATCH(DT, ...)                                                  \
+  switch (DT) {                                                               \
+    case at::kFloat: { typedef float TT; typedef float CT; __VA_ARGS__; break; }   \
+    case at::kDouble: { typedef double TT; typedef double CT; __VA_ARGS__; break; } \
+    case at::kHalf: { typedef at::Half TT; typedef __half CT; __VA_ARGS__; break; } \
+    case at::kBFloat16: { typedef at::BFloat16 TT; typedef __nv_bfloat16 CT; __VA_ARGS__; break; } \
+    default: TORCH_CHECK_TYPE(false, "unsupported dtype ", DT);               \
+  }
+
+// v[s] = Y_s X_s^T, float64 [S, R, T].
+at::Tensor cross_cuda(const at::Tensor& y, const at::Tensor& x, at::IntArrayRef offsets) {
+  const at::Tensor xc = check_grads(x, "x");
+  const at::Tensor yc = check_grads(y, "y").to(xc.scalar_type()).contiguous();
+  TORCH_CHECK_VALUE(yc.size(1) == xc.size(1), "y and x must have the same number of columns");
+  const int64_t R = yc.size(0), T = xc.size(0), N = xc.size(1);
+  check_tasks(T, "T (tasks)");
+  check_tasks(R, "R (rows of y)");
+  const std::vector<int64_t> offs = check_offsets(offsets, N);
+  const int64_t S = static_cast<int64_t>(offs.size()) - 1;
+  c10::cuda::CUDAGuard guard(xc.device());
+  const bool f64 = xc.scalar_type() == at::kDouble;
+  const DeviceTable dt = make_table(offs, cuda::gram_tile_columns(static_cast<int>(R + T), f64), xc.device());
+  at::Tensor partial = at::empty({dt.table.npieces * R * T}, xc.options().dtype(at::kDouble));
+  at::Tensor v = at::empty({S, R, T}, xc.options().dtype(at::kDouble));
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  cudaError_t err = cudaSuccess;
+  OL_DISPATCH(xc.scalar_type(),
+              err = cuda::launch_cross<CT>(reinterpret_cast<const CT*>(yc.data_ptr<TT>()), static_cast<int>(R),
+                                           reinterpret_cast<const CT*>(xc.data_ptr<TT>()), static_cast<int>(T), N,
+                                           dt.table, partial.data_ptr<double>(), v.data_ptr<double>(), stream))
+  TORCH_CHECK(err == cudaSuccess, "ortholora_C::cross CUDA launch failed: ", cudaGetErrorString(err));
+  return v;
+}
+
+// dX = per segment W_s^T dY_s + M_s X_s, in the dtype of x (fp32-or-better accumulation).
+at::Tensor backward_combine_cuda(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& w, const at::Tensor& m,
+                                 at::IntArrayRef offsets) {
+  const at::Tensor xc = check_grads(x, "x");
+  const at::Tensor yc = check_grads(dy, "dy").to(xc.scalar_type()).contiguous();
+  TORCH_CHECK_VALUE(yc.size(1) == xc.size(1), "dy and x must have the same number of columns");
+  const int64_t R = yc.size(0), T = xc.size(0), N = xc.size(1);
+  check_tasks(T, "T (tasks)");
+  check_tasks(R, "R (rows of dy)");
+  const std::vector<int64_t> offs = check_offsets(offsets, N);
+  const int64_t S = static_cast<int64_t>(offs.size()) - 1;
+  TORCH_CHECK_VALUE(w.dim() == 3 && w.size(0) == S && w.size(1) == R && w.size(2) == T, "w: expected [S, R, T], got ",
+                    w.sizes());
+  TORCH_CHECK_VALUE(m.dim() == 3 && m.size(0) == S && m.size(1) == T && m.size(2) == T, "m: expected [S, T, T], got ",
+                    m.sizes());
+  c10::cuda::CUDAGuard guard(xc.device());
+  const bool f64 = xc.scalar_type() == at::kDouble;
+  const at::ScalarType acc = f64 ? at::kDouble : at::kFloat;
+  const at::Tensor m1 = w.to(xc.device()).transpose(1, 2).to(acc).contiguous();   // [S, T, R]
+  const at::Tensor m2 = m.to(xc.device()).to(acc).contiguous();                    // [S, T, T]
+  const DeviceTable dt = make_table(offs, cuda::gram_tile_columns(static_cast<int>(T), f64), xc.device());
+  at::Tensor out = at::empty({T, N}, xc.options());
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  cudaError_t err = cudaSuccess;
+  OL_DISPATCH(xc.scalar_type(),
+              err = cuda::launch_backward_combine<CT>(reinterpret_cast<const CT*>(yc.data_ptr<TT>()),
+                                                      static_cast<int>(R),
+                                                      reinterpret_cast<const CT*>(xc.data_ptr<TT>()),
+                                                      static_cast<int>(T), N, dt.table, m1.data_ptr(), m2.data_ptr(),
+                                                      reinterpret_cast<CT*>(out.data_ptr<TT>()), stream))
+  TORCH_CHECK(err == cudaSuccess, "ortholora_C::backward_combine CUDA launch failed: ", cudaGetErrorString(err));
+  return out;
+}
+#undef OL_DISPATCH
+
 }  // namespace
 }  // namespace ortholora
 
-TORCH_LIBRARY_IMPL(ortholora_C, CUDA, m) { m.impl("project", &ortholora::project_cuda); }
+TORCH_LIBRARY_IMPL(ortholora_C, CUDA, m) {
+  m.impl("project", &ortholora::project_cuda);
+  m.impl("cross", &ortholora::cross_cuda);
+  m.impl("backward_combine", &ortholora::backward_combine_cuda);
+}

@@ -95,11 +95,11 @@ def forward(x: torch.Tensor, seg: Segments, order: torch.Tensor, reduction: str)
 def backward(x, dout, g, order, seg: Segments, reduction: str):
     """``dX = W^T dY + (Gbar + Gbar^T) X``; both passes over memory are compiled code.
 
-    The tiny reverse-mode solve (``Gbar``) runs in torch (ortholora_kernels.solve).
-    On a device without the compiled passes (CUDA builds keep the backward in torch for
-    now) the torch backend's backward is used.
+    The tiny reverse-mode solve (``Gbar``) runs in torch (ortholora_kernels.solve), on
+    the device, without host synchronisation. On a device the extension has no kernels
+    for, the torch backend's backward is used.
     """
-    if x.device.type != "cpu":
+    if availability(x.device) is not None:
         from . import torch_impl
         return torch_impl.backward(x, dout, g, order, seg, reduction)
     ops = _ops()
