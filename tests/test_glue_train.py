@@ -76,12 +76,14 @@ def test_single_resumes_across_task_units(tmp_path, synth):
 
 
 def test_methods_and_reports(tmp_path, synth, capsys):
+    threads = torch.get_num_threads()
     runs = []
     for method, extra in (("joint", []), ("ortho", ["--granularity", "layer"])):
         out = str(tmp_path / method)
         assert main(["train", *FAST, "--data-dir", synth, "--tasks", "sst2,cola,stsb", "--method", method,
                      "--max-steps", "4", "--eval-every", "2", "--out", out, *extra]) == 0
         runs.append(out)
+        assert torch.get_num_threads() == threads       # the tiny model's 1 thread is not left behind
         for f in ("config.json", "results.json", "summary.md", "plots/learning_curves.png", "model_final.pt"):
             assert os.path.getsize(os.path.join(out, f)) > 0, f
     o = Path(runs[1])

@@ -85,6 +85,9 @@ class Method:
     def setup(self, model) -> None:
         """Called once the model is built (e.g. to attach a projector)."""
 
+    def teardown(self) -> None:
+        """Called when the run (unit) ends: undo patches, free buffers."""
+
     def backward(self, model, losses, task_ids):
         """Write ``.grad`` from the per-task losses; return stats (or None)."""
         torch.stack(losses).sum().backward()
@@ -130,6 +133,11 @@ class Ortho(Method):
             with p.record(task_ids):
                 torch.stack(losses).sum().backward()
         return p.project_()
+
+    def teardown(self):
+        remove = getattr(self.projector, "remove", None)
+        if callable(remove):
+            remove()
 
     def state_dict(self):
         return {"projector": projector_state(self.projector)}

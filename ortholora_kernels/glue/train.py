@@ -277,6 +277,7 @@ def _run_unit(cfg, method_cls, tasks, datas, tokenizer, unit, state, out_dir, de
     if bar is not None:
         bar.close()
     log.flush()
+    method.teardown()
     log.segment_names = list(method.segment_names)
     name = "model_final.pt" if not method_cls.separate_tasks else f"model_final_{tasks[0].name}.pt"
     ckpt.atomic_save({"tasks": [t.name for t in tasks], "state_dict": model.trainable_state_dict()},
@@ -337,8 +338,16 @@ def train(cfg: TrainConfig) -> dict:
     tokenizer = load_tokenizer(cfg.model, out, texts)
     device = _device()
     threads = cfg.threads or (1 if is_tiny(cfg.model) else None)
+    saved_threads = torch.get_num_threads()
     if threads:   # tiny models are launch-bound: extra threads only spin (and fight other jobs)
         torch.set_num_threads(threads)
+    try:
+        return _train_units(cfg, method_cls, tasks, datas, tokenizer, device, state, out, ckpt_path)
+    finally:
+        torch.set_num_threads(saved_threads)
+
+
+def _train_units(cfg, method_cls, tasks, datas, tokenizer, device, state, out, ckpt_path):
     evals = list(state["evals"]) if state else []
     log = ConflictLog(os.path.join(out, CONFLICTS), cfg.log_every)
     units = [[i] for i in range(len(tasks))] if method_cls.separate_tasks else [list(range(len(tasks)))]
