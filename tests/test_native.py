@@ -385,6 +385,34 @@ def _check_device_edge_cases(device):
     assert torch.equal(ok.project(x1, backend="native"), x1[0])
 
 
+def _check_device_backward(device):
+    for dtype in (torch.float32, torch.float64):
+        x = make_grads(6, 40_003, dtype=dtype, seed=91, shared=-0.5, device=device)
+        seg = segments_for([0, 20_000, 20_001, 40_003], 40_003)
+        order = random_order(6, 3, seed=92, device=device)
+        gram = torch_impl.gram(x, seg)
+        for reduction in ("sum", "none"):
+            dout = make_grads(6, 40_003, dtype=dtype, seed=93, device=device)
+            dout = dout if reduction == "none" else dout[0]
+            got = native_impl.backward(x, dout, gram, order, seg, reduction)
+            want = torch_impl.backward(x, dout, gram, order, seg, reduction)
+            tol = 1e-9 if dtype == torch.float64 else 1e-4
+            torch.testing.assert_close(got, want, rtol=tol, atol=tol * float(want.abs().max()))
+            assert torch.equal(got, native_impl.backward(x, dout, gram, order, seg, reduction))
+
+
+@pytest.mark.gpu
+def test_cuda_backward_matches_torch():
+    if native_impl.availability(torch.device("cuda")) is not None:
+        pytest.skip(native_impl.availability(torch.device("cuda")))
+    _check_device_backward("cuda")
+
+
+@needs_native
+def test_cpu_twin_backward_matches_torch():
+    _check_device_backward("cpu")
+
+
 @pytest.mark.gpu
 def test_cuda_matches_reference():
     if native_impl.availability(torch.device("cuda")) is not None:
