@@ -149,17 +149,11 @@ class Ortho(Method):
 # ----------------------------------------------------------------------------- projector glue
 
 def make_projector(model, num_tasks, granularity, collect, seed, backend):
-    """The package's ``OrthoLoRA`` when available, else a small loop-only fallback."""
-    try:
-        from ortholora_kernels import OrthoLoRA  # the training-loop integration
-    except ImportError:
-        OrthoLoRA = None
-    if OrthoLoRA is not None:
-        return OrthoLoRA(model, num_tasks=num_tasks, granularity=granularity, collect=collect, seed=seed,
-                         backend=backend)
-    from ._fallback import LoopProjector
+    """The package's :class:`ortholora_kernels.OrthoLoRA` over the model's shared peft adapter."""
+    from ortholora_kernels import OrthoLoRA
 
-    return LoopProjector(model, num_tasks, granularity, collect, seed, backend)
+    return OrthoLoRA(model, num_tasks=num_tasks, granularity=granularity, collect=collect, seed=seed,
+                     backend=backend)
 
 
 def _generators(p):

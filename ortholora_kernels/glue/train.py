@@ -14,7 +14,6 @@ exactly the metrics of an uninterrupted run (on CPU).
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import sys
