@@ -135,17 +135,24 @@ def _ext_modules():
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
     class OptionalBuildExtension(BuildExtension):
-        """A compile failure leaves a pure-Python install with a clear message."""
+        """A failing compiler (or its check) leaves a pure-Python install with a clear message."""
 
-        def build_extension(self, ext):
+        def build_extensions(self):
             try:
-                super().build_extension(ext)
+                super().build_extensions()
             except Exception as exc:  # noqa: BLE001  compiler errors come as several types
                 if _flag(os.environ, "ORTHOLORA_REQUIRE_BUILD"):
                     raise
-                print(f"ortholora_kernels: building {ext.name} failed ({type(exc).__name__}: {exc}); "
+                stale = self.get_ext_fullpath(EXT_NAME)   # an older build must not ship either
+                if os.path.exists(stale):
+                    os.remove(stale)
+                self.extensions = []   # nothing half-built gets copied or installed
+                print(f"ortholora_kernels: building {EXT_NAME} failed ({type(exc).__name__}: {exc}); "
                       "installing pure Python (backend='native' unavailable). Set ORTHOLORA_REQUIRE_BUILD=1 "
                       "to make this an error.", file=sys.stderr)
+
+        def get_outputs(self):
+            return [] if not self.extensions else super().get_outputs()
 
     kwargs = dict(include_dirs=[os.path.join(ROOT, "csrc")], define_macros=plan["define_macros"])
     if plan["cuda"]:
