@@ -89,7 +89,8 @@ def test_methods_and_reports(tmp_path, synth, capsys):
     o = Path(runs[1])
     rows = [json.loads(x) for x in (o / "conflicts.jsonl").read_text().splitlines()]
     assert {r["segment"] for r in rows} == {0, 1, 2, 3}           # A/B x 2 layers
-    assert all(0 <= r["conflict_fraction"] <= 1 and -1 <= r["mean_cosine"] <= 1 for r in rows)
+    assert all(0 <= r["conflict_fraction"] <= 1 and -1 <= r["mean_cosine"] <= 1 and 0 <= r["projection_fraction"] <= 1
+               for r in rows)
     cos = json.loads((o / "cosine.json").read_text())["mean_cosine"]
     assert torch.tensor(cos).shape == (4, 3, 3)
     assert (o / "plots" / "conflicts.png").stat().st_size > 0 and (o / "plots" / "cosine_heatmap.png").exists()
@@ -166,3 +167,15 @@ def test_real_glue_round_trip(tmp_path, capsys):
         assert set(res["final"][t]) == set(get_task(t).metric_names())
     assert res["glue_score"] == pytest.approx(sum(res["task_scores"].values()) / len(tasks))
     shutil.rmtree(data)
+
+
+def test_synthetic_tasks_are_learnable(tmp_path):
+    """A short joint run on the synthetic suite beats chance clearly (the demo's premise)."""
+    data = str(tmp_path / "data")
+    write_synthetic_suite(data, n_train=600, n_dev=200, seed=0, tasks=["sst2", "mrpc", "stsb"])
+    out = str(tmp_path / "run")
+    assert main(["train", "--tiny", "--data-dir", data, "--tasks", "sst2,mrpc,stsb", "--method", "joint",
+                 "--pooling", "mean", "--lr", "2e-3", "--max-steps", "200", "--eval-every", "200", "--no-progress",
+                 "--no-plots", "--max-length", "32", "--out", out]) == 0
+    final = json.loads((Path(out) / "results.json").read_text())["final"]
+    assert final["mrpc"]["accuracy"] > 0.75 and final["stsb"]["pearson"] > 0.6 and final["sst2"]["accuracy"] > 0.55

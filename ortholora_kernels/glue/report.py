@@ -4,7 +4,9 @@ Files in a run directory::
 
     config.json         the resolved configuration
     results.json        every evaluation ({"evals": [...]}) and the final metrics/score
-    conflicts.jsonl     per step and segment: conflict fraction, mean cosine (ortho runs)
+    conflicts.jsonl     per step and segment: fraction of task pairs in conflict (dot < 0),
+                        mean pairwise cosine, fraction of ordered pairs actually projected
+                        (ortho runs)
     cosine.json         mean task x task gradient cosine per segment (ortho runs)
     plots/learning_curves.png, plots/conflicts.png, plots/cosine_heatmap.png
     summary.md          the table of this run (``compare`` writes a table of several runs)
@@ -47,7 +49,9 @@ class ConflictLog:
         mc = _get(stats, "mean_cosine")
         if cf is None or mc is None:
             return
-        self.pending.append((step, torch.stack([cf.detach().float(), mc.detach().float()])))
+        pf = _get(stats, "projection_fraction")
+        pf = torch.full_like(cf, float("nan"), dtype=torch.float32) if pf is None else pf
+        self.pending.append((step, torch.stack([cf.detach().float(), mc.detach().float(), pf.detach().float()])))
         cos = _get(stats, "cosine")
         if cos is not None:
             cos = cos.detach().double()
@@ -63,10 +67,10 @@ class ConflictLog:
         vals = torch.stack([v for _, v in self.pending]).cpu().tolist()   # one transfer
         self.pending = []
         with open(self.path, "a", encoding="utf-8") as f:
-            for step, (cf, mc) in zip(steps, vals):
-                for seg, (a, b) in enumerate(zip(cf, mc)):
+            for step, (cf, mc, pf) in zip(steps, vals):
+                for seg, (a, b, c) in enumerate(zip(cf, mc, pf)):
                     f.write(json.dumps({"step": step, "segment": seg, "conflict_fraction": round(a, 6),
-                                        "mean_cosine": round(b, 6)}) + "\n")
+                                        "mean_cosine": round(b, 6), "projection_fraction": round(c, 6)}) + "\n")
 
     def mean_cosine_matrix(self):
         if self.cos_sum is None:
