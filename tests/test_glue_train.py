@@ -179,3 +179,24 @@ def test_synthetic_tasks_are_learnable(tmp_path):
                  "--no-plots", "--max-length", "32", "--out", out]) == 0
     final = json.loads((Path(out) / "results.json").read_text())["final"]
     assert final["mrpc"]["accuracy"] > 0.75 and final["stsb"]["pearson"] > 0.6 and final["sst2"]["accuracy"] > 0.55
+
+
+def test_local_model_directory(tmp_path, synth):
+    """--model PATH: any saved Hugging Face encoder + tokenizer (the hub code path, offline)."""
+    from transformers import RobertaModel
+
+    from ortholora_kernels.glue.data import load_tasks
+    from ortholora_kernels.glue.model import build_tiny_tokenizer, tiny_config
+    from ortholora_kernels.glue.tasks import parse_tasks
+
+    (d,) = load_tasks(parse_tasks("rte"), synth)
+    tok = build_tiny_tokenizer(d.train.text_a + d.train.text_b, 200)
+    model_dir = tmp_path / "my-encoder"
+    tok.save_pretrained(str(model_dir))
+    RobertaModel(tiny_config(len(tok), 64)).save_pretrained(str(model_dir))
+    out = str(tmp_path / "run")
+    args = [a for a in FAST if a != "--tiny"]
+    assert main(["train", *args, "--model", str(model_dir), "--data-dir", synth, "--tasks", "rte", "--method", "joint",
+                 "--max-steps", "2", "--eval-every", "2", "--out", out, "--no-plots", "--threads", "1"]) == 0
+    res = json.loads((Path(out) / "results.json").read_text())
+    assert "accuracy" in res["final"]["rte"]
