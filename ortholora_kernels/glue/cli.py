@@ -56,8 +56,6 @@ def _add_train_options(p, demo=False):
     g.add_argument("--max-length", type=int, default=64 if demo else 128, help="max tokens per (pair) example; longer ones are "
                    "truncated, batches are padded dynamically to their longest (default: %(default)s)")
     g.add_argument("--cache-dir", default=None, help="datasets cache directory for hub downloads")
-    g.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: 1 for tiny-roberta, which is launch-bound, else torch's default)")
 
     g = p.add_argument_group("model")
     if not demo:
@@ -88,7 +86,8 @@ def _add_train_options(p, demo=False):
                        help="ortho only: per-task gradients from one grouped backward, or one backward per task "
                             "(default: grouped)")
         g.add_argument("--backend", default=None,
-                       help="ortho only: projection backend: torch, triton, native, reference (default: automatic)")
+                       help="ortho only: projection backend: torch, triton or native (default: automatic, or "
+                            "$ORTHOLORA_BACKEND: native if built, triton on GPUs, else torch)")
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--batch-size", type=int, default=16, help="examples per task per step (default: %(default)s)")
@@ -103,6 +102,8 @@ def _add_train_options(p, demo=False):
     if not demo:
         g.add_argument("--epochs", type=float, default=None,
                        help="instead of --max-steps: epochs over the largest task's training set")
+    g.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: 1 for tiny-roberta, which is launch-bound, else torch's default)")
     g.add_argument("--seed", type=int, default=0, help="seed for python, numpy, torch, data order, LoRA init and "
                    "projection order (default: %(default)s)")
 
