@@ -169,7 +169,7 @@ def load_tasks(tasks, data_dir=None, max_train=None, max_eval=None, seed=0, cach
 
 @dataclass
 class Encoded:
-    input_ids: list      # list of lists of ints (unpadded)
+    input_ids: list      # unpadded token ids, one int32 array per example (compact for MNLI/QQP)
     labels: torch.Tensor
 
     def __len__(self):
@@ -183,7 +183,7 @@ def encode(tokenizer, ex: Examples, task: TaskSpec, max_length: int, batch: int 
         b = None if ex.text_b is None else ex.text_b[i:i + batch]
         enc = tokenizer(a, b, truncation=True, max_length=max_length) if b is not None else \
             tokenizer(a, truncation=True, max_length=max_length)
-        ids.extend(enc["input_ids"])
+        ids.extend(np.asarray(x, dtype=np.int32) for x in enc["input_ids"])
     dtype = torch.float32 if task.is_regression else torch.long
     return Encoded(ids, torch.tensor(ex.labels, dtype=dtype))
 
@@ -194,7 +194,7 @@ def pad_batch(seqs, pad_id: int):
     ids = torch.full((len(seqs), n), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), n), dtype=torch.long)
     for i, s in enumerate(seqs):
-        ids[i, :len(s)] = torch.tensor(s, dtype=torch.long)
+        ids[i, :len(s)] = torch.as_tensor(s)
         mask[i, :len(s)] = 1
     return ids, mask
 
