@@ -36,6 +36,8 @@ def test_help_documents_every_option(capsys):
     (["train", "--tasks", "", "--tiny"], "no task"),
     (["train", "--method", "joint", "--collect", "loop", "--tiny"], "--collect applies only"),
     (["train", "--method", "single", "--granularity", "ab", "--tiny"], "--granularity applies only"),
+    (["train", "--method", "ortho", "--log-conflicts", "--tiny"], "--log-conflicts applies only"),
+    (["train", "--method", "joint", "--granularity", "ab", "--tiny"], "needs --log-conflicts"),
     (["train", "--method", "nope"], "invalid choice"),
     (["train", "--max-steps", "x"], "invalid int value"),
     (["train", "--batch-size", "0", "--tiny"], "--batch-size must be >= 1"),

@@ -78,7 +78,7 @@ def test_single_resumes_across_task_units(tmp_path, synth):
 def test_methods_and_reports(tmp_path, synth, capsys):
     threads = torch.get_num_threads()
     runs = []
-    for method, extra in (("joint", []), ("ortho", ["--granularity", "layer"])):
+    for method, extra in (("joint", ["--log-conflicts", "--granularity", "global"]), ("ortho", ["--granularity", "layer"])):
         out = str(tmp_path / method)
         assert main(["train", *FAST, "--data-dir", synth, "--tasks", "sst2,cola,stsb", "--method", method,
                      "--max-steps", "4", "--eval-every", "2", "--out", out, *extra]) == 0
@@ -101,6 +101,19 @@ def test_methods_and_reports(tmp_path, synth, capsys):
     assert main(["compare", *runs]) == 0
     table = capsys.readouterr().out
     assert "| joint |" in table and "| ortho (layer) |" in table and "avg" in table
+    rows = [json.loads(x) for x in (Path(runs[0]) / "conflicts.jsonl").read_text().splitlines()]
+    assert {r["segment"] for r in rows} == {0} and len(rows) == 4     # joint --log-conflicts, global
+
+
+def test_joint_log_conflicts_keeps_the_plain_update(tmp_path, synth):
+    """Logging conflicts must not change joint training (same metrics up to float rounding)."""
+    base = ["train", *FAST, "--data-dir", synth, "--tasks", "sst2,stsb", "--method", "joint", "--max-steps", "6",
+            "--eval-every", "6", "--no-plots", "--lora-dropout", "0"]
+    assert main(base + ["--out", str(tmp_path / "a")]) == 0
+    assert main(base + ["--out", str(tmp_path / "b"), "--log-conflicts"]) == 0
+    ma, mb = _metrics(str(tmp_path / "a"))[0], _metrics(str(tmp_path / "b"))[0]
+    for (_, _, x), (_, _, y) in zip(ma, mb):
+        assert x == pytest.approx(y, abs=1e-3)
 
 
 def test_demo_command(tmp_path, capsys):
@@ -108,7 +121,7 @@ def test_demo_command(tmp_path, capsys):
     assert main(["demo", "--out", out, "--max-steps", "3", "--eval-every", "3", "--n-train", "32", "--n-dev", "16",
                  "--batch-size", "4", "--tasks", "sst2,mrpc", "--no-progress"]) == 0
     text = capsys.readouterr().out
-    assert "ortho gradients per step (A: " in text
+    assert "ortho: task gradients per step: A: " in text and "joint: task gradients per step: A: " in text
     for m in ("single", "joint", "ortho (ab)"):
         assert f"| {m} |" in text
     assert os.path.isfile(os.path.join(out, "comparison.md"))

@@ -80,11 +80,15 @@ def _add_train_options(p, demo=False):
                        help="single: one adapter per task, trained separately; joint: one shared adapter, summed "
                             "task losses; ortho: shared adapter + Ortho-LoRA projection (default: %(default)s)")
         g.add_argument("--granularity", default=None, choices=["global", "ab", "layer", "matrix"],
-                       help="ortho only: projection segments; ab = A and B matrices apart, the paper's bipartite "
-                            "decoupling (default: ab)")
+                       help="ortho (and joint --log-conflicts): projection segments; ab = A and B matrices apart, "
+                            "the paper's bipartite decoupling (default: ab)")
         g.add_argument("--collect", default=None, choices=["grouped", "loop"],
                        help="ortho only: per-task gradients from one grouped backward, or one backward per task "
                             "(default: grouped)")
+        g.add_argument("--log-conflicts", action="store_true",
+                       help="joint only: also collect the per-task LoRA gradients (one grouped backward) to log "
+                            "their conflicts and cosines like ortho does; the update stays their plain sum "
+                            "(--granularity then sets the logged segments)")
         g.add_argument("--backend", default=None,
                        help="ortho only: projection backend: torch, triton or native (default: automatic, or "
                             "$ORTHOLORA_BACKEND: native if built, triton on GPUs, else torch)")
@@ -151,6 +155,9 @@ def build_parser():
     d.add_argument("--granularity", default="ab", choices=["global", "ab", "layer", "matrix"],
                    help="ortho granularity (default: %(default)s)")
     d.add_argument("--collect", default=None, choices=["grouped", "loop"], help="ortho collection (default: grouped)")
+    d.add_argument("--no-log-conflicts", action="store_true",
+                   help="do not log the task-gradient conflicts of the joint run (logged by default, to compare "
+                        "with ortho's)")
     d.add_argument("--n-train", type=int, default=2000, help="synthetic training rows per task (default: %(default)s)")
     d.add_argument("--n-dev", type=int, default=400, help="synthetic dev rows per task (default: %(default)s)")
     _add_train_options(d, demo=True)
@@ -178,7 +185,8 @@ def _config_from_args(a, **over):
         warmup_ratio=a.warmup_ratio, max_steps=a.max_steps, epochs=getattr(a, "epochs", None),
         eval_every=a.eval_every, save_every=getattr(a, "save_every", 10**9), log_every=a.log_every, seed=a.seed,
         granularity=getattr(a, "granularity", None), collect=getattr(a, "collect", None),
-        backend=getattr(a, "backend", None), max_train_samples=a.max_train_samples,
+        backend=getattr(a, "backend", None), log_conflicts=getattr(a, "log_conflicts", False),
+        max_train_samples=a.max_train_samples,
         max_eval_samples=a.max_eval_samples, resume=getattr(a, "resume", False),
         stop_after_steps=getattr(a, "stop_after_steps", None), progress=not a.no_progress,
         plots=not a.no_plots, cache_dir=a.cache_dir, threads=a.threads)
@@ -249,10 +257,12 @@ def cmd_demo(a):
     write_synthetic_suite(data, n_train=a.n_train, n_dev=a.n_dev, seed=a.seed, tasks=tasks)
     dirs = []
     for m in methods:
-        ortho = get_method(m).options
+        opts = get_method(m).options
+        log = "log_conflicts" in opts and not a.no_log_conflicts
         over = dict(method=m, out=os.path.join(a.out, m), data_dir=data, model="tiny-roberta",
-                    granularity=a.granularity if "granularity" in ortho else None,
-                    collect=a.collect if "collect" in ortho else None, backend=None)
+                    granularity=a.granularity if "granularity" in opts and ("log_conflicts" not in opts or log)
+                    else None,
+                    collect=a.collect if "collect" in opts else None, backend=None, log_conflicts=log)
         cfg = _config_from_args(a, **over)
         print(f"== {m} ==", file=sys.stderr)
         train(cfg)
@@ -267,7 +277,7 @@ def cmd_demo(a):
     for m, d in zip(methods, dirs):
         line = conflict_summary(d)
         if line:
-            print(f"{m} gradients per step ({line})")
+            print(f"{m}: task gradients per step: {line}")
     print(f"table: {a.out}/comparison.md; plots: {a.out}/plots/learning_curves.png and "
           f"{a.out}/<method>/plots/ (conflicts.png, cosine_heatmap.png for ortho)")
     return 0

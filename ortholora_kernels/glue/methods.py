@@ -32,7 +32,7 @@ METHODS: dict = {}
 LAZY_METHODS = {"mtl_lora": "ortholora_kernels.glue.mtl_lora", "lori": "ortholora_kernels.glue.lori"}
 
 #: method-specific CLI options (dest names); a method lists those it accepts in ``options``
-METHOD_OPTIONS = ("granularity", "collect", "backend")
+METHOD_OPTIONS = ("granularity", "collect", "backend", "log_conflicts")
 
 
 def register_method(cls):
@@ -109,8 +109,51 @@ class Single(Method):
 
 @register_method
 class Joint(Method):
+    """Summed task losses. With ``--log-conflicts`` the per-task LoRA gradients are collected
+    (one grouped backward) only to log their conflicts; the update is still their plain sum."""
+
     name = "joint"
     help = "one shared adapter, summed task losses (multi-task LoRA baseline)"
+    options = ("log_conflicts", "granularity")
+
+    def setup(self, model):
+        self.projector = None
+        if self.cfg.log_conflicts:
+            self.projector = make_projector(model, len(self.tasks), self.cfg.granularity or "ab", "grouped",
+                                            self.cfg.seed, None)
+            self.segment_names = list(getattr(self.projector, "segment_names", []) or [])
+            # visiting orders for the statistics come from a private generator: the global
+            # RNG (dropout) must advance exactly as in a plain joint run
+            self.generator = torch.Generator(device=self.projector.buffer.device)
+            self.generator.manual_seed(self.cfg.seed)
+
+    def backward(self, model, losses, task_ids):
+        p = self.projector
+        if p is None:
+            return super().backward(model, losses, task_ids)
+        from ortholora_kernels import project
+
+        with p.record(task_ids):
+            torch.stack(losses).sum().backward()
+        buf = p.buffer
+        stats = project(buf, p.offsets, return_stats=True, backend=p.backend,  # statistics only
+                        generator=self.generator)
+        total = buf.sum(0)
+        for param, v in zip(p.layout.params, p.layout.views(total)):
+            param.grad = v if v.dtype == param.dtype else v.to(param.dtype)
+        p.zero_grad()
+        return stats
+
+    def teardown(self):
+        if self.projector is not None:
+            self.projector.remove()
+
+    def state_dict(self):
+        return {"generator": self.generator.get_state()} if self.projector is not None else {}
+
+    def load_state_dict(self, state):
+        if self.projector is not None and "generator" in state:
+            self.generator.set_state(state["generator"])
 
 
 @register_method

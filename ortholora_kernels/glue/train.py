@@ -24,7 +24,7 @@ import torch
 
 from . import checkpoint as ckpt
 from .data import MultiTaskSampler, encode, load_tasks, pad_batch, write_synthetic_suite
-from .methods import get_method
+from .methods import METHOD_OPTIONS, get_method
 from .metrics import split_metrics, task_score
 from .model import check_model_name, is_tiny, load_encoder, load_tokenizer
 from .report import CONFLICTS, ConflictLog, write_results, write_run_plots
@@ -61,6 +61,7 @@ class TrainConfig:
     granularity: str | None = None        # ortho: global|ab|layer|matrix (default ab)
     collect: str | None = None            # ortho: grouped|loop (default grouped)
     backend: str | None = None            # ortho: projection backend (default automatic)
+    log_conflicts: bool = False           # joint: collect per-task gradients to log their conflicts
     max_train_samples: int | None = None
     max_eval_samples: int | None = None
     resume: bool = False
@@ -90,17 +91,20 @@ def validate(cfg: TrainConfig):
         method_cls = get_method(cfg.method)
     except ValueError as e:
         raise TrainError(str(e)) from None
-    for opt in ("granularity", "collect", "backend"):
-        if getattr(cfg, opt) is not None and opt not in method_cls.options:
-            raise TrainError(f"--{opt} applies only to methods that take it "
-                             f"(not --method {cfg.method})")
+    for opt in METHOD_OPTIONS:
+        if getattr(cfg, opt) not in (None, False) and opt not in method_cls.options:
+            flag = "--" + opt.replace("_", "-")
+            raise TrainError(f"{flag} applies only to methods that take it (not --method {cfg.method})")
+    if "log_conflicts" in method_cls.options and cfg.granularity is not None and not cfg.log_conflicts:
+        raise TrainError(f"--granularity with --method {cfg.method} needs --log-conflicts")
     if cfg.granularity is not None and cfg.granularity not in ("global", "ab", "layer", "matrix"):
         raise TrainError(f"--granularity must be global, ab, layer or matrix, not {cfg.granularity!r}")
     if cfg.collect is not None and cfg.collect not in ("grouped", "loop"):
         raise TrainError(f"--collect must be grouped or loop, not {cfg.collect!r}")
     # resolved defaults of the method-specific options (recorded in config.json)
     for opt, default in (("granularity", "ab"), ("collect", "grouped")):
-        if opt in method_cls.options and getattr(cfg, opt) is None:
+        if opt in method_cls.options and getattr(cfg, opt) is None and (
+                "log_conflicts" not in method_cls.options or cfg.log_conflicts):
             setattr(cfg, opt, default)
     if "backend" in method_cls.options:
         from .. import backends
