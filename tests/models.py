@@ -102,3 +102,22 @@ def task_losses(model: MultiTaskModel, batch, num_tasks: int | None = None) -> t
     logits = model(batch["input_ids"], batch["attention_mask"], batch["task_ids"])
     per_ex = nn.functional.cross_entropy(logits, batch["labels"], reduction="none")
     return per_task_mean_loss(per_ex, batch["task_ids"], num_tasks or model.num_tasks)
+
+
+def tiny_peft_classifier(kind: str = "roberta", *, num_labels: int = 2, seed: int = 0, r: int = 4,
+                         lora_dropout: float = 0.0, dropout: float = 0.0, target_modules=("query", "value")):
+    """A peft ``SEQ_CLS`` LoRA model over a tiny RoBERTa/BERT classifier (one shared head,
+    in ``modules_to_save``); B initialised to small random values so gradients are non-trivial."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import BertForSequenceClassification, RobertaForSequenceClassification
+    torch.manual_seed(seed)
+    cfg = tiny_config(kind, dropout=dropout)
+    cfg.num_labels = num_labels
+    base = {"roberta": RobertaForSequenceClassification, "bert": BertForSequenceClassification}[kind](cfg)
+    m = get_peft_model(base, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=lora_dropout,
+                                        target_modules=list(target_modules), task_type="SEQ_CLS"))
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    return m

@@ -5,7 +5,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 from transformers import TrainingArguments  # noqa: E402
 
-from models import VOCAB, tiny_config  # noqa: E402
+from models import VOCAB, tiny_peft_classifier  # noqa: E402
 from ortholora_kernels import OrthoLoRA, per_task_mean_loss  # noqa: E402
 from ortholora_kernels.integrations import MultiTaskCollator, OrthoLoRATrainer  # noqa: E402
 
@@ -13,18 +13,7 @@ T, N_ROWS, BS, ACC, STEPS = 3, 24, 6, 2, 2
 
 
 def _model():
-    from peft import LoraConfig, get_peft_model
-    from transformers import RobertaForSequenceClassification
-    torch.manual_seed(0)
-    base = RobertaForSequenceClassification(tiny_config("roberta", dropout=0.0))
-    base.config.num_labels = 2
-    m = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["query", "value"],
-                                        task_type="SEQ_CLS"))
-    with torch.no_grad():
-        for n, p in m.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.05)
-    return m
+    return tiny_peft_classifier("roberta", num_labels=2)
 
 
 def _rows(seed=0):
