@@ -279,7 +279,7 @@ def cmd_demo(a):
         if line:
             print(f"{m}: task gradients per step: {line}")
     print(f"table: {a.out}/comparison.md; plots: {a.out}/plots/learning_curves.png and "
-          f"{a.out}/<method>/plots/ (conflicts.png, cosine_heatmap.png for ortho)")
+          f"{a.out}/<method>/plots/ (learning_curves.png; conflicts.png, cosine_heatmap.png for joint and ortho)")
     return 0
 
 
