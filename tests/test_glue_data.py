@@ -190,3 +190,26 @@ def test_hub_path_maps_columns_and_splits(monkeypatch):
     monkeypatch.setattr(datasets, "load_dataset", offline)
     with pytest.raises(DataError, match="could not load nyu-mll/glue/rte"):
         load_tasks(parse_tasks("rte"))
+
+
+def _provenance_rows():
+    """(task dir, file, data_rows) of the labelled train/dev files in PROVENANCE.md's table."""
+    p = GLUE / "PROVENANCE.md"
+    if not p.is_file():
+        return []
+    out = []
+    for line in p.read_text(encoding="utf-8").splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) >= 10 and cells[1] in ("train.tsv", "dev.tsv") and cells[8].isdigit():
+            out.append((cells[0], cells[1], int(cells[8])))
+    return out
+
+
+@needs_glue
+@pytest.mark.parametrize("task_dir,file,rows", _provenance_rows())
+def test_row_counts_match_provenance_table(task_dir, file, rows):
+    spec = next(t for t in TASKS.values() if t.dir_name == task_dir)
+    path = str(GLUE / task_dir / file)
+    if not os.path.isfile(path):
+        pytest.skip(f"{path} not present")
+    assert len(read_glue_tsv(path, spec)) == rows
