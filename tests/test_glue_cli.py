@@ -95,3 +95,15 @@ def test_synth_command(capsys, tmp_path):
     assert main(["synth", str(tmp_path / "s"), "--tasks", "sst2,rte", "--n-train", "10", "--n-dev", "5"]) == 0
     assert (tmp_path / "s" / "SST-2" / "train.tsv").read_text().count("\n") == 11
     assert (tmp_path / "s" / "RTE" / "dev.tsv").exists()
+
+
+def test_python_dash_m_entry_point():
+    """The real process: `python -m ortholora_kernels.glue` exits 2 with one stderr line, no traceback."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "ortholora_kernels.glue", "train", "--tasks", "sst2,nope"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == ["ortholora-glue: error: unknown GLUE task 'nope' (known: cola, sst2, "
+                                             "mrpc, stsb, qqp, mnli, qnli, rte, wnli)"]
