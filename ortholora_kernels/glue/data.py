@@ -78,6 +78,8 @@ def read_glue_tsv(path: str, task: TaskSpec) -> Examples:
     a, b, y = [], [], []
     need = max(max(c for c in task.text_cols if c >= 0), task.label_col if task.label_col >= 0 else 0) + 1
     for row in rows:
+        if not row:
+            continue  # a blank line (e.g. a trailing one added by an editor)
         if task.expected_cols is not None and len(row) != task.expected_cols:
             continue  # QQP has a few malformed rows: the GLUE processors skip them
         if len(row) < need:
