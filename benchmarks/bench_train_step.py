@@ -18,7 +18,9 @@ Timing: for each (T, batch) one subprocess builds a model per method (same weigh
 runs their steps interleaved in a rotating order, ``--warmup`` rounds then ``--repeat``
 rounds, so that load changes on a shared machine hit every method alike. The step time is
 the median over rounds; "x joint" is the median over rounds of (method time / joint time
-of the same round).
+of the same round). "cpu ms" is the process CPU time of a step (``time.process_time``, all
+threads), less sensitive to other processes on a shared machine than wall time (run with
+``--threads 1`` for the cleanest comparison of work done).
 
 Peak memory: every (method, T, batch) runs ``warmup + 1`` steps in a fresh subprocess,
 starting after the model and optimizer are built (so optimizer-state creation and the
@@ -159,21 +161,25 @@ def worker_time(args) -> list[dict]:
             steps[m]()
     _sync(device)
     times = {m: [] for m in args.methods}
+    cpu_times = {m: [] for m in args.methods}
     for rep in range(args.repeat):
         order = args.methods[rep % len(args.methods):] + args.methods[:rep % len(args.methods)]
         for m in order:
             _sync(device)
-            t0 = time.perf_counter()
+            c0, t0 = time.process_time(), time.perf_counter()
             steps[m]()
             _sync(device)
             times[m].append(time.perf_counter() - t0)
+            cpu_times[m].append(time.process_time() - c0)
     out = []
     for m in args.methods:
         r = {"method": m, "device": args.device, "tasks": args.tasks, "batch": args.batch, "seq_len": args.seq_len,
              "median_ms": 1e3 * statistics.median(times[m]), "min_ms": 1e3 * min(times[m]),
+             "cpu_ms": 1e3 * statistics.median(cpu_times[m]),
              "threads": torch.get_num_threads()}
         if "joint" in times:
             r["time_vs_joint"] = statistics.median(a / b for a, b in zip(times[m], times["joint"]))
+            r["cpu_vs_joint"] = statistics.median(a / b for a, b in zip(cpu_times[m], cpu_times["joint"]))
         out.append(r)
     return out
 
@@ -318,14 +324,17 @@ def main():
     for r in rows:
         j = joint.get((r["device"], r["tasks"], r["batch"]))
         r.setdefault("time_vs_joint", float("nan"))
+        r.setdefault("cpu_vs_joint", float("nan"))
         r.setdefault("peak_mib", float("nan"))
         r["mem_vs_joint"] = r["peak_mib"] / j["peak_mib"] if j and j.get("peak_mib", 0) > 0 else float("nan")
-    hdr = f"{'device':6} {'T':>2} {'bs':>3} {'method':8} {'median ms':>10} {'x joint':>8} {'peak MiB':>9} {'x joint':>8}"
+    hdr = (f"{'device':6} {'T':>2} {'bs':>3} {'method':8} {'median ms':>10} {'x joint':>8} {'cpu ms':>8} {'x joint':>8} "
+           f"{'peak MiB':>9} {'x joint':>8}")
     print(hdr)
     print("-" * len(hdr))
     for r in rows:
         print(f"{r['device']:6} {r['tasks']:>2} {r['batch']:>3} {r['method']:8} {r['median_ms']:>10.1f} "
-              f"{r['time_vs_joint']:>8.3f} {r['peak_mib']:>9.1f} {r['mem_vs_joint']:>8.3f}")
+              f"{r['time_vs_joint']:>8.3f} {r['cpu_ms']:>8.1f} {r['cpu_vs_joint']:>8.3f} {r['peak_mib']:>9.1f} "
+              f"{r['mem_vs_joint']:>8.3f}")
     if rows:
         print(f"memory: {sorted(set(r.get('mem', 'not measured') for r in rows))}; x joint (time) = median of per-round ratios; "
               f"seq_len={args.seq_len}, hidden={args.hidden}, layers={args.layers}, r={args.rank}, threads={rows[0]['threads']}")
