@@ -13,7 +13,8 @@ What gets built (decided by :func:`build_plan`, unit-tested in tests/test_native
 jobs (both read by torch.utils.cpp_extension). The CPU kernels are compiled once per
 instruction set (baseline, AVX2+FMA, AVX-512 through ``#pragma GCC target``) and chosen at
 run time, so no -march flag is needed; ``ORTHOLORA_NATIVE_ARCH=1`` adds -march=native for a
-local, non-distributed build. A failed compile prints why and leaves a pure-Python install
+local, non-distributed build. The CPU kernels use OpenMP (-fopenmp) with torch's thread
+count; ``ORTHOLORA_NO_OPENMP=1`` builds them single-threaded. A failed compile prints why and leaves a pure-Python install
 (``ORTHOLORA_REQUIRE_BUILD=1`` makes it an error instead).
 
 Build the extension against an installed torch with:
@@ -43,7 +44,8 @@ def _sources(root=ROOT):
 
 
 def build_plan(environ, *, torch_version=None, torch_cuda=None, nvcc=None, cxx=None, machine=None,
-               compiler_kind="unix", cpu_sources=("csrc/x.cpp",), cuda_sources=("csrc/cuda/x.cu",)):
+               compiler_kind="unix", platform_name="linux", cpu_sources=("csrc/x.cpp",),
+               cuda_sources=("csrc/cuda/x.cu",)):
     """Decide what to build. Pure function of its arguments (testable without a build).
 
     Args:
@@ -54,12 +56,13 @@ def build_plan(environ, *, torch_version=None, torch_cuda=None, nvcc=None, cxx=N
         cxx: path of the C++ compiler (None when not found).
         machine: platform.machine().
         compiler_kind: "unix" (GCC/Clang) or "msvc".
+        platform_name: sys.platform ("linux", "darwin", "win32").
 
     Returns a dict: ``build`` (bool), ``cuda`` (bool), ``message`` (why), ``cxx_flags``,
-    ``nvcc_flags``, ``sources`` and ``define_macros``.
+    ``nvcc_flags``, ``link_flags``, ``sources`` and ``define_macros``.
     """
-    plan = {"build": False, "cuda": False, "message": "", "cxx_flags": [], "nvcc_flags": [], "sources": [],
-            "define_macros": []}
+    plan = {"build": False, "cuda": False, "message": "", "cxx_flags": [], "nvcc_flags": [], "link_flags": [],
+            "sources": [], "define_macros": []}
     if _flag(environ, "ORTHOLORA_SKIP_BUILD"):
         plan["message"] = "ORTHOLORA_SKIP_BUILD=1: pure-Python install (backend='native' unavailable)"
         return plan
@@ -76,10 +79,16 @@ def build_plan(environ, *, torch_version=None, torch_cuda=None, nvcc=None, cxx=N
         return plan
     plan["build"] = True
     plan["sources"] = list(cpu_sources)
+    # OpenMP: the CPU kernels run their chunks on torch's thread count. Without it (macOS'
+    # Apple clang) they run on one thread, still correct. On Linux the extension's
+    # libgomp.so.1 resolves to the copy torch already loaded (same soname).
     if compiler_kind == "msvc":
-        cxx_flags = ["/O2"]
+        cxx_flags = ["/O2", "/openmp"]
     else:
         cxx_flags = ["-O3", "-ffp-contract=fast", "-fno-math-errno"]  # torch adds its -std
+        if platform_name != "darwin" and not _flag(environ, "ORTHOLORA_NO_OPENMP"):
+            cxx_flags.append("-fopenmp")
+            plan["link_flags"] = ["-fopenmp"]
         if _flag(environ, "ORTHOLORA_NATIVE_ARCH"):
             cxx_flags.append("-march=native")   # opt-in: the binary then runs on this CPU type only
     plan["cxx_flags"] = cxx_flags
@@ -105,7 +114,8 @@ def build_plan(environ, *, torch_version=None, torch_cuda=None, nvcc=None, cxx=N
 
 def _probe(environ):
     """The facts build_plan needs, gathered from this machine."""
-    facts = {"machine": platform.machine(), "compiler_kind": "msvc" if sys.platform == "win32" else "unix"}
+    facts = {"machine": platform.machine(), "compiler_kind": "msvc" if sys.platform == "win32" else "unix",
+             "platform_name": sys.platform}
     try:
         import torch
         facts["torch_version"] = torch.__version__
@@ -154,7 +164,8 @@ def _ext_modules():
         def get_outputs(self):
             return [] if not self.extensions else super().get_outputs()
 
-    kwargs = dict(include_dirs=[os.path.join(ROOT, "csrc")], define_macros=plan["define_macros"])
+    kwargs = dict(include_dirs=[os.path.join(ROOT, "csrc")], define_macros=plan["define_macros"],
+                  extra_link_args=plan["link_flags"])
     if plan["cuda"]:
         ext = CUDAExtension(EXT_NAME, plan["sources"],
                             extra_compile_args={"cxx": plan["cxx_flags"], "nvcc": plan["nvcc_flags"]}, **kwargs)

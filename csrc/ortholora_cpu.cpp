@@ -2,18 +2,24 @@
 //
 // torch.ops.ortholora_C.project is ONE call for the three stages over all segments:
 //   1. Gram: columns are cut into fixed chunks (independent of the thread count), each
-//      chunk-segment piece gets its own float64 partial Gram; at::parallel_for over chunks.
+//      chunk-segment piece gets its own float64 partial Gram; OpenMP over chunks.
 //   2. Per segment: sum the partials in column order (fixed order: deterministic), solve
 //      the projection on the T x T Gram matrix, build the combine weights.
-//   3. Combine: out = W_s X_s per piece, at::parallel_for over the same chunks.
+//   3. Combine: out = W_s X_s per piece, OpenMP over the same chunks (same thread, same
+//      chunks as in 1, walked backwards, so the last ones read are still in L2).
 // Kernels (csrc/cpu/) are plain C++ on raw pointers, one variant per instruction set.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <exception>
 #include <string>
 #include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #include "cpu/kernels_api.h"
 #include "ortholora_ops.h"
@@ -21,6 +27,37 @@
 
 namespace ortholora {
 namespace {
+
+// f(begin, end) over contiguous, equal shares of [0, n), one per thread: the same share
+// for the same thread in every pass of a call (the combine finds its Gram chunks in L2).
+// Thread count: torch's (at::get_num_threads(), i.e. torch.set_num_threads), even if this
+// extension's OpenMP runtime were a different copy from torch's. No nested parallelism.
+// Results never depend on it: every chunk's partial is computed and summed the same way.
+template <class F>
+void parallel_chunks(int64_t n, int64_t min_per_thread, const F& f) {
+  if (n <= 0) return;
+#ifdef _OPENMP
+  const int64_t nt = std::min<int64_t>(at::get_num_threads(), n / std::max<int64_t>(1, min_per_thread));
+  if (nt > 1 && !at::in_parallel_region() && !omp_in_parallel()) {
+    std::exception_ptr error;
+#pragma omp parallel num_threads(static_cast<int>(nt))
+    {
+      const int64_t nth = omp_get_num_threads(), tid = omp_get_thread_num();
+      const int64_t share = (n + nth - 1) / nth;
+      const int64_t b = std::min(n, tid * share), e = std::min(n, b + share);
+      try {
+        if (b < e) f(b, e);
+      } catch (...) {
+#pragma omp critical(ortholora_error)
+        if (!error) error = std::current_exception();
+      }
+    }
+    if (error) std::rethrow_exception(error);
+    return;
+  }
+#endif
+  f(0, n);
+}
 
 // Columns per chunk: about 256 KiB of input, a multiple of 512 columns. Depends only on
 // the shape and dtype, never on the thread count, so results are bitwise reproducible.
@@ -46,7 +83,7 @@ void segment_pairs(const at::Tensor& y, const at::Tensor& x, bool sym, const Pie
   const bool f64 = x.scalar_type() == at::kDouble;
   const void* yp = y.data_ptr();
   const void* xp = x.data_ptr();
-  at::parallel_for(0, P.nchunks, 1, [&](int64_t b, int64_t e) {
+  parallel_chunks(P.nchunks, 1, [&](int64_t b, int64_t e) {
     for (int64_t q = P.chunk_first[b]; q < P.chunk_first[e]; ++q) {
       double* dst = partial.data() + q * RT;
       if (f64) {
@@ -59,7 +96,7 @@ void segment_pairs(const at::Tensor& y, const at::Tensor& x, bool sym, const Pie
     }
   });
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, RT * (1 + np / S)));
-  at::parallel_for(0, S, grain, [&](int64_t b, int64_t e) {
+  parallel_chunks(S, grain, [&](int64_t b, int64_t e) {
     for (int64_t s = b; s < e; ++s) {
       double* g = out + s * RT;
       for (int64_t i = 0; i < R; ++i) {
@@ -82,7 +119,7 @@ void segment_combine(const S_* s1, int64_t k1, const S_* m1, const S_* s2, int64
   const cpu::KernelTable& K = cpu::active_table();
   // Each thread walks its chunks backwards: the ones the Gram pass read last are still
   // in its L2. (Which thread writes which column never changes the values.)
-  at::parallel_for(0, P.nchunks, 1, [&](int64_t b, int64_t e) {
+  parallel_chunks(P.nchunks, 1, [&](int64_t b, int64_t e) {
     for (int64_t q = P.chunk_first[e] - 1; q >= P.chunk_first[b]; --q) {
       const int64_t s = P.seg[q];
       const S_* w1 = m1 + s * rout * k1;
@@ -128,7 +165,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> project_cpu(const at:
   double* gp = gram.data_ptr<double>();
   double* cp = coeffs.data_ptr<double>();
   int32_t* npp = nproj.data_ptr<int32_t>();
-  at::parallel_for(0, S, std::max<int64_t>(1, 4096 / (T * T * T)), [&](int64_t b, int64_t e) {
+  parallel_chunks(S, std::max<int64_t>(1, 4096 / (T * T * T)), [&](int64_t b, int64_t e) {
     for (int64_t s = b; s < e; ++s) {
       npp[s] = solve_one(gp + s * T * T, op + s * T * T, static_cast<int>(T), cp + s * T * T);
       weights_one(cp + s * T * T, static_cast<int>(T), red, w64.data() + s * R * T);

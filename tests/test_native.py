@@ -473,11 +473,16 @@ def test_setup_build_plan(env, facts, build, cuda, words):
         assert not any("gencode" in f or f.startswith("-arch") for f in plan["nvcc_flags"])  # TORCH_CUDA_ARCH_LIST decides
 
 
-def test_setup_build_plan_opt_in_native_arch_and_msvc():
+def test_setup_build_plan_opt_in_native_arch_openmp_and_msvc():
     mod = _setup_module()
     assert "-march=native" in mod.build_plan({"ORTHOLORA_NATIVE_ARCH": "1"}, **FULL)["cxx_flags"]
-    plan = mod.build_plan({}, **dict(FULL, cxx=None, compiler_kind="msvc"))
-    assert plan["build"] and plan["cxx_flags"] == ["/O2"]
+    plan = mod.build_plan({}, **FULL)
+    assert "-fopenmp" in plan["cxx_flags"] and plan["link_flags"] == ["-fopenmp"]
+    for env, facts in (({"ORTHOLORA_NO_OPENMP": "1"}, FULL), ({}, dict(FULL, platform_name="darwin"))):
+        plan = mod.build_plan(env, **facts)
+        assert plan["build"] and "-fopenmp" not in plan["cxx_flags"] and not plan["link_flags"]
+    plan = mod.build_plan({}, **dict(FULL, cxx=None, compiler_kind="msvc", platform_name="win32"))
+    assert plan["build"] and plan["cxx_flags"] == ["/O2", "/openmp"]
 
 
 def test_setup_sources_cover_csrc():
