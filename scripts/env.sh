@@ -16,6 +16,6 @@ if [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ] || [ setup.py -nt "$STAM
     python -m pip install -q -c requirements/constraints.txt torch==2.13.0
     python -m pip install -q -c requirements/constraints.txt triton
     # --no-build-isolation: build the extension against the torch just installed.
-    python -m pip install -q -c requirements/constraints.txt --no-build-isolation -e ".[dev,glue]"
+    python -m pip install -q -c requirements/constraints.txt --no-build-isolation -e ".[dev,glue,bench]"
     touch "$STAMP"
 fi
