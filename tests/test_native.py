@@ -345,6 +345,18 @@ def test_cuda_glue_is_registered_only_when_built_with_cuda():
 
 
 @needs_native
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
+def test_one_openmp_runtime_shared_with_torch():
+    """The kernels' OpenMP calls land in torch's libgomp (so torch.set_num_threads rules)."""
+    code = ("import torch, ortholora_kernels._C\n"
+            "print(len({l.split()[-1] for l in open('/proc/self/maps') if 'libgomp' in l}))")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                         env=dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")))
+    assert res.returncode == 0, res.stderr
+    assert int(res.stdout.strip()) <= 1
+
+
+@needs_native
 def test_automatic_choice_prefers_native_on_cpu(monkeypatch):
     from ortholora_kernels import backends
     monkeypatch.delenv("ORTHOLORA_BACKEND", raising=False)

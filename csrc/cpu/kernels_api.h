@@ -18,10 +18,13 @@ namespace cpu {
 
 // One column range [lo, hi) of a row-major matrix with leading dimension ld.
 //
-// pairs_*:   out[i * rb + j] = sum_{c in [lo, hi)} a[i, c] * b[j, c] in float64 for
-//            i < ra, j < rb (products of values converted to double, so no overflow or
-//            underflow for float inputs). When sym (a == b, ra == rb) only j <= i is
-//            written. Lane partials are summed in a fixed order: deterministic.
+// pairs_*:   out[i * rb + j] = sum_{c in [lo, hi)} a[i, c] * b[j, c] for i < ra, j < rb,
+//            summed in float64. When sym (a == b, ra == rb, the Gram matrix) only j <= i
+//            is written. Float64 products of the converted values, except the Gram of
+//            float input: fp32 products summed in fp32 over one L1 tile per lane (<= 32
+//            terms), flushed to float64, with a per-tile check that falls back to float64
+//            products where a row's scale could overflow/underflow (|x| beyond ~2^+-40).
+//            Lane partials are summed in a fixed order: deterministic.
 // combine_*: out[r, c] = sum_k m1[r, k] * s1[k, c] + sum_k m2[r, k] * s2[k, c]
 //            for r < rout, c in [lo, hi), accumulated in the input precision
 //            (float for float, double for double); k2 may be 0 (s2, m2 unused).

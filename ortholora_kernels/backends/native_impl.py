@@ -1,10 +1,21 @@
 """The native backend: the compiled extension ``ortholora_kernels._C`` (csrc/).
 
 ``torch.ops.ortholora_C.project`` runs Gram, solve and combine over all segments in ONE
-call; the dispatcher picks the CPU (C++, at::parallel_for, per-ISA vector kernels) or the
-CUDA implementation by the device of the input. The extension is loaded lazily on first
-use, so ``import ortholora_kernels`` never fails when it is missing; ``availability``
-then says why (not built, built without CUDA, or the import error).
+call; the dispatcher picks the CPU or the CUDA implementation by the device of the input.
+
+CPU: fixed column chunks (independent of the thread count, so results are bitwise
+reproducible for any ``torch.set_num_threads``) on torch's OpenMP threads; vector kernels
+compiled for baseline, AVX2+FMA and AVX-512 and chosen at run time
+(``torch.ops.ortholora_C.cpu_isa()``; force one with ``$ORTHOLORA_CPU_ISA`` or
+``torch.ops.ortholora_C.set_cpu_isa``). The Gram of fp32 (and fp16/bf16, widened once)
+input uses fp32 products summed per L1 tile and flushed to float64, with an exact float64
+fallback per tile at extreme scales; float64 input is float64 throughout.
+CUDA (when built): per-piece Gram partials, one block per segment for the solve, combine;
+T <= 32.
+
+The extension is loaded lazily on first use, so ``import ortholora_kernels`` never fails
+when it is missing; ``availability`` then says why (not built, built without CUDA, or
+the import error).
 """
 from __future__ import annotations
 
