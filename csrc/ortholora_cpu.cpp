@@ -59,11 +59,14 @@ void parallel_chunks(int64_t n, int64_t min_per_thread, const F& f) {
   f(0, n);
 }
 
-// Columns per chunk: about 256 KiB of input, a multiple of 512 columns. Depends only on
-// the shape and dtype, never on the thread count, so results are bitwise reproducible.
+// Columns per chunk: about 256 KiB of input, at least 64 columns per row (so the T x T
+// float64 partial per chunk stays small next to its input for large T), a multiple of
+// 512. Depends only on the shape and dtype, never on the thread count, so results are
+// bitwise reproducible.
 int64_t chunk_columns(int64_t rows, int64_t elem) {
   int64_t c = (int64_t{1} << 18) / std::max<int64_t>(1, rows * elem);
-  c = std::max<int64_t>(512, c / 512 * 512);
+  c = std::max<int64_t>(c, 64 * rows);
+  c = std::max<int64_t>(512, (c + 511) / 512 * 512);
   return c;
 }
 
