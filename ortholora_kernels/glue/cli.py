@@ -1,7 +1,7 @@
 """``ortholora-glue``: train and compare multi-task LoRA methods on GLUE.
 
 Subcommands:
-    train     train one method (single | joint | ortho | registered extras) on GLUE tasks
+    train     train one method (single | joint | ortho | mtl-lora | lori) on GLUE tasks
     compare   markdown table (tasks x runs, GLUE average) + overlaid learning curves
     demo      offline: synthetic GLUE-format suite, tiny RoBERTa, single vs joint vs ortho
     synth     write the synthetic suite (GLUE TSV layout) to a directory
@@ -78,7 +78,8 @@ def _add_train_options(p, demo=False):
     if not demo:
         g.add_argument("--method", default="ortho", choices=available_methods(),
                        help="single: one adapter per task, trained separately; joint: one shared adapter, summed "
-                            "task losses; ortho: shared adapter + Ortho-LoRA projection (default: %(default)s)")
+                            "task losses; ortho: shared adapter + Ortho-LoRA projection; mtl-lora: MTL-LoRA "
+                            "(arXiv 2410.09437); lori: LoRI (arXiv 2504.07448) (default: %(default)s)")
         g.add_argument("--granularity", default=None, choices=["global", "ab", "layer", "matrix"],
                        help="ortho (and joint --log-conflicts): projection segments; ab = A and B matrices apart, "
                             "the paper's bipartite decoupling (default: ab)")
@@ -92,6 +93,28 @@ def _add_train_options(p, demo=False):
         g.add_argument("--backend", default=None,
                        help="ortho only: projection backend: torch, triton or native (default: automatic, or "
                             "$ORTHOLORA_BACKEND: native if built, triton on GPUs, else torch)")
+        g.add_argument("--projection", default=None, choices=["none", "global", "ab", "layer", "matrix"],
+                       help="mtl-lora and lori (--lori-mode joint): add Ortho-LoRA over the adapter's shared "
+                            "parameters with this granularity (same meaning as ortho's --granularity; mtl-lora: "
+                            "A and the B_k, not the task transforms/mixtures; lori: the B's, A is frozen); "
+                            "--collect and --backend then apply as for ortho (default: none)")
+        g.add_argument("--mtl-num-b", type=int, default=None,
+                       help="mtl-lora: number of shared up-projections B_k (default: 3)")
+        g.add_argument("--mtl-temperature", type=float, default=None,
+                       help="mtl-lora: softmax temperature of the per-task B mixture weights (default: 0.1)")
+        g.add_argument("--mtl-diagonal", action="store_true",
+                       help="mtl-lora: diagonal task-specific transforms Lambda_t (r entries instead of r x r)")
+        g.add_argument("--lori-mode", default=None, choices=["merge", "joint"],
+                       help="lori: merge = one adapter per task trained alone (--max-steps each), merged into "
+                            "one (B = mean of the task B's, same frozen A) and evaluated on every task (the "
+                            "paper's recipe); joint = one shared adapter on all tasks, summed losses, takes "
+                            "--projection (default: merge)")
+        g.add_argument("--lori-sparsity", type=float, default=None,
+                       help="lori: fraction of the B entries masked out for LoRI-S (global magnitude mask) "
+                            "(default: 0.9)")
+        g.add_argument("--lori-dense-fraction", type=float, default=None,
+                       help="lori: fraction of the steps trained as LoRI-D (dense B) before the mask; the rest is "
+                            "LoRI-S (B restarts from 0 on the mask, fresh AdamW state and warm-up) (default: 0.5)")
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--batch-size", type=int, default=16, help="examples per task per step (default: %(default)s)")
@@ -186,6 +209,10 @@ def _config_from_args(a, **over):
         eval_every=a.eval_every, save_every=getattr(a, "save_every", 10**9), log_every=a.log_every, seed=a.seed,
         granularity=getattr(a, "granularity", None), collect=getattr(a, "collect", None),
         backend=getattr(a, "backend", None), log_conflicts=getattr(a, "log_conflicts", False),
+        projection=getattr(a, "projection", None), mtl_num_b=getattr(a, "mtl_num_b", None),
+        mtl_temperature=getattr(a, "mtl_temperature", None), mtl_diagonal=getattr(a, "mtl_diagonal", False),
+        lori_sparsity=getattr(a, "lori_sparsity", None), lori_dense_fraction=getattr(a, "lori_dense_fraction", None),
+        lori_mode=getattr(a, "lori_mode", None),
         max_train_samples=a.max_train_samples,
         max_eval_samples=a.max_eval_samples, resume=getattr(a, "resume", False),
         stop_after_steps=getattr(a, "stop_after_steps", None), progress=not a.no_progress,
@@ -198,7 +225,9 @@ def _config_from_args(a, **over):
 def _print_summary(res, out):
     from .report import markdown_table
 
-    table = markdown_table([(res.get("method") or "run", res)])
+    from .report import load_config, run_label
+
+    table = markdown_table([(run_label(out, res, load_config(out)), res)])
     print(table, end="")
     from .checkpoint import atomic_write_text
 

@@ -20,6 +20,7 @@ task in the concatenated batch) and ``task_ids`` (CPU LongTensor) to ``backward`
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 
 import torch
@@ -29,10 +30,11 @@ from .model import MultiTaskModel, add_lora
 METHODS: dict = {}
 
 #: methods living in modules that are imported on first use (name -> module)
-LAZY_METHODS = {"mtl_lora": "ortholora_kernels.glue.mtl_lora", "lori": "ortholora_kernels.glue.lori"}
+LAZY_METHODS = {"mtl-lora": "ortholora_kernels.glue.method_mtl_lora", "lori": "ortholora_kernels.glue.method_lori"}
 
 #: method-specific CLI options (dest names); a method lists those it accepts in ``options``
-METHOD_OPTIONS = ("granularity", "collect", "backend", "log_conflicts")
+METHOD_OPTIONS = ("granularity", "collect", "backend", "log_conflicts", "projection", "mtl_num_b",
+                  "mtl_temperature", "mtl_diagonal", "lori_sparsity", "lori_dense_fraction", "lori_mode")
 
 
 def register_method(cls):
@@ -72,6 +74,22 @@ class Method:
     options: tuple = ()
     segment_names: list = []  # names of the projection segments (for reports), if any
     separate_tasks = False   # True: one independent run per task (e.g. "single")
+    defaults: dict = {}      # resolved defaults of method options left unset (recorded in config.json)
+
+    @classmethod
+    def is_separate(cls, cfg) -> bool:
+        """One independent unit per task? (``separate_tasks``; may depend on the options)."""
+        return cls.separate_tasks
+
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        """Method-specific option checks (raise ValueError with a one-line message)."""
+
+    @classmethod
+    def post_train(cls, cfg, tasks, datas, tokenizer, device, evals):
+        """Called once after every unit has trained (e.g. LoRI's merge + evaluation);
+        may append to ``evals``; returns extra fields for results.json (or None)."""
+        return None
 
     def __init__(self, cfg, tasks):
         self.cfg = cfg
@@ -92,6 +110,26 @@ class Method:
         """Write ``.grad`` from the per-task losses; return stats (or None)."""
         torch.stack(losses).sum().backward()
         return None
+
+    def eval_context(self, model, task_index: int):
+        """Context the evaluation forward of task ``task_index`` runs in (e.g. MTL-LoRA's
+        task routing); default: nothing."""
+        return contextlib.nullcontext()
+
+    def schedule_phases(self, total: int) -> list:
+        """Step counts of the training phases; each phase gets its own warm-up + linear
+        decay (LoRI: LoRI-D then LoRI-S). Default: one phase."""
+        return [total]
+
+    def step_end(self, model, step: int, optimizer) -> None:
+        """After ``optimizer.step()`` and the evaluation of ``step``, before its checkpoint."""
+
+    def param_counts(self, model) -> dict:
+        """Trainable scalars: {"adapter": ..., "heads": ...} (requires_grad parameters of the
+        encoder / of the heads)."""
+        heads = sum(p.numel() for p in model.heads.parameters() if p.requires_grad)
+        adapter = sum(p.numel() for p in model.encoder.parameters() if p.requires_grad)
+        return {"adapter": adapter, "heads": heads}
 
     def state_dict(self) -> dict:
         return {}

@@ -170,13 +170,19 @@ def markdown_table(runs: list) -> str:
         for t in r["final"]:
             if t not in tasks:
                 tasks.append(t)
+    counts = any(r.get("params") for _, r in runs)
     head = ["method"] + [_task_header(t) for t in tasks] + ["avg"]
+    if counts:   # trainable scalars: adapter(s) and task heads apart (see results.json "params")
+        head += ["adapter params", "head params"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for label, r in runs:
         cells = [label]
         for t in tasks:
             cells.append(_metric_cell(t, r["final"][t]) if t in r["final"] else "-")
         cells.append(f"{r['glue_score']:.1f}" if r.get("glue_score") is not None else "-")
+        if counts:
+            p = r.get("params") or {}
+            cells += [f"{p['adapter']:,}" if "adapter" in p else "-", f"{p['heads']:,}" if "heads" in p else "-"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -190,8 +196,13 @@ def _task_header(task):
 
 def run_label(run_dir: str, res: dict, cfg: dict | None) -> str:
     label = res.get("method") or os.path.basename(os.path.normpath(run_dir))
-    if cfg and cfg.get("method") == "ortho":
+    cfg = cfg or {}
+    if cfg.get("method") == "ortho":
         label += f" ({cfg.get('granularity') or 'ab'})"
+    if cfg.get("method") == "lori" and cfg.get("lori_mode") == "joint":
+        label = "lori-joint"
+    if cfg.get("method") in ("mtl-lora", "lori") and cfg.get("projection") not in (None, "none"):
+        label += f"+ortho ({cfg['projection']}, {cfg.get('collect') or 'grouped'})"
     return label
 
 
@@ -338,7 +349,7 @@ def write_run_plots(run_dir: str, res: dict, cfg: dict) -> list:
     rows = read_conflicts(os.path.join(run_dir, CONFLICTS))
     if rows:
         nseg = max(r["segment"] for r in rows) + 1
-        labels = segment_labels(cfg.get("granularity"), nseg)
+        labels = segment_labels(cfg.get("granularity") or cfg.get("projection"), nseg)
         cos_path = os.path.join(run_dir, "cosine.json")
         if os.path.isfile(cos_path):
             with open(cos_path, encoding="utf-8") as f:

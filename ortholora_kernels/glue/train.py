@@ -62,6 +62,13 @@ class TrainConfig:
     collect: str | None = None            # ortho: grouped|loop (default grouped)
     backend: str | None = None            # ortho: projection backend (default automatic)
     log_conflicts: bool = False           # joint: collect per-task gradients to log their conflicts
+    projection: str | None = None         # mtl-lora, lori (joint): Ortho-LoRA on top: none|global|ab|layer|matrix
+    mtl_num_b: int | None = None          # mtl-lora: number of shared up-projections B_k (default 3)
+    mtl_temperature: float | None = None  # mtl-lora: softmax temperature of the B mixture (default 0.1)
+    mtl_diagonal: bool = False            # mtl-lora: diagonal task transforms Lambda_t
+    lori_sparsity: float | None = None    # lori: fraction of B entries masked out in LoRI-S (default 0.9)
+    lori_dense_fraction: float | None = None  # lori: fraction of the steps spent in LoRI-D (default 0.5)
+    lori_mode: str | None = None          # lori: merge (per-task adapters, merged) | joint (one shared adapter)
     max_train_samples: int | None = None
     max_eval_samples: int | None = None
     resume: bool = False
@@ -95,6 +102,13 @@ def validate(cfg: TrainConfig):
         if getattr(cfg, opt) not in (None, False) and opt not in method_cls.options:
             flag = "--" + opt.replace("_", "-")
             raise TrainError(f"{flag} applies only to methods that take it (not --method {cfg.method})")
+    try:
+        method_cls.check_config(cfg)
+    except ValueError as e:
+        raise TrainError(str(e)) from None
+    for opt, default in method_cls.defaults.items():
+        if getattr(cfg, opt) is None:
+            setattr(cfg, opt, default)
     if "log_conflicts" in method_cls.options and cfg.granularity is not None and not cfg.log_conflicts:
         raise TrainError(f"--granularity with --method {cfg.method} needs --log-conflicts")
     if cfg.granularity is not None and cfg.granularity not in ("global", "ab", "layer", "matrix"):
@@ -104,7 +118,8 @@ def validate(cfg: TrainConfig):
     # resolved defaults of the method-specific options (recorded in config.json)
     for opt, default in (("granularity", "ab"), ("collect", "grouped")):
         if opt in method_cls.options and getattr(cfg, opt) is None and (
-                "log_conflicts" not in method_cls.options or cfg.log_conflicts):
+                "log_conflicts" not in method_cls.options or cfg.log_conflicts) and (
+                "projection" not in method_cls.options or cfg.projection not in (None, "none")):
             setattr(cfg, opt, default)
     if "backend" in method_cls.options:
         from .. import backends
@@ -158,6 +173,19 @@ class Batcher:
         return ids.to(device), mask.to(device), slices, labels, torch.tensor(tids)
 
 
+def evaluate_tasks(model, method, datas, eval_enc, batch_size, pad_id, device, step, evals, **extra):
+    """Evaluate every task (split by split) at ``step``; append to ``evals``. Each task's
+    forward runs inside ``method.eval_context(model, task_index)``."""
+    for ti, (d, encs) in enumerate(zip(datas, eval_enc)):
+        metrics = {}
+        for suffix, enc in encs.items():
+            with method.eval_context(model, ti):
+                p, y = evaluate(model, ti, d.task, enc, batch_size, pad_id, device)
+            metrics.update({k + suffix: v for k, v in split_metrics(d.task, p, y).items()})
+        evals.append({"step": step, "task": d.task.name, "metrics": metrics,
+                      "score": task_score(d.task, metrics), **extra})
+
+
 @torch.no_grad()
 def evaluate(model, task_index, task, enc, batch_size, pad_id, device):
     model.eval()
@@ -178,11 +206,19 @@ def evaluate(model, task_index, task, enc, batch_size, pad_id, device):
 
 # ----------------------------------------------------------------------------- one run unit
 
-def _linear_schedule(optimizer, warmup, total):
-    def f(step):
+def _linear_schedule(optimizer, warmup_ratio, phases):
+    """Linear warm-up then linear decay, restarted at each phase (``phases``: step counts)."""
+    def g(step, warmup, total):
         if step < warmup:
             return (step + 1) / max(1, warmup) if warmup else 1.0
         return max(0.0, (total - step) / max(1, total - warmup))
+
+    def f(step):
+        start = 0
+        for i, n in enumerate(phases):
+            if step < start + n or i == len(phases) - 1:
+                return g(step - start, int(round(warmup_ratio * n)), n)
+            start += n
     return torch.optim.lr_scheduler.LambdaLR(optimizer, f)
 
 
@@ -197,7 +233,7 @@ class Stopped(Exception):
     pass
 
 
-def _run_unit(cfg, method_cls, tasks, datas, tokenizer, unit, state, out_dir, device, evals, log):
+def _run_unit(cfg, method_cls, tasks, datas, tokenizer, unit, state, out_dir, device, evals, log, unit_params):
     """Train one model on ``tasks`` (all of them, or one for ``single``)."""
     total = _num_steps(cfg, datas)
     ckpt.seed_everything(cfg.seed)
@@ -208,7 +244,7 @@ def _run_unit(cfg, method_cls, tasks, datas, tokenizer, unit, state, out_dir, de
     method.setup(model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = _linear_schedule(optimizer, int(round(cfg.warmup_ratio * total)), total)
+    scheduler = _linear_schedule(optimizer, cfg.warmup_ratio, method.schedule_phases(total))
     train_enc = [encode(tokenizer, d.train, d.task, cfg.max_length) for d in datas]
     eval_enc = [{s: encode(tokenizer, e, d.task, cfg.max_length) for s, e in d.evals.items()} for d in datas]
     pad_id = tokenizer.pad_token_id
@@ -227,13 +263,7 @@ def _run_unit(cfg, method_cls, tasks, datas, tokenizer, unit, state, out_dir, de
         start = state["step"]
 
     def do_eval(step):
-        for ti, (d, encs) in enumerate(zip(datas, eval_enc)):
-            metrics = {}
-            for suffix, enc in encs.items():
-                p, y = evaluate(model, ti, d.task, enc, cfg.eval_batch_size, pad_id, device)
-                metrics.update({k + suffix: v for k, v in split_metrics(d.task, p, y).items()})
-            evals.append({"step": step, "task": d.task.name, "metrics": metrics,
-                          "score": task_score(d.task, metrics)})
+        evaluate_tasks(model, method, datas, eval_enc, cfg.eval_batch_size, pad_id, device, step, evals)
 
     def save(step):
         log.flush()
@@ -241,13 +271,13 @@ def _run_unit(cfg, method_cls, tasks, datas, tokenizer, unit, state, out_dir, de
                           "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                           "sampler": batcher.sampler.state_dict(), "method": method.state_dict(),
                           "conflicts": log.state_dict(), "rng": ckpt.rng_state(), "evals": list(evals),
-                          "config": cfg.to_dict()}, os.path.join(out_dir, ckpt.LATEST))
+                          "unit_params": list(unit_params), "config": cfg.to_dict()}, os.path.join(out_dir, ckpt.LATEST))
 
     bar = None
     if cfg.progress:
         from tqdm.auto import tqdm
 
-        desc = cfg.method if len(tasks) > 1 or not method_cls.separate_tasks else f"{cfg.method}:{tasks[0].name}"
+        desc = cfg.method if len(tasks) > 1 or not method_cls.is_separate(cfg) else f"{cfg.method}:{tasks[0].name}"
         bar = tqdm(total=total, initial=start, desc=desc, unit="step", file=sys.stderr, dynamic_ncols=True,
                    leave=True)
     loss_acc, loss_n, t0 = None, 0, time.perf_counter()
@@ -270,6 +300,7 @@ def _run_unit(cfg, method_cls, tasks, datas, tokenizer, unit, state, out_dir, de
                 loss_acc, loss_n = None, 0
         if step % cfg.eval_every == 0 or step == total:
             do_eval(step)
+        method.step_end(model, step, optimizer)
         if step % cfg.save_every == 0 and step != total:
             save(step)
         if cfg.stop_after_steps is not None and step >= cfg.stop_after_steps and step != total:
@@ -280,9 +311,10 @@ def _run_unit(cfg, method_cls, tasks, datas, tokenizer, unit, state, out_dir, de
     if bar is not None:
         bar.close()
     log.flush()
+    unit_params.append(method.param_counts(model))
     method.teardown()
     log.segment_names = list(method.segment_names)
-    name = "model_final.pt" if not method_cls.separate_tasks else f"model_final_{tasks[0].name}.pt"
+    name = "model_final.pt" if not method_cls.is_separate(cfg) else f"model_final_{tasks[0].name}.pt"
     ckpt.atomic_save({"tasks": [t.name for t in tasks], "state_dict": model.trainable_state_dict()},
                      os.path.join(out_dir, name))
     return model, total, time.perf_counter() - t0
@@ -294,7 +326,7 @@ def _resolved_config(cfg, method_cls) -> dict:
     import transformers
 
     d = cfg.to_dict()
-    res = {"device": str(_device()), "separate_tasks": method_cls.separate_tasks,
+    res = {"device": str(_device()), "separate_tasks": method_cls.is_separate(cfg),
            "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                         "peft": peft.__version__}}
     if "backend" in method_cls.options:
@@ -350,10 +382,19 @@ def train(cfg: TrainConfig) -> dict:
         torch.set_num_threads(saved_threads)
 
 
+def _sum_params(unit_params):
+    """Trainable scalars over the run's units (separately trained adapters add up)."""
+    out = {"adapter": sum(p["adapter"] for p in unit_params), "heads": sum(p["heads"] for p in unit_params)}
+    out["total"] = out["adapter"] + out["heads"]
+    out["units"] = len(unit_params)
+    return out
+
+
 def _train_units(cfg, method_cls, tasks, datas, tokenizer, device, state, out, ckpt_path):
     evals = list(state["evals"]) if state else []
+    unit_params = list(state.get("unit_params", [])) if state else []
     log = ConflictLog(os.path.join(out, CONFLICTS), cfg.log_every)
-    units = [[i] for i in range(len(tasks))] if method_cls.separate_tasks else [list(range(len(tasks)))]
+    units = [[i] for i in range(len(tasks))] if method_cls.is_separate(cfg) else [list(range(len(tasks)))]
     first = state["unit"] if state else 0
     seconds = 0.0
     steps = 0
@@ -362,12 +403,13 @@ def _train_units(cfg, method_cls, tasks, datas, tokenizer, device, state, out, c
             if u < first:
                 continue
             _, n, sec = _run_unit(cfg, method_cls, [tasks[i] for i in members], [datas[i] for i in members],
-                                  tokenizer, u, state if u == first else None, out, device, evals, log)
+                                  tokenizer, u, state if u == first else None, out, device, evals, log,
+                                  unit_params)
             seconds += sec
             steps += n
             if u + 1 < len(units):   # checkpoint the unit boundary
                 ckpt.atomic_save({"unit": u + 1, "evals": list(evals), "config": cfg.to_dict(), "step": 0,
-                                  "global_step": 0}, ckpt_path)
+                                  "global_step": 0, "unit_params": list(unit_params)}, ckpt_path)
     except Stopped:
         write_results(out, cfg.to_dict(), evals, {"finished": False})
         raise
@@ -376,7 +418,13 @@ def _train_units(cfg, method_cls, tasks, datas, tokenizer, device, state, out, c
         ckpt.atomic_write_json(os.path.join(out, "cosine.json"), {"tasks": [t.name for t in tasks],
                                                                    "segments": getattr(log, "segment_names", []),
                                                                    "mean_cosine": cos})
-    res = write_results(out, cfg.to_dict(), evals, {"finished": True, "train_seconds": round(seconds, 2)})
+    extra = method_cls.post_train(cfg, tasks, datas, tokenizer, device, evals) or {}
+    params = _sum_params(unit_params)
+    res = write_results(out, cfg.to_dict(), evals, {"finished": True, "train_seconds": round(seconds, 2),
+                                                    "params": params, **extra})
+    conf = _resolved_config(cfg, method_cls)
+    conf["resolved"]["params"] = params
+    ckpt.atomic_write_json(os.path.join(out, "config.json"), conf)
     if cfg.plots:
         write_run_plots(out, res, cfg.to_dict())
     return res

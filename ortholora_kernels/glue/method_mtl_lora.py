@@ -1,0 +1,117 @@
+"""``--method mtl-lora``: MTL-LoRA (arXiv 2410.09437) in the GLUE harness, optionally with
+Ortho-LoRA on top (``--projection``).
+
+Model: the encoder's target modules (``--lora-target-modules``) get an MTL-LoRA adapter
+(:func:`.mtl_lora.apply_mtl_lora`: shared A, ``--mtl-num-b`` shared up-projections B_k,
+per-task transform Lambda_t (``--mtl-diagonal``: diagonal) and per-task mixture logits w_t
+with softmax temperature ``--mtl-temperature``; rank ``--lora-r``, ``--lora-alpha``,
+``--lora-dropout``), plus one head per task. All tasks train together (one step = one batch
+of every task, loss = sum of the per-task mean losses), like ``joint``.
+
+Task routing: training forwards get their per-example task ids from the batch's
+``task_slices`` (:func:`.mtl_lora.route_task_slices` hooks on the MultiTaskModel);
+evaluation of task t runs inside ``mtl_task_ids(encoder, t)`` (:meth:`eval_context`).
+
+``--projection G`` (G in global|ab|layer|matrix; default none): Ortho-LoRA projects the
+per-task gradients of the *shared* parameters (A and the B_k of every module, grouped by
+transformer layer and side, :func:`.mtl_lora.mtl_lora_parameters`) with granularity G,
+like ``--method ortho --granularity G``; the task-specific Lambda_t and w_t (only task t's
+examples reach them) and the heads take ordinary gradients. ``--collect`` (grouped|loop)
+and ``--backend`` apply as for ortho.
+"""
+from __future__ import annotations
+
+import torch
+
+from .methods import Method, load_projector_state, projector_state, register_method
+from .model import MultiTaskModel
+from .mtl_lora import apply_mtl_lora, count_trainable, mtl_lora_parameters, mtl_task_ids, route_task_slices
+
+PROJECTIONS = ("none", "global", "ab", "layer", "matrix")
+
+
+def check_projection(cfg, method: str) -> None:
+    """Shared checks of --projection/--collect/--backend for the seed methods."""
+    if cfg.projection is not None and cfg.projection not in PROJECTIONS:
+        raise ValueError(f"--projection must be one of {', '.join(PROJECTIONS)}, not {cfg.projection!r}")
+    if cfg.projection in (None, "none"):
+        for opt in ("collect", "backend"):
+            if getattr(cfg, opt) is not None:
+                raise ValueError(f"--{opt} with --method {method} needs --projection (global, ab, layer or matrix)")
+
+
+def make_seed_projector(cfg, params, num_tasks):
+    """OrthoLoRA over the shared parameters of a seed-method adapter (AdapterParams)."""
+    from ortholora_kernels import OrthoLoRA
+
+    return OrthoLoRA(params.layout(), num_tasks=num_tasks, granularity=cfg.projection,
+                     collect=cfg.collect or "grouped", seed=cfg.seed, backend=cfg.backend)
+
+
+def projected_backward(projector, collect, losses, task_ids, before_project=None):
+    """Per-task gradients of the shared parameters -> projection -> ``.grad``; the other
+    parameters get the ordinary gradient of the summed loss. Returns the statistics."""
+    if collect == "loop":
+        projector.backward(losses)
+    else:
+        with projector.record(task_ids):
+            torch.stack(losses).sum().backward()
+    if before_project is not None:
+        before_project(projector)
+    return projector.project_()
+
+
+@register_method
+class MTLLoRA(Method):
+    name = "mtl-lora"
+    help = ("MTL-LoRA: shared A and B_1..B_n, task-specific transforms and B mixtures "
+            "(--mtl-num-b/--mtl-temperature/--mtl-diagonal; --projection adds Ortho-LoRA)")
+    options = ("projection", "collect", "backend", "mtl_num_b", "mtl_temperature", "mtl_diagonal")
+    defaults = {"projection": "none", "mtl_num_b": 3, "mtl_temperature": 0.1}
+
+    @classmethod
+    def check_config(cls, cfg):
+        check_projection(cfg, cls.name)
+        if cfg.mtl_num_b is not None and cfg.mtl_num_b < 1:
+            raise ValueError("--mtl-num-b must be >= 1")
+        if cfg.mtl_temperature is not None and not cfg.mtl_temperature > 0:
+            raise ValueError("--mtl-temperature must be > 0")
+
+    def build_model(self, encoder, tasks):
+        c = self.cfg
+        apply_mtl_lora(encoder, c.lora_target_modules, r=c.lora_r, alpha=c.lora_alpha, num_tasks=len(tasks),
+                       num_b=c.mtl_num_b, temperature=c.mtl_temperature, diagonal=c.mtl_diagonal,
+                       dropout=c.lora_dropout, freeze_base=True, keep_trainable=())
+        return MultiTaskModel(encoder, tasks, pooling=c.pooling)
+
+    def setup(self, model):
+        self.hooks = route_task_slices(model, model.encoder)
+        self.projector = None
+        if self.cfg.projection not in (None, "none"):
+            self.projector = make_seed_projector(self.cfg, mtl_lora_parameters(model.encoder), len(self.tasks))
+            self.segment_names = list(self.projector.segment_names)
+
+    def backward(self, model, losses, task_ids):
+        if self.projector is None:
+            return super().backward(model, losses, task_ids)
+        return projected_backward(self.projector, self.cfg.collect, losses, task_ids)
+
+    def eval_context(self, model, task_index):
+        return mtl_task_ids(model.encoder, task_index)
+
+    def param_counts(self, model):
+        heads = sum(p.numel() for p in model.heads.parameters() if p.requires_grad)
+        return {"adapter": count_trainable(model.encoder, adapter_only=True), "heads": heads}
+
+    def teardown(self):
+        for h in self.hooks:
+            h.remove()
+        if self.projector is not None:
+            self.projector.remove()
+
+    def state_dict(self):
+        return {"projector": projector_state(self.projector)} if self.projector is not None else {}
+
+    def load_state_dict(self, state):
+        if self.projector is not None:
+            load_projector_state(self.projector, state.get("projector"))
