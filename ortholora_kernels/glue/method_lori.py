@@ -95,7 +95,7 @@ class LoRI(Method):
         if (cfg.lori_mode or "merge") == "merge" and cfg.projection not in (None, "none"):
             raise ValueError("--projection with --method lori needs --lori-mode joint (in merge mode every "
                              "adapter is trained on one task: there is nothing to project)")
-        check_projection(cfg, cls.name)
+        check_projection(cfg, cls.name, " and --lori-mode joint" if (cfg.lori_mode or "merge") == "merge" else "")
         if cfg.lori_sparsity is not None and not 0 <= cfg.lori_sparsity < 1:
             raise ValueError("--lori-sparsity must be in [0, 1)")
         if cfg.lori_dense_fraction is not None and not 0 < cfg.lori_dense_fraction <= 1:

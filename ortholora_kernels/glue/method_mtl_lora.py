@@ -30,14 +30,15 @@ from .mtl_lora import apply_mtl_lora, count_trainable, mtl_lora_parameters, mtl_
 PROJECTIONS = ("none", "global", "ab", "layer", "matrix")
 
 
-def check_projection(cfg, method: str) -> None:
+def check_projection(cfg, method: str, hint: str = "") -> None:
     """Shared checks of --projection/--collect/--backend for the seed methods."""
     if cfg.projection is not None and cfg.projection not in PROJECTIONS:
         raise ValueError(f"--projection must be one of {', '.join(PROJECTIONS)}, not {cfg.projection!r}")
     if cfg.projection in (None, "none"):
         for opt in ("collect", "backend"):
             if getattr(cfg, opt) is not None:
-                raise ValueError(f"--{opt} with --method {method} needs --projection (global, ab, layer or matrix)")
+                raise ValueError(f"--{opt} with --method {method} needs --projection (global, ab, layer or matrix)"
+                                 + hint)
 
 
 def make_seed_projector(cfg, params, num_tasks):

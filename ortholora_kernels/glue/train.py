@@ -329,7 +329,8 @@ def _resolved_config(cfg, method_cls) -> dict:
     res = {"device": str(_device()), "separate_tasks": method_cls.is_separate(cfg),
            "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                         "peft": peft.__version__}}
-    if "backend" in method_cls.options:
+    projecting = "projection" not in method_cls.options or cfg.projection not in (None, "none")
+    if "backend" in method_cls.options and projecting:
         from .. import backends
 
         res["backend"] = backends.select(cfg.backend, _device())
