@@ -289,11 +289,22 @@ class GroupedCollector:
         if self._route is not None:
             raise RuntimeError("record/task: contexts do not nest")
         self._get_buffer()
+        params = self.layout.params
+        had_grad = [p.grad is not None for p in params]
         self._route = route
         try:
             yield
         finally:
             self._route = None
+        # A LoRA weight used outside its nn.Linear (DoRA's weight norm, weight tying, a
+        # functional call) gets an ordinary .grad that the per-task rows would miss.
+        leaked = [e.name for e, p, h in zip(self.layout.entries, params, had_grad) if not h and p.grad is not None]
+        if leaked:
+            raise RuntimeError(
+                f"collect: 'grouped' saw ordinary gradients on {leaked[:3]}{'...' if len(leaked) > 3 else ''}: "
+                "the weight is also used outside its nn.Linear forward (e.g. DoRA, weight tying), so its "
+                "per-task gradients would be incomplete. Use collect='loop'."
+            )
 
     def grouped(self, task_ids):
         """Context: backward passes inside split LoRA gradients by ``task_ids`` ``[batch]``."""

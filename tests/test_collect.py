@@ -114,3 +114,56 @@ def test_grouped_with_gradient_checkpointing(reentrant):
     ckpt, _ = _collect(model, batch, "grouped", 3)
     assert plain.abs().sum() > 0
     torch.testing.assert_close(ckpt, plain, rtol=1e-5, atol=1e-8)
+
+
+def test_grouped_refuses_weights_used_outside_their_linear():
+    """A LoRA weight used outside its nn.Linear (here an L2 penalty in the loss) gets an
+    ordinary .grad the per-task rows would miss: grouped raises instead of dropping it."""
+    model = tiny_multitask("roberta", 2, lora_dropout=0.0)
+    batch = make_batch([2, 2], seq_len=5)
+    ortho = OrthoLoRA(model, 2)
+    with pytest.raises(RuntimeError, match="loop"):
+        with ortho.record(batch["task_ids"]):
+            penalty = sum(p.pow(2).sum() for p in ortho.layout.params)
+            (task_losses(model, batch).sum() + 1e-3 * penalty).backward()
+    ortho.remove()
+
+
+def test_dora_grouped_equals_loop():
+    """peft's DoRA detaches the weight norm, so LoRA A/B gradients only flow through the two
+    nn.Linear: grouped applies (the magnitude vector keeps an ordinary gradient)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import BertModel
+
+    from models import tiny_config
+    torch.manual_seed(0)
+    enc = get_peft_model(BertModel(tiny_config("bert"), add_pooling_layer=False),
+                         LoraConfig(r=2, target_modules=["query", "value"], use_dora=True, lora_dropout=0.2))
+    with torch.no_grad():
+        for n, p in enc.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    enc.train()
+    batch = make_batch([2, 3], seq_len=5)
+
+    def losses():
+        h = enc(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state[:, 0]
+        return per_task_mean_loss(h.pow(2).mean(1), batch["task_ids"], 2)
+
+    out = []
+    for mode in ("grouped", "loop"):
+        enc.zero_grad(set_to_none=True)
+        ortho = OrthoLoRA(enc, 2, collect=mode)
+        ls = _fork_rng_run(losses)
+        if mode == "grouped":
+            with ortho.record(batch["task_ids"]):
+                ls.sum().backward()
+        else:
+            ortho.backward(list(ls))
+        mags = [p.grad.clone() for n, p in enc.named_parameters() if "magnitude" in n]
+        out.append((ortho.buffer.clone(), mags))
+        ortho.remove()
+    assert out[0][0][0].norm() > 0 and len(out[0][1]) == 4
+    torch.testing.assert_close(out[0][0], out[1][0], rtol=1e-5, atol=1e-7)
+    for a, b in zip(out[0][1], out[1][1]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-8)
