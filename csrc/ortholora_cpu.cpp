@@ -14,6 +14,7 @@
 
 #include <algorithm>
 #include <exception>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -28,35 +29,59 @@
 namespace ortholora {
 namespace {
 
-// f(begin, end) over contiguous, equal shares of [0, n), one per thread: the same share
-// for the same thread in every pass of a call (the combine finds its Gram chunks in L2).
-// Thread count: torch's (at::get_num_threads(), i.e. torch.set_num_threads), even if this
-// extension's OpenMP runtime were a different copy from torch's. No nested parallelism.
-// Results never depend on it: every chunk's partial is computed and summed the same way.
-template <class F>
-void parallel_chunks(int64_t n, int64_t min_per_thread, const F& f) {
-  if (n <= 0) return;
+// One step of a parallel computation: f(begin, end) over contiguous, equal shares of
+// [0, n), one share per thread, and only as many threads as give each at least
+// `min_per_thread` items.
+struct Phase {
+  int64_t n;
+  int64_t min_per_thread;
+  std::function<void(int64_t, int64_t)> f;
+};
+
+// Runs the phases in ONE OpenMP parallel region, a barrier between phases (one thread
+// wake-up per call instead of one per phase). A thread gets the same share of two phases
+// of the same size (the combine finds its Gram chunks in L2). Thread count: torch's
+// (at::get_num_threads(), i.e. torch.set_num_threads), even if this extension's OpenMP
+// runtime were a different copy from torch's; no nested parallelism. Results never
+// depend on it: every chunk's partial is computed and summed the same way.
+void run_phases(const std::vector<Phase>& phases) {
 #ifdef _OPENMP
-  const int64_t nt = std::min<int64_t>(at::get_num_threads(), n / std::max<int64_t>(1, min_per_thread));
-  if (nt > 1 && !at::in_parallel_region() && !omp_in_parallel()) {
+  auto users = [](const Phase& p, int64_t nth) {
+    return std::max<int64_t>(1, std::min<int64_t>(nth, p.n / std::max<int64_t>(1, p.min_per_thread)));
+  };
+  int64_t want = 1;
+  for (const Phase& p : phases) want = std::max(want, users(p, at::get_num_threads()));
+  if (want > 1 && !at::in_parallel_region() && !omp_in_parallel()) {
     std::exception_ptr error;
-#pragma omp parallel num_threads(static_cast<int>(nt))
+    const int64_t nphases = static_cast<int64_t>(phases.size());
+#pragma omp parallel num_threads(static_cast<int>(want))
     {
       const int64_t nth = omp_get_num_threads(), tid = omp_get_thread_num();
-      const int64_t share = (n + nth - 1) / nth;
-      const int64_t b = std::min(n, tid * share), e = std::min(n, b + share);
-      try {
-        if (b < e) f(b, e);
-      } catch (...) {
+      for (int64_t k = 0; k < nphases; ++k) {
+        const Phase& p = phases[k];
+        const int64_t use = users(p, nth);
+        const int64_t share = (p.n + use - 1) / use;
+        const int64_t b = std::min(p.n, tid * share), e = std::min(p.n, b + share);
+        if (tid < use && b < e) {
+          try {
+            p.f(b, e);
+          } catch (...) {
 #pragma omp critical(ortholora_error)
-        if (!error) error = std::current_exception();
+            if (!error) error = std::current_exception();
+          }
+        }
+        if (k + 1 < nphases) {
+#pragma omp barrier
+        }
       }
     }
     if (error) std::rethrow_exception(error);
     return;
   }
 #endif
-  f(0, n);
+  for (const Phase& p : phases) {
+    if (p.n > 0) p.f(0, p.n);
+  }
 }
 
 // Columns per chunk: about 256 KiB of input, at least 64 columns per row (so the T x T
@@ -75,67 +100,76 @@ bool is_low_precision(at::ScalarType t) { return t == at::kHalf || t == at::kBFl
 // fp16/bf16 are widened to fp32 once (exact); fp32 accumulation, one rounding at the end.
 at::Tensor working(const at::Tensor& x) { return is_low_precision(x.scalar_type()) ? x.to(at::kFloat) : x; }
 
-// Pair products Y_s X_s^T of every segment, float64 [S, R, T] (sym: Y is X, Gram).
-void segment_pairs(const at::Tensor& y, const at::Tensor& x, bool sym, const Pieces& P, int64_t S,
-                   double* out) {
+// The two phases of the pair products Y_s X_s^T of every segment (sym: Y is X, Gram):
+// chunk partials, then per segment the fixed-order sum into out [S, R, T] (float64).
+struct PairPhases {
+  std::vector<double> partial;
+  Phase chunks, segments;
+};
+
+void pair_phases(const at::Tensor& y, const at::Tensor& x, bool sym, const Pieces& P, int64_t S, double* out,
+                 PairPhases& ph) {
   const int64_t R = y.size(0), T = x.size(0), N = x.size(1);
   const int64_t RT = R * T;
   const int64_t np = static_cast<int64_t>(P.lo.size());
-  std::vector<double> partial(static_cast<size_t>(np * RT), 0.0);
-  const cpu::KernelTable& K = cpu::active_table();
+  ph.partial.assign(static_cast<size_t>(np * RT), 0.0);
+  double* partial = ph.partial.data();
+  const cpu::KernelTable* K = &cpu::active_table();
   const bool f64 = x.scalar_type() == at::kDouble;
   const void* yp = y.data_ptr();
   const void* xp = x.data_ptr();
-  parallel_chunks(P.nchunks, 1, [&](int64_t b, int64_t e) {
-    for (int64_t q = P.chunk_first[b]; q < P.chunk_first[e]; ++q) {
-      double* dst = partial.data() + q * RT;
+  const Pieces* PP = &P;
+  ph.chunks = Phase{P.nchunks, 1, [=](int64_t b, int64_t e) {
+    for (int64_t q = PP->chunk_first[b]; q < PP->chunk_first[e]; ++q) {
+      double* dst = partial + q * RT;
       if (f64) {
-        K.pairs_f64(static_cast<const double*>(yp), static_cast<int>(R), static_cast<const double*>(xp),
-                    static_cast<int>(T), sym, N, P.lo[q], P.hi[q], dst);
+        K->pairs_f64(static_cast<const double*>(yp), static_cast<int>(R), static_cast<const double*>(xp),
+                     static_cast<int>(T), sym, N, PP->lo[q], PP->hi[q], dst);
       } else {
-        K.pairs_f32(static_cast<const float*>(yp), static_cast<int>(R), static_cast<const float*>(xp),
-                    static_cast<int>(T), sym, N, P.lo[q], P.hi[q], dst);
+        K->pairs_f32(static_cast<const float*>(yp), static_cast<int>(R), static_cast<const float*>(xp),
+                     static_cast<int>(T), sym, N, PP->lo[q], PP->hi[q], dst);
       }
     }
-  });
+  }};
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, RT * (1 + np / S)));
-  parallel_chunks(S, grain, [&](int64_t b, int64_t e) {
+  ph.segments = Phase{S, grain, [=](int64_t b, int64_t e) {
     for (int64_t s = b; s < e; ++s) {
       double* g = out + s * RT;
       for (int64_t i = 0; i < R; ++i) {
         const int64_t jend = sym ? i + 1 : T;
         for (int64_t j = 0; j < jend; ++j) {
-          double acc = partial[P.seg_first[s] * RT + i * T + j];
-          for (int64_t q = P.seg_first[s] + 1; q < P.seg_first[s + 1]; ++q) acc += partial[q * RT + i * T + j];
+          double acc = partial[PP->seg_first[s] * RT + i * T + j];
+          for (int64_t q = PP->seg_first[s] + 1; q < PP->seg_first[s + 1]; ++q) acc += partial[q * RT + i * T + j];
           g[i * T + j] = acc;
           if (sym) g[j * T + i] = acc;
         }
       }
     }
-  });
+  }};
 }
 
-// out[r, c] = sum_k m1_s[r, k] s1[k, c] (+ sum_k m2_s[r, k] s2[k, c]) per piece.
+// out[r, c] = sum_k m1_s[r, k] s1[k, c] (+ sum_k m2_s[r, k] s2[k, c]) per piece, as a
+// phase over the chunks. Each thread walks its chunks backwards: the ones the Gram phase
+// read last are still in its L2. (Which thread writes which column never changes values.)
 template <class S_>
-void segment_combine(const S_* s1, int64_t k1, const S_* m1, const S_* s2, int64_t k2, const S_* m2,
-                     int64_t rout, int64_t N, const Pieces& P, S_* out) {
-  const cpu::KernelTable& K = cpu::active_table();
-  // Each thread walks its chunks backwards: the ones the Gram pass read last are still
-  // in its L2. (Which thread writes which column never changes the values.)
-  parallel_chunks(P.nchunks, 1, [&](int64_t b, int64_t e) {
-    for (int64_t q = P.chunk_first[e] - 1; q >= P.chunk_first[b]; --q) {
-      const int64_t s = P.seg[q];
+Phase combine_phase(const S_* s1, int64_t k1, const S_* m1, const S_* s2, int64_t k2, const S_* m2, int64_t rout,
+                    int64_t N, const Pieces& P, S_* out) {
+  const cpu::KernelTable* K = &cpu::active_table();
+  const Pieces* PP = &P;
+  return Phase{P.nchunks, 1, [=](int64_t b, int64_t e) {
+    for (int64_t q = PP->chunk_first[e] - 1; q >= PP->chunk_first[b]; --q) {
+      const int64_t s = PP->seg[q];
       const S_* w1 = m1 + s * rout * k1;
       const S_* w2 = k2 ? m2 + s * rout * k2 : nullptr;
       if constexpr (std::is_same<S_, double>::value) {
-        K.combine_f64(s1, static_cast<int>(k1), w1, s2, static_cast<int>(k2), w2, static_cast<int>(rout), N,
-                      P.lo[q], P.hi[q], out, N);
+        K->combine_f64(s1, static_cast<int>(k1), w1, s2, static_cast<int>(k2), w2, static_cast<int>(rout), N,
+                       PP->lo[q], PP->hi[q], out, N);
       } else {
-        K.combine_f32(s1, static_cast<int>(k1), w1, s2, static_cast<int>(k2), w2, static_cast<int>(rout), N,
-                      P.lo[q], P.hi[q], out, N);
+        K->combine_f32(s1, static_cast<int>(k1), w1, s2, static_cast<int>(k2), w2, static_cast<int>(rout), N,
+                       PP->lo[q], PP->hi[q], out, N);
       }
     }
-  });
+  }};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> project_cpu(const at::Tensor& grads,
@@ -160,32 +194,35 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> project_cpu(const at:
   at::Tensor gram = at::empty({S, T, T}, f64opt);
   at::Tensor coeffs = at::empty({S, T, T}, f64opt);
   at::Tensor nproj = at::empty({S}, x.options().dtype(at::kInt));
-  segment_pairs(x, x, true, P, S, gram.data_ptr<double>());
-
   const int64_t R = red == 2 ? T : 1;
+  at::Tensor out = red == 2 ? at::empty({T, N}, x.options()) : at::empty({N}, x.options());
   std::vector<double> w64(static_cast<size_t>(S * R * T));
   std::vector<float> w32(f64 ? 0 : static_cast<size_t>(S * R * T));
   double* gp = gram.data_ptr<double>();
   double* cp = coeffs.data_ptr<double>();
   int32_t* npp = nproj.data_ptr<int32_t>();
-  parallel_chunks(S, std::max<int64_t>(1, 4096 / (T * T * T)), [&](int64_t b, int64_t e) {
+  double* wp64 = w64.data();
+  float* wp32 = w32.data();
+
+  // 1. Gram partials per chunk | 2. per segment: sum them, solve, weights | 3. combine.
+  PairPhases gram_phases;
+  pair_phases(x, x, true, P, S, gp, gram_phases);
+  const Phase reduce = gram_phases.segments;
+  Phase solve{S, reduce.min_per_thread, [=](int64_t b, int64_t e) {
+    reduce.f(b, e);
     for (int64_t s = b; s < e; ++s) {
       npp[s] = solve_one(gp + s * T * T, op + s * T * T, static_cast<int>(T), cp + s * T * T);
-      weights_one(cp + s * T * T, static_cast<int>(T), red, w64.data() + s * R * T);
+      weights_one(cp + s * T * T, static_cast<int>(T), red, wp64 + s * R * T);
       if (!f64) {
-        for (int64_t q = s * R * T; q < (s + 1) * R * T; ++q) w32[q] = static_cast<float>(w64[q]);
+        for (int64_t q = s * R * T; q < (s + 1) * R * T; ++q) wp32[q] = static_cast<float>(wp64[q]);
       }
     }
-  });
-
-  at::Tensor out = red == 2 ? at::empty({T, N}, x.options()) : at::empty({N}, x.options());
-  if (f64) {
-    segment_combine<double>(x.data_ptr<double>(), T, w64.data(), nullptr, 0, nullptr, R, N, P,
-                            out.data_ptr<double>());
-  } else {
-    segment_combine<float>(x.data_ptr<float>(), T, w32.data(), nullptr, 0, nullptr, R, N, P,
-                           out.data_ptr<float>());
-  }
+  }};
+  const Phase combine = f64 ? combine_phase<double>(x.data_ptr<double>(), T, wp64, nullptr, 0, nullptr, R, N, P,
+                                                    out.data_ptr<double>())
+                            : combine_phase<float>(x.data_ptr<float>(), T, wp32, nullptr, 0, nullptr, R, N, P,
+                                                   out.data_ptr<float>());
+  run_phases({gram_phases.chunks, solve, combine});
   if (out.scalar_type() != x0.scalar_type()) out = out.to(x0.scalar_type());
   return {out, gram, coeffs, nproj};
 }
@@ -202,7 +239,9 @@ at::Tensor cross_cpu(const at::Tensor& y, const at::Tensor& x, at::IntArrayRef o
   const int64_t S = static_cast<int64_t>(offs.size()) - 1;
   const Pieces P = make_pieces(offs, chunk_columns(R + T, xw.scalar_type() == at::kDouble ? 8 : 4));
   at::Tensor v = at::empty({S, R, T}, xw.options().dtype(at::kDouble));
-  segment_pairs(yw, xw, false, P, S, v.data_ptr<double>());
+  PairPhases ph;
+  pair_phases(yw, xw, false, P, S, v.data_ptr<double>(), ph);
+  run_phases({ph.chunks, ph.segments});
   return v;
 }
 
@@ -228,11 +267,11 @@ at::Tensor backward_combine_cpu(const at::Tensor& dy, const at::Tensor& x, const
   const Pieces P = make_pieces(offs, chunk_columns(R + T, acc == at::kDouble ? 8 : 4));
   at::Tensor out = at::empty({T, N}, xw.options());
   if (acc == at::kDouble) {
-    segment_combine<double>(yw.data_ptr<double>(), R, m1.data_ptr<double>(), xw.data_ptr<double>(), T,
-                            m2.data_ptr<double>(), T, N, P, out.data_ptr<double>());
+    run_phases({combine_phase<double>(yw.data_ptr<double>(), R, m1.data_ptr<double>(), xw.data_ptr<double>(), T,
+                                      m2.data_ptr<double>(), T, N, P, out.data_ptr<double>())});
   } else {
-    segment_combine<float>(yw.data_ptr<float>(), R, m1.data_ptr<float>(), xw.data_ptr<float>(), T,
-                           m2.data_ptr<float>(), T, N, P, out.data_ptr<float>());
+    run_phases({combine_phase<float>(yw.data_ptr<float>(), R, m1.data_ptr<float>(), xw.data_ptr<float>(), T,
+                                     m2.data_ptr<float>(), T, N, P, out.data_ptr<float>())});
   }
   if (out.scalar_type() != x0.scalar_type()) out = out.to(x0.scalar_type());
   return out;
