@@ -163,7 +163,9 @@ def build_parser():
     _add_train_options(t)
     c = sub.add_parser("compare", help="compare finished runs: markdown table and learning curves",
                        description="Print a markdown table (tasks x runs, with the GLUE average: per task the "
-                                   "mean of its official metrics x100, then the mean over tasks).")
+                                   "mean of its official metrics x100, then the mean over tasks) and the "
+                                   "trainable parameter counts: adapter (summed over per-task adapters) and "
+                                   "heads.")
     c.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories (each with results.json)")
     c.add_argument("--out", default=None, help="also write the table to this markdown file and the overlaid "
                    "learning curves next to it (<name>_curves.png)")

@@ -13,8 +13,19 @@ LoRA adapter + one head per task), (2) whether tasks train together or one at a 
         def build_model(self, encoder, tasks): ...
         def backward(self, model, losses, task_ids): ...   # returns stats or None
 
+Optional hooks (defaults do nothing): ``defaults`` / ``check_config`` (option defaults and
+checks), ``is_separate(cfg)`` (one unit per task, may depend on the options),
+``eval_context(model, task_index)`` (context of each task's evaluation forward, e.g.
+MTL-LoRA's task routing), ``schedule_phases(total)`` (phases with their own warm-up/decay,
+e.g. LoRI-D / LoRI-S), ``step_end(model, step, optimizer)`` (after the step's update and
+evaluation, before its checkpoint), ``param_counts(model)`` (trainable scalars of adapter
+and heads, reported in results.json/config.json/compare) and the class method
+``post_train`` (after every unit, e.g. LoRI's merge). ``state_dict``/``load_state_dict``
+hold whatever an exact resume needs beyond the trainable parameters (LoRI: its masks).
+
 A method defined in another module is found when that module is imported; list it in
-:data:`LAZY_METHODS` (name -> module) so the CLI imports it on demand. The training loop
+:data:`LAZY_METHODS` (name -> module) so the CLI imports it on demand (``mtl-lora``:
+:mod:`.method_mtl_lora`, ``lori``: :mod:`.method_lori`). The training loop
 passes ``model(input_ids, attention_mask, task_slices)`` (task_slices: the rows of each
 task in the concatenated batch) and ``task_ids`` (CPU LongTensor) to ``backward``.
 """

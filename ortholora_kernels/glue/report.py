@@ -10,6 +10,12 @@ Files in a run directory::
     cosine.json         mean task x task gradient cosine per segment (ortho runs)
     plots/learning_curves.png, plots/conflicts.png, plots/cosine_heatmap.png
     summary.md          the table of this run (``compare`` writes a table of several runs)
+
+Tables show the per-task metrics x100, the GLUE average and, for runs that record them,
+the trainable parameter counts: ``adapter params`` (LoRA/MTL-LoRA/LoRI adapter scalars
+that train, summed over separately trained adapters: single and lori-merge count T
+adapters; LoRI counts only the kept B entries of its final LoRI-S stage, A is frozen) and
+``head params`` (all task heads).
 """
 from __future__ import annotations
 

@@ -3,8 +3,12 @@
 Each step takes one batch from every task (each task cycles through its own data), runs
 one forward pass over the concatenated multi-task batch, and hands the per-task mean
 losses to the method, which writes ``.grad`` (joint: sum; ortho: per-task gradients ->
-projection); then AdamW and a linear schedule with warm-up. Methods with
-``separate_tasks`` (single) run this loop once per task.
+projection); then AdamW and a linear schedule with warm-up (restarted for every phase a
+method declares: LoRI-D, LoRI-S). Methods with ``separate_tasks`` (single; lori in merge
+mode) run this loop once per task. Evaluation of task t runs inside the method's
+``eval_context`` (MTL-LoRA: routed through task t's adapter). Each unit's trainable
+parameter counts (adapter, heads) are summed into results.json's and config.json's
+``params``.
 
 Checkpoints (``checkpoint.pt``, atomic) hold the trainable weights, optimizer, scheduler,
 python/numpy/torch RNG states, the data-order state, the method's state (projection order
