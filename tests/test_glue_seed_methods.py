@@ -111,6 +111,24 @@ def test_lori_joint_grouped_respects_the_mask(runs):
     assert 0 < nonzero <= round(0.1 * sum(v.numel() for v in bs.values()))
 
 
+@pytest.mark.parametrize("extra,pattern", [
+    (["--method", "mtl-lora", "--mtl-num-b", "2", "--mtl-diagonal"], r"\.lora_(A|B\.[01])\.weight"),
+    (["--method", "lori", "--lori-mode", "joint"], r"\.lora_B"),
+])
+def test_projection_covers_only_the_shared_matrices(tmp_path, synth, extra, pattern):
+    """matrix granularity: one segment per projected matrix. MTL-LoRA: A and every B_k, never
+    the task transforms / mixture logits; LoRI: the B's only (A is frozen)."""
+    import re
+
+    out = tmp_path / "m"
+    assert main(["train", *FAST, "--data-dir", synth, *TASKS, "--max-steps", "2", "--eval-every", "2",
+                 "--out", str(out), "--projection", "matrix", *extra]) == 0
+    names = json.loads((out / "cosine.json").read_text())["segments"]
+    n_b = 2 if extra[1] == "mtl-lora" else 0
+    assert len(names) == 4 * (1 + n_b if n_b else 1)
+    assert all(re.search(pattern + "$", n) for n in names), names
+
+
 def test_lori_merge_evaluates_the_merged_adapter(runs):
     d = Path(runs["lori"])
     res = _res(d)

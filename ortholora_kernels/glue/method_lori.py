@@ -160,6 +160,9 @@ class LoRI(Method):
     def teardown(self):
         if self.projector is not None:
             self.projector.remove()
+            for _, m in lori_modules(self.model.encoder):   # back to the plain LoRILinear forward
+                m.__dict__.pop("forward", None)
+                m.__dict__.pop("_b_linear", None)
         if self.is_separate(self.cfg):
             task = self.tasks[0].name
             head = {k: v.detach().cpu().clone() for k, v in self.model.heads[task].state_dict().items()}
