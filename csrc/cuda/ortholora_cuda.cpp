@@ -9,6 +9,9 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <map>
+#include <mutex>
+#include <tuple>
 #include <vector>
 
 #include "cuda/kernels.cuh"
@@ -19,14 +22,33 @@ namespace {
 
 // The piece table on the device: segments cut into blocks of `piece` columns (a multiple
 // of the Gram tile), sized for a few hundred blocks. Depends only on the shape, so results
-// are deterministic. One pinned host buffer, copied asynchronously (the caching host
-// allocator keeps it alive until the copy has run): no host synchronisation.
+// are deterministic. Built once per (device, tile, offsets) and cached with its pinned
+// host copy, so later calls (and CUDA graph replays) neither copy nor synchronise: the
+// first upload is an asynchronous copy from pinned memory that stays alive in the cache.
 struct DeviceTable {
+  at::Tensor host;
   at::Tensor storage;
   cuda::PieceTable table;
 };
 
+DeviceTable build_table(const std::vector<int64_t>& offs, int64_t tile, const at::Device& device);
+
 DeviceTable make_table(const std::vector<int64_t>& offs, int64_t tile, const at::Device& device) {
+  typedef std::tuple<int, int64_t, std::vector<int64_t>> Key;
+  static std::mutex mutex;
+  // Leaked on purpose: no CUDA frees from static destructors after the context is gone.
+  static auto* cache = new std::map<Key, DeviceTable>();
+  Key key{device.index(), tile, offs};
+  std::lock_guard<std::mutex> lock(mutex);
+  auto it = cache->find(key);
+  if (it != cache->end()) return it->second;
+  if (cache->size() >= 256) cache->clear();   // layouts are few; bound the cache anyway
+  DeviceTable t = build_table(offs, tile, device);
+  cache->emplace(std::move(key), t);
+  return t;
+}
+
+DeviceTable build_table(const std::vector<int64_t>& offs, int64_t tile, const at::Device& device) {
   const int64_t S = static_cast<int64_t>(offs.size()) - 1;
   const int64_t N = offs.back();
   const int64_t piece = tile * std::max<int64_t>(1, std::min<int64_t>(16, N / (tile * 512)));
@@ -48,6 +70,7 @@ DeviceTable make_table(const std::vector<int64_t>& offs, int64_t tile, const at:
   std::copy(hi.begin(), hi.end(), h + 2 * np);
   std::copy(seg_first.begin(), seg_first.end(), h + 3 * np);
   DeviceTable t;
+  t.host = host;
   t.storage = host.to(device, /*non_blocking=*/true);
   const int64_t* d = t.storage.data_ptr<int64_t>();
   t.table = cuda::PieceTable{d, d + np, d + 2 * np, d + 3 * np, static_cast<int>(np), static_cast<int>(S)};
