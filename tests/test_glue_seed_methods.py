@@ -200,6 +200,7 @@ def test_exact_resume(tmp_path, synth, capsys, extra, stop):
     (["--method", "lori", "--lori-sparsity", "1.5"], "--lori-sparsity must be in [0, 1)"),
     (["--method", "lori", "--lori-dense-fraction", "0"], "--lori-dense-fraction must be in (0, 1]"),
     (["--method", "lori", "--lori-mode", "x"], "invalid choice"),
+    (["--method", "lori", "--lori-mode", "joint", "--lori-task-seeds"], "--lori-task-seeds applies to --lori-mode merge"),
 ])
 def test_incompatible_options_give_one_line(capsys, tmp_path, argv, match):
     rc = main(["train", "--tiny", "--synthetic", "--tasks", "sst2,mrpc", "--out", str(tmp_path / "r"), *argv])
@@ -218,3 +219,15 @@ def test_real_glue_tasks(tmp_path, extra):
                  "--max-steps", "2", "--eval-every", "2", "--out", out, *extra]) == 0
     res = _res(out)
     assert res["finished"] and set(res["final"]) == {"rte", "mrpc"} and res["params"]["adapter"] > 0
+
+
+def test_lori_task_seeds_merge_by_concatenation(tmp_path, synth):
+    out = tmp_path / "ts"
+    assert main(["train", *FAST, "--data-dir", synth, "--tasks", "sst2,mrpc", "--max-steps", "2", "--eval-every", "2",
+                 "--out", str(out), "--method", "lori", "--lori-task-seeds"]) == 0
+    res = _res(out)
+    assert res["merge"] == "concat" and res["merged_rank"] == 2 * 8
+    a = [ckpt.load(str(out / f"lori_adapter_{t}.pt"))["adapter"]["state"] for t in ("sst2", "mrpc")]
+    k = next(k for k in a[0] if k.endswith(".lora_A"))
+    assert not torch.equal(a[0][k], a[1][k])
+    assert {e["task"] for e in res["evals"] if e.get("merged")} == {"sst2", "mrpc"}

@@ -109,6 +109,10 @@ def _add_train_options(p, demo=False):
                             "one (B = mean of the task B's, same frozen A) and evaluated on every task (the "
                             "paper's recipe); joint = one shared adapter on all tasks, summed losses, takes "
                             "--projection (default: merge)")
+        g.add_argument("--lori-task-seeds", action="store_true",
+                       help="lori merge mode: draw each task's frozen A from its own seed (--seed + task index) "
+                            "instead of one shared A; the merge then concatenates the adapters (rank T*r, the "
+                            "same sum of task updates)")
         g.add_argument("--lori-sparsity", type=float, default=None,
                        help="lori: fraction of the B entries masked out for LoRI-S (global magnitude mask) "
                             "(default: 0.9)")
@@ -214,7 +218,7 @@ def _config_from_args(a, **over):
         projection=getattr(a, "projection", None), mtl_num_b=getattr(a, "mtl_num_b", None),
         mtl_temperature=getattr(a, "mtl_temperature", None), mtl_diagonal=getattr(a, "mtl_diagonal", False),
         lori_sparsity=getattr(a, "lori_sparsity", None), lori_dense_fraction=getattr(a, "lori_dense_fraction", None),
-        lori_mode=getattr(a, "lori_mode", None),
+        lori_mode=getattr(a, "lori_mode", None), lori_task_seeds=getattr(a, "lori_task_seeds", False),
         max_train_samples=a.max_train_samples,
         max_eval_samples=a.max_eval_samples, resume=getattr(a, "resume", False),
         stop_after_steps=getattr(a, "stop_after_steps", None), progress=not a.no_progress,

@@ -17,9 +17,12 @@ Modes (``--lori-mode``):
 
 * ``merge`` (default; the paper's multi-task recipe): one LoRI adapter (and head) per task,
   each trained alone (LoRI-D, mask, LoRI-S: ``--max-steps`` steps per task, as ``single``),
-  then the T adapters are merged into one (:func:`.lori.merge_lori`: same A, so
-  B = sum_t w_t B_t with w_t = 1/T and mask = union) and the merged adapter is evaluated
-  on every task with that task's head. results.json's final metrics are the merged
+  then the T adapters are merged into one (:func:`.lori.merge_lori`, weights w_t = 1/T:
+  with one shared A (default, all from ``--seed``) B = sum_t w_t B_t at rank r, mask =
+  union; with ``--lori-task-seeds`` each task's A comes from ``--seed + t`` (independent
+  random projections, nearly orthogonal task subspaces) and the merge concatenates them,
+  rank T*r, dW = sum_t w_t B_t A_t) and the merged adapter is evaluated on every task with
+  that task's head. results.json's final metrics are the merged
   adapter's; ``unmerged_final``/``unmerged_glue_score`` keep each task's own adapter.
   Files: ``lori_adapter_<task>.pt`` (adapter + head), ``lori_merged.pt``.
 * ``joint``: one shared LoRI adapter trained on all tasks together (summed task losses, as
@@ -85,7 +88,8 @@ class LoRI(Method):
     name = "lori"
     help = ("LoRI: frozen random A, sparse B (LoRI-D -> mask -> LoRI-S); --lori-mode merge (per-task adapters, "
             "merged) or joint (one shared adapter; --projection adds Ortho-LoRA)")
-    options = ("projection", "collect", "backend", "lori_sparsity", "lori_dense_fraction", "lori_mode")
+    options = ("projection", "collect", "backend", "lori_sparsity", "lori_dense_fraction", "lori_mode",
+               "lori_task_seeds")
     defaults = {"projection": "none", "lori_sparsity": 0.9, "lori_dense_fraction": 0.5, "lori_mode": "merge"}
 
     @classmethod
@@ -95,6 +99,8 @@ class LoRI(Method):
         if (cfg.lori_mode or "merge") == "merge" and cfg.projection not in (None, "none"):
             raise ValueError("--projection with --method lori needs --lori-mode joint (in merge mode every "
                              "adapter is trained on one task: there is nothing to project)")
+        if cfg.lori_task_seeds and cfg.lori_mode == "joint":
+            raise ValueError("--lori-task-seeds applies to --lori-mode merge (a joint adapter has one A)")
         check_projection(cfg, cls.name, " and --lori-mode joint" if (cfg.lori_mode or "merge") == "merge" else "")
         if cfg.lori_sparsity is not None and not 0 <= cfg.lori_sparsity < 1:
             raise ValueError("--lori-sparsity must be in [0, 1)")
@@ -107,7 +113,12 @@ class LoRI(Method):
 
     def build_model(self, encoder, tasks):
         c = self.cfg
-        apply_lori(encoder, c.lora_target_modules, r=c.lora_r, alpha=c.lora_alpha, seed=c.seed,
+        seed = c.seed
+        if c.lori_task_seeds:   # merge mode: this unit's task index in the run
+            from .tasks import parse_tasks
+
+            seed += [t.name for t in parse_tasks(c.tasks)].index(tasks[0].name)
+        apply_lori(encoder, c.lora_target_modules, r=c.lora_r, alpha=c.lora_alpha, seed=seed,
                    dropout=c.lora_dropout, freeze_base=True, keep_trainable=())
         return MultiTaskModel(encoder, tasks, pooling=c.pooling)
 
@@ -208,4 +219,5 @@ class LoRI(Method):
                        device, step, evals, merged=True)
         mask_kept = sum(int(v.sum()) for k, v in merged["state"].items() if k.endswith(".lora_mask"))
         return {"unmerged_final": unmerged, "unmerged_glue_score": glue_score(unmerged) if unmerged else None,
-                "merged_adapter_nonzero": mask_kept or None, "merge_weights": merged["config"]["merge_weights"]}
+                "merged_adapter_nonzero": mask_kept or None, "merge_weights": merged["config"]["merge_weights"],
+                "merge": merged["config"]["merge"], "merged_rank": merged["config"]["r"]}

@@ -45,7 +45,8 @@ LAZY_METHODS = {"mtl-lora": "ortholora_kernels.glue.method_mtl_lora", "lori": "o
 
 #: method-specific CLI options (dest names); a method lists those it accepts in ``options``
 METHOD_OPTIONS = ("granularity", "collect", "backend", "log_conflicts", "projection", "mtl_num_b",
-                  "mtl_temperature", "mtl_diagonal", "lori_sparsity", "lori_dense_fraction", "lori_mode")
+                  "mtl_temperature", "mtl_diagonal", "lori_sparsity", "lori_dense_fraction", "lori_mode",
+                  "lori_task_seeds")
 
 
 def register_method(cls):

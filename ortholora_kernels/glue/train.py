@@ -73,6 +73,7 @@ class TrainConfig:
     lori_sparsity: float | None = None    # lori: fraction of B entries masked out in LoRI-S (default 0.9)
     lori_dense_fraction: float | None = None  # lori: fraction of the steps spent in LoRI-D (default 0.5)
     lori_mode: str | None = None          # lori: merge (per-task adapters, merged) | joint (one shared adapter)
+    lori_task_seeds: bool = False         # lori merge: each task's frozen A from its own seed (concatenated merge)
     max_train_samples: int | None = None
     max_eval_samples: int | None = None
     resume: bool = False
