@@ -180,7 +180,8 @@ def build_parser():
     d.add_argument("--out", default="runs/demo", help="output directory (default: %(default)s)")
     d.add_argument("--tasks", default="sst2,cola,mrpc,stsb",
                    help="synthetic tasks (from sst2, cola, mrpc, stsb, rte) (default: %(default)s)")
-    d.add_argument("--methods", default="single,joint,ortho", help="methods to compare (default: %(default)s)")
+    d.add_argument("--methods", default="single,joint,ortho", help="methods to compare, from single, joint, ortho, mtl-lora, lori "
+                   "(each with its default options) (default: %(default)s)")
     d.add_argument("--granularity", default="ab", choices=["global", "ab", "layer", "matrix"],
                    help="ortho granularity (default: %(default)s)")
     d.add_argument("--collect", default=None, choices=["grouped", "loop"], help="ortho collection (default: grouped)")
