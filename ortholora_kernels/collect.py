@@ -17,6 +17,11 @@ Two collectors give the same numbers (DESIGN.md section 6):
   peft applies dropout before ``lora_A`` and the scaling after ``lora_B``: hooking the two
   ``nn.Linear`` modules sees exactly the dropped-out input and the scaled output gradient.
 
+Requirements of the grouped collector: every shared LoRA matrix is the weight of an
+``nn.Linear`` whose input has the batch as dimension 0, and the weight reaches the loss only
+through that linear's forward (peft LoRA and DoRA do; a weight used elsewhere, e.g. in a
+penalty term, would also get an ordinary ``.grad``: this is detected and raises).
+
 Where gradients go is decided when the backward runs (the routing), so the forward may run
 inside or outside :meth:`GroupedCollector.grouped`; outside any routing the patched layers
 produce the ordinary ``.grad`` (plain joint training, evaluation, ``no_grad``: unchanged).

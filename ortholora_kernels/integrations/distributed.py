@@ -18,6 +18,13 @@ With DDP, the LoRA parameters must be left to OrthoLoRA (the grouped collector p
 ``OrthoLoRA(model, ...)`` calls :func:`exclude_from_ddp` on the model, so build it BEFORE
 wrapping the model in ``DistributedDataParallel``. With a plain process group (no DDP),
 reduce the other trainable parameters (heads) yourself with :func:`all_reduce_grads`.
+
+Collection modes under DDP: "grouped" (one forward, one backward) and the loop with a
+separate forward and backward per task both work. ``OrthoLoRA.backward(task_losses)`` (T
+backward passes over ONE forward, ``retain_graph``) does not: DDP allows one backward per
+forward. Gradient accumulation needs no ``no_sync`` for the LoRA part: the buffer is
+reduced once, in ``project_``. The orders are drawn from ``seed`` on every rank (an int
+seed is required), so the projections agree without communication.
 """
 from __future__ import annotations
 
