@@ -7,6 +7,7 @@
 //      the projection on the T x T Gram matrix, build the combine weights.
 //   3. Combine: out = W_s X_s per piece, OpenMP over the same chunks (same thread, same
 //      chunks as in 1, walked backwards, so the last ones read are still in L2).
+// The three run in one OpenMP parallel region with barriers between them (run_phases).
 // Kernels (csrc/cpu/) are plain C++ on raw pointers, one variant per instruction set.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
