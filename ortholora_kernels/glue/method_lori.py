@@ -43,7 +43,6 @@ from __future__ import annotations
 import os
 import types
 
-import torch
 import torch.nn.functional as F
 from torch import nn
 
