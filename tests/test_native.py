@@ -128,6 +128,20 @@ def test_isa_reporting_and_bad_name(isa):
 
 
 @needs_native
+def test_isa_environment_variable():
+    code = "import torch, ortholora_kernels._C; print(torch.ops.ortholora_C.cpu_isa())"
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    got = {}
+    for value in ("auto", "baseline", "no-such-isa"):
+        res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                             env=dict(env, ORTHOLORA_CPU_ISA=value))
+        assert res.returncode == 0, res.stderr
+        got[value] = res.stdout.strip()
+    assert got["baseline"] == "baseline"
+    assert got["no-such-isa"] == got["auto"] in _isas()          # unknown names fall back to the best
+
+
+@needs_native
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("t,n,s", [(1, 33, 2), (3, 1001, 3), (8, 20_000, 4), (13, 3_001, 2), (33, 517, 3)])
 def test_every_cpu_variant_matches_reference(isa, dtype, t, n, s):
