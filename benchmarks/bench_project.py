@@ -75,7 +75,8 @@ def check_agreement(device="cpu"):
 
 
 def measure(fn, x, min_run_time):
-    timer = tbench.Timer(stmt="fn(x)", globals={"fn": fn, "x": x})
+    # Timer defaults to one thread; measure with the threads torch would really use.
+    timer = tbench.Timer(stmt="fn(x)", globals={"fn": fn, "x": x}, num_threads=torch.get_num_threads())
     return timer.blocked_autorange(min_run_time=min_run_time).median * 1e3  # ms
 
 
