@@ -114,6 +114,8 @@ class TaskGroups:
             for t, c in enumerate(self.counts):
                 if c:
                     self.groups.append((t, (ids == t).nonzero().squeeze(1)))
+        # Sorted with every task present and the same count: one batched product per layer.
+        self.uniform = self.sorted and len(set(self.counts)) == 1
         self._on_device: dict = {}
 
     def select(self, sel, x: torch.Tensor) -> torch.Tensor:
@@ -337,6 +339,11 @@ class GroupedCollector:
                 f"{self.layout.entries[index].name} saw an input of shape {tuple(x.shape)}; the batch "
                 "must be dimension 0 of every LoRA input"
             )
+        allv = views
+        if groups.uniform and dy2.dtype == allv.dtype and x2.dtype == allv.dtype:
+            t = self.num_tasks  # rows of task k are the k-th contiguous block of the batch
+            allv.baddbmm_(dy2.reshape(t, -1, dy2.shape[-1]).transpose(1, 2), x2.reshape(t, -1, x2.shape[-1]))
+            return None
         for t, sel in groups.groups:
             xs = groups.select(sel, x)
             ds = groups.select(sel, dy)

@@ -34,7 +34,7 @@ def _collect(model, batch, mode, num_tasks):
 
 
 @pytest.mark.parametrize("kind", ["roberta", "bert"])
-@pytest.mark.parametrize("sizes", [[3, 1, 2], [2, 0, 3, 1]])
+@pytest.mark.parametrize("sizes", [[3, 1, 2], [2, 0, 3, 1], [2, 2, 2]])
 def test_grouped_equals_loop_with_dropout(kind, sizes):
     t = len(sizes)
     model = tiny_multitask(kind, t, lora_dropout=0.3, dropout=0.1)
