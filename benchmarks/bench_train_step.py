@@ -38,6 +38,38 @@ starting after the model and optimizer are built (so optimizer-state creation an
   minus the resident set before the steps, which does include allocator caching.
 
 Ratios are against joint for the same (T, batch).
+
+Reference run (2026-11-22, shared 2-core CPU VM, torch 2.13 CPU, native projection backend):
+``python benchmarks/bench_train_step.py --threads 1 --repeat 11 --warmup 2``. With the
+default 2 threads on that (oversubscribed) VM every step was 3-5x slower and the ratios
+noisy (grouped 1.08-1.17x joint at T=4, bs=8; loop up to 3x); single-thread figures:
+
+    device  T  bs method    median ms  x joint   cpu ms  x joint  peak MiB  x joint
+    -------------------------------------------------------------------------------
+    cpu     2   8 joint          91.3    1.000     91.3    1.000      47.0    1.000
+    cpu     2   8 loop          101.8    1.103    101.8    1.104      29.2    0.622
+    cpu     2   8 grouped        93.9    1.023     93.9    1.024      47.5    1.011
+    cpu     2  32 joint         359.4    1.000    359.4    1.000     155.4    1.000
+    cpu     2  32 loop          355.7    0.992    355.6    0.992      83.7    0.538
+    cpu     2  32 grouped       361.6    1.003    361.6    1.003     156.0    1.003
+    cpu     4   8 joint         180.8    1.000    180.8    1.000      83.1    1.000
+    cpu     4   8 loop          206.8    1.140    206.8    1.140      29.5    0.354
+    cpu     4   8 grouped       187.8    1.028    187.8    1.027      83.9    1.009
+    cpu     4  32 joint         739.0    1.000    738.9    1.000     300.1    1.000
+    cpu     4  32 loop          715.1    0.970    714.8    0.969      84.0    0.280
+    cpu     4  32 grouped       747.0    1.012    746.8    1.012     300.9    1.003
+    cpu     8   8 joint         354.5    1.000    354.5    1.000     155.5    1.000
+    cpu     8   8 loop          417.8    1.180    417.8    1.179      30.0    0.193
+    cpu     8   8 grouped       361.1    1.012    361.0    1.012     156.8    1.008
+    cpu     8  32 joint        1481.9    1.000   1481.8    1.000     589.4    1.000
+    cpu     8  32 loop         1413.3    0.957   1413.2    0.957      84.5    0.143
+    cpu     8  32 grouped      1608.0    1.133   1607.9    1.133     590.6    1.002
+
+Grouped stays within a few percent of joint and within 1% of its peak memory. Repeat runs
+of T=8, bs=32 alone gave 1.00x, 0.996x and 1.09x: noise of this VM; a microbenchmark of the
+per-task weight-gradient products against joint's single product at these shapes shows
+both under 1.2 ms per LoRA layer, i.e. ~1% of the step. Loop's peak memory is lower
+(each forward holds one task's activations), its time higher for small per-task batches.
 """
 from __future__ import annotations
 
