@@ -37,20 +37,7 @@ import torch
 import ortholora_kernels as ok
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-try:
-    from bench_project import pcgrad_loop
-except Exception:  # the CPU benchmark is missing or changed: use the same loop, inline
-    def pcgrad_loop(grads: torch.Tensor) -> torch.Tensor:
-        """The common per-pair loop (Pytorch-PCGrad style): one host sync per pair."""
-        originals = list(grads)
-        pc_grad = [g.clone() for g in originals]
-        for g_i in pc_grad:
-            random.shuffle(originals)
-            for g_j in originals:
-                g_i_g_j = torch.dot(g_i, g_j)
-                if g_i_g_j < 0:
-                    g_i -= g_i_g_j * g_j / (g_j.norm() ** 2)
-        return torch.stack(pc_grad).sum(dim=0)
+from bench_project import pcgrad_loop  # noqa: E402  (the same loop as the CPU benchmark)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TASKS = [2, 4, 8, 16, 32]

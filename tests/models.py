@@ -121,3 +121,24 @@ def tiny_peft_classifier(kind: str = "roberta", *, num_labels: int = 2, seed: in
             if "lora_B" in n:
                 p.normal_(0, 0.05)
     return m
+
+
+def tiny_eval_model(kind: str = "roberta", *, seed: int = 0, num_labels: int = 2):
+    """A tiny plain encoder in eval mode for adapter tests (no LoRA, backbone dropout 0).
+
+    ``kind="roberta"``: a RobertaForSequenceClassification with ``num_labels``;
+    ``kind="bert"``: a BertModel.
+    """
+    from transformers import BertModel, RobertaForSequenceClassification
+    torch.manual_seed(seed)
+    cfg = tiny_config(kind, intermediate=64)
+    if kind == "roberta":
+        cfg.num_labels = num_labels
+        return RobertaForSequenceClassification(cfg).eval()
+    return BertModel(cfg).eval()
+
+
+def random_ids(n: int = 6, seq_len: int = 7, *, seed: int = 1) -> torch.Tensor:
+    """``[n, seq_len]`` random token ids (no special tokens)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, VOCAB, (n, seq_len), generator=g)

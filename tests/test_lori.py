@@ -26,31 +26,21 @@ from ortholora_kernels.glue.lori import (  # noqa: E402
     save_lori,
 )
 
-H, LAYERS, VOCAB, SEQ = 32, 2, 100, 7
+from models import VOCAB, random_ids, tiny_eval_model  # noqa: E402
+
+H, LAYERS, SEQ = 32, 2, 7
 
 
-def tiny_roberta(seed=0):
-    torch.manual_seed(seed)
-    cfg = transformers.RobertaConfig(
-        vocab_size=VOCAB, hidden_size=H, num_hidden_layers=LAYERS, num_attention_heads=2,
-        intermediate_size=64, max_position_embeddings=40, num_labels=2,
-        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-    )
-    return transformers.RobertaForSequenceClassification(cfg).eval()
+def tiny_roberta(seed=0, num_labels=2):
+    return tiny_eval_model("roberta", seed=seed, num_labels=num_labels)
 
 
 def tiny_bert(seed=0):
-    torch.manual_seed(seed)
-    cfg = transformers.BertConfig(
-        vocab_size=VOCAB, hidden_size=H, num_hidden_layers=LAYERS, num_attention_heads=2,
-        intermediate_size=64, max_position_embeddings=40,
-    )
-    return transformers.BertModel(cfg).eval()
+    return tiny_eval_model("bert", seed=seed)
 
 
 def batch(n=6, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(3, VOCAB, (n, SEQ), generator=g)
+    return random_ids(n, SEQ, seed=seed)
 
 
 @torch.no_grad()
