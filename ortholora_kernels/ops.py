@@ -79,7 +79,8 @@ def project(grads, segments=None, *, order=None, generator=None, reduction="sum"
         generator: a ``torch.Generator`` on the device of ``grads`` for drawn orders.
         reduction: "sum" (the paper), "mean", or "none" (projected ``[T, N]``).
         backend: "torch", "triton", "native", "auto" or None (``$ORTHOLORA_BACKEND``, else
-            automatic: native if built for the device, triton on GPUs, else torch).
+            automatic: native if built for the device (on CUDA for T <= 32), triton on GPUs,
+            else torch).
         return_stats: return a :class:`ProjectionResult` (output, Gram, coefficients,
             projection counts, lazy cosine/conflict statistics) instead of the tensor.
         check_finite: raise ``FloatingPointError`` if ``grads`` holds NaN/Inf (a host
@@ -94,7 +95,7 @@ def project(grads, segments=None, *, order=None, generator=None, reduction="sum"
     reduction = check_reduction(reduction)
     t, n = x.shape
     seg = segments_for(segments, n)
-    name = backends.select(backend, x.device)
+    name = backends.select(backend, x.device, t)
     if order is None:
         order = draw_orders(seg.num_segments, t, x.device, generator)
     else:

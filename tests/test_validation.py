@@ -53,6 +53,20 @@ def test_unavailable_explicit_backend_raises_but_auto_falls_back(monkeypatch):
     assert backends.select("auto", torch.device("cpu")) == "torch"
 
 
+def test_auto_skips_native_on_cuda_beyond_its_task_limit(monkeypatch):
+    """native's CUDA kernels take T <= 32: the automatic choice must fall back, not raise."""
+    from ortholora_kernels import backends
+    monkeypatch.delenv("ORTHOLORA_BACKEND", raising=False)
+    monkeypatch.setattr(backends, "availability", lambda name, device: None)
+    cuda = torch.device("cuda", 0)
+    assert backends.select(None, cuda, 32) == "native"
+    assert backends.select(None, cuda, 33) == "triton"
+    assert backends.select("auto", cuda, 64) == "triton"
+    monkeypatch.setattr(backends, "availability", lambda name, device: None if name != "triton" else "no triton")
+    assert backends.select(None, cuda, 33) == "torch"
+    assert backends.select(None, torch.device("cpu"), 1000) == "native"   # no limit on CPU
+
+
 def test_environment_variable_selects_backend(monkeypatch):
     from ortholora_kernels import backends
     monkeypatch.setenv("ORTHOLORA_BACKEND", "torch")

@@ -3,7 +3,8 @@
 A backend is a module with ``NAME``, ``availability(device) -> str | None`` (None when
 usable, else the reason) and ``forward(x, seg, order, reduction) -> (out, G, C, nproj)``
 with ``G``/``C`` float64 ``[S, T, T]`` and ``nproj`` int32 ``[S]``. It may define
-``backward(x, dout, G, order, seg, reduction) -> dX``; otherwise the torch one is used.
+``backward(x, dout, G, order, seg, reduction) -> dX``; otherwise the torch one is used,
+and ``max_tasks(device) -> int | None`` (the largest T it handles there; None: no limit).
 """
 from __future__ import annotations
 
@@ -49,11 +50,20 @@ def backends_available(device="cpu") -> dict[str, tuple[bool, str]]:
     return out
 
 
+def _handles(name: str, device: torch.device, tasks: int | None) -> bool:
+    """Whether backend ``name`` handles ``tasks`` tasks on ``device`` (its ``max_tasks``)."""
+    limit = getattr(get(name), "max_tasks", None)
+    cap = limit(device) if limit is not None and tasks is not None else None
+    return cap is None or tasks <= cap
+
+
 @torch.compiler.assume_constant_result
-def select(requested: str | None, device: torch.device) -> str:
+def select(requested: str | None, device: torch.device, tasks: int | None = None) -> str:
     """Resolve ``backend=`` (or ``$ORTHOLORA_BACKEND``) to a usable backend name.
 
-    An explicit choice that cannot run raises; the automatic one falls back silently.
+    An explicit choice that cannot run raises; the automatic one falls back silently,
+    also past a backend that cannot handle ``tasks`` (T) tasks on ``device`` (native on
+    CUDA: T <= 32).
     """
     if requested is None:
         requested = os.environ.get("ORTHOLORA_BACKEND") or None
@@ -61,7 +71,7 @@ def select(requested: str | None, device: torch.device) -> str:
         for name in _AUTO_ORDER:
             if name == "triton" and device.type == "cpu":
                 continue  # the interpreter is for tests only: never chosen automatically
-            if availability(name, device) is None:
+            if availability(name, device) is None and _handles(name, device, tasks):
                 return name
         return "torch"
     if requested not in _MODULES:
