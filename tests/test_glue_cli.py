@@ -107,3 +107,35 @@ def test_python_dash_m_entry_point():
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == ["ortholora-glue: error: unknown GLUE task 'nope' (known: cola, sst2, "
                                              "mrpc, stsb, qqp, mnli, qnli, rte, wnli)"]
+
+
+@pytest.mark.parametrize("extra,match", [
+    (["--lr", "-1"], "--lr must be >= 0"),
+    (["--weight-decay", "-0.1"], "--weight-decay must be >= 0"),
+    (["--epochs", "0"], "--epochs must be > 0"),
+    (["--tiny-hidden", "33"], "--tiny-hidden must be an even number"),
+])
+def test_bad_numeric_options_give_one_line(capsys, tmp_path, extra, match):
+    """Values the optimizer or the tiny config would reject with a traceback are caught up front."""
+    _one_line_error(capsys, ["train", "--tiny", "--synthetic", "--tasks", "sst2", "--out", str(tmp_path / "run"),
+                             *extra], match)
+
+
+def test_malformed_stsb_score_gives_one_line(capsys, tmp_path):
+    from ortholora_kernels.glue.data import write_synthetic_suite
+
+    write_synthetic_suite(str(tmp_path / "d"), n_train=6, n_dev=4, tasks=["stsb"])
+    with open(tmp_path / "d" / "STS-B" / "train.tsv", "a", encoding="utf-8") as f:
+        f.write("\t".join(["9", "g", "f", "y", "o", "s", "s", "a b", "c d", "n/a"]) + "\n")
+    _one_line_error(capsys, ["train", "--tiny", "--tasks", "stsb", "--data-dir", str(tmp_path / "d"),
+                             "--out", str(tmp_path / "run")], "unexpected score 'n/a'")
+
+
+def test_corrupt_checkpoint_and_results_give_one_line(capsys, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    _one_line_error(capsys, ["train", "--tiny", "--synthetic", "--tasks", "sst2", "--resume", "--out", str(run)],
+                    "--resume: cannot read")
+    (run / "results.json").write_text("{truncated")
+    _one_line_error(capsys, ["compare", str(run)], "not a results file")

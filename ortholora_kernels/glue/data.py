@@ -60,8 +60,12 @@ def tsv_path(data_dir: str, task: TaskSpec, split_file: str) -> str:
 
 
 def label_id(task: TaskSpec, raw: str):
+    """The label of a TSV cell: a float score (STS-B) or the index of the label name."""
     if task.is_regression:
-        return float(raw)
+        try:
+            return float(raw)
+        except ValueError:
+            raise DataError(f"{task.name}: unexpected score {raw!r} (expected a number)") from None
     try:
         return task.labels.index(raw.strip())
     except ValueError:

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from .checkpoint import atomic_write_json, atomic_write_text
+from .data import DataError
 from .metrics import glue_score, task_score
 from .tasks import get_task
 
@@ -157,7 +158,10 @@ def load_results(run_dir: str) -> dict:
     if not os.path.isfile(p):
         raise FileNotFoundError(f"{run_dir}: no {RESULTS} (not a finished run directory?)")
     with open(p, encoding="utf-8") as f:
-        return json.load(f)
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{p}: not a results file ({e})") from None
 
 
 def _metric_cell(task, metrics):
@@ -218,7 +222,10 @@ def load_config(run_dir):
     p = os.path.join(run_dir, "config.json")
     if os.path.isfile(p):
         with open(p, encoding="utf-8") as f:
-            return json.load(f)
+            try:
+                return json.load(f)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{p}: not a config file ({e})") from None
     return None
 
 

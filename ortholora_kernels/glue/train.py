@@ -141,6 +141,14 @@ def validate(cfg: TrainConfig):
             raise TrainError(f"--{name.replace('_', '-')} must be >= 1")
     if cfg.max_steps < 1 and cfg.epochs is None:
         raise TrainError("--max-steps must be >= 1")
+    if cfg.epochs is not None and not cfg.epochs > 0:
+        raise TrainError("--epochs must be > 0")
+    for name in ("lr", "weight_decay"):
+        if not getattr(cfg, name) >= 0:
+            raise TrainError(f"--{name.replace('_', '-')} must be >= 0")
+    if is_tiny(cfg.model) and (cfg.tiny_hidden < 2 or cfg.tiny_hidden % 2 or cfg.tiny_layers < 1):
+        raise TrainError("--tiny-hidden must be an even number >= 2 (tiny-roberta has 2 attention heads) "
+                         "and --tiny-layers >= 1")
     if not 0 <= cfg.warmup_ratio < 1:
         raise TrainError("--warmup-ratio must be in [0, 1)")
     if cfg.synthetic and cfg.data_dir:
@@ -357,7 +365,11 @@ def train(cfg: TrainConfig) -> dict:
     if cfg.resume:
         if not os.path.isfile(ckpt_path):
             raise TrainError(f"--resume: no checkpoint in {out}")
-        state = ckpt.load(ckpt_path)
+        try:
+            state = ckpt.load(ckpt_path)
+        except Exception as e:   # not a checkpoint of this program (checkpoints are written atomically)
+            raise TrainError(f"--resume: cannot read {ckpt_path} ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0] if str(e) else ''})") from None
         saved = dict(state["config"])
         for k in ("resume", "stop_after_steps", "progress", "plots", "threads"):
             saved.pop(k, None)
