@@ -39,7 +39,7 @@ def project(grads, segments=None, *, order=None, generator=None, reduction="sum"
     projected = x.clone()
     gram = torch.zeros(s_count, t, t, dtype=torch.float64)
     coeffs = torch.zeros(s_count, t, t, dtype=torch.float64)
-    nproj = torch.zeros(s_count, dtype=torch.int64)
+    nproj = torch.zeros(s_count, dtype=torch.int32)   # the backends' contract: int32
 
     for s in range(s_count):
         lo, hi = seg.offsets[s], seg.offsets[s + 1]

@@ -1,4 +1,5 @@
 """``return_stats=True``: Gram, coefficients, projection counts, cosine, conflicts."""
+import pytest
 import torch
 
 import ortholora_kernels as ok
@@ -14,12 +15,24 @@ def test_stats_match_reference(backend):
     got = ok.project(x, segs, order=order, backend=backend, return_stats=True)
     ref = reference.project(x, segs, order=order, return_stats=True)
     assert got.gram.shape == got.coeffs.shape == (3, 6, 6)
-    assert got.gram.dtype in (torch.float32, torch.float64)
+    assert got.gram.dtype == got.coeffs.dtype == torch.float64
     torch.testing.assert_close(got.gram.double(), ref.gram, rtol=1e-6, atol=1e-6 * float(ref.gram.abs().max()))
     torch.testing.assert_close(got.coeffs.double(), ref.coeffs, rtol=1e-5, atol=1e-6)
     assert torch.equal(got.num_projections.long(), ref.num_projections)
     assert torch.equal(got.order, order)
     assert got.offsets == tuple(segs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("fn", ["backend", "reference"])
+def test_stats_dtype_contract(backend, fn, dtype):
+    """Every backend and the reference: G and C float64 [S, T, T], nproj int32 [S]."""
+    x = make_grads(3, 40, seed=33, shared=-0.6, dtype=dtype)
+    project = reference.project if fn == "reference" else ok.project
+    r = project(x, [0, 1, 40], backend=backend, return_stats=True)
+    assert r.gram.dtype == r.coeffs.dtype == torch.float64 and r.gram.shape == r.coeffs.shape == (2, 3, 3)
+    assert r.num_projections.dtype == torch.int32 and r.num_projections.shape == (2,)
+    assert r.order.dtype == torch.int64 and r.order.shape == (2, 3, 3)
 
 
 def test_cosine_and_conflict_fraction():
