@@ -213,3 +213,19 @@ def test_local_model_directory(tmp_path, synth):
                  "--max-steps", "2", "--eval-every", "2", "--out", out, "--no-plots", "--threads", "1"]) == 0
     res = json.loads((Path(out) / "results.json").read_text())
     assert "accuracy" in res["final"]["rte"]
+
+
+@pytest.mark.parametrize("device", ["meta"] + (["cuda"] if torch.cuda.is_available() else []))
+def test_conflict_log_resumed_on_the_cpu_accepts_device_statistics(tmp_path, device):
+    """A resumed ConflictLog holds its cosine sum on the CPU (checkpoints are CPU tensors); the
+    next step's statistics live on the training device ("meta" stands in for a GPU)."""
+    from ortholora_kernels.glue.report import ConflictLog
+
+    log = ConflictLog(str(tmp_path / "conflicts.jsonl"), flush_every=100)
+    log.load_state_dict({"cos_sum": torch.ones(1, 2, 2, dtype=torch.float64), "cos_count": 1}, step=3)
+    stats = {"conflict_fraction": torch.zeros(1, device=device), "mean_cosine": torch.zeros(1, device=device),
+             "cosine": torch.full((1, 2, 2), 0.5, device=device)}
+    log.append(4, stats)
+    assert log.cos_count == 2 and log.cos_sum.device.type == device
+    if device != "meta":
+        assert log.mean_cosine_matrix() == [[[0.75, 0.75], [0.75, 0.75]]]

@@ -62,7 +62,8 @@ class ConflictLog:
         cos = _get(stats, "cosine")
         if cos is not None:
             cos = cos.detach().double()
-            self.cos_sum = cos if self.cos_sum is None else self.cos_sum + cos
+            # after a resume the restored sum is on the CPU while the statistics are on the device
+            self.cos_sum = cos if self.cos_sum is None else self.cos_sum.to(cos.device) + cos
             self.cos_count += 1
         if len(self.pending) >= self.flush_every:
             self.flush()
