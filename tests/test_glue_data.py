@@ -106,15 +106,16 @@ def test_mnli_and_qqp_formats(tmp_path):
                                              _mnli_row(1, "a", "b", "contradiction"),
                                              _mnli_row(2, "c", "d", "entailment")])
     qqp = ["id\tqid1\tqid2\tquestion1\tquestion2\tis_duplicate", '1\t2\t3\t"Why?\tHow?\t1',
-           "2\t4\t5\tbroken row", "3\t6\t7\tq\tr\t0"]
+           "2\t4\t5\tbroken row", "3\t6\t7\tq\tr\t0",
+           "4\t8\t9\ts\tt\t1\textra"]   # extra columns: kept, as by the GLUE processors (only short rows go)
     for f in ("train", "dev"):
         _write(str(d / "QQP" / f"{f}.tsv"), qqp)
     mnli, qqp_t = load_tasks(parse_tasks("mnli,qqp"), str(d))
     assert mnli.train.labels == [1, 2, 0]
     assert mnli.train.text_a[0] == 'He said "hi' and mnli.train.text_b[0] == "ok"
     assert set(mnli.evals) == {"_m", "_mm"}
-    assert qqp_t.train.labels == [1, 0]           # malformed row skipped
-    assert qqp_t.train.text_a == ['"Why?', "q"]
+    assert qqp_t.train.labels == [1, 0, 1]        # malformed row skipped
+    assert qqp_t.train.text_a == ['"Why?', "q", "s"] and qqp_t.train.text_b == ["How?", "r", "t"]
 
 
 def test_cola_has_no_header_and_stsb_score_is_last(tmp_path):

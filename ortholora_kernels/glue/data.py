@@ -84,8 +84,8 @@ def read_glue_tsv(path: str, task: TaskSpec) -> Examples:
     for row in rows:
         if not row:
             continue  # a blank line (e.g. a trailing one added by an editor)
-        if task.expected_cols is not None and len(row) != task.expected_cols:
-            continue  # QQP has a few malformed rows: the GLUE processors skip them
+        if task.expected_cols is not None and len(row) < task.expected_cols:
+            continue  # QQP has a few truncated rows: the GLUE processors skip them (extra columns are kept)
         if len(row) < need:
             raise DataError(f"{task.name}: {path}: row with {len(row)} columns: {row[:3]!r}...")
         a.append(row[task.text_cols[0]])

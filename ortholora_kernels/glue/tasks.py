@@ -36,7 +36,7 @@ class TaskSpec:
     hub_text: tuple              # hub column names of sentence(s)
     metrics: tuple               # official metric names (before split suffix)
     eval_splits: tuple = (EvalSplit("dev", "validation", ""),)
-    expected_cols: int | None = None  # rows with another column count are malformed (QQP)
+    expected_cols: int | None = None  # rows with fewer columns are malformed and skipped (QQP)
 
     @property
     def is_regression(self) -> bool:
