@@ -139,3 +139,13 @@ def test_corrupt_checkpoint_and_results_give_one_line(capsys, tmp_path):
                     "--resume: cannot read")
     (run / "results.json").write_text("{truncated")
     _one_line_error(capsys, ["compare", str(run)], "not a results file")
+
+
+def test_empty_dev_split_gives_one_line(capsys, tmp_path):
+    from ortholora_kernels.glue.data import write_synthetic_suite
+
+    write_synthetic_suite(str(tmp_path / "d"), n_train=6, n_dev=4, tasks=["sst2"])
+    (tmp_path / "d" / "SST-2" / "dev.tsv").write_text("sentence\tlabel\n")   # header only
+    _one_line_error(capsys, ["train", "--tiny", "--tasks", "sst2", "--data-dir", str(tmp_path / "d"),
+                             "--no-progress", "--no-plots", "--max-steps", "1", "--out", str(tmp_path / "run")],
+                    "no examples in the evaluation split 'dev'")

@@ -165,6 +165,9 @@ def load_tasks(tasks, data_dir=None, max_train=None, max_eval=None, seed=0, cach
             evals = {s.suffix: load_hub_split(t, s.hub, cache_dir) for s in t.eval_splits}
         if len(train) == 0:
             raise DataError(f"{t.name}: no training examples")
+        for s in t.eval_splits:
+            if len(evals[s.suffix]) == 0:
+                raise DataError(f"{t.name}: no examples in the evaluation split {s.file!r}")
         train = _take(train, max_train, seed, 2 * k)
         evals = {s: _take(e, max_eval, seed, 2 * k + 1) for s, e in evals.items()}
         out.append(TaskData(t, train, evals))
