@@ -53,6 +53,28 @@ def test_grouped_equals_loop_with_dropout(kind, sizes):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("sizes", [[3, 1, 2], [2, 2, 2], [2, 0, 3]])
+def test_grouped_equals_loop_per_task_on_an_unsorted_batch(sizes):
+    """The gather path (task ids not sorted): every task's row, not only their sum."""
+    t = len(sizes)
+    model = tiny_multitask("roberta", t, lora_dropout=0.3, dropout=0.1)
+    model.train()
+    batch = make_batch(sizes, seq_len=7, shuffle=True, seed=5)
+    ids = batch["task_ids"]
+    assert not torch.equal(ids, ids.sort().values)
+    g, gh = _collect(model, batch, "grouped", t)
+    l, lh = _collect(model, batch, "loop_retain", t)
+    for k, n in enumerate(sizes):
+        if n == 0:
+            assert torch.count_nonzero(g[k]) == 0
+        else:
+            assert g[k].norm() > 0
+            torch.testing.assert_close(g[k], l[k], rtol=1e-5, atol=1e-5 * l[k].abs().max().item())
+    assert not torch.allclose(g[0], g[-1])
+    for a, b in zip(gh, lh):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
 def test_mtl_lora_shared_params_grouped_equals_loop():
     """MTL-LoRA: several shared B_k per module (layout from AdapterParams); task-specific
     Lambda_t / w_t keep ordinary gradients; grouped == loop with dropout on."""
