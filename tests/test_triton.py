@@ -70,6 +70,27 @@ def test_gram_is_float64_accurate_for_float64_input(t):
 
 
 @interpreter
+@pytest.mark.parametrize("t", [5, 17])
+def test_out_of_range_order_values_are_skipped_not_read(t):
+    """Device orders are not validated (no host sync): a j outside [0, T) must be skipped
+    (like the native CUDA kernel), never used as an address (T > 16: G rows are loaded)."""
+    from ortholora_kernels._args import segments_for
+    x = make_grads(t, 300, seed=64, shared=-0.5)
+    v = torch.ones(100)
+    x[:, :100] = v                          # segment 0: tasks 0..T-3 along +v ...
+    x[t - 2:, :100] = -v                    # ... the last two along -v: G0[T-1, i] < 0
+    order = random_order(t, 2, seed=65)
+    bad = order.clone()
+    bad[1] = torch.where(bad[1] == torch.arange(t)[:, None], bad[1], torch.full_like(bad[1], -1))
+    out, _, _, nproj = _impl().forward(x, segments_for([0, 100, 300], 300), bad, "none")
+    assert int(nproj[1]) == 0                                   # nothing visited in segment 1
+    assert torch.equal(out[:, 100:], x[:, 100:])
+    ref = reference.project(x[:, :100], order=order[0], reduction="none", return_stats=True)
+    assert int(nproj[0]) == int(ref.num_projections[0])
+    assert_matches_reference(out[:, :100], x[:, :100], order=order[0], reduction="none")
+
+
+@interpreter
 def test_drawn_orders_match_reference():
     x = make_grads(6, 400, seed=63, shared=-0.8)
     segs = [0, 150, 400]

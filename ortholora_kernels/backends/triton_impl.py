@@ -255,8 +255,11 @@ if triton is not None:
                     norm2 = tl.sum(tl.where(pick, diag[None, :], 0.0), axis=1)
                 else:
                     j = tl.load(o_seg + i * T + step, mask=live, other=0)
-                    g_j = tl.load(g_seg + j[:, None] * T + col[None, :], mask=live[:, None] & cmask, other=0.0)
-                    norm2 = tl.load(g_seg + j * (T + 1), mask=live, other=0.0)
+                    # Order values are never checked on the device (that would be a host
+                    # sync): an out-of-range j is skipped (norm2 = 0), never dereferenced.
+                    jok = live & (j >= 0) & (j < T)
+                    g_j = tl.load(g_seg + j[:, None] * T + col[None, :], mask=jok[:, None] & cmask, other=0.0)
+                    norm2 = tl.load(g_seg + j * (T + 1), mask=jok, other=0.0)
                 inner = tl.sum(coeffs * g_j, axis=1)                 # g_i' . g_j
                 valid = live & (j != i) & (norm2 > 0)                # never divide by a zero task
                 safe = tl.where(valid, norm2, 1.0)
