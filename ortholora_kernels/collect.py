@@ -83,8 +83,8 @@ def per_task_mean_loss(per_example_loss: torch.Tensor, task_ids: torch.Tensor, n
         raise ValueError(f"per_example_loss: expected shape [batch] = {tuple(task_ids.shape)}, got {got}")
     ids = task_ids.to(per_example_loss.device, torch.int64)
     sums = per_example_loss.new_zeros(num_tasks).index_add(0, ids, per_example_loss)
-    if counts is None:
-        counts = torch.bincount(ids, minlength=num_tasks)[:num_tasks]
+    if counts is None:  # not torch.bincount: on CUDA it reads the max id back to the host
+        counts = torch.zeros(num_tasks, dtype=torch.int64, device=ids.device).index_add_(0, ids, torch.ones_like(ids))
     elif counts.shape != (num_tasks,):
         raise ValueError(f"counts: expected shape [num_tasks] = [{num_tasks}], got {tuple(counts.shape)}")
     counts = counts.to(per_example_loss.device, per_example_loss.dtype)

@@ -189,3 +189,37 @@ def test_dora_grouped_equals_loop():
     torch.testing.assert_close(out[0][0], out[1][0], rtol=1e-5, atol=1e-7)
     for a, b in zip(out[0][1], out[1][1]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-8)
+
+
+def test_per_task_mean_loss_values_and_no_data_dependent_ops():
+    """Means per task (0 for an absent task), and no op whose output depends on the ids' values
+    (torch.bincount reads the max id back to the host on CUDA): it runs on the meta device."""
+    per_ex = torch.tensor([1.0, 2.0, 4.0, 8.0, 16.0])
+    ids = torch.tensor([2, 0, 2, 0, 2])
+    torch.testing.assert_close(per_task_mean_loss(per_ex, ids, 4), torch.tensor([5.0, 0.0, 7.0, 0.0]))
+    out = per_task_mean_loss(per_ex.to("meta"), ids.to("meta"), 4)
+    assert out.shape == (4,) and out.device.type == "meta"
+    if torch.cuda.is_available():
+        prev = torch.cuda.get_sync_debug_mode()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            per_task_mean_loss(per_ex.cuda(), ids.cuda(), 4)
+        finally:
+            torch.cuda.set_sync_debug_mode(prev)
+
+
+def test_per_task_mean_loss_values_and_no_data_dependent_ops():
+    """Means per task (0 for an absent task), and no op whose output depends on the ids' values
+    (torch.bincount reads the max id back to the host on CUDA): it runs on the meta device."""
+    per_ex = torch.tensor([1.0, 2.0, 4.0, 8.0, 16.0])
+    ids = torch.tensor([2, 0, 2, 0, 2])
+    torch.testing.assert_close(per_task_mean_loss(per_ex, ids, 4), torch.tensor([5.0, 0.0, 7.0, 0.0]))
+    out = per_task_mean_loss(per_ex.to("meta"), ids.to("meta"), 4)
+    assert out.shape == (4,) and out.device.type == "meta"
+    if torch.cuda.is_available():
+        prev = torch.cuda.get_sync_debug_mode()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            per_task_mean_loss(per_ex.cuda(), ids.cuda(), 4)
+        finally:
+            torch.cuda.set_sync_debug_mode(prev)
