@@ -200,10 +200,11 @@ def test_per_task_mean_loss_values_and_no_data_dependent_ops():
     out = per_task_mean_loss(per_ex.to("meta"), ids.to("meta"), 4)
     assert out.shape == (4,) and out.device.type == "meta"
     if torch.cuda.is_available():
+        per_ex, ids = per_ex.cuda(), ids.cuda()   # the copies themselves synchronise
         prev = torch.cuda.get_sync_debug_mode()
         torch.cuda.set_sync_debug_mode("error")
         try:
-            per_task_mean_loss(per_ex.cuda(), ids.cuda(), 4)
+            per_task_mean_loss(per_ex, ids, 4)
         finally:
             torch.cuda.set_sync_debug_mode(prev)
 
@@ -217,9 +218,10 @@ def test_per_task_mean_loss_values_and_no_data_dependent_ops():
     out = per_task_mean_loss(per_ex.to("meta"), ids.to("meta"), 4)
     assert out.shape == (4,) and out.device.type == "meta"
     if torch.cuda.is_available():
+        per_ex, ids = per_ex.cuda(), ids.cuda()   # the copies themselves synchronise
         prev = torch.cuda.get_sync_debug_mode()
         torch.cuda.set_sync_debug_mode("error")
         try:
-            per_task_mean_loss(per_ex.cuda(), ids.cuda(), 4)
+            per_task_mean_loss(per_ex, ids, 4)
         finally:
             torch.cuda.set_sync_debug_mode(prev)
