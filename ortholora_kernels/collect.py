@@ -119,6 +119,7 @@ class TaskGroups:
         self._on_device: dict = {}
 
     def select(self, sel, x: torch.Tensor) -> torch.Tensor:
+        """Rows ``sel`` (a slice or an index tensor from :attr:`groups`) of ``x`` along dimension 0."""
         if isinstance(sel, slice):
             return x[sel]
         key = (x.device, id(sel))
@@ -144,6 +145,7 @@ class LoopCollector:
 
     @contextlib.contextmanager
     def task(self, t: int):
+        """Context: the LoRA ``.grad`` produced inside is added into task ``t``'s buffer row, then cleared."""
         buf = self._get_buffer()
         if self._active:
             raise RuntimeError("task: contexts do not nest")

@@ -53,10 +53,12 @@ class LoRAEntry:
 
     @property
     def numel(self) -> int:
+        """Number of elements of the parameter (its column count in the buffer)."""
         return self.param.numel()
 
     @property
     def shape(self) -> torch.Size:
+        """Shape of the parameter."""
         return self.param.shape
 
 

@@ -35,6 +35,7 @@ def _fsync_dir(path: str) -> None:
 
 
 def atomic_write_bytes(path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (temporary file, fsync, rename, fsync of the directory)."""
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=d)
@@ -55,10 +56,12 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
 
 
 def atomic_write_text(path: str, text: str) -> None:
+    """Write UTF-8 ``text`` to ``path`` atomically."""
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def atomic_write_json(path: str, obj) -> None:
+    """Write ``obj`` as indented JSON to ``path`` atomically."""
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
@@ -70,15 +73,18 @@ def atomic_save(obj, path: str) -> None:
 
 
 def load(path: str):
+    """Load a checkpoint written by :func:`atomic_save` (onto the CPU)."""
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
 def rng_state() -> dict:
+    """Python, numpy, torch (and CUDA) RNG states."""
     return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
 
 def set_rng_state(s: dict) -> None:
+    """Restore :func:`rng_state`."""
     random.setstate(s["python"])
     np.random.set_state(s["numpy"])
     torch.set_rng_state(s["torch"])
@@ -87,6 +93,7 @@ def set_rng_state(s: dict) -> None:
 
 
 def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)

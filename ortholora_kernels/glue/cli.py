@@ -19,6 +19,7 @@ PROG = "ortholora-glue"
 
 
 class CliError(Exception):
+    """A user mistake: printed as one ``ortholora-glue: error: ...`` line, exit status 2."""
     pass
 
 
@@ -156,6 +157,7 @@ def _add_train_options(p, demo=False):
 
 
 def build_parser():
+    """The argparse parser of every subcommand (errors raise :class:`CliError`)."""
     p = _Parser(prog=PROG, description="Multi-task LoRA on GLUE: single-task, joint and Ortho-LoRA training, "
                 "official metrics, reports, checkpoints. Also: python -m ortholora_kernels.glue.",
                 formatter_class=argparse.ArgumentDefaultsHelpFormatter if False else argparse.HelpFormatter)
@@ -242,6 +244,7 @@ def _print_summary(res, out):
 
 
 def cmd_train(a):
+    """``train``: train one method, print its table and conflict summary."""
     from .train import train
 
     cfg = _config_from_args(a)
@@ -257,6 +260,7 @@ def cmd_train(a):
 
 
 def cmd_compare(a):
+    """``compare``: print (and optionally write) the table of finished runs and their curves."""
     from .report import compare, load_results, plot_learning_curves, load_config, run_label
 
     table = compare(a.runs, a.out)
@@ -268,6 +272,7 @@ def cmd_compare(a):
 
 
 def cmd_demo(a):
+    """``demo``: synthetic suite, tiny model, the chosen methods, comparison table and plots."""
     from .data import write_synthetic_suite
     from .report import compare, load_config, load_results, plot_learning_curves, run_label
     from .tasks import parse_tasks
@@ -320,6 +325,7 @@ def cmd_demo(a):
 
 
 def cmd_synth(a):
+    """``synth``: write the synthetic suite in the GLUE TSV layout."""
     from .data import write_synthetic_suite
     from .tasks import parse_tasks
 
@@ -335,6 +341,7 @@ def cmd_synth(a):
 
 
 def main(argv=None) -> int:
+    """Entry point: returns the exit status (0, 2 for user mistakes, 130 when interrupted)."""
     from .data import DataError
     from .model import ModelError
     from .tasks import UnknownTaskError

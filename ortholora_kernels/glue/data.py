@@ -42,6 +42,7 @@ class Examples:
         return len(self.text_a)
 
     def subset(self, idx) -> "Examples":
+        """The examples at the indices ``idx``, in that order."""
         return Examples([self.text_a[i] for i in idx],
                         None if self.text_b is None else [self.text_b[i] for i in idx],
                         [self.labels[i] for i in idx])
@@ -56,6 +57,7 @@ def read_tsv_rows(path: str) -> list[list[str]]:
 
 
 def tsv_path(data_dir: str, task: TaskSpec, split_file: str) -> str:
+    """``<data_dir>/<task dir>/<split_file>.tsv`` (the original GLUE layout)."""
     return os.path.join(data_dir, task.dir_name, f"{split_file}.tsv")
 
 
@@ -135,6 +137,7 @@ def load_hub_split(task: TaskSpec, split: str, cache_dir=None) -> Examples:
 
 @dataclass
 class TaskData:
+    """One task's training examples and its evaluation splits (by metric suffix)."""
     task: TaskSpec
     train: Examples
     evals: dict = field(default_factory=dict)   # EvalSplit.suffix -> Examples
@@ -178,6 +181,7 @@ def load_tasks(tasks, data_dir=None, max_train=None, max_eval=None, seed=0, cach
 
 @dataclass
 class Encoded:
+    """Tokenised examples: unpadded token ids per example and the label tensor."""
     input_ids: list      # unpadded token ids, one int32 array per example (compact for MNLI/QQP)
     labels: torch.Tensor
 
@@ -186,6 +190,7 @@ class Encoded:
 
 
 def encode(tokenizer, ex: Examples, task: TaskSpec, max_length: int, batch: int = 2048) -> Encoded:
+    """Tokenise ``ex`` (pairs for pair tasks), truncated to ``max_length``, unpadded."""
     ids = []
     for i in range(0, len(ex), batch):
         a = ex.text_a[i:i + batch]
@@ -232,6 +237,7 @@ class MultiTaskSampler:
         return self._perm_cache[key]
 
     def next_indices(self, t: int) -> list[int]:
+        """The next ``batch_size`` example indices of task ``t`` (crossing epochs as needed)."""
         out = []
         while len(out) < self.batch_size:
             perm = self._perm(t, self.epoch[t])
@@ -244,9 +250,11 @@ class MultiTaskSampler:
         return out
 
     def state_dict(self):
+        """Epoch and position of every task (and the seed)."""
         return {"epoch": list(self.epoch), "pos": list(self.pos), "seed": self.seed}
 
     def load_state_dict(self, s):
+        """Restore :meth:`state_dict`."""
         self.epoch, self.pos = list(s["epoch"]), list(s["pos"])
 
 

@@ -144,10 +144,12 @@ class LoRILinear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, r={self.r}, scaling={self.scaling}, {mode}"
 
     def effective_b(self) -> torch.Tensor:
+        """B with the sparse mask applied (B itself before the mask exists)."""
         b = self.lora_B
         return b if self.lora_mask is None else b * self.lora_mask.to(b.dtype)
 
     def delta_weight(self) -> torch.Tensor:
+        """The dense weight update ``scaling * (B * mask) @ A`` (out, in)."""
         return self.scaling * self.effective_b() @ self.lora_A
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -157,6 +159,7 @@ class LoRILinear(nn.Module):
 
 
 def lori_modules(model: nn.Module) -> list[tuple[str, LoRILinear]]:
+    """(name, LoRILinear) of every LoRI-adapted module of ``model``."""
     return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRILinear)]
 
 
@@ -331,6 +334,7 @@ def lori_state_dict(model: nn.Module) -> dict:
 
 
 def save_lori(model: nn.Module, path) -> None:
+    """Save :func:`lori_state_dict` of ``model`` (adapter state and config) to ``path``."""
     torch.save(lori_state_dict(model), path)
 
 

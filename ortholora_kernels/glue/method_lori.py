@@ -84,6 +84,7 @@ def _route_b_through_linears(encoder) -> list:
 
 @register_method
 class LoRI(Method):
+    """LoRI (frozen random A, sparse B), merge or joint mode; see the module docstring."""
     name = "lori"
     help = ("LoRI: frozen random A, sparse B (LoRI-D -> mask -> LoRI-S); --lori-mode merge (per-task adapters, "
             "merged) or joint (one shared adapter; --projection adds Ortho-LoRA)")

@@ -64,6 +64,7 @@ def projected_backward(projector, collect, losses, task_ids, before_project=None
 
 @register_method
 class MTLLoRA(Method):
+    """MTL-LoRA (shared A and B_k, task transforms and mixtures), optionally with Ortho-LoRA."""
     name = "mtl-lora"
     help = ("MTL-LoRA: shared A and B_1..B_n, task-specific transforms and B mixtures "
             "(--mtl-num-b/--mtl-temperature/--mtl-diagonal; --projection adds Ortho-LoRA)")

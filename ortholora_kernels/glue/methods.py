@@ -50,6 +50,7 @@ METHOD_OPTIONS = ("granularity", "collect", "backend", "log_conflicts", "project
 
 
 def register_method(cls):
+    """Class decorator: register a :class:`Method` subclass under its ``name``."""
     METHODS[cls.name] = cls
     return cls
 
@@ -71,6 +72,7 @@ def available_methods() -> list[str]:
 
 
 def get_method(name: str):
+    """The method class registered as ``name`` (importing a lazy one); ValueError if unknown."""
     _import_lazy(name)
     try:
         return METHODS[name]
@@ -108,6 +110,7 @@ class Method:
         self.tasks = tasks
 
     def build_model(self, encoder, tasks) -> MultiTaskModel:
+        """The model: one shared peft LoRA adapter on the encoder plus one head per task."""
         c = self.cfg
         peft_model = add_lora(encoder, c.lora_r, c.lora_alpha, c.lora_dropout, c.lora_target_modules)
         return MultiTaskModel(peft_model, tasks, pooling=c.pooling)
@@ -144,14 +147,17 @@ class Method:
         return {"adapter": adapter, "heads": heads}
 
     def state_dict(self) -> dict:
+        """What an exact resume needs beyond the trainable parameters (default: nothing)."""
         return {}
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`."""
         pass
 
 
 @register_method
 class Single(Method):
+    """One adapter and head per task, each task trained on its own."""
     name = "single"
     help = "one adapter (and head) per task, each task trained on its own"
     separate_tasks = True
@@ -208,6 +214,7 @@ class Joint(Method):
 
 @register_method
 class Ortho(Method):
+    """One shared adapter trained with Ortho-LoRA (per-task gradients projected every step)."""
     name = "ortho"
     help = "shared adapter with Ortho-LoRA gradient projection (--granularity/--collect/--backend)"
     options = ("granularity", "collect", "backend")
@@ -265,11 +272,13 @@ def _generators(p):
 
 
 def projector_state(p):
+    """The projector's order generator state(s) and step count (for a checkpoint)."""
     return {"generators": {a: g.get_state() for a, g in _generators(p)},
             "num_steps": getattr(p, "num_steps", None)}
 
 
 def load_projector_state(p, s):
+    """Restore :func:`projector_state` (no-op for None)."""
     if not s:
         return
     for a, g in _generators(p):

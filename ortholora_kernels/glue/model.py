@@ -27,6 +27,7 @@ class ModelError(ValueError):
 
 
 def is_tiny(name: str) -> bool:
+    """Is ``name`` the offline tiny random RoBERTa (``tiny-roberta``)?"""
     return name == TINY
 
 
@@ -87,6 +88,7 @@ def load_tokenizer(name: str, run_dir: str | None = None, texts=None, vocab_size
 
 def tiny_config(vocab_size: int, max_length: int, hidden: int = 32, layers: int = 2, heads: int = 2,
                 init_range: float = 0.2):
+    """The RobertaConfig of ``tiny-roberta`` (``heads`` must divide ``hidden``)."""
     from transformers import RobertaConfig
 
     return RobertaConfig(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers,
@@ -98,6 +100,7 @@ def tiny_config(vocab_size: int, max_length: int, hidden: int = 32, layers: int 
 
 def load_encoder(name: str, tokenizer, max_length: int, seed: int = 0, tiny_hidden: int = 32,
                  tiny_layers: int = 2):
+    """The encoder ``name`` without pooler (``tiny-roberta``: random, seeded by ``seed``)."""
     from transformers import AutoModel, RobertaModel
 
     if is_tiny(name):
@@ -164,6 +167,7 @@ class MultiTaskModel(nn.Module):
         self.heads = nn.ModuleDict({t.name: Head(hidden, t.num_labels, head_dropout, pooling) for t in tasks})
 
     def features(self, input_ids, attention_mask):
+        """Last hidden states ``[batch, tokens, hidden]`` of the (LoRA-adapted) encoder."""
         return self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
     def forward(self, input_ids, attention_mask, task_slices):
@@ -179,6 +183,7 @@ class MultiTaskModel(nn.Module):
         return outs
 
     def task_losses(self, outs, labels):
+        """Per-task mean losses (cross-entropy, MSE for regression) of :meth:`forward`'s outputs."""
         losses = []
         for reg, o, y in zip(self.regression, outs, labels):
             losses.append(F.mse_loss(o, y) if reg else F.cross_entropy(o, y))
@@ -190,4 +195,5 @@ class MultiTaskModel(nn.Module):
         return {k: v for k, v in self.state_dict().items() if k in names}
 
     def lora_parameters(self):
+        """(name, parameter) of the trainable LoRA parameters of the encoder."""
         return [(n, p) for n, p in self.encoder.named_parameters() if p.requires_grad and "lora_" in n]

@@ -216,12 +216,15 @@ class AdapterParams:
         return LoRALayout.from_params(self.entries())
 
     def shared_parameters(self) -> list[nn.Parameter]:
+        """The shared parameters, layer by layer, A side then B side."""
         return [p for sides in self.shared.values() for side in ("A", "B") for p in sides.get(side, [])]
 
     def task_parameters(self) -> list[nn.Parameter]:
+        """The task-specific parameters (ordinary gradients)."""
         return [p for _, p in self.task_specific]
 
     def num_shared(self) -> int:
+        """Number of scalars in the shared parameters."""
         return sum(p.numel() for p in self.shared_parameters())
 
     def add_shared(self, key: str, side: str, name: str, p) -> None:
@@ -275,6 +278,7 @@ class MTLLoRALinear(nn.Module):
 
     @torch.no_grad()
     def reset_adapter(self) -> None:
+        """Initial adapter: Kaiming-uniform A and w, identity Lambda_t, zero B_k."""
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         if self.diagonal:
             self.lora_lambdas.fill_(1.0)
@@ -344,6 +348,7 @@ class MTLLoRALinear(nn.Module):
 
 
 def mtl_lora_modules(model: nn.Module) -> list[tuple[str, MTLLoRALinear]]:
+    """(name, MTLLoRALinear) of every MTL-LoRA-adapted module of ``model``."""
     return [(n, m) for n, m in model.named_modules() if isinstance(m, MTLLoRALinear)]
 
 
@@ -525,6 +530,7 @@ def mtl_lora_state_dict(model: nn.Module) -> dict:
 
 
 def save_mtl_lora(model: nn.Module, path) -> None:
+    """Save :func:`mtl_lora_state_dict` of ``model`` with its config to ``path``."""
     torch.save(mtl_lora_state_dict(model), path)
 
 

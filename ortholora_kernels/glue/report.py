@@ -50,6 +50,7 @@ class ConflictLog:
         self.cos_count = 0
 
     def append(self, step: int, stats) -> None:
+        """Add one step's projection statistics (device tensors, no host sync); None is ignored."""
         if stats is None:
             return
         cf = _get(stats, "conflict_fraction")
@@ -69,6 +70,7 @@ class ConflictLog:
             self.flush()
 
     def flush(self) -> None:
+        """Write the pending steps as JSON lines (one device-to-host transfer)."""
         if not self.pending:
             return
         steps = [s for s, _ in self.pending]
@@ -81,11 +83,13 @@ class ConflictLog:
                                         "mean_cosine": round(b, 6), "projection_fraction": round(c, 6)}) + "\n")
 
     def mean_cosine_matrix(self):
+        """Mean task x task cosine per segment over the logged steps (nested lists), or None."""
         if self.cos_sum is None:
             return None
         return (self.cos_sum / self.cos_count).cpu().tolist()
 
     def state_dict(self):
+        """The cosine accumulators (CPU) for a checkpoint."""
         return {"cos_sum": None if self.cos_sum is None else self.cos_sum.cpu(), "cos_count": self.cos_count}
 
     def load_state_dict(self, s, step: int):
@@ -126,6 +130,7 @@ def conflict_summary(run_dir: str) -> str | None:
 
 
 def read_conflicts(path):
+    """The rows of a ``conflicts.jsonl`` file ([] when it does not exist)."""
     if not os.path.exists(path):
         return []
     with open(path, encoding="utf-8") as f:
@@ -144,6 +149,7 @@ def final_metrics(evals: list) -> dict:
 
 
 def write_results(run_dir: str, cfg: dict, evals: list, extra: dict | None = None) -> dict:
+    """Write ``results.json`` (evaluations, final metrics, task scores, GLUE average); return it."""
     final = final_metrics(evals)
     res = {"method": cfg.get("method"), "tasks": cfg.get("tasks"), "evals": evals,
            "final": final, "task_scores": {t: task_score(t, m) for t, m in final.items()},
@@ -155,6 +161,7 @@ def write_results(run_dir: str, cfg: dict, evals: list, extra: dict | None = Non
 
 
 def load_results(run_dir: str) -> dict:
+    """``results.json`` of a run directory (FileNotFoundError / DataError when missing or corrupt)."""
     p = os.path.join(run_dir, RESULTS)
     if not os.path.isfile(p):
         raise FileNotFoundError(f"{run_dir}: no {RESULTS} (not a finished run directory?)")
@@ -206,6 +213,7 @@ def _task_header(task):
 
 
 def run_label(run_dir: str, res: dict, cfg: dict | None) -> str:
+    """The name of a run in tables and plots (method, granularity, options)."""
     label = res.get("method") or os.path.basename(os.path.normpath(run_dir))
     cfg = cfg or {}
     if cfg.get("method") == "ortho":
@@ -220,6 +228,7 @@ def run_label(run_dir: str, res: dict, cfg: dict | None) -> str:
 
 
 def load_config(run_dir):
+    """``config.json`` of a run directory, or None when there is none."""
     p = os.path.join(run_dir, "config.json")
     if os.path.isfile(p):
         with open(p, encoding="utf-8") as f:
@@ -231,6 +240,7 @@ def load_config(run_dir):
 
 
 def compare(run_dirs, out=None) -> str:
+    """Markdown table of the runs in ``run_dirs`` (also written to ``out`` if given)."""
     runs = []
     for d in run_dirs:
         res = load_results(d)
@@ -331,6 +341,7 @@ def plot_cosine_heatmap(cos, tasks, path: str, labels=None) -> None:
 
 
 def segment_labels(granularity, num_segments):
+    """Readable labels of the projection segments of ``granularity``."""
     if granularity == "ab" and num_segments == 2:
         return ["A", "B"]
     if granularity == "global":
@@ -357,6 +368,7 @@ def _short_segment(name: str) -> str:
 
 
 def write_run_plots(run_dir: str, res: dict, cfg: dict) -> list:
+    """Learning curves and, where logged, conflict and cosine plots in ``<run_dir>/plots``; returns the paths."""
     os.makedirs(os.path.join(run_dir, "plots"), exist_ok=True)
     out = []
     p = os.path.join(run_dir, "plots", "learning_curves.png")

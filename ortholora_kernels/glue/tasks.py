@@ -26,6 +26,7 @@ class EvalSplit:
 
 @dataclass(frozen=True)
 class TaskSpec:
+    """Everything about one GLUE task: TSV columns, header, labels, hub names, metrics, splits."""
     name: str                    # cli name: "cola"
     dir_name: str                # GLUE folder: "CoLA"
     hub_config: str              # nyu-mll/glue configuration: "cola"
@@ -40,14 +41,17 @@ class TaskSpec:
 
     @property
     def is_regression(self) -> bool:
+        """True for STS-B (a score, no label names)."""
         return self.labels is None
 
     @property
     def num_labels(self) -> int:
+        """Number of model outputs (1 for regression)."""
         return 1 if self.labels is None else len(self.labels)
 
     @property
     def is_pair(self) -> bool:
+        """Does an example have two texts?"""
         return len(self.text_cols) == 2
 
     def metric_names(self) -> list[str]:
@@ -83,10 +87,12 @@ PAPER_TASKS = ("cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte")
 
 
 class UnknownTaskError(ValueError):
+    """A task name that is not a GLUE task (a user mistake)."""
     pass
 
 
 def get_task(name: str) -> TaskSpec:
+    """The :class:`TaskSpec` of a task name (case-insensitive; aliases such as ``sst-2``)."""
     key = ALIASES.get(name.strip().lower(), name.strip().lower())
     try:
         return TASKS[key]

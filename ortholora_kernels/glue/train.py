@@ -37,6 +37,7 @@ from .tasks import parse_tasks
 
 @dataclass
 class TrainConfig:
+    """Every option of a training run (the CLI's ``train`` flags; recorded in config.json)."""
     tasks: list = field(default_factory=lambda: ["cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte"])
     method: str = "ortho"
     out: str = "runs/glue"
@@ -84,6 +85,7 @@ class TrainConfig:
     threads: int | None = None            # torch intra-op threads (None: 1 for tiny-roberta, else torch's)
 
     def to_dict(self):
+        """The configuration as a plain dict."""
         return dataclasses.asdict(self)
 
 
@@ -168,12 +170,14 @@ def validate(cfg: TrainConfig):
 # ----------------------------------------------------------------------------- batches
 
 class Batcher:
+    """One batch of every task per step (seeded per-task order), concatenated and padded."""
     def __init__(self, encoded, batch_size, seed, pad_id):
         self.encoded = encoded
         self.pad_id = pad_id
         self.sampler = MultiTaskSampler([len(e) for e in encoded], batch_size, seed)
 
     def next(self, device):
+        """``(input_ids, attention_mask, task_slices, labels per task, task_ids on the CPU)``."""
         seqs, labels, slices, tids = [], [], [], []
         for t, enc in enumerate(self.encoded):
             idx = self.sampler.next_indices(t)
@@ -201,6 +205,7 @@ def evaluate_tasks(model, method, datas, eval_enc, batch_size, pad_id, device, s
 
 @torch.no_grad()
 def evaluate(model, task_index, task, enc, batch_size, pad_id, device):
+    """Predictions and labels of one evaluation split of ``task`` (numpy arrays, dataset order)."""
     model.eval()
     preds = []
     order = sorted(range(len(enc)), key=lambda i: len(enc.input_ids[i]))  # length-sorted: less padding
@@ -243,6 +248,7 @@ def _num_steps(cfg, datas):
 
 
 class Stopped(Exception):
+    """Raised after the checkpoint of ``--stop-after-steps`` (a simulated interruption)."""
     pass
 
 
