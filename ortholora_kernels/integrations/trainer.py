@@ -16,7 +16,10 @@ What changes against ``Trainer``:
   gradient accumulation, and projected once per optimizer step, right after the last
   micro-batch's backward: before gradient clipping, AMP unscaling and ``optimizer.step``;
 * every logging step adds ``ortho/conflict_fraction/<segment>`` and
-  ``ortho/mean_cosine/<segment>`` (the only host sync the integration adds);
+  ``ortho/mean_cosine/<segment>`` (one host sync per logging step); besides, on a GPU the
+  dataloader has already moved the batch's ``task_ids`` to the device, so reading them (the
+  grouped collector needs the per-task row counts on the host; the loop splits the batch)
+  costs one small device-to-host copy per micro-batch;
 * the task ids column (``task_ids_key``, default "task_ids"; the collator also accepts
   "task_id" per row) is kept by ``remove_unused_columns`` and is not passed to the model
   unless ``pass_task_ids=True`` (models with per-task heads).
