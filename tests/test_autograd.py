@@ -94,3 +94,22 @@ def test_compile_with_drawn_orders_has_no_graph_break():
     fn = torch.compile(lambda v: ok.project(v, [0, 5, 16], backend="torch"), fullgraph=True)
     assert fn(make_grads(3, 16, seed=51)).shape == (16,)
     assert not counters["graph_break"]
+
+
+def test_compile_fullgraph_with_a_changing_task_count(backend):
+    """T changes between calls (dynamic shapes): dispatch stays traceable, no graph break."""
+    torch._dynamo.reset()
+    fn = torch.compile(lambda v, o: ok.project(v, [0, 5, 16], order=o, backend=backend) * 2.0, fullgraph=True)
+    for t in (3, 4, 5):
+        x = make_grads(t, 16, seed=52 + t, shared=-0.5)
+        order = random_order(t, 2, seed=53 + t)
+        torch.testing.assert_close(fn(x, order), ok.project(x, [0, 5, 16], order=order, backend=backend) * 2.0)
+
+
+def test_compile_fullgraph_auto_backend_with_a_changing_task_count():
+    torch._dynamo.reset()
+    fn = torch.compile(lambda v, o: ok.project(v, order=o), fullgraph=True)
+    for t in (3, 4, 5):
+        x = make_grads(t, 16, seed=54 + t, shared=-0.5)
+        order = random_order(t, seed=55 + t)
+        torch.testing.assert_close(fn(x, order), ok.project(x, order=order))

@@ -3,8 +3,8 @@
 A backend is a module with ``NAME``, ``availability(device) -> str | None`` (None when
 usable, else the reason) and ``forward(x, seg, order, reduction) -> (out, G, C, nproj)``
 with ``G``/``C`` float64 ``[S, T, T]`` and ``nproj`` int32 ``[S]``. It may define
-``backward(x, dout, G, order, seg, reduction) -> dX``; otherwise the torch one is used,
-and ``max_tasks(device) -> int | None`` (the largest T it handles there; None: no limit).
+``backward(x, dout, G, order, seg, reduction) -> dX``; otherwise the torch one is used.
+A limit on T goes into ``_MAX_TASKS`` (the automatic choice then skips it past that).
 """
 from __future__ import annotations
 
@@ -22,6 +22,9 @@ _MODULES = {
     "torch": "ortholora_kernels.backends.torch_impl",
 }
 _AUTO_ORDER = ("native", "triton", "torch")
+# Largest T per device type and backend, where there is one: native's CUDA kernels solve
+# in shared memory (csrc/cuda/kernels.cuh, kMaxTasks).
+_MAX_TASKS = {"cuda": {"native": 32}}
 BACKENDS = tuple(_MODULES)
 
 
@@ -50,28 +53,27 @@ def backends_available(device="cpu") -> dict[str, tuple[bool, str]]:
     return out
 
 
-def _handles(name: str, device: torch.device, tasks: int | None) -> bool:
-    """Whether backend ``name`` handles ``tasks`` tasks on ``device`` (its ``max_tasks``)."""
-    limit = getattr(get(name), "max_tasks", None)
-    cap = limit(device) if limit is not None and tasks is not None else None
-    return cap is None or tasks <= cap
-
-
-@torch.compiler.assume_constant_result
 def select(requested: str | None, device: torch.device, tasks: int | None = None) -> str:
     """Resolve ``backend=`` (or ``$ORTHOLORA_BACKEND``) to a usable backend name.
 
     An explicit choice that cannot run raises; the automatic one falls back silently,
     also past a backend that cannot handle ``tasks`` (T) tasks on ``device`` (native on
-    CUDA: T <= 32).
+    CUDA: T <= 32). ``tasks`` may be symbolic under torch.compile (a guard on the limit).
     """
+    limits = _MAX_TASKS.get(device.type, {})
+    skip = () if tasks is None else tuple(name for name, cap in limits.items() if tasks > cap)
+    return _select(requested, device, skip)
+
+
+@torch.compiler.assume_constant_result
+def _select(requested: str | None, device: torch.device, skip: tuple) -> str:
     if requested is None:
         requested = os.environ.get("ORTHOLORA_BACKEND") or None
     if requested is None or requested == "auto":
         for name in _AUTO_ORDER:
             if name == "triton" and device.type == "cpu":
                 continue  # the interpreter is for tests only: never chosen automatically
-            if availability(name, device) is None and _handles(name, device, tasks):
+            if name not in skip and availability(name, device) is None:
                 return name
         return "torch"
     if requested not in _MODULES:

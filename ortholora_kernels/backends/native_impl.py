@@ -92,15 +92,6 @@ def availability(device: torch.device) -> str | None:
     return f"ortholora_kernels._C has no kernels for device type {device.type!r}"
 
 
-# The T limit of the CUDA kernels (csrc/cuda/kernels.cuh: kMaxTasks, shared-memory solve).
-CUDA_MAX_TASKS = 32
-
-
-def max_tasks(device: torch.device) -> int | None:
-    """The largest T the extension handles on ``device`` (None: no limit; CUDA: 32)."""
-    return CUDA_MAX_TASKS if torch.device(device).type == "cuda" else None
-
-
 def _ops():
     if _load() is None:
         raise RuntimeError(f"backend 'native': {availability(torch.device('cpu'))}")
