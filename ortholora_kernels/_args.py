@@ -28,14 +28,17 @@ class Segments:
 
     @property
     def num_segments(self) -> int:
+        """S, the number of segments."""
         return len(self.offsets) - 1
 
     @property
     def numel(self) -> int:
+        """N, the total number of columns."""
         return self.offsets[-1]
 
     @property
     def sizes(self) -> tuple[int, ...]:
+        """Columns per segment."""
         o = self.offsets
         return tuple(o[i + 1] - o[i] for i in range(len(o) - 1))
 
@@ -104,6 +107,7 @@ def _as_int(v) -> int:
 
 
 def check_grads(grads) -> torch.Tensor:
+    """Validate ``grads`` (a 2-D float tensor, T >= 1, N >= 1) and return it unchanged."""
     if not isinstance(grads, torch.Tensor):
         raise TypeError(f"grads: expected a torch.Tensor of shape [T, N], got {type(grads).__name__}")
     if grads.dim() != 2:
@@ -116,6 +120,7 @@ def check_grads(grads) -> torch.Tensor:
 
 
 def check_reduction(reduction) -> str:
+    """Validate ``reduction`` ("sum", "mean" or "none") and return it."""
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction: expected one of {REDUCTIONS}, got {reduction!r}")
     return reduction

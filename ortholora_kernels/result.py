@@ -34,6 +34,7 @@ class ProjectionResult:
 
     @property
     def num_tasks(self) -> int:
+        """T, the number of tasks."""
         return self.gram.shape[-1]
 
     @cached_property

@@ -59,6 +59,7 @@ def combine(w: torch.Tensor, x: torch.Tensor, seg: Segments, out_dtype=None) -> 
 
 
 def forward(x: torch.Tensor, seg: Segments, order: torch.Tensor, reduction: str):
+    """``(out, G, C, nproj)``: float64 Gram per segment, batched solve, ``W X``; no host sync."""
     g = gram(x, seg)
     c, nproj = solve(g, order)
     out = combine(weights(c, reduction), x, seg)
