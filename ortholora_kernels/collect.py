@@ -125,7 +125,11 @@ class TaskGroups:
         key = (x.device, id(sel))
         idx = self._on_device.get(key)
         if idx is None:
-            idx = self._on_device[key] = sel.to(x.device)
+            if x.device.type == "cuda":  # a copy from pageable memory would block the host
+                idx = sel.pin_memory().to(x.device, non_blocking=True)
+            else:
+                idx = sel.to(x.device)
+            self._on_device[key] = idx
         return x.index_select(0, idx)
 
 

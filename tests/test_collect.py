@@ -225,3 +225,21 @@ def test_per_task_mean_loss_values_and_no_data_dependent_ops():
             per_task_mean_loss(per_ex, ids, 4)
         finally:
             torch.cuda.set_sync_debug_mode(prev)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_unsorted_groups_select_on_cuda_without_host_sync():
+    """The per-task row indices of an unsorted batch (CPU task ids) reach the GPU without a
+    blocking copy (``record`` promises no host sync for CPU task ids)."""
+    from ortholora_kernels.collect import TaskGroups
+
+    groups = TaskGroups(torch.tensor([1, 0, 2, 0, 1]), 3)
+    assert not groups.sorted
+    x = torch.arange(10.0, device="cuda").reshape(5, 2)
+    prev = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        rows = {t: groups.select(sel, x) for t, sel in groups.groups}
+    finally:
+        torch.cuda.set_sync_debug_mode(prev)
+    assert rows[0].cpu().tolist() == [[2.0, 3.0], [6.0, 7.0]] and rows[2].cpu().tolist() == [[4.0, 5.0]]
