@@ -66,6 +66,14 @@ def check_task_ids(task_ids, num_tasks: int) -> torch.Tensor:
     return ids
 
 
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t.to(device)``; a CPU tensor goes to a GPU through pinned memory without blocking
+    (a copy from pageable memory waits for the device: a host sync)."""
+    if t.device.type == "cpu" and device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def per_task_mean_loss(per_example_loss: torch.Tensor, task_ids: torch.Tensor, num_tasks: int,
                        counts: torch.Tensor | None = None) -> torch.Tensor:
     """``[T]`` mean loss of each task over its examples in the batch (0 for an absent task).
@@ -81,7 +89,7 @@ def per_task_mean_loss(per_example_loss: torch.Tensor, task_ids: torch.Tensor, n
             or per_example_loss.shape != task_ids.shape:
         got = tuple(per_example_loss.shape) if isinstance(per_example_loss, torch.Tensor) else type(per_example_loss).__name__
         raise ValueError(f"per_example_loss: expected shape [batch] = {tuple(task_ids.shape)}, got {got}")
-    ids = task_ids.to(per_example_loss.device, torch.int64)
+    ids = _to_device(task_ids, per_example_loss.device).long()
     sums = per_example_loss.new_zeros(num_tasks).index_add(0, ids, per_example_loss)
     if counts is None:  # not torch.bincount: on CUDA it reads the max id back to the host
         counts = torch.zeros(num_tasks, dtype=torch.int64, device=ids.device).index_add_(0, ids, torch.ones_like(ids))
@@ -125,11 +133,7 @@ class TaskGroups:
         key = (x.device, id(sel))
         idx = self._on_device.get(key)
         if idx is None:
-            if x.device.type == "cuda":  # a copy from pageable memory would block the host
-                idx = sel.pin_memory().to(x.device, non_blocking=True)
-            else:
-                idx = sel.to(x.device)
-            self._on_device[key] = idx
+            idx = self._on_device[key] = _to_device(sel, x.device)
         return x.index_select(0, idx)
 
 
