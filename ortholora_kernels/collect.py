@@ -95,7 +95,7 @@ def per_task_mean_loss(per_example_loss: torch.Tensor, task_ids: torch.Tensor, n
         counts = torch.zeros(num_tasks, dtype=torch.int64, device=ids.device).index_add_(0, ids, torch.ones_like(ids))
     elif counts.shape != (num_tasks,):
         raise ValueError(f"counts: expected shape [num_tasks] = [{num_tasks}], got {tuple(counts.shape)}")
-    counts = counts.to(per_example_loss.device, per_example_loss.dtype)
+    counts = _to_device(counts, per_example_loss.device).to(per_example_loss.dtype)
     return sums / torch.where(counts > 0, counts, torch.ones_like(counts))
 
 

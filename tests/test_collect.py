@@ -207,6 +207,7 @@ def test_per_task_mean_loss_values_and_no_data_dependent_ops():
         try:
             per_task_mean_loss(per_ex, ids, 4)
             per_task_mean_loss(per_ex, ids_cpu, 4)   # CPU task ids (as given to record) with a GPU loss
+            per_task_mean_loss(per_ex, ids_cpu, 4, counts=torch.ones(4, dtype=torch.float64))  # CPU counts
         finally:
             torch.cuda.set_sync_debug_mode(prev)
 
