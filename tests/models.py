@@ -142,3 +142,13 @@ def random_ids(n: int = 6, seq_len: int = 7, *, seed: int = 1) -> torch.Tensor:
     """``[n, seq_len]`` random token ids (no special tokens)."""
     g = torch.Generator().manual_seed(seed)
     return torch.randint(3, VOCAB, (n, seq_len), generator=g)
+
+
+def tiny_roberta(seed: int = 0, num_labels: int = 2):
+    """:func:`tiny_eval_model` for RoBERTa with a sequence-classification head."""
+    return tiny_eval_model("roberta", seed=seed, num_labels=num_labels)
+
+
+def tiny_bert(seed: int = 0):
+    """:func:`tiny_eval_model` for a plain BERT encoder."""
+    return tiny_eval_model("bert", seed=seed)

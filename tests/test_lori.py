@@ -26,21 +26,10 @@ from ortholora_kernels.glue.lori import (  # noqa: E402
     save_lori,
 )
 
-from models import VOCAB, random_ids, tiny_eval_model  # noqa: E402
+from models import VOCAB, tiny_bert, tiny_roberta  # noqa: E402
+from models import random_ids as batch  # noqa: E402  ([n, 7] random token ids)
 
 H, LAYERS, SEQ = 32, 2, 7
-
-
-def tiny_roberta(seed=0, num_labels=2):
-    return tiny_eval_model("roberta", seed=seed, num_labels=num_labels)
-
-
-def tiny_bert(seed=0):
-    return tiny_eval_model("bert", seed=seed)
-
-
-def batch(n=6, seed=1):
-    return random_ids(n, SEQ, seed=seed)
 
 
 @torch.no_grad()
