@@ -77,6 +77,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .mtl_lora import (
+    adopt_frozen_base,
     DEFAULT_KEEP_TRAINABLE,
     AdapterParams,
     _check_dropout,
@@ -124,15 +125,9 @@ class LoRILinear(nn.Module):
     def __init__(self, base: nn.Linear, r: int, alpha: float, seed: int, name: str,
                  dropout: float = 0.0, scaling: float | None = None):
         super().__init__()
-        self.in_features, self.out_features = base.in_features, base.out_features
-        self.weight = base.weight
-        self.bias = base.bias
-        self.weight.requires_grad_(False)
-        if self.bias is not None:
-            self.bias.requires_grad_(False)
+        adopt_frozen_base(self, base, dropout)
         self.r, self.alpha, self.seed = r, float(alpha), int(seed)
         self.scaling = float(scaling) if scaling is not None else self.alpha / r
-        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         kw = dict(device=base.weight.device, dtype=base.weight.dtype)
         self.register_buffer("lora_A", _random_a(seed, name, r, self.in_features).to(**kw))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, **kw))

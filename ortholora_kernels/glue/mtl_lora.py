@@ -241,6 +241,18 @@ class AdapterParams:
 # ---------------------------------------------------------------------------------------
 
 
+def adopt_frozen_base(module: nn.Module, base: nn.Linear, dropout: float) -> None:
+    """Give an adapter ``module`` the frozen weight and bias of ``base`` (same names, so
+    state dicts keep the base model's keys) and the input dropout of its adapter path."""
+    module.in_features, module.out_features = base.in_features, base.out_features
+    module.weight = base.weight
+    module.bias = base.bias
+    module.weight.requires_grad_(False)
+    if module.bias is not None:
+        module.bias.requires_grad_(False)
+    module.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+
 class MTLLoRALinear(nn.Module):
     """A frozen nn.Linear plus an MTL-LoRA adapter (see the module docstring)."""
 
@@ -256,17 +268,11 @@ class MTLLoRALinear(nn.Module):
         dropout: float = 0.0,
     ):
         super().__init__()
-        self.in_features, self.out_features = base.in_features, base.out_features
-        self.weight = base.weight
-        self.bias = base.bias
-        self.weight.requires_grad_(False)
-        if self.bias is not None:
-            self.bias.requires_grad_(False)
+        adopt_frozen_base(self, base, dropout)
         self.r, self.alpha = r, float(alpha)
         self.num_tasks, self.num_b = num_tasks, num_b
         self.temperature, self.diagonal = float(temperature), bool(diagonal)
         self.scaling = self.alpha / r
-        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         kw = dict(device=base.weight.device, dtype=base.weight.dtype)
         self.lora_A = nn.Linear(self.in_features, r, bias=False, **kw)
         lam_shape = (num_tasks, r) if diagonal else (num_tasks, r, r)
