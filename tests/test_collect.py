@@ -12,6 +12,15 @@ def _fork_rng_run(fn, seed=123):
         return fn()
 
 
+def _backward(ortho, mode, losses, task_ids):
+    """One backward of the per-task ``losses`` (one shared forward) in collection ``mode``."""
+    if mode == "grouped":
+        with ortho.record(task_ids):
+            losses.sum().backward()
+    else:
+        ortho.backward(list(losses))
+
+
 def _collect(model, batch, mode, num_tasks):
     """Buffer (cloned) and head grads after one collection with ``mode``."""
     model.zero_grad(set_to_none=True)
@@ -108,11 +117,7 @@ def test_mtl_lora_shared_params_grouped_equals_loop():
         enc.zero_grad(set_to_none=True)
         ortho = OrthoLoRA(layout, t, collect=mode)
         ls = _fork_rng_run(losses)
-        if mode == "grouped":
-            with ortho.record(batch["task_ids"]):
-                ls.sum().backward()
-        else:
-            ortho.backward(list(ls))
+        _backward(ortho, mode, ls, batch["task_ids"])
         bufs.append(ortho.buffer.clone())
         task_grads.append([p.grad.clone() for p in ap.task_parameters()])
         ortho.remove()
@@ -177,11 +182,7 @@ def test_dora_grouped_equals_loop():
         enc.zero_grad(set_to_none=True)
         ortho = OrthoLoRA(enc, 2, collect=mode)
         ls = _fork_rng_run(losses)
-        if mode == "grouped":
-            with ortho.record(batch["task_ids"]):
-                ls.sum().backward()
-        else:
-            ortho.backward(list(ls))
+        _backward(ortho, mode, ls, batch["task_ids"])
         mags = [p.grad.clone() for n, p in enc.named_parameters() if "magnitude" in n]
         out.append((ortho.buffer.clone(), mags))
         ortho.remove()
