@@ -102,10 +102,9 @@ def candidates(x: torch.Tensor, order: torch.Tensor):
         out.append(("triton", tri, ""))
         out.append(("triton graph", "graph", ""))
         # The backend's forward alone (no op validation or dispatcher): the launch floor.
-        impl = ok.backends.get("triton")
         seg = ok._args.segments_for(None, x.shape[1])
         order3 = order.unsqueeze(0).contiguous()
-        out.append(("triton kernels", lambda: impl.forward(x, seg, order3, "sum")[0], ""))
+        out.append(("triton kernels", lambda: ok.ops.forward(x, seg, order3, "sum", "triton")[0], ""))
     else:
         out.append(("triton", None, f"skipped: {reason}"))
     out.append(("torch", lambda: ok.project(x, order=order, backend="torch"), ""))
@@ -199,7 +198,7 @@ SWEEP = {  # triton_impl constants worth tuning on a new GPU (the defaults are u
 def sweep(ts, ns, rep_ms, device="cuda"):
     """Time the triton forward alone over the SWEEP grid; rows sorted fastest first per shape."""
     import itertools
-    impl = ok.backends.get("triton")
+    from ortholora_kernels.backends import triton_impl as impl
     saved = {k: getattr(impl, k) for k in SWEEP}
     rows, segs = [], []
     try:
@@ -208,13 +207,13 @@ def sweep(ts, ns, rep_ms, device="cuda"):
             order3 = torch.rand(1, t, t, device=device).argsort(-1)
             seg = ok._args.segments_for(None, n)
             segs.append(seg)
-            ref = impl.forward(x, seg, order3, "sum")[0]
+            ref = ok.ops.forward(x, seg, order3, "sum", "triton")[0]
             shape_rows = []
             for values in itertools.product(*SWEEP.values()):
                 for k, v in zip(SWEEP, values):
                     setattr(impl, k, v)
                 seg._device_cache.clear()            # plans and tables depend on the constants
-                fn = lambda: impl.forward(x, seg, order3, "sum")[0]  # noqa: E731
+                fn = lambda: ok.ops.forward(x, seg, order3, "sum", "triton")[0]  # noqa: E731
                 err = rel_err(fn(), ref)
                 us = do_bench(fn, rep_ms)
                 shape_rows.append({"T": t, "N": n, **dict(zip(SWEEP, values)), "median_us": round(us, 2),

@@ -1,58 +1,102 @@
-"""The public op ``project``: validation, order drawing, dispatch, custom op, autograd."""
+"""The public op ``project``: validation, order drawing, dispatch, custom op, autograd.
+
+The forward and the backward are composed here, once, from a backend's passes over
+memory (:class:`ortholora_kernels.backends.base.Backend`) and a solve
+(:class:`ortholora_kernels.solve.Solve`).
+"""
 from __future__ import annotations
 
 import torch
 
 from . import backends
-from ._args import (check_grads, check_order, check_order_values, check_reduction, draw_orders,
+from ._args import (Segments, check_grads, check_order, check_order_values, check_reduction, draw_orders,
                     segments_for)
+from .backends.base import empty_outputs
 from .result import ProjectionResult
+from .solve import get_solve
+
+
+def forward(x: torch.Tensor, seg: Segments, order: torch.Tensor, reduction: str, backend: str,
+            solve: str = "pcgrad"):
+    """The forward, composed once for every backend: ``(out, G, C, nproj)``.
+
+    Gram (stage 1) and combine (stage 3) are the backend's passes over ``x``; the solve
+    (stage 2) is :mod:`ortholora_kernels.solve`'s, unless the backend fuses the built-in
+    one into its kernels. ``x`` must be contiguous.
+    """
+    impl = backends.get(backend)
+    sol = get_solve(solve)
+    if sol.fusable:
+        fused = impl.fused_forward(x, seg, order, reduction)
+        if fused is not None:
+            return fused
+        staged = impl.gram_solve(x, seg, order, reduction)
+    else:
+        staged = None
+    if staged is None:
+        gram = impl.gram(x, seg)
+        w, coeffs, nproj = sol.forward(gram, order, reduction)
+    else:
+        gram, coeffs, w, nproj = staged
+    out = impl.combine(seg, x, w)
+    return (out if reduction == "none" else out.view(-1)), gram, coeffs, nproj
+
+
+def backward(x: torch.Tensor, dout: torch.Tensor, gram: torch.Tensor, order: torch.Tensor, seg: Segments,
+             reduction: str, backend: str, solve: str = "pcgrad") -> torch.Tensor:
+    """The backward, composed once: ``dX = W^T dY + (Gbar + Gbar^T) X``.
+
+    ``v = dY X^T`` (the backend's cross product) is ``dL/dW``; the solve's reverse mode
+    turns it into ``Gbar = dL/dG``; one combine pass with two operands gives ``dX``.
+    """
+    impl = backends.get(backend)
+    sol = get_solve(solve)
+    dy = dout if reduction == "none" else dout.reshape(1, -1)
+    g64 = gram.to(torch.float64)
+    w = sol.forward(g64, order, reduction).weights                  # [S, R, T]
+    v = impl.cross(dy, x, seg)                                       # dL/dW, [S, R, T]
+    gbar = sol.vjp(g64, order, reduction, v)
+    m = gbar + gbar.transpose(-1, -2)
+    # out[t] = sum_k M[s, t, k] X[k] + sum_r W[s, r, t] dY[r]: W^T as a strided view.
+    return impl.combine(seg, x, m, dy, w.transpose(-1, -2), out_dtype=x.dtype)
 
 
 @torch.library.custom_op("ortholora::project", mutates_args=())
 def _project_op(grads: torch.Tensor, offsets: list[int], order: torch.Tensor, reduction: str,
-                backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                backend: str, solve: str = "pcgrad") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     seg = segments_for(offsets, grads.shape[1])
-    out, gram, coeffs, nproj = backends.get(backend).forward(grads.contiguous(), seg, order, reduction)
-    return out, gram, coeffs, nproj
+    return forward(grads.contiguous(), seg, order, reduction, backend, solve)
 
 
 @_project_op.register_fake
-def _(grads, offsets, order, reduction, backend):
-    t, n = grads.shape
-    s = len(offsets) - 1
-    out = grads.new_empty((t, n) if reduction == "none" else (n,))
-    gram = grads.new_empty((s, t, t), dtype=torch.float64)
-    return out, gram, torch.empty_like(gram), grads.new_empty((s,), dtype=torch.int32)
+def _(grads, offsets, order, reduction, backend, solve="pcgrad"):
+    return empty_outputs(grads, len(offsets) - 1, reduction)
 
 
 @torch.library.custom_op("ortholora::project_backward", mutates_args=())
 def _project_backward_op(grads: torch.Tensor, dout: torch.Tensor, gram: torch.Tensor, order: torch.Tensor,
-                         offsets: list[int], reduction: str, backend: str) -> torch.Tensor:
+                         offsets: list[int], reduction: str, backend: str, solve: str = "pcgrad") -> torch.Tensor:
     seg = segments_for(offsets, grads.shape[1])
-    impl = backends.get(backend)
-    if not hasattr(impl, "backward"):
-        impl = backends.get("torch")
-    return impl.backward(grads.contiguous(), dout.contiguous(), gram, order, seg, reduction)
+    return backward(grads.contiguous(), dout.contiguous(), gram, order, seg, reduction, backend, solve)
 
 
 @_project_backward_op.register_fake
-def _(grads, dout, gram, order, offsets, reduction, backend):
+def _(grads, dout, gram, order, offsets, reduction, backend, solve="pcgrad"):
     return torch.empty_like(grads)
 
 
 def _setup_context(ctx, inputs, output):
-    grads, offsets, order, reduction, backend = inputs
+    grads, offsets, order, reduction, backend, solve = inputs
     _, gram, coeffs, nproj = output
     ctx.save_for_backward(grads, gram, order)
-    ctx.offsets, ctx.reduction, ctx.backend = offsets, reduction, backend
+    ctx.offsets, ctx.reduction, ctx.backend, ctx.solve = offsets, reduction, backend, solve
     ctx.mark_non_differentiable(gram, coeffs, nproj)
 
 
 def _backward(ctx, dout, *_):
     grads, gram, order = ctx.saved_tensors
-    dx = _project_backward_op(grads, dout, gram, order, ctx.offsets, ctx.reduction, ctx.backend)
-    return dx, None, None, None, None
+    dx = _project_backward_op(grads, dout, gram, order, ctx.offsets, ctx.reduction, ctx.backend, ctx.solve)
+    return dx, None, None, None, None, None
 
 
 _project_op.register_autograd(_backward, setup_context=_setup_context)

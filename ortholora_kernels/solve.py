@@ -1,12 +1,20 @@
-"""Stage 2 in torch: the sequential projection on the small Gram matrices.
+"""Stage 2: the solve, a map from the small Gram matrices to combine weights.
 
-Works on all segments and all tasks at once: task i's projected gradient is tracked as
+:class:`Solve` is the interface (forward and reverse mode); :class:`PCGrad` is the
+built-in one (Ortho-LoRA's sequential projection); :func:`register_solve` and
+:func:`get_solve` name them for the custom op. Gram and combine, the memory-bound
+passes, belong to the backends (:mod:`ortholora_kernels.backends.base`).
+
+PCGrad works on all segments and all tasks at once: task i's projected gradient is tracked as
 a row of coefficients ``C[s, i, :]`` over the original gradients, and step k of the
 loop visits ``j = order[s, i, k]`` for every (s, i) in parallel. No host sync: the
 ``if inner < 0`` of the literal algorithm becomes ``min(inner, 0)`` and a mask.
 Differentiable with autograd (used by every backend's backward).
 """
 from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import ClassVar, NamedTuple
 
 import torch
 
@@ -87,3 +95,96 @@ def weights_vjp(weights_grad: torch.Tensor, t: int, reduction: str) -> torch.Ten
         return weights_grad
     cbar = weights_grad.expand(-1, t, -1)
     return cbar / t if reduction == "mean" else cbar
+
+
+class Solution(NamedTuple):
+    """What a solve returns for Gram matrices ``[S, T, T]``.
+
+    Attributes:
+        weights: ``[S, R, T]`` float64 combine weights, ``out_s = W_s X_s`` (R = 1 for the
+            reductions "sum"/"mean", R = T for "none").
+        coeffs: ``[S, T, T]`` float64 per-task coefficients (``g_i' = sum_k C[s, i, k] g_k``).
+            A solve that only weights the tasks (UPGrad, MGDA, ...) returns ``diag(w)``
+            (see :func:`weighting_solution`), so "none" gives ``w_i g_i`` per task.
+        num_projections: ``[S]`` int32, a per-segment count (projections for PCGrad;
+            zeros where a solve has nothing to count).
+    """
+
+    weights: torch.Tensor
+    coeffs: torch.Tensor
+    num_projections: torch.Tensor
+
+
+class Solve(ABC):
+    """Stage 2: float64 Gram ``[S, T, T]`` (+ orders) -> :class:`Solution`, and its reverse mode.
+
+    Both methods run on the device of the Gram matrix, batched over segments, with no
+    host synchronisation. Options of a solve (a CAGrad ``c``, an iteration count) are
+    attributes of the instance; register each configured instance under its own name.
+    """
+
+    name: ClassVar[str]
+    #: Backends may fuse this solve into their kernels (``Backend.gram_solve`` /
+    #: ``fused_forward``); only the built-in PCGrad is fused.
+    fusable: ClassVar[bool] = False
+
+    @abstractmethod
+    def forward(self, gram: torch.Tensor, order: torch.Tensor, reduction: str) -> Solution:
+        """The solution for ``gram`` float64 ``[S, T, T]`` and ``order`` int64 ``[S, T, T]``."""
+
+    @abstractmethod
+    def vjp(self, gram: torch.Tensor, order: torch.Tensor, reduction: str,
+            weights_grad: torch.Tensor) -> torch.Tensor:
+        """``dL/dG [S, T, T]`` given ``dL/dW [S, R, T]`` (the reverse mode of ``forward().weights``).
+
+        Runs inside the custom op's backward, where autograd is off: write it by hand,
+        or wrap a differentiable ``forward`` in ``torch.enable_grad()`` + ``torch.autograd.grad``.
+        """
+
+
+class PCGrad(Solve):
+    """Ortho-LoRA / PCGrad: the sequential projection in random orders (the default)."""
+
+    name = "pcgrad"
+    fusable = True
+
+    def forward(self, gram, order, reduction):
+        coeffs, nproj = solve(gram, order)
+        return Solution(weights(coeffs, reduction), coeffs, nproj)
+
+    def vjp(self, gram, order, reduction, weights_grad):
+        return solve_vjp(gram, order, weights_vjp(weights_grad, gram.shape[-1], reduction))
+
+
+def weighting_solution(w: torch.Tensor, reduction: str, num_projections: torch.Tensor | None = None) -> Solution:
+    """The :class:`Solution` of a solve that only weights tasks, from ``w [S, T]`` float64.
+
+    ``C = diag(w_s)``: "sum" combines with ``w``, "mean" with ``w / T``, "none" returns
+    ``w_i g_i`` per task. ``num_projections`` defaults to zeros.
+    """
+    coeffs = torch.diag_embed(w)
+    if num_projections is None:
+        num_projections = torch.zeros(w.shape[0], dtype=torch.int32, device=w.device)
+    return Solution(weights(coeffs, reduction), coeffs, num_projections)
+
+
+_SOLVES: dict[str, Solve] = {}
+
+
+def register_solve(solve_: Solve, name: str | None = None) -> Solve:
+    """Make ``solve_`` usable by the op under ``name`` (default ``solve_.name``); returns it."""
+    if not isinstance(solve_, Solve):
+        raise TypeError(f"solve: expected a Solve instance, got {type(solve_).__name__}")
+    _SOLVES[name or solve_.name] = solve_
+    return solve_
+
+
+def get_solve(name: str) -> Solve:
+    """The solve registered as ``name``."""
+    try:
+        return _SOLVES[name]
+    except KeyError:
+        raise ValueError(f"solve: expected one of {sorted(_SOLVES)}, got {name!r}") from None
+
+
+register_solve(PCGrad())

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import ortholora_kernels as ok
-from ortholora_kernels import reference
+from ortholora_kernels import ops, reference
 from ortholora_kernels.backends import native_impl, torch_impl
 from ortholora_kernels._args import segments_for
 
@@ -274,11 +274,11 @@ def test_compiled_backward_passes_match_torch(dtype):
     order = random_order(5, 3, seed=81)
     y = make_grads(5, 20_011, dtype=dtype, seed=82)
     v = _ops().cross(y, x, list(seg.offsets))
-    torch.testing.assert_close(v, torch_impl.cross(y, x, seg), rtol=1e-10, atol=1e-9)
-    gram = torch_impl.gram(x, seg)
+    torch.testing.assert_close(v, torch_impl.BACKEND.cross(y, x, seg), rtol=1e-10, atol=1e-9)
+    gram = torch_impl.BACKEND.gram(x, seg)
     for reduction, dout in (("sum", y[0]), ("none", y)):
-        got = native_impl.backward(x, dout, gram, order, seg, reduction)
-        want = torch_impl.backward(x, dout, gram, order, seg, reduction)
+        got = ops.backward(x, dout, gram, order, seg, reduction, "native")
+        want = ops.backward(x, dout, gram, order, seg, reduction, "torch")
         assert got.dtype == dtype
         rtol = {torch.float64: 1e-9, torch.float32: 1e-4, torch.bfloat16: 2e-2}[dtype]
         torch.testing.assert_close(got.double(), want.double(), rtol=rtol,
@@ -312,7 +312,7 @@ def test_availability_when_the_extension_is_missing(monkeypatch):
     assert reason is not None and "not built" in reason
     assert not native_impl.built_with_cuda()
     with pytest.raises(RuntimeError, match="not built"):
-        native_impl.forward(torch.randn(2, 3), segments_for(None, 3), random_order(2, 1), "sum")
+        native_impl.BACKEND.fused_forward(torch.randn(2, 3), segments_for(None, 3), random_order(2, 1), "sum")
 
 
 def test_availability_reports_a_load_error(monkeypatch):
@@ -416,15 +416,15 @@ def _check_device_backward(device):
         x = make_grads(6, 40_003, dtype=dtype, seed=91, shared=-0.5, device=device)
         seg = segments_for([0, 20_000, 20_001, 40_003], 40_003)
         order = random_order(6, 3, seed=92, device=device)
-        gram = torch_impl.gram(x, seg)
+        gram = torch_impl.BACKEND.gram(x, seg)
         for reduction in ("sum", "none"):
             dout = make_grads(6, 40_003, dtype=dtype, seed=93, device=device)
             dout = dout if reduction == "none" else dout[0]
-            got = native_impl.backward(x, dout, gram, order, seg, reduction)
-            want = torch_impl.backward(x, dout, gram, order, seg, reduction)
+            got = ops.backward(x, dout, gram, order, seg, reduction, "native")
+            want = ops.backward(x, dout, gram, order, seg, reduction, "torch")
             tol = 1e-9 if dtype == torch.float64 else 1e-4
             torch.testing.assert_close(got, want, rtol=tol, atol=tol * float(want.abs().max()))
-            assert torch.equal(got, native_impl.backward(x, dout, gram, order, seg, reduction))
+            assert torch.equal(got, ops.backward(x, dout, gram, order, seg, reduction, "native"))
 
 
 @pytest.mark.gpu

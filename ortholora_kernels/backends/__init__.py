@@ -1,10 +1,9 @@
 """Backend registry and dispatch.
 
-A backend is a module with ``NAME``, ``availability(device) -> str | None`` (None when
-usable, else the reason) and ``forward(x, seg, order, reduction) -> (out, G, C, nproj)``
-with ``G``/``C`` float64 ``[S, T, T]`` and ``nproj`` int32 ``[S]``. It may define
-``backward(x, dout, G, order, seg, reduction) -> dX``; otherwise the torch one is used.
-A limit on T goes into ``_MAX_TASKS`` (the automatic choice then skips it past that).
+A backend is a module whose ``BACKEND`` is a :class:`~.base.Backend` (the contract: the
+passes over memory and availability); :mod:`ortholora_kernels.ops` composes the
+algorithm from them. A limit on T goes into ``_MAX_TASKS`` (the automatic choice then
+skips that backend past it).
 """
 from __future__ import annotations
 
@@ -12,6 +11,8 @@ import importlib
 import os
 
 import torch
+
+from .base import Backend
 
 # Automatic choice walks this list: native if built for the device, else triton on GPUs,
 # else torch. Modules are imported lazily so a missing optional dependency never breaks
@@ -28,9 +29,9 @@ _MAX_TASKS = {"cuda": {"native": 32}}
 BACKENDS = tuple(_MODULES)
 
 
-def get(name: str):
-    """The backend module called ``name`` (raises ImportError when it cannot load)."""
-    return importlib.import_module(_MODULES[name])
+def get(name: str) -> Backend:
+    """The :class:`~.base.Backend` called ``name`` (raises ImportError when it cannot load)."""
+    return importlib.import_module(_MODULES[name]).BACKEND
 
 
 def availability(name: str, device) -> str | None:
@@ -38,10 +39,10 @@ def availability(name: str, device) -> str | None:
     if name not in _MODULES:
         return f"unknown backend {name!r}; expected one of {BACKENDS}"
     try:
-        module = get(name)
+        impl = get(name)
     except Exception as exc:  # an optional dependency or the extension is missing
         return f"cannot be loaded: {type(exc).__name__}: {exc}"
-    return module.availability(torch.device(device))
+    return impl.availability(torch.device(device))
 
 
 def backends_available(device="cpu") -> dict[str, tuple[bool, str]]:

@@ -23,8 +23,7 @@ import importlib
 
 import torch
 
-from .._args import Segments
-from ..solve import solve, solve_vjp, weights, weights_vjp
+from .base import Backend, empty_outputs
 
 NAME = "native"
 
@@ -51,11 +50,7 @@ def _register_fakes():
 
     @torch.library.register_fake("ortholora_C::project")
     def _(grads, offsets, order, reduction):
-        t, n = grads.shape
-        s = len(offsets) - 1
-        out = grads.new_empty((t, n) if reduction == "none" else (n,))
-        gram = grads.new_empty((s, t, t), dtype=torch.float64)
-        return out, gram, torch.empty_like(gram), grads.new_empty((s,), dtype=torch.int32)
+        return empty_outputs(grads, len(offsets) - 1, reduction)
 
     @torch.library.register_fake("ortholora_C::cross")
     def _(y, x, offsets):
@@ -98,27 +93,36 @@ def _ops():
     return torch.ops.ortholora_C
 
 
-def forward(x: torch.Tensor, seg: Segments, order: torch.Tensor, reduction: str):
-    """``(out, G, C, nproj)``: one compiled call for all three stages and all segments."""
-    return _ops().project(x, list(seg.offsets), order, reduction)
+class NativeBackend(Backend):
+    """The compiled ops: the whole PCGrad forward in one call; cross and the two-operand
+    combine of the backward; the Gram of another solve through ``cross(x, x)``."""
+
+    name = NAME
+
+    def availability(self, device: torch.device) -> str | None:
+        """None when the extension has kernels for ``device``'s type, else the reason."""
+        return availability(device)
+
+    def gram(self, x, seg):
+        """``[S, T, T]`` float64 by the compiled cross product of ``x`` with itself."""
+        return _ops().cross(x, x, list(seg.offsets))
+
+    def cross(self, y, x, seg):
+        """``[S, R, T]`` float64 ``Y_s X_s^T`` (compiled)."""
+        return _ops().cross(y, x, list(seg.offsets))
+
+    def combine(self, seg, x, a, y=None, b=None, out_dtype=None):
+        """Compiled ``A_s X_s + B_s Y_s`` (``backward_combine``); with one operand (only a
+        solve other than the fused PCGrad needs it) the torch backend's combine."""
+        if y is None:
+            from .torch_impl import BACKEND as torch_backend
+            return torch_backend.combine(seg, x, a, out_dtype=out_dtype)
+        out = _ops().backward_combine(y, x, b.transpose(-1, -2), a, list(seg.offsets))
+        return out if out_dtype is None else out.to(out_dtype)
+
+    def fused_forward(self, x, seg, order, reduction):
+        """``(out, G, C, nproj)``: one compiled call for all three stages and all segments."""
+        return _ops().project(x, list(seg.offsets), order, reduction)
 
 
-def backward(x, dout, g, order, seg: Segments, reduction: str):
-    """``dX = W^T dY + (Gbar + Gbar^T) X``; both passes over memory are compiled code.
-
-    The tiny reverse-mode solve (``Gbar``) runs in torch (ortholora_kernels.solve), on
-    the device, without host synchronisation. On a device the extension has no kernels
-    for, the torch backend's backward is used.
-    """
-    if availability(x.device) is not None:
-        from . import torch_impl
-        return torch_impl.backward(x, dout, g, order, seg, reduction)
-    ops = _ops()
-    offsets = list(seg.offsets)
-    dy = dout if reduction == "none" else dout.unsqueeze(0)
-    g64 = g.to(torch.float64)
-    c, _ = solve(g64, order)
-    v = ops.cross(dy, x, offsets)                                 # dL/dW, [S, R, T]
-    gbar = solve_vjp(g64, order, weights_vjp(v, g.shape[-1], reduction))
-    m = gbar + gbar.transpose(-1, -2)
-    return ops.backward_combine(dy, x, weights(c, reduction), m, offsets)
+BACKEND = NativeBackend()

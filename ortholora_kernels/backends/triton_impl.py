@@ -18,7 +18,7 @@ Forward: two launches, no host synchronisation, no per-call host work growing wi
    accumulation (fp64 for fp64 input), rounded once to the input dtype.
 
 ``_FUSED = False`` runs stage 2 as a launch of its own (three launches; same results).
-Backward: ``v = dY X^T`` by the Gram kernel (cross product, no solve), the T x T reverse
+Backward (composed in ops.py): ``v = dY X^T`` by the Gram kernel (cross product, no solve), the T x T reverse
 mode in torch (:mod:`ortholora_kernels.solve`), then ``dX = W^T dY + M X`` by the combine.
 
 On CPU tensors the same kernels run through the Triton interpreter, only when
@@ -36,7 +36,7 @@ import os
 import torch
 
 from .._args import Segments
-from ..solve import solve, solve_vjp, weights, weights_vjp
+from .base import Backend
 
 NAME = "triton"
 
@@ -414,7 +414,8 @@ def _workspace(seg: Segments, lay: _Layout, device: torch.device, tile: int):
     return seg.cached(("triton_ws", device, stream, lay.n_prog, lay.n_groups, tile), build)
 
 
-def _gram_plan(seg: Segments, dev: torch.device, r: int, t: int, fp64: bool, same: bool, reduction: str):
+def _gram_plan(seg: Segments, dev: torch.device, r: int, t: int, fp64: bool, same: bool, reduction: str,
+               solve: bool = True):
     """Everything about a Gram launch that does not change between calls (cached)."""
     stream = torch.cuda.current_stream(dev).cuda_stream if dev.type == "cuda" else None
 
@@ -425,17 +426,19 @@ def _gram_plan(seg: Segments, dev: torch.device, r: int, t: int, fp64: bool, sam
         parts, tickets = _workspace(seg, lay, dev, r_pad * t_pad)
         rb = max(1, min(64, _REDUCE_ELEMS // (r_pad * t_pad)))   # level 2 sums <= 1024 / _GROUP rows
         consts = dict(R_PAD=r_pad, T_PAD=t_pad, BLOCK=block, SAME=same, FP64=fp64, USE_DOT=use_dot,
-                      RB=rb, SOLVE=same, MEAN=reduction == "mean", NONE=reduction == "none",
+                      RB=rb, SOLVE=same and solve, MEAN=reduction == "mean", NONE=reduction == "none",
                       REG_SOLVE=t_pad <= 16, num_warps=8 if t_pad >= 32 else 4)
         return (lay, parts, parts[lay.n_prog:], tickets, tickets[lay.n_groups:], consts)
-    return seg.cached(("triton_gram", dev, stream, r, t, fp64, same, reduction, _FUSED, _GROUP,
+    return seg.cached(("triton_gram", dev, stream, r, t, fp64, same, reduction, solve, _FUSED, _GROUP,
                        _TARGET_PROGRAMS), build)
 
 
-def _gram(a: torch.Tensor, b: torch.Tensor | None, seg: Segments, *, order=None, reduction="sum"):
-    """Stages 1-2: ``A B^T`` per segment (``b=None``: the Gram of ``a``, then the solve).
+def _gram(a: torch.Tensor, b: torch.Tensor | None, seg: Segments, *, order=None, reduction="sum",
+          solve=True):
+    """Stages 1-2: ``A B^T`` per segment (``b=None``: the Gram of ``a``, then, with
+    ``solve``, the PCGrad solve).
 
-    Returns ``(G [S, R, T] fp64, C, W, nproj)``; C, W, nproj only when ``b is None``.
+    Returns ``(G [S, R, T] fp64, C, W, nproj)``; C, W, nproj only when ``b is None`` and ``solve``.
     One launch when ``_FUSED`` (default), two otherwise. Host work per call: one cache
     lookup, the output allocations and the launch.
     """
@@ -446,9 +449,10 @@ def _gram(a: torch.Tensor, b: torch.Tensor | None, seg: Segments, *, order=None,
     s_count = seg.num_segments
     dev = a.device
     fp64 = a.dtype == torch.float64 or b.dtype == torch.float64
-    lay, parts, gparts, gtickets, stickets, consts = _gram_plan(seg, dev, r, t, fp64, same, reduction)
+    lay, parts, gparts, gtickets, stickets, consts = _gram_plan(seg, dev, r, t, fp64, same, reduction, solve)
+    solve = same and solve
     g = torch.empty((s_count, r, t), dtype=torch.float64, device=dev)
-    if same:
+    if solve:
         c = torch.empty_like(g)
         w = c if reduction == "none" else torch.empty((s_count, 1, t), dtype=torch.float64, device=dev)
         nproj = torch.empty((s_count,), dtype=torch.int32, device=dev)
@@ -461,7 +465,7 @@ def _gram(a: torch.Tensor, b: torch.Tensor | None, seg: Segments, *, order=None,
     if not _FUSED:
         k = {key: v for key, v in consts.items() if key not in ("BLOCK", "SAME", "FP64", "USE_DOT")}
         _reduce_solve_kernel[(s_count,)](parts, lay.chunk_off, g, order, c, w, nproj, r, t, **k)
-    return (g, c, w, nproj) if same else (g, None, None, None)
+    return (g, c, w, nproj) if solve else (g, None, None, None)
 
 
 def _combine_config(rows: int):
@@ -493,31 +497,31 @@ def _combine_plan(seg, dev, out_rows, dtype, has_y):
     return _table(seg, dev, block, False), consts
 
 
-def gram(x: torch.Tensor, seg: Segments) -> torch.Tensor:
-    """``[S, T, T]`` float64 Gram matrices (stages 1-2 without the solve)."""
-    return _gram(x, x, seg)[0]
+class TritonBackend(Backend):
+    """Fused Gram + PCGrad solve in one launch, the combine kernel with one or two operands."""
+
+    name = NAME
+
+    def availability(self, device: torch.device) -> str | None:
+        """None when usable on ``device``: CUDA with Triton, or CPU under TRITON_INTERPRET=1."""
+        return availability(device)
+
+    def gram(self, x, seg):
+        """``[S, T, T]`` float64 Gram matrices (stage 1 alone: one read of ``x``)."""
+        return _gram(x.contiguous(), None, seg, solve=False)[0]
+
+    def cross(self, y, x, seg):
+        """``[S, R, T]`` float64 ``Y_s X_s^T`` by the Gram kernel (no solve)."""
+        return _gram(y.contiguous(), x.contiguous(), seg)[0]
+
+    def combine(self, seg, x, a, y=None, b=None, out_dtype=None):
+        """``[R, N]`` by the combine kernel (``A``, ``B`` read through their strides)."""
+        return _combine(seg, x.contiguous(), a, None if y is None else y.contiguous(), b,
+                        out_rows=a.shape[-2], out_dtype=out_dtype)
+
+    def gram_solve(self, x, seg, order, reduction):
+        """``(G, C, W, nproj)``: the Gram launch with the PCGrad solve in its tail."""
+        return _gram(x.contiguous(), None, seg, order=order, reduction=reduction)
 
 
-def forward(x: torch.Tensor, seg: Segments, order: torch.Tensor, reduction: str):
-    """``(out, G, C, nproj)`` for contiguous ``x [T, N]``: two launches, no host sync."""
-    x = x.contiguous()
-    t = x.shape[0]
-    g, c, w, nproj = _gram(x, None, seg, order=order, reduction=reduction)
-    none = reduction == "none"
-    out = _combine(seg, x, w, out_rows=t if none else 1, flat=not none)
-    return out, g, c, nproj
-
-
-def backward(x, dout, g, order, seg: Segments, reduction: str):
-    """``dX = W^T dY + (Gbar + Gbar^T) X``; ``v = dY X^T`` by the Gram kernels."""
-    x = x.contiguous()
-    t = x.shape[0]
-    dy = (dout if reduction == "none" else dout.reshape(1, -1)).contiguous()
-    v, _, _, _ = _gram(dy, x, seg)                                   # [S, R, T] = dL/dW
-    g64 = g.to(torch.float64)
-    c, _ = solve(g64, order)                                         # tiny T x T work in torch
-    gbar = solve_vjp(g64, order, weights_vjp(v, t, reduction))
-    m = gbar + gbar.transpose(-1, -2)
-    w = weights(c, reduction)                                        # [S, R, T]
-    # out[t] = sum_k M[s, t, k] X[k] + sum_r W[s, r, t] dY[r]: W^T by swapping strides.
-    return _combine(seg, x, m, dy, w.transpose(-1, -2), out_rows=t, out_dtype=x.dtype)
+BACKEND = TritonBackend()
