@@ -105,21 +105,7 @@ def _add_train_options(p, demo=False):
                        help="mtl-lora: softmax temperature of the per-task B mixture weights (default: 0.1)")
         g.add_argument("--mtl-diagonal", action="store_true",
                        help="mtl-lora: diagonal task-specific transforms Lambda_t (r entries instead of r x r)")
-        g.add_argument("--lori-mode", default=None, choices=["merge", "joint"],
-                       help="lori: merge = one adapter per task trained alone (--max-steps each), merged into "
-                            "one (B = mean of the task B's, same frozen A) and evaluated on every task (the "
-                            "paper's recipe); joint = one shared adapter on all tasks, summed losses, takes "
-                            "--projection (default: merge)")
-        g.add_argument("--lori-task-seeds", action="store_true",
-                       help="lori merge mode: draw each task's frozen A from its own seed (--seed + task index) "
-                            "instead of one shared A; the merge then concatenates the adapters (rank T*r, the "
-                            "same sum of task updates)")
-        g.add_argument("--lori-sparsity", type=float, default=None,
-                       help="lori: fraction of the B entries masked out for LoRI-S (global magnitude mask) "
-                            "(default: 0.9)")
-        g.add_argument("--lori-dense-fraction", type=float, default=None,
-                       help="lori: fraction of the steps trained as LoRI-D (dense B) before the mask; the rest is "
-                            "LoRI-S (B restarts from 0 on the mask, fresh AdamW state and warm-up) (default: 0.5)")
+        _add_lori_arguments(g)
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--batch-size", type=int, default=16, help="examples per task per step (default: %(default)s)")
@@ -203,6 +189,56 @@ def build_parser():
     return p
 
 
+# ----------------------------------------------------------------------------- LoRI options (issue 18)
+
+def _float_list(text):
+    """argparse type: one number or a comma-separated list of numbers."""
+    try:
+        return [float(x) for x in text.split(",") if x.strip()] or None
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or comma-separated numbers, got {text!r}") from None
+
+
+def _add_lori_arguments(g):
+    """The ``--lori-*`` options of ``train`` (defaults: the authors' recipe; see method_lori)."""
+    g.add_argument("--lori-mode", default=None, choices=["merge", "joint", "continual"],
+                   help="lori: merge = one adapter per task trained alone (each with its own random A), merged "
+                        "by concatenation as the authors do (peft 'cat') and evaluated on every task; continual = "
+                        "the tasks in --tasks order trained into one adapter, each on its own mask, earlier "
+                        "tasks' entries kept, every seen task evaluated after each (forgetting table); joint = one "
+                        "shared adapter on all tasks, summed losses, takes --projection (default: merge)")
+    g.add_argument("--lori-shared-a", action="store_true", default=None,
+                   help="lori merge mode, a variant: one frozen A (from --seed) for every task instead of an "
+                        "independent one per task; the merge is then a weighted sum of the B's at rank r")
+    g.add_argument("--lori-sparsity", type=float, default=None,
+                   help="lori: fraction of the B entries masked out for LoRI-S (global magnitude mask, "
+                        "k = int((1 - s) N) kept) (default: 0.9)")
+    g.add_argument("--lori-s-steps", type=int, default=None,
+                   help="lori: LoRI-S steps after the LoRI-D budget (--max-steps/--epochs); 0 = LoRI-D only "
+                        "(default: as many as LoRI-D)")
+    g.add_argument("--lori-s-lr", type=float, default=None,
+                   help="lori: LoRI-S learning rate (default: 10 x --lr, the authors' ratio)")
+    g.add_argument("--lori-s-weight-decay", type=float, default=None,
+                   help="lori: LoRI-S AdamW weight decay (default: 0)")
+    g.add_argument("--lori-s-schedule", default=None, choices=["constant", "linear"],
+                   help="lori: LoRI-S schedule, constant or the harness's warm-up + linear decay (default: constant)")
+    g.add_argument("--lori-merge-weights-d", type=_float_list, default=None, metavar="W[,W...]",
+                   help="lori merge mode: merge weights of the LoRI-D adapters, one for all or one per task "
+                        "(default: the authors' 0.5 for 3 tasks, 0.4 for 4; min(1, 1.5/T) below, min(1, 1.6/T) above)")
+    g.add_argument("--lori-merge-weights-s", type=_float_list, default=None, metavar="W[,W...]",
+                   help="lori merge mode: merge weights of the LoRI-S adapters (default: the authors' 0.4 for 3 "
+                        "tasks, 0.3 for 4; min(1, 1.2/T) otherwise)")
+
+
+def _lori_config(a) -> dict:
+    """TrainConfig fields of the ``--lori-*`` options (absent on subcommands without them)."""
+    names = ("lori_sparsity", "lori_mode", "lori_s_steps", "lori_s_lr", "lori_s_weight_decay", "lori_s_schedule",
+             "lori_merge_weights_d", "lori_merge_weights_s")
+    out = {n: getattr(a, n, None) for n in names}
+    out["lori_shared_a"] = bool(getattr(a, "lori_shared_a", False))
+    return out
+
+
 def _config_from_args(a, **over):
     from .train import TrainConfig
 
@@ -220,8 +256,7 @@ def _config_from_args(a, **over):
         backend=getattr(a, "backend", None), log_conflicts=getattr(a, "log_conflicts", False),
         projection=getattr(a, "projection", None), mtl_num_b=getattr(a, "mtl_num_b", None),
         mtl_temperature=getattr(a, "mtl_temperature", None), mtl_diagonal=getattr(a, "mtl_diagonal", False),
-        lori_sparsity=getattr(a, "lori_sparsity", None), lori_dense_fraction=getattr(a, "lori_dense_fraction", None),
-        lori_mode=getattr(a, "lori_mode", None), lori_task_seeds=getattr(a, "lori_task_seeds", False),
+        **_lori_config(a),
         max_train_samples=a.max_train_samples,
         max_eval_samples=a.max_eval_samples, resume=getattr(a, "resume", False),
         stop_after_steps=getattr(a, "stop_after_steps", None), progress=not a.no_progress,
@@ -237,6 +272,10 @@ def _print_summary(res, out):
     from .report import load_config, run_label
 
     table = markdown_table([(run_label(out, res, load_config(out)), res)])
+    if res.get("continual"):   # lori --lori-mode continual: scores after each task, forgetting
+        from .method_lori import forgetting_table
+
+        table += "\n" + forgetting_table(res["continual"])
     print(table, end="")
     from .checkpoint import atomic_write_text
 

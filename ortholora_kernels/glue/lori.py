@@ -13,20 +13,26 @@ For a frozen linear layer y = W x + b, LoRI adds
     B  (out, r)   the only trainable matrix, zero init.
     M  (out, r)   optional fixed 0/1 mask (LoRI-S); no mask means dense B (LoRI-D).
 
-Training pipeline (the paper's two stages):
+Training pipeline (the paper's two stages, as the authors' scripts run them):
 
     apply_lori(model, target_modules, r, alpha, seed)  # LoRI-D: dense B, A frozen
     ... train ...
-    masks = lori_mask(model, sparsity=0.9)   # global magnitude top-k over ALL B's of the
-                                             # model: keep the largest 10% of |B| entries
+    masks = lori_mask(model, sparsity=0.9)   # global magnitude mask over ALL B's of the model,
+                                             # the authors' extract_mask.py rule (below)
     apply_lori_mask(model, masks)            # LoRI-S: B restarts from zero (reset_b=True)
-    ... train ...
+    ... train (a separate run in the authors' scripts: its own lr, constant schedule) ...
 
-Whether LoRI-S starts from B = 0 or from the masked LoRI-D values is not settled by what
-we could read: the reference code (juzhengz/LoRI, per its maintainer in issue #3) loads
-the masks "along with the corresponding parameters" and masks the gradients in the
-backward pass. We default to a restart from zero (lottery-ticket style, as in the same
-group's LoTA); ``reset_b=False`` keeps the LoRI-D values on the mask.
+Mask (``lori_mask``, the authors' ``get_model_mask``): k = int((1 - sparsity) * N) over the N
+B entries of the model (Python float arithmetic, so int(0.09999999999999998 * 1280) = 127),
+threshold = the k-th largest |B|, kept = |B| >= threshold. Ties at the threshold are all kept
+(more than k entries then), and with fewer than k nonzero entries the threshold is 0 and
+every entry is kept. ``exclude`` (continual learning) zeroes the scores of entries already
+taken by earlier tasks and drops them from the mask (extract_mask.py's ``& ~mask`` rule).
+
+LoRI-S restarting from B = 0 is what the authors' code does (a fresh adapter; the mask only
+zeroes gradients); ``reset_b=False`` keeps the LoRI-D values on the mask instead. The
+authors' LoRI-S run also draws a fresh random A; here LoRI-S keeps LoRI-D's A (the mask was
+chosen for it), a documented difference.
 
 Masked entries stay exactly zero: the forward uses B * M (so autograd gives them exactly
 zero gradient, and the effective weight is zero whatever the stored value), and the
@@ -39,21 +45,22 @@ carried over from LoRI-D, ``attach_lori_mask(optimizer, model)`` masks ``.grad``
 and re-zeroes the weights after every ``optimizer.step()``; ``mask_lori_grads`` /
 ``enforce_lori_mask`` do the same by hand.
 
+Continual learning (``stack_lori_task``): the adapter of the earlier tasks becomes a frozen
+buffer ``lora_B_frozen`` (its entries: ``lora_frozen_mask``) added to the forward, and B
+restarts at zero on the new task's mask: effective B = B * M + B_frozen. The earlier tasks'
+entries are never touched by any optimizer (exactly kept, whatever the weight decay).
+
 Trainable scalars per adapted module: out*r (LoRI-D); the number of kept mask entries
-(LoRI-S: about (1 - sparsity) * out*r on average, exactly
-round((1 - sparsity) * sum_modules out*r) over the model). ``count_trainable`` counts this.
+(LoRI-S). ``count_trainable`` counts this.
 
 Multi-task merging (``merge_lori``): per-task LoRI adapters trained separately are merged
-into one by the paper's concatenated merging, dW = sum_t w_t * s_t * B_t A_t:
-
-  * same A in all adapters (same seed; the default workflow here): the merge is exactly
-    one adapter of the same rank with B = sum_t w_t B_t (and mask = union of the task
-    masks; entries outside the union stay exactly zero);
-  * different A's (different seeds): A = [A_1; ...; A_T] (rank T*r) and
-    B = [w_1 B_1, ..., w_T B_T], which is the same dW.
-
-Default weights w_t = 1/T (an average; the paper treats the merge weights as a
-hyper-parameter; pass ``weights=[1.0] * T`` for a plain sum).
+into one as the authors do, peft's ``add_weighted_adapter(..., combination_type="cat")``:
+A = [w_1 s_1 A_1; ...; w_T s_T A_T], B = [B_1, ..., B_T] (rank sum_t r_t, scaling 1, peft's
+lora_alpha = new rank), i.e. dW = sum_t w_t * s_t * B_t A_t; masks are concatenated. The
+shared-A variant (every adapter has the same A) merges to the same dW at rank r:
+B = sum_t w_t (s_t / s_1) B_t, mask = union. ``default_merge_weights(T, stage)`` gives the
+authors' weights (LoRI-D 0.5 / LoRI-S 0.4 for T = 3, 0.4 / 0.3 for T = 4) and the rule for
+other T.
 
 Ortho-LoRA composition: ``lori_parameters(model)`` gives the shared trainable parameters
 (only the B's, side "B"; A is frozen and never in the projection buffer), grouped by layer
@@ -104,6 +111,9 @@ __all__ = [
     "save_lori",
     "load_lori",
     "merge_lori",
+    "default_merge_weights",
+    "official_keep_count",
+    "stack_lori_task",
     "count_trainable",
     "lori_param_count",
 ]
@@ -133,15 +143,29 @@ class LoRILinear(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, **kw))
         self.lora_mask: torch.Tensor | None
         self.register_buffer("lora_mask", None)
+        # continual learning: the earlier tasks' B (values, entries), never trained
+        self.lora_B_frozen: torch.Tensor | None
+        self.lora_frozen_mask: torch.Tensor | None
+        self.register_buffer("lora_B_frozen", None)
+        self.register_buffer("lora_frozen_mask", None)
 
     def extra_repr(self) -> str:
         mode = "LoRI-D" if self.lora_mask is None else f"LoRI-S, kept={int(self.lora_mask.sum())}"
         return f"in={self.in_features}, out={self.out_features}, r={self.r}, scaling={self.scaling}, {mode}"
 
     def effective_b(self) -> torch.Tensor:
-        """B with the sparse mask applied (B itself before the mask exists)."""
+        """B with the sparse mask applied (B itself before the mask exists), plus the
+        frozen B of earlier tasks in continual learning."""
         b = self.lora_B
-        return b if self.lora_mask is None else b * self.lora_mask.to(b.dtype)
+        b = b if self.lora_mask is None else b * self.lora_mask.to(b.dtype)
+        return b if self.lora_B_frozen is None else b + self.lora_B_frozen.to(b.dtype)
+
+    def nonzero_mask(self) -> torch.Tensor | None:
+        """The entries of the effective B that may be nonzero (mask, union with the frozen
+        entries), or None for a dense B."""
+        if self.lora_mask is None:
+            return None
+        return self.lora_mask if self.lora_frozen_mask is None else self.lora_mask | self.lora_frozen_mask
 
     def delta_weight(self) -> torch.Tensor:
         """The dense weight update ``scaling * (B * mask) @ A`` (out, in)."""
@@ -219,19 +243,40 @@ def _check_sparsity(sparsity) -> float:
     return s
 
 
+def official_keep_count(sparsity: float, n: int) -> int:
+    """The authors' number of kept entries: ``int((1 - sparsity) * n)`` in Python floats."""
+    return int((1 - _check_sparsity(sparsity)) * n)
+
+
 @torch.no_grad()
-def lori_mask(model: nn.Module, sparsity: float = 0.9) -> dict[str, torch.Tensor]:
-    """Global magnitude masks: over all B matrices of the model together keep the
-    k = round((1 - sparsity) * N) entries of largest |B| (N = total B entries; at least
-    one), exactly k even with ties (torch.topk). Uses the effective B (B * current mask).
-    Returns {module name: bool tensor of B's shape}."""
+def lori_mask(model: nn.Module, sparsity: float = 0.9, exclude: dict | None = None) -> dict[str, torch.Tensor]:
+    """Global magnitude masks over all B matrices of the model together, the authors' rule:
+    k = int((1 - sparsity) * N) (N = total B entries), threshold = the k-th largest |B|,
+    keep |B| >= threshold (ties at the threshold are all kept). Uses the effective B.
+    ``exclude`` ({module name: bool tensor}, continual learning): those entries score 0 and
+    are never kept (the authors' ``& ~mask``). Returns {module name: bool tensor of B's shape}."""
     s = _check_sparsity(sparsity)
     mods = _require(model)
-    flat = torch.cat([m.effective_b().detach().abs().float().reshape(-1).cpu() for _, m in mods])
+    scores, excl = [], []
+    for name, m in mods:
+        v = m.effective_b().detach().abs().float().reshape(-1).cpu()
+        e = torch.zeros_like(v, dtype=torch.bool)
+        if exclude is not None:
+            if name not in exclude:
+                raise ValueError(f"exclude has no mask for LoRI module {name!r}")
+            e = torch.as_tensor(exclude[name]).to("cpu", torch.bool).reshape(-1)
+            if e.numel() != v.numel():
+                raise ValueError(f"exclude[{name!r}] has {e.numel()} entries, B has {v.numel()}")
+            v = v.masked_fill(e, 0.0)
+        scores.append(v)
+        excl.append(e)
+    flat, flat_ex = torch.cat(scores), torch.cat(excl)
     n = flat.numel()
-    k = max(1, min(n, int(round((1.0 - s) * n))))
-    keep = torch.zeros(n, dtype=torch.bool)
-    keep[torch.topk(flat, k, sorted=False).indices] = True
+    k = official_keep_count(s, n)
+    if k < 1:
+        raise ValueError(f"sparsity={sparsity!r} keeps int((1 - sparsity) * {n}) = 0 of the {n} B entries")
+    threshold = torch.topk(flat, k, sorted=True).values[-1]
+    keep = (flat >= threshold) & ~flat_ex
     masks, off = {}, 0
     for name, m in mods:
         numel = m.lora_B.numel()
@@ -262,9 +307,40 @@ def apply_lori_mask(model: nn.Module, masks: dict[str, torch.Tensor], reset_b: b
 
 
 def remove_lori_mask(model: nn.Module) -> None:
-    """Back to dense B (LoRI-D); the stored values are kept."""
+    """Back to dense B (LoRI-D); the stored values are kept (a frozen continual part is
+    folded into B)."""
     for _, m in _require(model):
+        if m.lora_B_frozen is not None:
+            with torch.no_grad():
+                m.lora_B.copy_(m.effective_b())
+            m.lora_B_frozen = m.lora_frozen_mask = None
         m.lora_mask = None
+
+
+@torch.no_grad()
+def stack_lori_task(model: nn.Module, previous, masks: dict[str, torch.Tensor], reset_b: bool = True) -> None:
+    """Continual learning: freeze the adapter of the earlier tasks (``previous``: a path or
+    the dict of ``lori_state_dict``, same A as the model) as ``lora_B_frozen`` and train B
+    from zero (``reset_b``; else B keeps its values on the mask, e.g. after a resume) on the
+    new task's ``masks``. The forward then uses B * M + B_frozen."""
+    d = _load_dict(previous)
+    mods = dict(_require(model))
+    st = d["state"]
+    for name, m in mods.items():
+        if f"{name}.lora_A" not in st:
+            raise ValueError(f"previous adapter has no LoRI module {name!r}")
+        if not torch.equal(st[f"{name}.lora_A"].cpu(), m.lora_A.cpu()):
+            raise ValueError(f"{name}: the previous adapter's A differs from the model's (continual learning "
+                             "trains one adapter: same seed, same rank)")
+        if float(d["config"].get("scaling", m.scaling)) != m.scaling:
+            raise ValueError(f"{name}: the previous adapter's scaling differs from the model's")
+    apply_lori_mask(model, masks, reset_b=reset_b)
+    for name, m in mods.items():
+        b = st[f"{name}.lora_B"].to(m.lora_B.device, m.lora_B.dtype)
+        prev_mask = st.get(f"{name}.lora_mask")
+        prev_mask = (b != 0) if prev_mask is None else prev_mask.to(m.lora_B.device, torch.bool)
+        m.lora_B_frozen = (b * prev_mask.to(b.dtype)).clone()
+        m.lora_frozen_mask = prev_mask.clone()
 
 
 @torch.no_grad()
@@ -313,7 +389,8 @@ def lori_parameters(model: nn.Module) -> AdapterParams:
 
 def lori_state_dict(model: nn.Module) -> dict:
     """{"method": "lori", "config": {...}, "state": {name: tensor}} with the adapter only:
-    ``<module>.lora_A``, ``<module>.lora_B`` (masked) and ``<module>.lora_mask`` (LoRI-S)."""
+    ``<module>.lora_A``, ``<module>.lora_B`` (effective: masked, plus the frozen entries of
+    earlier tasks) and ``<module>.lora_mask`` (LoRI-S: the entries that may be nonzero)."""
     mods = _require(model)
     m0 = mods[0][1]
     cfg = dict(getattr(model, "_lori_config", {}))
@@ -324,7 +401,7 @@ def lori_state_dict(model: nn.Module) -> dict:
         state[f"{name}.lora_A"] = m.lora_A.detach().cpu().clone()
         state[f"{name}.lora_B"] = m.effective_b().detach().cpu().clone()
         if m.lora_mask is not None:
-            state[f"{name}.lora_mask"] = m.lora_mask.detach().cpu().clone()
+            state[f"{name}.lora_mask"] = m.nonzero_mask().detach().cpu().clone()
     return {"method": "lori", "config": cfg, "state": state}
 
 
@@ -366,17 +443,46 @@ def load_lori(model: nn.Module, src, freeze_base: bool = True, keep_trainable=DE
         m.lora_B.copy_(b.to(m.lora_B.device, m.lora_B.dtype))
         mask = st.get(f"{name}.lora_mask")
         m.lora_mask = None if mask is None else mask.to(device=m.lora_B.device, dtype=torch.bool).clone()
+        m.lora_B_frozen = m.lora_frozen_mask = None
         m.alpha, m.seed = float(cfg["alpha"]), int(cfg["seed"])
         m.scaling = float(cfg.get("scaling", cfg["alpha"] / cfg["r"]))
     return model
 
 
+#: the authors' merge weights (scripts/merge_3_loras.sh, merge_4_loras.sh): T -> weight per stage
+OFFICIAL_MERGE_WEIGHTS = {"lori_d": {3: 0.5, 4: 0.4}, "lori_s": {3: 0.4, 4: 0.3}}
+
+
+def default_merge_weights(num_tasks: int, stage: str) -> tuple[list[float], str]:
+    """The merge weight of every adapter for ``stage`` ("lori_d" or "lori_s") and T tasks,
+    with the rule used (a string for results.json).
+
+    T = 3 and 4: the authors' values (LoRI-D 0.5 / 0.4, LoRI-S 0.4 / 0.3). They keep the total
+    weight sum_t w_t nearly constant (LoRI-D 1.5 and 1.6, LoRI-S 1.2 and 1.2), i.e. w ~ c / T,
+    so other T hold the total of the nearest official T (c = 1.5 below T = 3, 1.6 above
+    T = 4 for LoRI-D; 1.2 for LoRI-S) and clamp at 1: a merged adapter never scales a task's
+    own update beyond its trained size (T = 1 is the unmerged adapter, T = 2 gives 0.75 / 0.6)."""
+    if stage not in OFFICIAL_MERGE_WEIGHTS:
+        raise ValueError(f"stage must be lori_d or lori_s, got stage={stage!r}")
+    if isinstance(num_tasks, bool) or not isinstance(num_tasks, int) or num_tasks < 1:
+        raise ValueError(f"num_tasks must be an integer >= 1, got num_tasks={num_tasks!r}")
+    table = OFFICIAL_MERGE_WEIGHTS[stage]
+    if num_tasks in table:
+        return [table[num_tasks]] * num_tasks, f"official (T={num_tasks})"
+    nearest = 3 if num_tasks < 3 else 4
+    total = table[nearest] * nearest
+    w = min(1.0, total / num_tasks)
+    return [w] * num_tasks, f"min(1, {total:g}/T): total weight of the official T={nearest}"
+
+
 def merge_lori(adapters: Sequence, weights: Sequence[float] | None = None) -> dict:
-    """Merge per-task LoRI adapters (paths or dicts from ``lori_state_dict``) into one:
-    dW = sum_t w_t * s_t * B_t A_t (concatenated merging; s_t the adapter's scaling).
-    Same A everywhere: B = sum_t w_t (s_t/s_1) B_t at the same rank, mask = union.
-    Otherwise A's and weighted B's are concatenated along the rank (rank = sum of ranks).
-    ``weights`` default to 1/T each. Returns an adapter dict (``load_lori``/``save``)."""
+    """Merge per-task LoRI adapters (paths or dicts from ``lori_state_dict``) into one, as
+    peft's ``add_weighted_adapter(..., combination_type="cat")`` (the authors' merge):
+    A = cat_t(w_t s_t A_t) along the rank, B = cat_t(B_t), scaling 1 (peft sets lora_alpha to
+    the new rank), so dW = sum_t w_t * s_t * B_t A_t; masks are concatenated. When every
+    adapter has the same A (the shared-A variant) the same dW is kept at rank r:
+    B = sum_t w_t (s_t / s_1) B_t, mask = union. ``weights`` default to 1/T each (callers
+    pass :func:`default_merge_weights`). Returns an adapter dict (``load_lori``/``save``)."""
     ds = [_load_dict(a) for a in adapters]
     if not ds:
         raise ValueError("adapters: need at least one LoRI adapter to merge")
@@ -391,25 +497,31 @@ def merge_lori(adapters: Sequence, weights: Sequence[float] | None = None) -> di
         if sorted(d["config"]["target_modules"]) != sorted(names):
             raise ValueError(f"adapters[{i}] adapts other modules than adapters[0]")
     s0 = float(ds[0]["config"]["scaling"])
-    same_a = all(
+    same_a = T > 1 and all(
         torch.equal(d["state"][f"{n}.lora_A"], ds[0]["state"][f"{n}.lora_A"]) for d in ds[1:] for n in names
     )
     state = {}
     for n in names:
-        bs = [w * float(d["config"]["scaling"]) / s0 * d["state"][f"{n}.lora_B"].double() for w, d in zip(weights, ds)]
         masks = [d["state"].get(f"{n}.lora_mask") for d in ds]
+        dtype_a, dtype_b = ds[0]["state"][f"{n}.lora_A"].dtype, ds[0]["state"][f"{n}.lora_B"].dtype
         if same_a:
+            bs = [w * float(d["config"]["scaling"]) / s0 * d["state"][f"{n}.lora_B"].double()
+                  for w, d in zip(weights, ds)]
             state[f"{n}.lora_A"] = ds[0]["state"][f"{n}.lora_A"].clone()
-            state[f"{n}.lora_B"] = torch.stack(bs).sum(0).to(ds[0]["state"][f"{n}.lora_B"].dtype)
+            state[f"{n}.lora_B"] = torch.stack(bs).sum(0).to(dtype_b)
             if all(m is not None for m in masks):
                 state[f"{n}.lora_mask"] = torch.stack(masks).any(0)
-        else:
-            state[f"{n}.lora_A"] = torch.cat([d["state"][f"{n}.lora_A"] for d in ds], 0)
-            state[f"{n}.lora_B"] = torch.cat(bs, 1).to(ds[0]["state"][f"{n}.lora_B"].dtype)
+        else:   # peft "cat": the weight and the scaling go into A, B is concatenated as is
+            state[f"{n}.lora_A"] = torch.cat([(w * float(d["config"]["scaling"]) * d["state"][f"{n}.lora_A"].double())
+                                              .to(dtype_a) for w, d in zip(weights, ds)], 0)
+            state[f"{n}.lora_B"] = torch.cat([d["state"][f"{n}.lora_B"] for d in ds], 1).to(dtype_b)
             if all(m is not None for m in masks):
                 state[f"{n}.lora_mask"] = torch.cat(masks, 1)
     cfg = dict(ds[0]["config"])
-    if not same_a:
-        cfg["r"] = sum(int(d["config"]["r"]) for d in ds)
-    cfg.update(scaling=s0, merged_from=T, merge_weights=weights, merge="sum_B" if same_a else "concat")
+    if same_a:
+        cfg.update(scaling=s0)
+    else:
+        r = sum(int(d["config"]["r"]) for d in ds)
+        cfg.update(r=r, alpha=float(r), scaling=1.0)
+    cfg.update(merged_from=T, merge_weights=weights, merge="sum_B" if same_a else "concat")
     return {"method": "lori", "config": cfg, "state": state}

@@ -45,8 +45,9 @@ LAZY_METHODS = {"mtl-lora": "ortholora_kernels.glue.method_mtl_lora", "lori": "o
 
 #: method-specific CLI options (dest names); a method lists those it accepts in ``options``
 METHOD_OPTIONS = ("granularity", "collect", "backend", "log_conflicts", "projection", "mtl_num_b",
-                  "mtl_temperature", "mtl_diagonal", "lori_sparsity", "lori_dense_fraction", "lori_mode",
-                  "lori_task_seeds")
+                  "mtl_temperature", "mtl_diagonal", "lori_sparsity", "lori_mode", "lori_shared_a",
+                  "lori_s_steps", "lori_s_lr", "lori_s_weight_decay", "lori_s_schedule", "lori_merge_weights_d",
+                  "lori_merge_weights_s")
 
 
 def register_method(cls):
@@ -132,8 +133,10 @@ class Method:
         return contextlib.nullcontext()
 
     def schedule_phases(self, total: int) -> list:
-        """Step counts of the training phases; each phase gets its own warm-up + linear
-        decay (LoRI: LoRI-D then LoRI-S). Default: one phase."""
+        """The training phases, from the budget ``total`` (--max-steps/--epochs): step counts
+        (own warm-up + linear decay each) or dicts ``{"steps", "lr_scale", "schedule":
+        "linear"|"constant"}``; the unit trains their sum (LoRI: LoRI-D, then LoRI-S with its
+        own budget and learning rate). Default: one phase of ``total``."""
         return [total]
 
     def step_end(self, model, step: int, optimizer) -> None:

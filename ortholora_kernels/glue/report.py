@@ -220,8 +220,10 @@ def run_label(run_dir: str, res: dict, cfg: dict | None) -> str:
         label += f" ({cfg.get('granularity') or 'ab'})"
     if cfg.get("method") == "lori" and cfg.get("lori_mode") == "joint":
         label = "lori-joint"
-    if cfg.get("method") == "lori" and cfg.get("lori_task_seeds"):
-        label += " (task seeds)"
+    if cfg.get("method") == "lori" and cfg.get("lori_mode") == "continual":
+        label = "lori-continual"
+    if cfg.get("method") == "lori" and cfg.get("lori_shared_a"):
+        label += " (shared A)"
     if cfg.get("method") in ("mtl-lora", "lori") and cfg.get("projection") not in (None, "none"):
         label += f"+ortho ({cfg['projection']}, {cfg.get('collect') or 'grouped'})"
     return label

@@ -4,8 +4,9 @@ Each step takes one batch from every task (each task cycles through its own data
 one forward pass over the concatenated multi-task batch, and hands the per-task mean
 losses to the method, which writes ``.grad`` (joint: sum; ortho: per-task gradients ->
 projection); then AdamW and a linear schedule with warm-up (restarted for every phase a
-method declares: LoRI-D, LoRI-S). Methods with ``separate_tasks`` (single; lori in merge
-mode) run this loop once per task. Evaluation of task t runs inside the method's
+method declares: LoRI-D, LoRI-S, each phase with its own learning-rate scale and schedule;
+the unit's step count is the sum of the phases). Methods with ``separate_tasks`` (single;
+lori in merge and continual mode) run this loop once per task. Evaluation of task t runs inside the method's
 ``eval_context`` (MTL-LoRA: routed through task t's adapter). Each unit's trainable
 parameter counts (adapter, heads) are summed into results.json's and config.json's
 ``params``.
@@ -72,9 +73,14 @@ class TrainConfig:
     mtl_temperature: float | None = None  # mtl-lora: softmax temperature of the B mixture (default 0.1)
     mtl_diagonal: bool = False            # mtl-lora: diagonal task transforms Lambda_t
     lori_sparsity: float | None = None    # lori: fraction of B entries masked out in LoRI-S (default 0.9)
-    lori_dense_fraction: float | None = None  # lori: fraction of the steps spent in LoRI-D (default 0.5)
-    lori_mode: str | None = None          # lori: merge (per-task adapters, merged) | joint (one shared adapter)
-    lori_task_seeds: bool = False         # lori merge: each task's frozen A from its own seed (concatenated merge)
+    lori_mode: str | None = None          # lori: merge (per-task adapters, merged) | continual | joint
+    lori_shared_a: bool = False           # lori merge: one frozen A for every task (variant; default: one A per task)
+    lori_s_steps: int | None = None       # lori: LoRI-S steps (default: as many as LoRI-D; 0: LoRI-D only)
+    lori_s_lr: float | None = None        # lori: LoRI-S learning rate (default 10 x lr)
+    lori_s_weight_decay: float | None = None  # lori: LoRI-S weight decay (default 0)
+    lori_s_schedule: str | None = None    # lori: LoRI-S schedule: constant (default) | linear
+    lori_merge_weights_d: list | None = None  # lori merge: LoRI-D merge weights (default: the authors' rule)
+    lori_merge_weights_s: list | None = None  # lori merge: LoRI-S merge weights (default: the authors' rule)
     max_train_samples: int | None = None
     max_eval_samples: int | None = None
     resume: bool = False
@@ -106,7 +112,7 @@ def validate(cfg: TrainConfig):
     except ValueError as e:
         raise TrainError(str(e)) from None
     for opt in METHOD_OPTIONS:
-        if getattr(cfg, opt) not in (None, False) and opt not in method_cls.options:
+        if getattr(cfg, opt) is not None and getattr(cfg, opt) is not False and opt not in method_cls.options:
             flag = "--" + opt.replace("_", "-")
             raise TrainError(f"{flag} applies only to methods that take it (not --method {cfg.method})")
     try:
@@ -224,8 +230,21 @@ def evaluate(model, task_index, task, enc, batch_size, pad_id, device):
 
 # ----------------------------------------------------------------------------- one run unit
 
+def _phase(p) -> dict:
+    """A phase of ``Method.schedule_phases``: a step count, or a dict with ``steps`` and
+    optionally ``lr_scale`` (times --lr, default 1) and ``schedule`` ("linear": warm-up then
+    linear decay, the default; "constant")."""
+    if isinstance(p, dict):
+        return {"steps": int(p["steps"]), "lr_scale": float(p.get("lr_scale", 1.0)),
+                "schedule": p.get("schedule", "linear")}
+    return {"steps": int(p), "lr_scale": 1.0, "schedule": "linear"}
+
+
 def _linear_schedule(optimizer, warmup_ratio, phases):
-    """Linear warm-up then linear decay, restarted at each phase (``phases``: step counts)."""
+    """Per phase (``phases``: step counts or :func:`_phase` dicts): linear warm-up then linear
+    decay, or a constant rate, times the phase's ``lr_scale``; restarted at each phase."""
+    phases = [_phase(p) for p in phases]
+
     def g(step, warmup, total):
         if step < warmup:
             return (step + 1) / max(1, warmup) if warmup else 1.0
@@ -233,9 +252,12 @@ def _linear_schedule(optimizer, warmup_ratio, phases):
 
     def f(step):
         start = 0
-        for i, n in enumerate(phases):
+        for i, ph in enumerate(phases):
+            n = ph["steps"]
             if step < start + n or i == len(phases) - 1:
-                return g(step - start, int(round(warmup_ratio * n)), n)
+                if ph["schedule"] == "constant":
+                    return ph["lr_scale"]
+                return ph["lr_scale"] * g(step - start, int(round(warmup_ratio * n)), n)
             start += n
     return torch.optim.lr_scheduler.LambdaLR(optimizer, f)
 
@@ -263,7 +285,9 @@ def _run_unit(cfg, method_cls, tasks, datas, tokenizer, unit, state, out_dir, de
     method.setup(model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = _linear_schedule(optimizer, cfg.warmup_ratio, method.schedule_phases(total))
+    phases = method.schedule_phases(total)
+    total = sum(_phase(p)["steps"] for p in phases)   # a method may add phases (LoRI-S: its own budget)
+    scheduler = _linear_schedule(optimizer, cfg.warmup_ratio, phases)
     train_enc = [encode(tokenizer, d.train, d.task, cfg.max_length) for d in datas]
     eval_enc = [{s: encode(tokenizer, e, d.task, cfg.max_length) for s, e in d.evals.items()} for d in datas]
     pad_id = tokenizer.pad_token_id
