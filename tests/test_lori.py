@@ -21,9 +21,12 @@ from ortholora_kernels.glue.lori import (  # noqa: E402
     lori_parameters,
     lori_state_dict,
     mask_lori_grads,
+    default_merge_weights,
     merge_lori,
+    official_keep_count,
     remove_lori_mask,
     save_lori,
+    stack_lori_task,
 )
 
 from models import VOCAB, tiny_bert, tiny_roberta  # noqa: E402
@@ -122,15 +125,41 @@ def test_a_gets_no_gradient_and_stays_fixed():
 # ----------------------------------------------------------------------------- masks
 
 
-@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9, 0.97])
-def test_mask_exact_global_sparsity(sparsity):
-    model = adapter(r=4)
+def authors_model_mask(model, sparsity, previous=None):
+    """Transcription of the authors' src/extract_mask.py ``get_model_mask`` (global mask over
+    every lora_B; ``previous``: their "lora_B.mask" of earlier tasks), on LoRI modules."""
+    all_params_abs = []
+    for name, m in lori_modules(model):
+        param_values = m.effective_b().detach().clone().view(-1)
+        if previous is not None:
+            param_values[previous[name].view(-1)] = 0
+        all_params_abs.append(torch.abs(param_values).cpu())
+    all_params_abs = torch.cat(all_params_abs)
+    total_num = all_params_abs.numel()
+    k = int((1 - sparsity) * total_num)
+    threshold = torch.topk(all_params_abs, k).values[-1]
+    out = {}
+    for name, m in lori_modules(model):
+        b = m.effective_b().detach().clone()
+        if previous is not None:
+            b[previous[name]] = 0
+        out[name] = torch.abs(b) >= threshold
+        if previous is not None:
+            out[name] = out[name] & ~previous[name]
+    return out
+
+
+@pytest.mark.parametrize("r,sparsity", [(4, 0.0), (4, 0.5), (4, 0.9), (4, 0.97), (10, 0.9), (3, 0.9)])
+def test_mask_is_the_authors_global_mask(r, sparsity):
+    model = adapter(r=r)
     masks = lori_mask(model, sparsity)
-    n = 2 * LAYERS * H * 4
-    k = max(1, round((1 - sparsity) * n))
-    assert sum(int(m.sum()) for m in masks.values()) == k
-    assert all(m.dtype == torch.bool and m.shape == (H, 4) for m in masks.values())
-    # the kept entries are the global top-k of |B|
+    n = 2 * LAYERS * H * r
+    k = int((1 - sparsity) * n)
+    assert official_keep_count(sparsity, n) == k
+    assert sum(int(m.sum()) for m in masks.values()) == k   # random B: no ties
+    ref = authors_model_mask(model, sparsity)
+    assert masks.keys() == ref.keys() and all(torch.equal(masks[n_], ref[n_]) for n_ in masks)
+    assert all(m.dtype == torch.bool and m.shape == (H, r) for m in masks.values())
     allb = torch.cat([m.lora_B.detach().abs().reshape(-1) for _, m in lori_modules(model)])
     kept = torch.cat([masks[name].reshape(-1) for name, _ in lori_modules(model)])
     if 0 < k < n:
@@ -139,25 +168,52 @@ def test_mask_exact_global_sparsity(sparsity):
     assert count_trainable(model, adapter_only=True) == k
 
 
+def test_mask_count_is_int_not_round():
+    # N = 1280: (1 - 0.9) * 1280 = 127.99999999999997 in floats; the authors keep 127, round() 128
+    assert official_keep_count(0.9, 1280) == 127 and round((1 - 0.9) * 1280) == 128
+    model = adapter(r=10)
+    assert sum(int(m.sum()) for m in lori_mask(model, 0.9).values()) == 127
+
+
 def test_mask_is_global_not_per_module():
     model = adapter(r=4)
     with torch.no_grad():
         lori_modules(model)[0][1].lora_B.mul_(100.0)
     masks = lori_mask(model, 0.9)
     first = lori_modules(model)[0][0]
-    # the 51 kept entries (10% of 4 modules x 128) all come from the scaled-up B (128 entries)
-    assert int(masks[first].sum()) == round(0.1 * 2 * LAYERS * H * 4)
+    # the 51 kept entries (int(0.1 x 512)) all come from the scaled-up B (128 entries)
+    assert int(masks[first].sum()) == int((1 - 0.9) * 2 * LAYERS * H * 4) == 51
     assert all(int(m.sum()) == 0 for k, m in masks.items() if k != first)
 
 
-def test_mask_exact_with_ties():
+def test_mask_ties_keep_every_entry_at_the_threshold():
+    """The authors keep |B| >= threshold: ties at the k-th value are all kept."""
     model = tiny_roberta()
     apply_lori(model, r=4, seed=0)
     with torch.no_grad():
-        for _, m in lori_modules(model):
-            m.lora_B.fill_(1.0)
-    masks = lori_mask(model, 0.9)
-    assert sum(int(m.sum()) for m in masks.values()) == round(0.1 * 2 * LAYERS * H * 4)
+        for i, (_, m) in enumerate(lori_modules(model)):
+            m.lora_B.fill_(1.0 if i < 2 else 0.5)   # 256 entries at 1.0, 256 at 0.5
+    masks = lori_mask(model, 0.9)   # k = 51: threshold 1.0, all 256 ones kept
+    assert sum(int(m.sum()) for m in masks.values()) == 256
+    ref = authors_model_mask(model, 0.9)
+    assert all(torch.equal(masks[n], ref[n]) for n in masks)
+    with torch.no_grad():
+        lori_modules(model)[0][1].lora_B[:2] = 0.0   # 248 ones, 256 halves, 8 zeros
+    masks = lori_mask(model, 0.1)   # k = int(0.9 x 512) = 460: threshold 0.5, every half kept: 504
+    assert sum(int(m.sum()) for m in masks.values()) == 504 and torch.equal(
+        masks[lori_modules(model)[0][0]], authors_model_mask(model, 0.1)[lori_modules(model)[0][0]])
+
+
+def test_mask_excludes_earlier_entries_like_the_authors():
+    model = adapter(r=4)
+    prev = lori_mask(adapter(r=4, b_seed=7), 0.9)
+    masks = lori_mask(model, 0.9, exclude=prev)
+    ref = authors_model_mask(model, 0.9, previous=prev)
+    assert all(torch.equal(masks[n], ref[n]) for n in masks)
+    assert all(not (masks[n] & prev[n]).any() for n in masks)
+    assert sum(int(m.sum()) for m in masks.values()) == 51   # k free entries (no ties)
+    with pytest.raises(ValueError, match="exclude"):
+        lori_mask(model, 0.9, exclude={})
 
 
 @pytest.mark.parametrize("reset_b", [True, False])
@@ -295,6 +351,107 @@ def test_merge_different_seeds_concatenates_rank():
         assert fresh(input_ids=x).logits.shape == (6, 2)
 
 
+def _peft_cat_merge(adapters, weights, r=4, alpha=8):
+    """peft's own add_weighted_adapter(..., combination_type="cat") on LoRA adapters holding
+    the LoRI adapters' A and (effective) B: the authors' merge."""
+    from peft import LoraConfig, get_peft_model
+
+    names = [f"t{i}" for i in range(len(adapters))]
+    model = get_peft_model(tiny_roberta(), LoraConfig(r=r, lora_alpha=alpha, target_modules=["query", "value"]),
+                           adapter_name=names[0])
+    for n in names[1:]:
+        model.add_adapter(n, LoraConfig(r=r, lora_alpha=alpha, target_modules=["query", "value"]))
+    layers = {k: m for k, m in model.named_modules() if hasattr(m, "lora_A") and names[0] in m.lora_A}
+    with torch.no_grad():
+        for n, ad in zip(names, adapters):
+            for key, layer in layers.items():
+                mod = key.split("base_model.model.", 1)[1]
+                layer.lora_A[n].weight.copy_(ad["state"][f"{mod}.lora_A"])
+                layer.lora_B[n].weight.copy_(ad["state"][f"{mod}.lora_B"])
+    model.add_weighted_adapter(names, list(weights), "merged", combination_type="cat")
+    return {key.split("base_model.model.", 1)[1]: (layer.lora_A["merged"].weight.detach(),
+                                                   layer.lora_B["merged"].weight.detach(),
+                                                   layer.get_delta_weight("merged").detach())
+            for key, layer in layers.items()}
+
+
+@pytest.mark.parametrize("sparsity", [None, 0.9])
+def test_merge_is_peft_cat_with_the_authors_weights(sparsity):
+    """Independent A per task (the default): merge_lori equals peft's "cat" merge tensor for
+    tensor (A scaled by w_t s_t, B concatenated, scaling 1) and dW = sum_t w_t s_t B_t A_t."""
+    ts = [adapter(seed=s, b_seed=10 + s, sparsity=sparsity) for s in range(3)]
+    ads = [lori_state_dict(m) for m in ts]
+    w, rule = default_merge_weights(3, "lori_s" if sparsity else "lori_d")
+    assert w == ([0.4] * 3 if sparsity else [0.5] * 3) and rule == "official (T=3)"
+    merged = merge_lori(ads, w)
+    assert merged["config"]["merge"] == "concat" and merged["config"]["r"] == 12
+    assert merged["config"]["scaling"] == 1.0 and merged["config"]["merge_weights"] == w
+    ref = _peft_cat_merge(ads, w)
+    fresh = tiny_roberta()
+    load_lori(fresh, merged)
+    dm, ds = _deltas(fresh), [_deltas(m) for m in ts]
+    for mod, (a, b, dw) in ref.items():
+        torch.testing.assert_close(merged["state"][f"{mod}.lora_A"], a)
+        torch.testing.assert_close(merged["state"][f"{mod}.lora_B"], b)
+        torch.testing.assert_close(dm[mod], dw, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(dm[mod], sum(wt * d[mod] for wt, d in zip(w, ds)), rtol=1e-5, atol=1e-6)
+        if sparsity:   # masks concatenated: the merged B keeps every task's zeros
+            mask = merged["state"][f"{mod}.lora_mask"]
+            assert mask.shape == (H, 12) and torch.all(merged["state"][f"{mod}.lora_B"][~mask] == 0)
+
+
+def test_default_merge_weights_rule():
+    assert default_merge_weights(3, "lori_d")[0] == [0.5] * 3
+    assert default_merge_weights(4, "lori_d")[0] == [0.4] * 4
+    assert default_merge_weights(3, "lori_s")[0] == [0.4] * 3
+    assert default_merge_weights(4, "lori_s")[0] == [0.3] * 4
+    # other T: the total weight of the nearest official T (1.5 / 1.6 for LoRI-D, 1.2 for LoRI-S), at most 1
+    assert default_merge_weights(1, "lori_d")[0] == [1.0] and default_merge_weights(1, "lori_s")[0] == [1.0]
+    assert default_merge_weights(2, "lori_d")[0] == [0.75] * 2
+    assert default_merge_weights(2, "lori_s")[0] == pytest.approx([0.6] * 2)
+    assert default_merge_weights(8, "lori_d")[0] == pytest.approx([0.2] * 8)
+    assert default_merge_weights(8, "lori_s")[0] == pytest.approx([0.15] * 8)
+    assert "1.6/T" in default_merge_weights(5, "lori_d")[1]
+    for bad in (0, -1, 2.0, True):
+        with pytest.raises(ValueError, match="num_tasks"):
+            default_merge_weights(bad, "lori_d")
+    with pytest.raises(ValueError, match="stage"):
+        default_merge_weights(3, "d")
+
+
+def test_stack_lori_task_keeps_earlier_entries_exactly():
+    """Continual learning: the earlier tasks' B is frozen in the forward; B trains from zero
+    on the new mask; AdamW with weight decay never touches the earlier entries."""
+    first = adapter(seed=0, b_seed=3, sparsity=0.9)
+    prev = lori_state_dict(first)
+    model = tiny_roberta().train()
+    apply_lori(model, r=4, alpha=8, seed=0)
+    randomize_b(model, 5)   # task 2's LoRI-D
+    taken = {n: prev["state"][f"{n}.lora_mask"] for n, _ in lori_modules(model)}
+    masks = lori_mask(model, 0.9, exclude=taken)
+    stack_lori_task(model, prev, masks)
+    for n, m in lori_modules(model):
+        assert torch.all(m.lora_B == 0)
+        torch.testing.assert_close(m.delta_weight(), 2.0 * prev["state"][f"{n}.lora_B"] @ m.lora_A)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-2, weight_decay=0.5)
+    for _ in range(3):
+        opt.zero_grad()
+        model(input_ids=batch(4), labels=torch.tensor([0, 1, 0, 1])).loss.backward()
+        opt.step()
+    st = lori_state_dict(model)["state"]
+    for n, m in lori_modules(model):
+        old = taken[n]
+        assert torch.equal(st[f"{n}.lora_B"][old], prev["state"][f"{n}.lora_B"][old])   # kept exactly
+        assert torch.all(st[f"{n}.lora_B"][~(old | masks[n])] == 0)
+        assert torch.equal(st[f"{n}.lora_mask"], old | masks[n])
+    assert any((m.lora_B != 0).any() for _, m in lori_modules(model))
+    assert count_trainable(model, adapter_only=True) == sum(int(v.sum()) for v in masks.values())
+    other = tiny_roberta()
+    apply_lori(other, r=4, alpha=8, seed=1)
+    with pytest.raises(ValueError, match="A differs"):
+        stack_lori_task(other, prev, masks)
+
+
 def test_merge_errors(tmp_path):
     a = lori_state_dict(adapter())
     with pytest.raises(ValueError, match="weights"):
@@ -370,7 +527,7 @@ def test_two_stage_training_tiny_roberta_with_projection():
         assert torch.isfinite(loss)
     masks = lori_mask(model, 0.9)
     apply_lori_mask(model, masks)
-    assert count_trainable(model, adapter_only=True) == round(0.1 * 2 * LAYERS * H * 4)
+    assert count_trainable(model, adapter_only=True) == int((1 - 0.9) * 2 * LAYERS * H * 4)
     params = lori_parameters(model)
     ortho = OrthoLoRA(params.layout(), num_tasks=T, collect="loop", granularity="layer", seed=0)
     attach_lori_mask(opt, model)
@@ -403,4 +560,4 @@ def test_cuda_same_a_as_cpu_and_masks():
     with torch.no_grad():
         torch.testing.assert_close(gpu(input_ids=x.cuda()).logits.cpu(), cpu(input_ids=x).logits, rtol=1e-4, atol=1e-5)
     masks = lori_mask(gpu, 0.9)
-    assert sum(int(m.sum()) for m in masks.values()) == round(0.1 * 2 * LAYERS * H * 4)
+    assert sum(int(m.sum()) for m in masks.values()) == int((1 - 0.9) * 2 * LAYERS * H * 4)
