@@ -168,7 +168,7 @@ class LoRILinear(nn.Module):
         return self.lora_mask if self.lora_frozen_mask is None else self.lora_mask | self.lora_frozen_mask
 
     def delta_weight(self) -> torch.Tensor:
-        """The dense weight update ``scaling * (B * mask) @ A`` (out, in)."""
+        """The dense weight update ``scaling * effective_b() @ A`` (out, in)."""
         return self.scaling * self.effective_b() @ self.lora_A
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -252,7 +252,8 @@ def official_keep_count(sparsity: float, n: int) -> int:
 def lori_mask(model: nn.Module, sparsity: float = 0.9, exclude: dict | None = None) -> dict[str, torch.Tensor]:
     """Global magnitude masks over all B matrices of the model together, the authors' rule:
     k = int((1 - sparsity) * N) (N = total B entries), threshold = the k-th largest |B|,
-    keep |B| >= threshold (ties at the threshold are all kept). Uses the effective B.
+    keep |B| >= threshold (ties at the threshold are all kept; with fewer than k nonzero
+    entries the threshold is 0 and every entry is kept). Uses the effective B.
     ``exclude`` ({module name: bool tensor}, continual learning): those entries score 0 and
     are never kept (the authors' ``& ~mask``). Returns {module name: bool tensor of B's shape}."""
     s = _check_sparsity(sparsity)
