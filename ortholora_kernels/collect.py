@@ -18,9 +18,11 @@ Two collectors give the same numbers (DESIGN.md section 6):
   ``nn.Linear`` modules sees exactly the dropped-out input and the scaled output gradient.
 
 Requirements of the grouped collector: every shared LoRA matrix is the weight of an
-``nn.Linear`` whose input has the batch as dimension 0, and the weight reaches the loss only
-through that linear's forward (peft LoRA and DoRA do; a weight used elsewhere, e.g. in a
-penalty term, would also get an ordinary ``.grad``: this is detected and raises).
+``nn.Linear`` whose input has the batch as dimension 0 (and the sequence as dimension 1 for
+per-token task ids ``[batch, seq]``: packed sequences). A gradient that reaches the weight
+otherwise (a regulariser or auxiliary loss on the shared weights, weight tying) and the
+gradient of rows/tokens of id -1 are not per-task: they stay in ``.grad`` and are added,
+unprojected, to the projected sum (never dropped).
 
 Where gradients go is decided when the backward runs (the routing), so the forward may run
 inside or outside :meth:`GroupedCollector.grouped`; outside any routing the patched layers
@@ -43,7 +45,9 @@ __all__ = ["per_task_mean_loss", "check_task_ids", "TaskGroups", "LoopCollector"
 
 
 def check_task_ids(task_ids, num_tasks: int) -> torch.Tensor:
-    """Validate ``task_ids`` (a 1-D integer tensor with values in ``[0, num_tasks)``).
+    """Validate ``task_ids``: an integer tensor ``[batch]`` (one id per example) or ``[batch, seq]``
+    (one id per token: packed sequences), with values in ``[0, num_tasks)`` or -1 (an example or
+    token of no task: padding, a prompt).
 
     Returns a CPU int64 copy. A CUDA tensor costs one host sync here.
     """
@@ -51,18 +55,20 @@ def check_task_ids(task_ids, num_tasks: int) -> torch.Tensor:
         if isinstance(task_ids, (list, tuple)):
             task_ids = torch.as_tensor(task_ids)
         else:
-            raise TypeError(f"task_ids: expected a 1-D LongTensor [batch], got {type(task_ids).__name__}")
-    if task_ids.dim() != 1:
-        raise ValueError(f"task_ids: expected a 1-D tensor [batch], got shape {tuple(task_ids.shape)}")
+            raise TypeError(f"task_ids: expected a LongTensor [batch] or [batch, seq], got {type(task_ids).__name__}")
+    if task_ids.dim() not in (1, 2):
+        raise ValueError(f"task_ids: expected a 1-D tensor [batch] or a 2-D tensor [batch, seq] (per-token ids), "
+                         f"got shape {tuple(task_ids.shape)}")
     if task_ids.is_floating_point() or task_ids.is_complex() or task_ids.dtype == torch.bool:
         raise TypeError(f"task_ids: expected an integer tensor, got {task_ids.dtype}")
     if task_ids.numel() == 0:
         raise ValueError("task_ids: empty batch")
     ids = task_ids.detach().to("cpu", torch.int64)
     lo, hi = int(ids.min()), int(ids.max())
-    if lo < 0 or hi >= num_tasks:
-        bad = lo if lo < 0 else hi
-        raise ValueError(f"task_ids: task id {bad} out of range [0, {num_tasks}) (num_tasks={num_tasks})")
+    if lo < -1 or hi >= num_tasks:
+        bad = lo if lo < -1 else hi
+        raise ValueError(f"task_ids: task id {bad} out of range [0, {num_tasks}) (num_tasks={num_tasks}; "
+                         "-1 marks an example or token of no task)")
     return ids
 
 
@@ -76,23 +82,31 @@ def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 def per_task_mean_loss(per_example_loss: torch.Tensor, task_ids: torch.Tensor, num_tasks: int,
                        counts: torch.Tensor | None = None) -> torch.Tensor:
-    """``[T]`` mean loss of each task over its examples in the batch (0 for an absent task).
+    """``[T]`` mean loss of each task over its examples (or tokens) in the batch (0 for an absent task).
 
-    ``per_example_loss`` is ``[batch]``; ``task_ids`` is ``[batch]``. ``.sum()`` of the result
-    is the loss whose one backward the grouped collector splits into the per-task gradients
-    of the loop method. ``counts`` (``[T]``, optional) replaces the local per-task example
-    counts as denominators, e.g. :func:`ortholora_kernels.integrations.distributed.global_task_counts`
-    so that data-parallel ranks with unequal per-task counts reproduce the union-batch mean.
+    ``per_example_loss`` and ``task_ids`` have the same shape: ``[batch]`` (per-example losses
+    and ids) or ``[batch, seq]`` (per-token losses and ids of packed sequences: task t's loss
+    is the mean over its tokens). Entries with id -1 (padding, prompts, tokens of no task)
+    are left out. ``.sum()`` of the result is the loss whose one backward the grouped
+    collector splits into the per-task gradients of the loop method. ``counts`` (``[T]``,
+    optional) replaces the local per-task counts as denominators, e.g.
+    :func:`ortholora_kernels.integrations.distributed.global_task_counts` so that
+    data-parallel ranks with unequal per-task counts reproduce the union-batch mean.
     No host sync.
     """
-    if not isinstance(per_example_loss, torch.Tensor) or per_example_loss.dim() != 1 \
+    if not isinstance(per_example_loss, torch.Tensor) or per_example_loss.dim() not in (1, 2) \
             or per_example_loss.shape != task_ids.shape:
         got = tuple(per_example_loss.shape) if isinstance(per_example_loss, torch.Tensor) else type(per_example_loss).__name__
-        raise ValueError(f"per_example_loss: expected shape [batch] = {tuple(task_ids.shape)}, got {got}")
-    ids = _to_device(task_ids, per_example_loss.device).long()
-    sums = per_example_loss.new_zeros(num_tasks).index_add(0, ids, per_example_loss)
+        raise ValueError(f"per_example_loss: expected the shape of task_ids ([batch] or [batch, seq]) = "
+                         f"{tuple(task_ids.shape)}, got {got}")
+    loss = per_example_loss.reshape(-1)
+    ids = _to_device(task_ids, per_example_loss.device).long().reshape(-1)
+    # id -1 goes to an extra bin T that is dropped (no boolean indexing: no host sync)
+    ids = torch.where(ids < 0, torch.full_like(ids, num_tasks), ids)
+    sums = loss.new_zeros(num_tasks + 1).index_add(0, ids, loss)[:num_tasks]
     if counts is None:  # not torch.bincount: on CUDA it reads the max id back to the host
-        counts = torch.zeros(num_tasks, dtype=torch.int64, device=ids.device).index_add_(0, ids, torch.ones_like(ids))
+        counts = torch.zeros(num_tasks + 1, dtype=torch.int64, device=ids.device).index_add_(
+            0, ids, torch.ones_like(ids))[:num_tasks]
     elif counts.shape != (num_tasks,):
         raise ValueError(f"counts: expected shape [num_tasks] = [{num_tasks}], got {tuple(counts.shape)}")
     counts = _to_device(counts, per_example_loss.device).to(per_example_loss.dtype)
@@ -100,20 +114,29 @@ def per_task_mean_loss(per_example_loss: torch.Tensor, task_ids: torch.Tensor, n
 
 
 class TaskGroups:
-    """Which rows of the batch belong to which task; built once per ``record``.
+    """Which rows (examples, or tokens for ``[batch, seq]`` ids) belong to which task; built once
+    per ``record``.
 
-    When the batch is sorted by task (the usual concatenation of per-task batches) each
-    task is a slice and nothing is copied; otherwise rows are gathered per task.
+    When the rows are sorted by task (the usual concatenation of per-task batches) each task is
+    a slice and nothing is copied; otherwise rows are gathered per task. Rows with id -1 form
+    :attr:`unassigned` (None when there are none).
     """
 
     def __init__(self, task_ids: torch.Tensor, num_tasks: int):
         ids = check_task_ids(task_ids, num_tasks)
-        self.batch_size = ids.numel()
-        self.counts = torch.bincount(ids, minlength=num_tasks).tolist()
+        self.shape = tuple(ids.shape)       # [batch] or [batch, seq]
+        self.batch_size = ids.shape[0]
+        ids = ids.reshape(-1)
+        self.num_rows = ids.numel()
+        self.counts = torch.bincount(ids + 1, minlength=num_tasks + 1)[1:].tolist()
+        n_none = self.num_rows - sum(self.counts)
         self.sorted = bool((ids[1:] >= ids[:-1]).all()) if ids.numel() > 1 else True
         self.groups: list[tuple[int, object]] = []
+        self.unassigned = None
         if self.sorted:
-            start = 0
+            start = n_none                  # the -1 rows come first
+            if n_none:
+                self.unassigned = slice(0, n_none)
             for t, c in enumerate(self.counts):
                 if c:
                     self.groups.append((t, slice(start, start + c)))
@@ -122,9 +145,22 @@ class TaskGroups:
             for t, c in enumerate(self.counts):
                 if c:
                     self.groups.append((t, (ids == t).nonzero().squeeze(1)))
+            if n_none:
+                self.unassigned = (ids < 0).nonzero().squeeze(1)
         # Sorted with every task present and the same count: one batched product per layer.
-        self.uniform = self.sorted and len(set(self.counts)) == 1
+        self.uniform = self.sorted and n_none == 0 and len(set(self.counts)) == 1
         self._on_device: dict = {}
+
+    def rows(self, x: torch.Tensor, what: str) -> torch.Tensor:
+        """``x`` (a LoRA layer input or output gradient) with the id dimensions flattened into
+        dimension 0, so that :meth:`select` picks examples or tokens."""
+        k = len(self.shape)
+        if x.dim() <= k or tuple(x.shape[:k]) != self.shape:
+            raise RuntimeError(
+                f"task_ids: has shape {list(self.shape)} but the LoRA layer {what} saw an input of shape "
+                f"{tuple(x.shape)}; the batch (and, for per-token ids, the sequence) must lead every LoRA input"
+            )
+        return x.flatten(0, k - 1) if k > 1 else x
 
     def select(self, sel, x: torch.Tensor) -> torch.Tensor:
         """Rows ``sel`` (a slice or an index tensor from :attr:`groups`) of ``x`` along dimension 0."""
@@ -153,12 +189,18 @@ class LoopCollector:
 
     @contextlib.contextmanager
     def task(self, t: int):
-        """Context: the LoRA ``.grad`` produced inside is added into task ``t``'s buffer row, then cleared."""
+        """Context: the LoRA ``.grad`` produced inside is added into task ``t``'s buffer row.
+
+        A ``.grad`` present before the context (zeros from ``zero_grad(set_to_none=False)``, or
+        a gradient of a backward outside any context) is set aside and put back afterwards, so
+        :meth:`OrthoLoRA.project_` adds the projected sum to it: it is never lost.
+        """
         buf = self._get_buffer()
         if self._active:
             raise RuntimeError("task: contexts do not nest")
         params = self.layout.params
-        for p in params:  # .grad now would be a leftover from before: not this task's
+        before = [p.grad for p in params]
+        for p in params:
             p.grad = None
         self._active = True
         try:
@@ -169,8 +211,8 @@ class LoopCollector:
                     v.add_(p.grad)
         finally:
             self._active = False
-            for p in params:
-                p.grad = None
+            for p, g in zip(params, before):
+                p.grad = g
 
     def remove(self):
         """Nothing to undo (the loop collector patches nothing)."""
@@ -307,24 +349,27 @@ class GroupedCollector:
             raise RuntimeError("record/task: contexts do not nest")
         self._get_buffer()
         params = self.layout.params
-        had_grad = [p.grad is not None for p in params]
+        before = [p.grad for p in params]
+        for p in params:
+            p.grad = None
         self._route = route
         try:
             yield
         finally:
             self._route = None
-        # A LoRA weight used outside its nn.Linear (DoRA's weight norm, weight tying, a
-        # functional call) gets an ordinary .grad that the per-task rows would miss.
-        leaked = [e.name for e, p, h in zip(self.layout.entries, params, had_grad) if not h and p.grad is not None]
-        if leaked:
-            raise RuntimeError(
-                f"collect: 'grouped' saw ordinary gradients on {leaked[:3]}{'...' if len(leaked) > 3 else ''}: "
-                "the weight is also used outside its nn.Linear forward (e.g. DoRA, weight tying), so its "
-                "per-task gradients would be incomplete. Use collect='loop'."
-            )
+            # Whatever reached .grad inside is not per-task: a weight used outside its
+            # nn.Linear (a regulariser, an auxiliary loss on the shared weights, weight tying)
+            # or the tokens of no task (id -1). It stays in .grad (added to what was there
+            # before), and project_ adds the projected sum to it: kept, not projected.
+            for p, g in zip(params, before):
+                if g is not None:
+                    if p.grad is not None:
+                        g.add_(p.grad.to(g.dtype))
+                    p.grad = g
 
     def grouped(self, task_ids):
-        """Context: backward passes inside split LoRA gradients by ``task_ids`` ``[batch]``."""
+        """Context: backward passes inside split LoRA gradients by ``task_ids`` (``[batch]``, or
+        ``[batch, seq]`` per-token ids; rows of id -1 give an ordinary, unprojected ``.grad``)."""
         return self._routing(("grouped", TaskGroups(task_ids, self.num_tasks)))
 
     def task(self, t: int):
@@ -333,22 +378,18 @@ class GroupedCollector:
 
     def _weight_grad(self, index: int, x: torch.Tensor, dy: torch.Tensor, w: torch.Tensor):
         route = self._route
-        x2 = x.reshape(-1, x.shape[-1])
-        dy2 = dy.reshape(-1, dy.shape[-1])
         if route is None:  # ordinary gradient
+            dy2, x2 = dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1])
             return dy2.t().mm(x2.to(dy2.dtype)).to(w.dtype)
         views = self._row_views()[index]
         kind, arg = route
         if kind == "task":
-            _accumulate(views[arg], dy2, x2)
+            _accumulate(views[arg], dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1]))
             return None
         groups: TaskGroups = arg
-        if x.dim() < 2 or x.shape[0] != groups.batch_size:
-            raise RuntimeError(
-                f"task_ids: has {groups.batch_size} entries but the LoRA layer "
-                f"{self.layout.entries[index].name} saw an input of shape {tuple(x.shape)}; the batch "
-                "must be dimension 0 of every LoRA input"
-            )
+        name = self.layout.entries[index].name
+        x, dy = groups.rows(x, name), groups.rows(dy, name)
+        x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
         allv = views
         if groups.uniform and dy2.dtype == allv.dtype and x2.dtype == allv.dtype:
             t = self.num_tasks  # rows of task k are the k-th contiguous block of the batch
@@ -358,4 +399,10 @@ class GroupedCollector:
             xs = groups.select(sel, x)
             ds = groups.select(sel, dy)
             _accumulate(views[t], ds.reshape(-1, ds.shape[-1]), xs.reshape(-1, xs.shape[-1]))
+        if groups.unassigned is not None:
+            # rows of no task (id -1): their part is the ordinary (unprojected) gradient
+            xs = groups.select(groups.unassigned, x)
+            ds = groups.select(groups.unassigned, dy)
+            ds2, xs2 = ds.reshape(-1, ds.shape[-1]), xs.reshape(-1, xs.shape[-1])
+            return ds2.t().mm(xs2.to(ds2.dtype)).to(w.dtype)
         return None

@@ -13,6 +13,13 @@ Works with any optimizer and scheduler (it only sets ``.grad``), gradient accumu
 ``GradScaler`` (projection is scale-invariant and NaN/Inf pass through to the scaler),
 ``clip_grad_norm_`` after ``project_``, and ``torch.distributed`` (the per-task buffer is
 all-reduced before projecting; see :mod:`ortholora_kernels.integrations.distributed`).
+
+No gradient is lost: ``project_`` ADDS the projected sum to the LoRA ``.grad`` (None or zeros
+after ``optimizer.zero_grad()``, so it is the projected sum in a usual loop). A gradient that
+reaches a LoRA weight inside ``record`` without being per-task (a regulariser or auxiliary loss
+on the shared weights, tokens of task id -1) stays in ``.grad``: it is added, NOT projected.
+Under ``torch.distributed`` that part is not averaged over ranks (a regulariser of the shared
+weights is the same on every rank; an auxiliary loss on local data is this rank's own).
 """
 from __future__ import annotations
 
@@ -100,6 +107,7 @@ class OrthoLoRA:
         self._buffer: torch.Tensor | None = None
         self._generator: torch.Generator | None = None
         self._pending = False
+        self._removed = False
         if collect == "grouped":
             self._collector = GroupedCollector(layout, num_tasks, self._get_buffer)
         else:
@@ -128,6 +136,11 @@ class OrthoLoRA:
             self._buffer.zero_()
         self._pending = False
 
+    def _check_live(self, what: str) -> None:
+        if self._removed:
+            raise RuntimeError(f"{what}: this OrthoLoRA was removed (remove() or the end of its with-block); "
+                               "build a new OrthoLoRA on the model to collect and project again")
+
     def _check_task(self, t) -> int:
         if isinstance(t, torch.Tensor) and t.numel() == 1 and not t.is_floating_point():
             t = int(t)
@@ -142,11 +155,20 @@ class OrthoLoRA:
     def record(self, task_ids: torch.Tensor):
         """Context for ONE backward of ``sum_t mean-loss_t`` over a concatenated batch.
 
-        ``task_ids`` is the ``[batch]`` task id of every example (a CPU tensor avoids a
-        host sync). Needs ``collect="grouped"``. The forward may run inside or before the
-        context; the backward must run inside. May be entered once per micro-batch:
-        gradients accumulate until :meth:`project_`.
+        ``task_ids`` is the ``[batch]`` task id of every example, or ``[batch, seq]`` the task
+        id of every token (packed sequences: several documents of different tasks in one
+        row; each task's weight gradient is then computed from its own tokens only, which
+        equals the loop method when documents do not attend to each other). Id -1 marks an
+        example or token of no task (padding, a prompt): its gradient goes to ``.grad``
+        unprojected. A CPU tensor avoids a host sync. Needs ``collect="grouped"``. The
+        forward may run inside or before the context; the backward must run inside. May be
+        entered once per micro-batch: gradients accumulate until :meth:`project_`.
+
+        A gradient reaching a LoRA weight other than through its ``nn.Linear`` (an L2
+        regulariser, an auxiliary loss on the shared weights) is kept in ``.grad`` and added
+        to the projected sum by :meth:`project_`: it is not projected.
         """
+        self._check_live("record")
         if self.collect != "grouped":
             raise RuntimeError("record: needs collect='grouped'; with collect='loop' use task(t) or backward(task_losses)")
         with self._collector.grouped(task_ids):
@@ -155,7 +177,12 @@ class OrthoLoRA:
 
     @contextlib.contextmanager
     def task(self, t: int):
-        """Context for the backward pass(es) of task ``t`` alone (separate per-task passes)."""
+        """Context for the backward pass(es) of task ``t`` alone (separate per-task passes).
+
+        Every LoRA gradient produced inside is task ``t``'s (a regulariser backward inside
+        counts as task ``t``'s and is projected); a ``.grad`` present before is kept.
+        """
+        self._check_live("task")
         t = self._check_task(t)
         with self._collector.task(t):
             yield self
@@ -166,6 +193,7 @@ class OrthoLoRA:
 
         ``task_losses`` holds T scalar losses (a task absent from the batch may be ``None``).
         """
+        self._check_live("backward")
         if isinstance(task_losses, torch.Tensor):
             if task_losses.dim() != 1:
                 raise ValueError(f"task_losses: expected T scalar losses, got a tensor of shape {tuple(task_losses.shape)}")
@@ -204,13 +232,16 @@ class OrthoLoRA:
         """Project the accumulated per-task gradients, write them to the LoRA ``.grad``, reset.
 
         Under ``torch.distributed`` the buffer is first all-reduced (sum) and divided by the
-        world size, matching DDP's gradient averaging. Each LoRA parameter's ``.grad`` is SET
-        (not added) to its slice of the projected sum; other parameters are untouched. NaN/Inf
-        in the buffer propagate into ``.grad`` (so ``GradScaler`` skips the step).
+        world size, matching DDP's gradient averaging. Each LoRA parameter's slice of the
+        projected sum is ADDED to its ``.grad`` (set when ``.grad`` is None): what is already
+        there (the non-per-task part collected inside ``record``, a backward outside any
+        context) is kept, unprojected. Other parameters are untouched. NaN/Inf in the buffer
+        propagate into ``.grad`` (so ``GradScaler`` skips the step).
 
         Returns the :class:`ProjectionResult` (device tensors, no host sync), also kept in
         :attr:`last_stats`.
         """
+        self._check_live("project_")
         if self._buffer is None or not self._pending:
             raise RuntimeError("project_: no task gradients recorded since the last project_ "
                                "(run a backward inside record(...) / task(t), or backward(task_losses))")
@@ -225,45 +256,107 @@ class OrthoLoRA:
                       backend=self.backend, return_stats=True)
         out = res.output
         for p, v in zip(self.layout.params, self.layout.views(out)):
-            p.grad = v if v.dtype == p.dtype else v.to(p.dtype)
+            if p.grad is None:
+                p.grad = v if v.dtype == p.dtype else v.to(p.dtype)
+            else:
+                p.grad.add_(v.to(p.grad.dtype))
         buf.zero_()
         self._pending = False
         self.last_stats = res
         self.num_steps += 1
         return res
 
+    def signature(self) -> dict:
+        """What a state must match to be loaded: parameter names and shapes, T, granularity, collect."""
+        return {"names": list(self.layout.names), "shapes": [list(e.shape) for e in self.layout.entries],
+                "num_tasks": self.num_tasks, "granularity": self.granularity, "collect": self.collect}
+
     def state_dict(self) -> dict:
-        """Step count and the order generator's state (for resuming a run bit-exactly)."""
+        """Step count, the order generator's state (for resuming a run bit-exactly) and the
+        layout :meth:`signature`. Tensors and plain types only (``torch.load(weights_only=True)``)."""
         gen = self._generator
         return {"num_steps": self.num_steps, "seed": self.seed,
-                "generator": gen.get_state() if gen is not None else None}
+                "generator": gen.get_state() if gen is not None else None, "signature": self.signature()}
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore :meth:`state_dict` (the generator is created on the parameters' device)."""
+        """Restore :meth:`state_dict` (the generator is created on the parameters' device).
+
+        Raises:
+            ValueError: the state was saved for another layout (names the difference), or
+                carries no signature.
+        """
+        if not isinstance(state, dict) or "num_steps" not in state:
+            raise ValueError("state: expected a dict from OrthoLoRA.state_dict()")
+        sig = state.get("signature")
+        if sig is None:
+            raise ValueError("state: no layout signature (not written by OrthoLoRA.state_dict() of this version); "
+                             "refusing to load a state that cannot be checked against this model")
+        mine = self.signature()
+        for key in ("num_tasks", "granularity", "collect"):
+            if sig.get(key) != mine[key]:
+                raise ValueError(f"state: saved with {key}={sig.get(key)!r}, this OrthoLoRA has {key}={mine[key]!r}")
+        names, shapes = list(sig.get("names", [])), [list(x) for x in sig.get("shapes", [])]
+        if names != mine["names"]:
+            extra = [n for n in names if n not in mine["names"]]
+            missing = [n for n in mine["names"] if n not in names]
+            raise ValueError(f"state: saved for other LoRA parameters ({len(names)} vs {len(mine['names'])}); "
+                             f"only in the state: {extra[:3]}, only in this model: {missing[:3]}"
+                             + ("" if extra or missing else " (same names, another order)"))
+        for n, a, b in zip(names, shapes, mine["shapes"]):
+            if a != b:
+                raise ValueError(f"state: parameter {n} had shape {a}, here {b} (another LoRA rank?)")
         self.num_steps = int(state["num_steps"])
         if state.get("generator") is not None:
+            if self.seed is None:
+                raise ValueError("state: carries an order generator but this OrthoLoRA has seed=None")
             self._get_generator(self.layout.device).set_state(state["generator"])
 
-    def stats_dict(self, prefix: str = "ortho/") -> dict[str, float]:
-        """The last step's conflict fraction and mean cosine per segment as floats (a host sync)."""
+    def stats_dict(self, prefix: str = "ortho/", *, per_task: bool = True,
+                   task_names: Sequence[str] | None = None) -> dict[str, float]:
+        """The last step's statistics as floats, keyed for TensorBoard / W&B (a host sync).
+
+        Per segment ``s``: ``{prefix}conflict_fraction/s``, ``{prefix}mean_cosine/s`` and
+        ``{prefix}tasks_present/s`` (over the tasks present in the step: a task whose gradient
+        is all zeros is left out), and with ``per_task``: ``{prefix}grad_norm/s/<task>`` (the
+        unprojected task gradient's norm) and ``{prefix}cosine/s/<task_i>~<task_j>`` (i < j,
+        the pairwise cosine matrix's upper triangle; 0 when a task is absent). ``task_names``
+        (T strings) name the tasks; default ``task0``, ``task1``, ...
+        """
         s = self.last_stats
         if s is None:
             return {}
+        t = s.num_tasks
+        names = [f"task{i}" for i in range(t)] if task_names is None else [str(n) for n in task_names]
+        if len(names) != t:
+            raise ValueError(f"task_names: expected {t} names (num_tasks), got {len(names)}")
         cf = s.conflict_fraction.tolist()
         mc = s.mean_cosine.tolist()
+        npres = s.present.sum(-1).tolist()
         out = {}
-        for name, a, b in zip(self.segment_names, cf, mc):
+        for name, a, b, k in zip(self.segment_names, cf, mc, npres):
             out[f"{prefix}conflict_fraction/{name}"] = a
             out[f"{prefix}mean_cosine/{name}"] = b
+            out[f"{prefix}tasks_present/{name}"] = float(k)
+        if per_task:
+            norms = s.grad_norm.tolist()
+            cos = s.cosine.tolist()
+            for si, seg in enumerate(self.segment_names):
+                for i in range(t):
+                    out[f"{prefix}grad_norm/{seg}/{names[i]}"] = norms[si][i]
+                for i in range(t):
+                    for j in range(i + 1, t):
+                        out[f"{prefix}cosine/{seg}/{names[i]}~{names[j]}"] = cos[si][i][j]
         return out
 
     def remove(self) -> None:
         """Undo the forward patches of the grouped collector (the model is plain peft again).
 
         An OrthoLoRA that is garbage-collected without ``remove()`` leaves patched layers that
-        behave as plain linear layers, and a new OrthoLoRA may patch them again.
+        behave as plain linear layers, and a new OrthoLoRA may patch them again. After
+        ``remove()``, ``record``/``task``/``backward``/``project_`` raise.
         """
         self._collector.remove()
+        self._removed = True
 
     def __enter__(self) -> "OrthoLoRA":
         return self

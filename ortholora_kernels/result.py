@@ -46,6 +46,22 @@ class ProjectionResult:
         return torch.where(denom > 0, g / torch.where(denom > 0, denom, torch.ones_like(denom)), torch.zeros_like(g))
 
     @cached_property
+    def present(self) -> torch.Tensor:
+        """``[S, T]`` bool: the task's gradient is not all zeros in the segment (the task took
+        part in the step). The pair statistics below count only pairs of present tasks."""
+        return torch.diagonal(self.gram, dim1=-2, dim2=-1) > 0
+
+    @cached_property
+    def grad_norm(self) -> torch.Tensor:
+        """``[S, T]`` norm of each task's original (unprojected) gradient per segment."""
+        return torch.diagonal(self.gram.to(torch.float64), dim1=-2, dim2=-1).clamp_min(0).sqrt()
+
+    def _pairs(self, ordered: bool) -> torch.Tensor:
+        k = self.present.sum(-1).to(torch.float32)
+        n = k * (k - 1) / (1 if ordered else 2)
+        return n.clamp_min(1)
+
+    @cached_property
     def conflicts(self) -> torch.Tensor:
         """``[S]`` number of unordered task pairs whose original gradients conflict (dot < 0)."""
         t = self.num_tasks
@@ -54,20 +70,20 @@ class ProjectionResult:
 
     @cached_property
     def conflict_fraction(self) -> torch.Tensor:
-        """``[S]`` fraction of unordered task pairs in conflict (0 when T = 1)."""
-        pairs = max(self.num_tasks * (self.num_tasks - 1) // 2, 1)
-        return self.conflicts.to(torch.float32) / pairs
+        """``[S]`` fraction of unordered pairs of present tasks in conflict (0 when fewer than 2
+        tasks are present)."""
+        return self.conflicts.to(torch.float32) / self._pairs(False)
 
     @cached_property
     def projection_fraction(self) -> torch.Tensor:
-        """``[S]`` projections performed over the T(T-1) ordered pairs visited (0 when T = 1)."""
-        visits = max(self.num_tasks * (self.num_tasks - 1), 1)
-        return self.num_projections.to(torch.float32) / visits
+        """``[S]`` projections performed over the ordered pairs of present tasks (0 when fewer
+        than 2 tasks are present)."""
+        return self.num_projections.to(torch.float32) / self._pairs(True)
 
     @cached_property
     def mean_cosine(self) -> torch.Tensor:
-        """``[S]`` mean cosine similarity over unordered task pairs (0 when T = 1)."""
+        """``[S]`` mean cosine similarity over unordered pairs of present tasks (0 when fewer
+        than 2 tasks are present)."""
         t = self.num_tasks
         upper = torch.triu(torch.ones(t, t, dtype=torch.bool, device=self.gram.device), diagonal=1)
-        pairs = max(t * (t - 1) // 2, 1)
-        return (self.cosine * upper).sum(dim=(-2, -1)) / pairs
+        return (self.cosine * upper).sum(dim=(-2, -1)) / self._pairs(False).to(torch.float64)

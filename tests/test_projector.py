@@ -47,7 +47,8 @@ def test_project_sets_grad_to_projected_buffer_and_resets():
         torch.testing.assert_close(res.mean_cosine[s], cos[iu[0], iu[1]].mean(), rtol=1e-6, atol=1e-9)
         assert math.isclose(float(res.conflict_fraction[s]), float((cos[iu[0], iu[1]] < 0).float().mean()))
     d = ortho.stats_dict()
-    assert len(d) == 8 and all(isinstance(v, float) for v in d.values())
+    assert len(d) == 4 * (3 + T + T * (T - 1) // 2) and all(isinstance(v, float) for v in d.values())
+    assert len(ortho.stats_dict(per_task=False)) == 4 * 3
     with pytest.raises(RuntimeError, match="project_"):
         ortho.project_()  # nothing recorded since
     ortho.remove()

@@ -41,12 +41,35 @@ def test_cosine_and_conflict_fraction():
     cos = r.cosine[0]
     torch.testing.assert_close(cos[0, 1], torch.tensor(-1 / 2 ** 0.5, dtype=torch.float64))
     assert cos[2].abs().sum() == 0                   # a zero task has cosine 0, not NaN
-    assert r.conflicts.tolist() == [1]               # only (0, 1) conflicts among 3 pairs
-    torch.testing.assert_close(r.conflict_fraction, torch.tensor([1 / 3]))
-    # task 0 and task 1 each project once against the other
+    assert r.conflicts.tolist() == [1]               # only (0, 1) conflicts
+    # task 2 (all zeros: absent from the step) is left out of the pair counts
+    assert r.present.tolist() == [[True, True, False]]
+    torch.testing.assert_close(r.conflict_fraction, torch.tensor([1.0]))
+    # task 0 and task 1 each project once against the other: 2 of the 2 ordered present pairs
     assert r.num_projections.tolist() == [2]
-    torch.testing.assert_close(r.projection_fraction, torch.tensor([2 / 6]))
-    torch.testing.assert_close(r.mean_cosine, torch.tensor([-1 / 2 ** 0.5 / 3], dtype=torch.float64))
+    torch.testing.assert_close(r.projection_fraction, torch.tensor([1.0]))
+    torch.testing.assert_close(r.mean_cosine, torch.tensor([-1 / 2 ** 0.5], dtype=torch.float64))
+    torch.testing.assert_close(r.grad_norm, torch.tensor([[1.0, 2 ** 0.5, 0.0]], dtype=torch.float64))
+
+
+def test_pair_statistics_over_present_tasks_match_a_direct_count():
+    """Random gradients with some all-zero tasks: the statistics equal those of the present
+    tasks alone (every pair of present tasks counted once)."""
+    g = torch.Generator().manual_seed(5)
+    for t, absent in [(4, [1]), (5, [0, 3]), (3, [0, 1, 2]), (3, [2, 0])]:
+        x = torch.randn(t, 30, generator=g, dtype=torch.float64)
+        x[absent] = 0
+        r = ok.project(x, [0, 10, 30], backend="torch", return_stats=True)
+        keep = [i for i in range(t) if i not in absent]
+        for s, (lo, hi) in enumerate([(0, 10), (10, 30)]):
+            y = x[keep, lo:hi]
+            pairs = [(i, j) for i in range(len(keep)) for j in range(i + 1, len(keep))]
+            cos = [float(torch.nn.functional.cosine_similarity(y[i], y[j], dim=0)) for i, j in pairs]
+            want_cf = sum(c < 0 for c in cos) / max(len(pairs), 1)
+            want_mc = sum(cos) / max(len(pairs), 1)
+            assert abs(float(r.conflict_fraction[s]) - want_cf) < 1e-6
+            assert abs(float(r.mean_cosine[s]) - want_mc) < 1e-9
+            assert int(r.present[s].sum()) == len(keep)
 
 
 def test_stats_stay_on_device_as_tensors(backend):
