@@ -59,8 +59,8 @@ def global_task_counts(task_ids: torch.Tensor, num_tasks: int, group=None, devic
     gradient of ``sum_t loss_t`` equals the gradient of the per-task means over the union batch
     whatever the per-rank counts. (With gloo the tensor is reduced on the CPU.)
     """
-    ids = task_ids.to(device or task_ids.device, torch.int64)
-    counts = torch.bincount(ids, minlength=num_tasks)[:num_tasks].to(torch.float64)
+    ids = task_ids.to(device or task_ids.device, torch.int64).reshape(-1)  # [batch] or per-token [batch, seq]
+    counts = torch.bincount(ids + 1, minlength=num_tasks + 1)[1:num_tasks + 1].to(torch.float64)  # id -1: no task
     w = _world(group)
     if w > 1:
         dist.all_reduce(counts, op=dist.ReduceOp.SUM, group=group)
