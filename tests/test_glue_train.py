@@ -41,6 +41,8 @@ def test_resume_matches_uninterrupted_run(tmp_path, synth, collect, capsys):
     assert main(args + ["--out", part, "--stop-after-steps", "4"]) == 0
     assert "stopped after step 4" in capsys.readouterr().err
     assert not json.loads((Path(part) / "results.json").read_text())["finished"]
+    state = torch.load(Path(part) / ckpt.LATEST, weights_only=True)  # tensors and plain types only
+    assert state["step"] == 4 and isinstance(state["rng"]["numpy"]["keys"], torch.Tensor)
     assert main(args + ["--out", part, "--resume"]) == 0
     a, ra = _metrics(full)
     b, rb = _metrics(part)
@@ -60,6 +62,42 @@ def test_resume_refuses_changed_options(tmp_path, synth, capsys):
     capsys.readouterr()
     assert main(args + ["--resume", "--lr", "1e-3"]) == 2
     assert "options differ" in capsys.readouterr().err
+
+
+_EXECUTED = []
+
+
+def _payload(x):
+    _EXECUTED.append(x)
+    return {"step": 0}
+
+
+class _Evil:
+    """Unpickling this calls ``_payload``: what a hostile checkpoint would do with os.system."""
+
+    def __reduce__(self):
+        return (_payload, ("ran",))
+
+
+def test_checkpoint_with_a_pickled_callable_is_refused(tmp_path, synth, capsys):
+    path = str(tmp_path / ckpt.LATEST)
+    torch.save({"config": {}, "evil": _Evil()}, path)
+    with pytest.raises(ckpt.UnsafeCheckpointError, match="refusing to unpickle"):
+        ckpt.load(path)
+    args = ["train", *FAST, "--data-dir", synth, "--tasks", "sst2", "--method", "joint", "--max-steps", "2",
+            "--out", str(tmp_path), "--no-plots", "--resume"]
+    assert main(args) == 2
+    assert "refusing to unpickle" in capsys.readouterr().err
+    assert _EXECUTED == []  # the payload never ran
+    # the RNG state round-trips through a weights_only file
+    ckpt.seed_everything(3)
+    ckpt.atomic_save({"rng": ckpt.rng_state()}, path)
+    import random
+
+    import numpy as np
+    want = (random.random(), float(np.random.rand()), float(torch.rand(1)))
+    ckpt.set_rng_state(ckpt.load(path)["rng"])
+    assert (random.random(), float(np.random.rand()), float(torch.rand(1))) == want
 
 
 def test_single_resumes_across_task_units(tmp_path, synth):

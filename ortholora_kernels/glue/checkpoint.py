@@ -3,7 +3,8 @@
 :func:`atomic_save` writes to a temporary file in the destination directory, flushes and
 fsyncs it, then ``os.replace``s it over the destination (atomic on POSIX) and fsyncs the
 directory: a crash at any point leaves either the previous checkpoint or the new one,
-never a torn file. :func:`atomic_write_text` does the same for JSON reports.
+never a torn file. :func:`atomic_write_text` does the same for JSON reports. Checkpoints hold
+tensors and plain types only and are read with ``torch.load(weights_only=True)`` (:func:`load`).
 """
 from __future__ import annotations
 
@@ -72,21 +73,52 @@ def atomic_save(obj, path: str) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
+class UnsafeCheckpointError(ValueError):
+    """A checkpoint holds Python objects beyond tensors and plain types: not unpickled."""
+
+
 def load(path: str):
-    """Load a checkpoint written by :func:`atomic_save` (onto the CPU)."""
-    return torch.load(path, map_location="cpu", weights_only=False)
+    """Load a checkpoint written by :func:`atomic_save` (onto the CPU), with
+    ``torch.load(weights_only=True)``: only tensors and plain Python types are read, so a
+    run directory written by someone else cannot execute code through a pickle.
+
+    Raises:
+        UnsafeCheckpointError: the file holds other objects (e.g. a pickled callable).
+    """
+    return safe_load(path)
+
+
+def safe_load(path: str, map_location="cpu"):
+    """``torch.load(path, weights_only=True)`` with a clear error for a file that needs more
+    than tensors and plain types (shared by the harness and the Trainer integration)."""
+    import pickle
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise UnsafeCheckpointError(
+            f"checkpoint: {path} holds Python objects other than tensors and plain types; refusing to "
+            f"unpickle it (torch.load weights_only=True). Checkpoints written by this package never do: "
+            f"this file was written by something else. Details: {str(e).splitlines()[0]}") from None
 
 
 def rng_state() -> dict:
-    """Python, numpy, torch (and CUDA) RNG states."""
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+    """Python, numpy, torch (and CUDA) RNG states as tensors and plain types (loadable with
+    ``torch.load(weights_only=True)``)."""
+    version, words, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"python": {"version": version, "state": torch.tensor(words, dtype=torch.int64), "gauss": gauss},
+            "numpy": {"kind": str(kind), "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+            "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
 
 def set_rng_state(s: dict) -> None:
     """Restore :func:`rng_state`."""
-    random.setstate(s["python"])
-    np.random.set_state(s["numpy"])
+    py, nps = s["python"], s["numpy"]
+    random.setstate((py["version"], tuple(py["state"].tolist()), py["gauss"]))
+    np.random.set_state((nps["kind"], nps["keys"].numpy().astype(np.uint32), nps["pos"], nps["has_gauss"],
+                         nps["cached_gaussian"]))
     torch.set_rng_state(s["torch"])
     if s.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(s["cuda"])
