@@ -20,5 +20,6 @@ __version__ = "0.1.0"
 from .collect import per_task_mean_loss
 from .layout import LoRALayout
 from .projector import OrthoLoRA
+from .pcgrad import PCGrad   # Pytorch-PCGrad's API over OrthoLoRA (the compatibility path)
 
-__all__ += ["LoRALayout", "OrthoLoRA", "per_task_mean_loss"]
+__all__ += ["LoRALayout", "OrthoLoRA", "per_task_mean_loss", "PCGrad"]

@@ -130,6 +130,11 @@ class OrthoLoRA:
             self._buffer = self.layout.new_buffer(self.num_tasks, self.buffer_dtype, self.layout.device)
         return self._buffer
 
+    @property
+    def pending(self) -> bool:
+        """Whether task gradients were recorded since the last :meth:`project_`."""
+        return self._pending
+
     def zero_grad(self) -> None:
         """Clear the accumulated per-task gradients (``project_`` does this by itself)."""
         if self._buffer is not None:

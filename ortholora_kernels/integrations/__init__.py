@@ -1,4 +1,4 @@
-"""Integrations: Hugging Face ``Trainer`` and ``torch.distributed``.
+"""Integrations: Hugging Face ``Trainer``, PyTorch Lightning and ``torch.distributed``.
 
 Names are imported lazily so that ``import ortholora_kernels`` needs neither transformers
 nor an initialised process group:
@@ -6,6 +6,7 @@ nor an initialised process group:
     OrthoLoRATrainer, MultiTaskCollator, OrthoLoRAArguments   (trainer.py, needs transformers)
     all_reduce_task_grads, all_reduce_grads, exclude_from_ddp, broadcast_params,
     global_task_counts                                        (distributed.py)
+    OrthoLoRACallback                                         (lightning.py, needs lightning)
 """
 from __future__ import annotations
 
@@ -14,11 +15,13 @@ import importlib
 _NAMES = {
     "OrthoLoRATrainer": "trainer",
     "MultiTaskCollator": "trainer",
+    "ORTHO_STATE_NAME": "trainer",
     "all_reduce_task_grads": "distributed",
     "all_reduce_grads": "distributed",
     "exclude_from_ddp": "distributed",
     "broadcast_params": "distributed",
     "global_task_counts": "distributed",
+    "OrthoLoRACallback": "lightning",
 }
 
 __all__ = list(_NAMES)

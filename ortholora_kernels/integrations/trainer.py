@@ -22,7 +22,12 @@ What changes against ``Trainer``:
   costs one small device-to-host copy per micro-batch;
 * the task ids column (``task_ids_key``, default "task_ids"; the collator also accepts
   "task_id" per row) is kept by ``remove_unused_columns`` and is not passed to the model
-  unless ``pass_task_ids=True`` (models with per-task heads).
+  unless ``pass_task_ids=True`` (models with per-task heads); an override of
+  :meth:`~OrthoLoRATrainer.per_example_loss` that takes a ``task_ids`` argument receives them
+  (mixed classification / regression heads: see the README's per-task heads recipe);
+* every checkpoint also holds ``ortholora_state.pt`` (the projection-order generator, the
+  step count, the layout signature; loadable with ``torch.load(weights_only=True)``), restored
+  by ``train(resume_from_checkpoint=...)``: a resumed run is bit-exact with an uninterrupted one.
 
 Distributed (``torchrun`` / accelerate DDP): OrthoLoRA is built before accelerate wraps the
 model, so DDP leaves the LoRA parameters alone and the per-task buffer is all-reduced
@@ -30,6 +35,9 @@ before projecting (see :mod:`.distributed` for the loss normalisation across ran
 """
 from __future__ import annotations
 
+import inspect
+import os
+import warnings
 from typing import Any, Sequence
 
 import torch
@@ -40,7 +48,10 @@ from transformers.data.data_collator import default_data_collator
 from ..collect import per_task_mean_loss
 from ..projector import OrthoLoRA
 
-__all__ = ["OrthoLoRATrainer", "MultiTaskCollator"]
+__all__ = ["OrthoLoRATrainer", "MultiTaskCollator", "ORTHO_STATE_NAME"]
+
+#: the file in each Trainer checkpoint folder that holds :meth:`OrthoLoRA.state_dict`
+ORTHO_STATE_NAME = "ortholora_state.pt"
 
 
 class MultiTaskCollator:
@@ -116,6 +127,10 @@ class OrthoLoRATrainer(Trainer):
                                reduction=ortho_reduction, seed=seed, backend=ortho_backend, adapter_name=adapter_name)
         # The loss is ours (per-task means): let the Trainer divide it by the accumulation steps.
         self.model_accepts_loss_kwargs = False
+        # an override written as per_example_loss(outputs, labels, task_ids) gets the task ids
+        params = inspect.signature(self.per_example_loss).parameters
+        self._loss_takes_task_ids = "task_ids" in params or any(
+            p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 
     # ------------------------------------------------------------------ columns
     def _set_signature_columns_if_needed(self):
@@ -125,9 +140,13 @@ class OrthoLoRATrainer(Trainer):
                 self._signature_columns.append(k)
 
     # ------------------------------------------------------------------ loss
-    def per_example_loss(self, outputs, labels: torch.Tensor) -> torch.Tensor:
+    def per_example_loss(self, outputs, labels: torch.Tensor, task_ids: torch.Tensor | None = None) -> torch.Tensor:
         """``[batch]`` losses from the model outputs: cross-entropy (mean over tokens for
-        token-level logits, ignoring label -100), or MSE for a single regression output."""
+        token-level logits, ignoring label -100), or MSE for a single regression output.
+
+        Override it for other losses; an override with a ``task_ids`` parameter receives the
+        ``[batch]`` task ids (e.g. cross-entropy for some tasks, MSE for others); the default
+        ignores them."""
         logits = outputs["logits"] if isinstance(outputs, dict) or hasattr(outputs, "keys") else outputs
         if isinstance(logits, (tuple, list)):
             logits = logits[0]
@@ -160,7 +179,10 @@ class OrthoLoRATrainer(Trainer):
         if labels is None:
             raise ValueError("inputs: OrthoLoRATrainer needs 'labels' in the batch")
         outputs = model(**model_inputs)
-        per_ex = self.per_example_loss(outputs, labels)
+        if self._loss_takes_task_ids:
+            per_ex = self.per_example_loss(outputs, labels, task_ids=task_ids.to(labels.device))
+        else:
+            per_ex = self.per_example_loss(outputs, labels)
         loss = per_task_mean_loss(per_ex, task_ids.to(per_ex.device), self.num_tasks).sum()
         return (loss, outputs) if return_outputs else loss
 
@@ -191,6 +213,28 @@ class OrthoLoRATrainer(Trainer):
                 loss_t = super().training_step(model, sub, num_items_in_batch)
             total = loss_t if total is None else total + loss_t
         return total
+
+    # ------------------------------------------------------------------ checkpoints
+    def _save_rng_state(self, output_dir: str) -> None:
+        """Also writes the OrthoLoRA state (order generator, step count, layout signature)."""
+        super()._save_rng_state(output_dir)
+        if self.args.should_save:
+            from ..glue.checkpoint import atomic_save
+            atomic_save(self.ortho.state_dict(), os.path.join(output_dir, ORTHO_STATE_NAME))
+
+    def _load_rng_state(self, checkpoint: str | None) -> None:
+        """Also restores the OrthoLoRA state of the checkpoint (refused if its layout differs)."""
+        super()._load_rng_state(checkpoint)
+        if checkpoint is None:
+            return
+        path = os.path.join(checkpoint, ORTHO_STATE_NAME)
+        if not os.path.isfile(path):
+            warnings.warn(f"resume_from_checkpoint: {checkpoint} has no {ORTHO_STATE_NAME} (not written by "
+                          "OrthoLoRATrainer?): the projection orders restart from the seed, so the resumed run "
+                          "is not bit-exact", stacklevel=2)
+            return
+        from ..glue.checkpoint import safe_load
+        self.ortho.load_state_dict(safe_load(path))
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         """Evaluation: as ``Trainer``; the task ids only reach the model with ``pass_task_ids``."""
