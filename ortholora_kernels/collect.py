@@ -348,24 +348,16 @@ class GroupedCollector:
         if self._route is not None:
             raise RuntimeError("record/task: contexts do not nest")
         self._get_buffer()
-        params = self.layout.params
-        before = [p.grad for p in params]
-        for p in params:
-            p.grad = None
+        # .grad is left alone: the routed weight gradients never reach it, so whatever
+        # accumulates there inside is not per-task (a weight used outside its nn.Linear: a
+        # regulariser, an auxiliary loss on the shared weights, weight tying; rows of task id
+        # -1). It adds to what was there (a zero_grad inside the context works as usual), and
+        # project_ adds the projected sum to it: kept, not projected.
         self._route = route
         try:
             yield
         finally:
             self._route = None
-            # Whatever reached .grad inside is not per-task: a weight used outside its
-            # nn.Linear (a regulariser, an auxiliary loss on the shared weights, weight tying)
-            # or the tokens of no task (id -1). It stays in .grad (added to what was there
-            # before), and project_ adds the projected sum to it: kept, not projected.
-            for p, g in zip(params, before):
-                if g is not None:
-                    if p.grad is not None:
-                        g.add_(p.grad.to(g.dtype))
-                    p.grad = g
 
     def grouped(self, task_ids):
         """Context: backward passes inside split LoRA gradients by ``task_ids`` (``[batch]``, or
