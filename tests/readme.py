@@ -9,17 +9,25 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 
 def readme_block(heading: str) -> str:
     """The first ```python block under the README heading ``heading`` (exact title)."""
-    text = README.read_text(encoding="utf-8")
-    m = re.search(rf"^#+ {re.escape(heading)}\s*$", text, flags=re.M)
-    if m is None:
-        raise KeyError(f"README has no heading {heading!r}")
-    rest = text[m.end():]
-    nxt = re.search(r"^#+ ", rest, flags=re.M)
-    section = rest[:nxt.start()] if nxt else rest
-    code = re.search(r"```python\n(.*?)```", section, flags=re.S)
-    if code is None:
-        raise KeyError(f"README section {heading!r} has no python block")
-    return code.group(1)
+    lines = README.read_text(encoding="utf-8").splitlines()
+    in_section, fence, block = False, None, []
+    for line in lines:
+        if fence is None and re.match(r"#+ ", line):       # a heading (outside code)
+            if in_section:
+                break
+            in_section = re.fullmatch(rf"#+ {re.escape(heading)}\s*", line) is not None
+            continue
+        if line.startswith("```"):
+            if fence is None:
+                fence = line[3:].strip()
+                continue
+            if in_section and fence == "python":
+                return "\n".join(block) + "\n"
+            fence, block = None, []
+            continue
+        if fence == "python" and in_section:
+            block.append(line)
+    raise KeyError(f"README has no python block under the heading {heading!r}")
 
 
 def run_readme_block(heading: str) -> dict:

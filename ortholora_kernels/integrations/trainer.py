@@ -118,6 +118,8 @@ class OrthoLoRATrainer(Trainer):
                  adapter_name: str = "default", task_ids_key: str = "task_ids", pass_task_ids: bool = False,
                  log_ortho_stats: bool = True, **kwargs):
         super().__init__(*args, **kwargs)
+        if not self.label_names:  # a model whose forward takes no labels (e.g. per-task heads): the loss needs them
+            self.label_names = ["labels"]
         self.task_ids_key = task_ids_key
         self.pass_task_ids = pass_task_ids
         self.log_ortho_stats = log_ortho_stats
@@ -135,7 +137,7 @@ class OrthoLoRATrainer(Trainer):
     # ------------------------------------------------------------------ columns
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
-        for k in (self.task_ids_key, "task_id", "task_ids"):
+        for k in (self.task_ids_key, "task_id", "task_ids", "labels"):
             if k not in self._signature_columns:
                 self._signature_columns.append(k)
 
