@@ -193,7 +193,8 @@ class LoopCollector:
 
         A ``.grad`` present before the context (zeros from ``zero_grad(set_to_none=False)``, or
         a gradient of a backward outside any context) is set aside and put back afterwards, so
-        :meth:`OrthoLoRA.project_` adds the projected sum to it: it is never lost.
+        :meth:`OrthoLoRA.project_` adds the projected sum to it: it is never lost. (So zero the
+        gradients before collecting, not inside this context.)
         """
         buf = self._get_buffer()
         if self._active:

@@ -184,8 +184,11 @@ class OrthoLoRA:
     def task(self, t: int):
         """Context for the backward pass(es) of task ``t`` alone (separate per-task passes).
 
-        Every LoRA gradient produced inside is task ``t``'s (a regulariser backward inside
-        counts as task ``t``'s and is projected); a ``.grad`` present before is kept.
+        With ``collect="loop"`` every LoRA gradient produced inside is task ``t``'s (a
+        regulariser backward inside counts as task ``t``'s and is projected); with
+        ``collect="grouped"`` what flows through the LoRA ``nn.Linear`` forwards is task ``t``'s
+        and any other gradient stays in ``.grad``, unprojected, as in :meth:`record`. A
+        ``.grad`` present before is kept.
         """
         self._check_live("task")
         t = self._check_task(t)
