@@ -15,8 +15,10 @@ What changes against ``Trainer``:
   ``"loop"``: one forward and backward per task in the batch) over every micro-batch of
   gradient accumulation, and projected once per optimizer step, right after the last
   micro-batch's backward: before gradient clipping, AMP unscaling and ``optimizer.step``;
-* every logging step adds ``ortho/conflict_fraction/<segment>`` and
-  ``ortho/mean_cosine/<segment>`` (one host sync per logging step); besides, on a GPU the
+* every logging step adds :meth:`OrthoLoRA.stats_dict`: ``ortho/conflict_fraction/<segment>``,
+  ``ortho/mean_cosine/<segment>``, ``ortho/tasks_present/<segment>``, the per-task
+  ``ortho/grad_norm/<segment>/<task>`` and pairwise ``ortho/cosine/<segment>/<task_i>~<task_j>``
+  (one host sync per logging step; ``log_ortho_stats="summary"`` keeps the first three); besides, on a GPU the
   dataloader has already moved the batch's ``task_ids`` to the device, so reading them (the
   grouped collector needs the per-task row counts on the host; the loop splits the batch)
   costs one small device-to-host copy per micro-batch;
@@ -107,7 +109,9 @@ class OrthoLoRATrainer(Trainer):
         adapter_name: the peft adapter (default "default").
         task_ids_key: the batch key of the task ids (default "task_ids").
         pass_task_ids: also pass the task ids to the model's forward (per-task heads).
-        log_ortho_stats: add conflict fraction / mean cosine per segment to the logs.
+        log_ortho_stats: add the projection statistics to the logs (True: with per-task
+            norms and pairwise cosines; "summary": conflict fraction, mean cosine and tasks
+            present per segment; False: none).
 
     Attributes:
         ortho: the :class:`~ortholora_kernels.OrthoLoRA` (``ortho.last_stats`` per step).
@@ -116,12 +120,14 @@ class OrthoLoRATrainer(Trainer):
     def __init__(self, *args, num_tasks: int, ortho_granularity: str = "ab", ortho_collect: str = "grouped",
                  ortho_reduction: str = "sum", ortho_seed: int | None = None, ortho_backend: str | None = None,
                  adapter_name: str = "default", task_ids_key: str = "task_ids", pass_task_ids: bool = False,
-                 log_ortho_stats: bool = True, **kwargs):
+                 log_ortho_stats: bool | str = True, **kwargs):
         super().__init__(*args, **kwargs)
         if not self.label_names:  # a model whose forward takes no labels (e.g. per-task heads): the loss needs them
             self.label_names = ["labels"]
         self.task_ids_key = task_ids_key
         self.pass_task_ids = pass_task_ids
+        if log_ortho_stats not in (True, False, "summary"):
+            raise ValueError(f"log_ortho_stats: expected True, False or 'summary', got {log_ortho_stats!r}")
         self.log_ortho_stats = log_ortho_stats
         self.num_tasks = num_tasks
         seed = self.args.seed if ortho_seed is None else ortho_seed
@@ -247,5 +253,5 @@ class OrthoLoRATrainer(Trainer):
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         """Adds the last projection's per-segment conflict fraction and mean cosine."""
         if self.log_ortho_stats and self.ortho.last_stats is not None and "loss" in logs:
-            logs = {**logs, **self.ortho.stats_dict()}
+            logs = {**logs, **self.ortho.stats_dict(per_task=self.log_ortho_stats != "summary")}
         super().log(logs, *args, **kwargs)
