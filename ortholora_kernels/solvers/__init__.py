@@ -1,0 +1,1 @@
+"""The solve stage of every aggregator (filled in below)."""

@@ -1,0 +1,28 @@
+"""UPGrad (Quinton & Rey, "Jacobian Descent for Multi-Objective Optimization", 2024).
+
+Each task gradient, weighted by ``u_i`` (the preference vector, default 1/T), is projected
+onto the dual cone of all task gradients, and the projections are summed. In weights:
+``w = sum_i v_i`` with ``v_i = argmin v^T G' v  s.t.  v >= u_i e_i`` and
+``G' = G / trace(G) + reg_eps I`` (TorchJD 0.18's UPGradWeighting with its default
+QuadprogProjector(norm_eps=1e-4, reg_eps=1e-4)). The T quadratic programs of every segment
+are solved at once by :func:`._lcp.box_qp` (exact active set; fixed iterations).
+"""
+from __future__ import annotations
+
+import torch
+
+from ._common import check_iters, check_nonneg, pref
+from ._lcp import box_qp, normalize, regularize
+
+
+def weights(gram: torch.Tensor, *, pref_vector=None, norm_eps: float = 1e-4, reg_eps: float = 1e-4,
+            iters: int | None = None) -> torch.Tensor:
+    """``[S, T]`` UPGrad weights from float64 Gram matrices ``[S, T, T]``."""
+    norm_eps = check_nonneg("norm_eps", norm_eps, "upgrad")
+    reg_eps = check_nonneg("reg_eps", reg_eps, "upgrad")
+    iters = check_iters(iters, "upgrad") or gram.shape[-1] + 2
+    u = pref(pref_vector, gram, "mean", "upgrad")
+    g = regularize(normalize(gram, norm_eps), reg_eps)
+    lower = torch.diag_embed(u).expand(*gram.shape[:-2], -1, -1)           # problem i: u_i e_i
+    v = box_qp(g.unsqueeze(-3), torch.zeros_like(lower), lower, iters)    # [S, T, T]
+    return v.sum(-2)
