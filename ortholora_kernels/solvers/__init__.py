@@ -1,1 +1,64 @@
-"""The solve stage of every aggregator (filled in below)."""
+"""The solve stage of every Gram-based aggregator: float64 Gram ``[S, T, T]`` -> weights ``[S, T]``.
+
+One small module per method, each a pure torch function batched over segments, on the
+device of the Gram, with a fixed amount of work (no ``.item()``, no data-dependent Python
+control flow): closed forms where they exist (sum, mean, imtlg, alignedmtl, config),
+fixed-iteration exact active-set solvers for the quadratic programs (upgrad, dualproj,
+mgda, cagrad), fixed-iteration Newton for the root problems (nashmtl, fairgrad). pcgrad
+returns coefficients ``[S, T, T]`` (:mod:`.pcgrad`); gradvac needs state across steps
+(:mod:`.gradvac`, used by :class:`ortholora_kernels.GradVac`).
+
+Each definition follows TorchJD 0.18's aggregator of the same name (see each module for
+the differences in the solver, never in the definition).
+"""
+from __future__ import annotations
+
+import importlib
+import inspect
+
+import torch
+
+#: methods whose solve is ``weights(gram, **options) -> [S, T]``.
+WEIGHTINGS = ("upgrad", "dualproj", "mgda", "cagrad", "imtlg", "alignedmtl", "config", "nashmtl",
+              "fairgrad", "sum", "mean")
+#: every method accepted by ``aggregate`` (pcgrad: the projection op; gradvac: stateful).
+METHODS = ("pcgrad",) + WEIGHTINGS + ("gradvac",)
+
+
+def check_method(method) -> str:
+    """Validate ``method`` and return it."""
+    if method not in METHODS:
+        raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
+    return method
+
+
+def module(method: str):
+    """The solve module of ``method``."""
+    return importlib.import_module(f"{__name__}.{check_method(method)}")
+
+
+def option_names(method: str) -> tuple[str, ...]:
+    """The keyword options of ``method``'s solve (e.g. ``("c", "norm_eps", "iters")`` for cagrad)."""
+    if method == "pcgrad":
+        return ()
+    if method == "gradvac":
+        return ("beta", "eps")
+    params = inspect.signature(module(method).weights).parameters
+    return tuple(n for n, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY)
+
+
+def check_options(method: str, options: dict) -> dict:
+    """Raise a TypeError naming any option ``method`` does not take; return ``options``."""
+    allowed = option_names(method)
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise TypeError(f"method={method!r} has no option {unknown[0]!r}; its options are {allowed or 'none'}")
+    return options
+
+
+def weights(method: str, gram: torch.Tensor, **options) -> torch.Tensor:
+    """``[S, T]`` weights of a weighting ``method`` for float64 Gram matrices ``[S, T, T]``."""
+    if method not in WEIGHTINGS:
+        raise ValueError(f"method: {method!r} has no stateless weighting; expected one of {WEIGHTINGS}")
+    check_options(method, options)
+    return module(method).weights(gram.to(torch.float64), **options)
