@@ -31,11 +31,13 @@ def _step(gram, diag, coeffs, j, tasks):
     return g_j, inner, safe, valid, coef
 
 
-def solve(gram: torch.Tensor, order: torch.Tensor, *, history: list | None = None):
+def solve(gram: torch.Tensor, order: torch.Tensor, *, history: list | None = None,
+          allowed: torch.Tensor | None = None):
     """Return ``(C [S, T, T], num_projections [S] int32)`` for Gram ``[S, T, T]``.
 
     ``history``, when a list, receives the coefficient matrix before every step (for
-    :func:`solve_vjp`).
+    :func:`solve_vjp`). ``allowed``, a bool ``[S, T, T]``, restricts the projections to the
+    pairs ``(i, j)`` where it is True (conflict detection on smoothed Gram entries).
     """
     s, t, _ = gram.shape
     coeffs = torch.eye(t, dtype=gram.dtype, device=gram.device).expand(s, t, t)
@@ -47,6 +49,9 @@ def solve(gram: torch.Tensor, order: torch.Tensor, *, history: list | None = Non
         if history is not None:
             history.append(coeffs)
         _, inner, _, valid, coef = _step(gram, diag, coeffs, j, tasks)
+        if allowed is not None:
+            valid = valid & allowed.gather(-1, j.unsqueeze(-1)).squeeze(-1)
+            coef = torch.where(valid, coef, torch.zeros_like(coef))
         coeffs = coeffs.scatter_add(-1, j.unsqueeze(-1), -coef.unsqueeze(-1))
         nproj = nproj + (valid & (inner < 0)).sum(dim=-1, dtype=torch.int32)
     return coeffs, nproj
