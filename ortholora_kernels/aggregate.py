@@ -47,32 +47,38 @@ class AggregationResult(ProjectionResult):
 
 # ---- the backends' two memory passes (Gram, combine) --------------------------------------
 
+_ORDERS: dict = {}
+
+
 def _gram(name: str, x: torch.Tensor, seg) -> torch.Tensor:
-    """``[S, T, T]`` float64 Gram matrices by backend ``name``."""
+    """``[S, T, T]`` float64 Gram matrices by backend ``name``.
+
+    native: the Gram of the fused ``ortholora_C::project`` call (the extension has no
+    Gram-only entry; its ``cross`` takes float64 products and is ~3x slower on CPU than
+    the fused call, solve and combine included), with a fixed order (its solve is unused).
+    """
     if name == "native":
         from .backends import native_impl
         if native_impl.availability(x.device) is None:
-            return native_impl._ops().cross(x, x, list(seg.offsets))
+            s, t = seg.num_segments, x.shape[0]
+            key = (s, t, x.device)
+            order = _ORDERS.get(key)
+            if order is None:
+                order = _ORDERS[key] = torch.arange(t, device=x.device).expand(s, t, t).contiguous()
+            return native_impl.forward(x, seg, order, "sum")[1]
         name = "torch"
     return backends.get(name).gram(x, seg)
 
 
 def _combine(name: str, w: torch.Tensor, x: torch.Tensor, seg) -> torch.Tensor:
-    """``[R, N]`` = per segment ``W_s X_s`` for ``w [S, R, T]`` (float64), in the dtype of ``x``."""
-    r = w.shape[1]
-    if name == "native":
-        from .backends import native_impl
-        if native_impl.availability(x.device) is None:
-            # backward_combine computes W'^T dY + M X': with dY = X, W' = W^T and a zero
-            # [R, N] X' (M = 0) it is the combine W X (the zero rows cost 1/T of a pass).
-            zeros = x.new_zeros((r, x.shape[1]))
-            m = torch.zeros((w.shape[0], r, r), dtype=torch.float64, device=x.device)
-            return native_impl._ops().backward_combine(x, zeros, w.transpose(-1, -2).contiguous(), m,
-                                                       list(seg.offsets))
-        name = "torch"
+    """``[R, N]`` = per segment ``W_s X_s`` for ``w [S, R, T]`` (float64), in the dtype of ``x``.
+
+    triton: its combine kernel; otherwise torch's per-segment matmul (one pass over ``x``,
+    fp32 accumulation or better; on CPU it beats the extension's ``backward_combine``).
+    """
     if name == "triton":
         from .backends import triton_impl
-        return triton_impl._combine(seg, x, w.contiguous(), out_rows=r)
+        return triton_impl._combine(seg, x, w.contiguous(), out_rows=w.shape[1])
     return backends.get("torch").combine(w, x, seg)
 
 
@@ -145,6 +151,14 @@ def aggregate(grads, segments=None, *, method="pcgrad", reduction="sum", order=N
         return project(grads, segments, order=order, generator=generator, reduction=reduction,
                        backend=backend, return_stats=return_stats, check_finite=check_finite)
     x, reduction, seg, name = _prepare(grads, segments, reduction, backend, check_finite, method)
+    if method in ("sum", "mean") and not return_stats:
+        # Fixed weights: no Gram pass (one pass over grads, like a plain sum).
+        t = x.shape[0]
+        w = torch.full((seg.num_segments, 1, t), 1.0 if method == "sum" else 1.0 / t,
+                       dtype=torch.float64, device=x.device)
+        w = reduce_weights(torch.diag_embed(w[:, 0]), reduction)
+        out = _combine(name, w, x, seg)
+        return out if reduction == "none" else out[0]
     gram = _gram(name, x, seg)
     w = solvers.weights(method, gram, **options)
     nproj = torch.zeros(seg.num_segments, dtype=torch.int32, device=x.device)

@@ -11,14 +11,14 @@ system ``G v = lam 1 + mu``, ``mu >= 0``, ``v >= 1/T`` (complementary to ``mu``)
 affine in ``lam``, so each iteration takes one active-set step (as :func:`._lcp.box_qp`) and
 solves the quadratic in ``lam`` exactly: one batched ``T x T`` solve with two right-hand sides.
 Once the active set is right the answer is exact (to rounding); fixed ``iters`` (default
-T + 4), keeping the iterate with the smallest KKT residual.
+``T // 4 + 5``), keeping the iterate with the smallest KKT residual.
 """
 from __future__ import annotations
 
 import torch
 
 from ._common import check_iters, check_nonneg
-from ._lcp import eye_like, normalize
+from ._lcp import default_iters, eye_like, normalize
 
 
 def weights(gram: torch.Tensor, *, c: float = 0.5, norm_eps: float = 1e-4, iters: int | None = None) -> torch.Tensor:
@@ -26,7 +26,7 @@ def weights(gram: torch.Tensor, *, c: float = 0.5, norm_eps: float = 1e-4, iters
     c = check_nonneg("c", c, "cagrad")
     norm_eps = check_nonneg("norm_eps", norm_eps, "cagrad")
     t = gram.shape[-1]
-    iters = check_iters(iters, "cagrad") or t + 4
+    iters = check_iters(iters, "cagrad") or default_iters(t) + 1
     g = normalize(gram, norm_eps)
     dead = torch.diagonal(g, dim1=-2, dim2=-1).sum(-1, keepdim=True) <= 0      # TorchJD: zero weights
     ubar = torch.full(gram.shape[:-1], 1.0 / t, dtype=gram.dtype, device=gram.device)

@@ -12,13 +12,13 @@ from __future__ import annotations
 import torch
 
 from ._common import check_iters, check_nonneg
-from ._lcp import box_qp, normalize, regularize
+from ._lcp import box_qp, default_iters, normalize, regularize
 
 
 def weights(gram: torch.Tensor, *, reg_eps: float = 1e-12, iters: int | None = None) -> torch.Tensor:
     """``[S, T]`` MGDA weights (on the simplex) from float64 Gram matrices ``[S, T, T]``."""
     reg_eps = check_nonneg("reg_eps", reg_eps, "mgda")
-    iters = check_iters(iters, "mgda") or gram.shape[-1] + 2
+    iters = check_iters(iters, "mgda") or default_iters(gram.shape[-1])
     g = regularize(normalize(gram, 0.0), max(reg_eps, 1e-300))
     ones = torch.ones(gram.shape[:-1], dtype=gram.dtype, device=gram.device)
     y = box_qp(g, -ones, torch.zeros_like(ones), iters)

@@ -14,13 +14,13 @@ from __future__ import annotations
 import torch
 
 from ._common import check_iters, check_nonneg
-from ._lcp import power_root
+from ._lcp import newton_iters, power_root
 
 
 def weights(gram: torch.Tensor, *, max_norm: float = 1.0, iters: int | None = None) -> torch.Tensor:
     """``[S, T]`` Nash-MTL weights from float64 Gram matrices ``[S, T, T]``."""
     max_norm = check_nonneg("max_norm", max_norm, "nashmtl")
-    iters = check_iters(iters, "nashmtl") or 40
+    iters = check_iters(iters, "nashmtl") or newton_iters(gram.shape[-1])
     w = power_root(gram, 1.0, iters)
     if max_norm > 0:
         norm = (w * (gram @ w.unsqueeze(-1)).squeeze(-1)).sum(-1, keepdim=True).clamp_min(0).sqrt()

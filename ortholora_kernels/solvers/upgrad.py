@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from ._common import check_iters, check_nonneg, pref
-from ._lcp import box_qp, normalize, regularize
+from ._lcp import box_qp, default_iters, normalize, regularize
 
 
 def weights(gram: torch.Tensor, *, pref_vector=None, norm_eps: float = 1e-4, reg_eps: float = 1e-4,
@@ -20,7 +20,7 @@ def weights(gram: torch.Tensor, *, pref_vector=None, norm_eps: float = 1e-4, reg
     """``[S, T]`` UPGrad weights from float64 Gram matrices ``[S, T, T]``."""
     norm_eps = check_nonneg("norm_eps", norm_eps, "upgrad")
     reg_eps = check_nonneg("reg_eps", reg_eps, "upgrad")
-    iters = check_iters(iters, "upgrad") or gram.shape[-1] + 2
+    iters = check_iters(iters, "upgrad") or default_iters(gram.shape[-1])
     u = pref(pref_vector, gram, "mean", "upgrad")
     g = regularize(normalize(gram, norm_eps), reg_eps)
     lower = torch.diag_embed(u).expand(*gram.shape[:-2], -1, -1)           # problem i: u_i e_i
