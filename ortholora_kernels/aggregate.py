@@ -17,9 +17,9 @@ import torch
 
 from . import backends, solvers
 from ._args import check_grads, check_order, check_reduction, draw_orders, segments_for
-from .ops import project
+from .ops import _project_op, project
 from .result import ProjectionResult
-from .solve import solve, weights as reduce_weights
+from .solve import Solve, register_solve, solve, weighting_solution, weights as reduce_weights
 
 
 @dataclass
@@ -47,39 +47,55 @@ class AggregationResult(ProjectionResult):
 
 # ---- the backends' two memory passes (Gram, combine) --------------------------------------
 
-_ORDERS: dict = {}
-
-
 def _gram(name: str, x: torch.Tensor, seg) -> torch.Tensor:
-    """``[S, T, T]`` float64 Gram matrices by backend ``name``.
-
-    native: the Gram of the fused ``ortholora_C::project`` call (the extension has no
-    Gram-only entry; its ``cross`` takes float64 products and is ~3x slower on CPU than
-    the fused call, solve and combine included), with a fixed order (its solve is unused).
-    """
-    if name == "native":
-        from .backends import native_impl
-        if native_impl.availability(x.device) is None:
-            s, t = seg.num_segments, x.shape[0]
-            key = (s, t, x.device)
-            order = _ORDERS.get(key)
-            if order is None:
-                order = _ORDERS[key] = torch.arange(t, device=x.device).expand(s, t, t).contiguous()
-            return native_impl.forward(x, seg, order, "sum")[1]
-        name = "torch"
+    """``[S, T, T]`` float64 Gram matrices: the backend's stage 1."""
     return backends.get(name).gram(x, seg)
 
 
 def _combine(name: str, w: torch.Tensor, x: torch.Tensor, seg) -> torch.Tensor:
-    """``[R, N]`` = per segment ``W_s X_s`` for ``w [S, R, T]`` (float64), in the dtype of ``x``.
+    """``[R, N]`` = per segment ``W_s X_s`` for ``w [S, R, T]``: the backend's stage 3."""
+    return backends.get(name).combine(seg, x, w)
 
-    triton: its combine kernel; otherwise torch's per-segment matmul (one pass over ``x``,
-    fp32 accumulation or better; on CPU it beats the extension's ``backward_combine``).
+
+class WeightingSolve(Solve):
+    """A weighting method of :mod:`ortholora_kernels.solvers` as a :class:`~ortholora_kernels.solve.Solve`.
+
+    Options are attributes of the instance (the contract); :func:`weighting_solve` registers
+    one instance per (method, options). Not differentiable (as in TorchJD): ``vjp`` raises.
     """
-    if name == "triton":
-        from .backends import triton_impl
-        return triton_impl._combine(seg, x, w.contiguous(), out_rows=w.shape[1])
-    return backends.get("torch").combine(w, x, seg)
+
+    def __init__(self, method: str, options: dict):
+        self.name = method
+        self.method, self.options = method, dict(options)
+
+    def forward(self, gram, order, reduction):
+        return weighting_solution(solvers.weights(self.method, gram, **self.options), reduction)
+
+    def vjp(self, gram, order, reduction, weights_grad):
+        raise NotImplementedError(f"method={self.method!r} is not differentiable (only pcgrad is)")
+
+
+_REGISTERED: dict = {}
+
+
+def _option_key(value):
+    # Tensors (pref_vector) by identity: the registered instance keeps them alive.
+    return ("tensor", id(value)) if isinstance(value, torch.Tensor) else value
+
+
+def weighting_solve(method: str, options: dict) -> str:
+    """The registered solve name of ``method`` with ``options`` (registered on first use)."""
+    key = (method, tuple(sorted((k, _option_key(v)) for k, v in options.items())))
+    name = _REGISTERED.get(key)
+    if name is None:
+        name = _REGISTERED[key] = f"{method}#{len(_REGISTERED)}"
+        register_solve(WeightingSolve(method, options), name)
+    return name
+
+
+def _unused_order(s: int, t: int, device) -> torch.Tensor:
+    # The op's order argument; weighting solves ignore it (no draw, no allocation per call).
+    return torch.zeros((), dtype=torch.int64, device=device).expand(s, t, t)
 
 
 # ---- the public function --------------------------------------------------------------------
@@ -159,10 +175,14 @@ def aggregate(grads, segments=None, *, method="pcgrad", reduction="sum", order=N
         w = reduce_weights(torch.diag_embed(w[:, 0]), reduction)
         out = _combine(name, w, x, seg)
         return out if reduction == "none" else out[0]
-    gram = _gram(name, x, seg)
-    w = solvers.weights(method, gram, **options)
-    nproj = torch.zeros(seg.num_segments, dtype=torch.int32, device=x.device)
-    return _finish(name, x, seg, gram, torch.diag_embed(w), nproj, None, reduction, method, return_stats)
+    # The op of `project` with this method's solve: the same custom op, dispatch and
+    # backend passes; the solve runs between the backend's Gram and combine passes.
+    out, gram, coeffs, nproj = _project_op(x, list(seg.offsets), _unused_order(seg.num_segments, x.shape[0], x.device),
+                                           reduction, name, weighting_solve(method, options))
+    if not return_stats:
+        return out
+    return AggregationResult(out, gram, coeffs, nproj, None, seg.offsets, reduction, method=method,
+                             weights=coeffs.sum(-2))
 
 
 class Aggregator:

@@ -104,8 +104,14 @@ class NativeBackend(Backend):
         return availability(device)
 
     def gram(self, x, seg):
-        """``[S, T, T]`` float64 by the compiled cross product of ``x`` with itself."""
-        return _ops().cross(x, x, list(seg.offsets))
+        """``[S, T, T]`` float64: the Gram of the fused call (its solve and combine unused).
+
+        On CPU ``cross(x, x)`` takes float64 products and was ~3x slower than the whole
+        fused call at T=8, N=295k, fp32 (benchmarks/RESULTS.md, issue 16).
+        """
+        s, t = seg.num_segments, x.shape[0]
+        order = torch.arange(t, device=x.device).expand(s, t, t)
+        return _ops().project(x, list(seg.offsets), order, "sum")[1]
 
     def cross(self, y, x, seg):
         """``[S, R, T]`` float64 ``Y_s X_s^T`` (compiled)."""
