@@ -233,6 +233,22 @@ class Aggregator:
         self._ema_gram = None
         self._phi_hat = None
 
+    def state_dict(self) -> dict:
+        """Step count, smoothed Gram and GradVac targets (tensors; plain types otherwise)."""
+        return {"step": self.step, "ema_gram": self._ema_gram, "phi_hat": self._phi_hat,
+                "offsets": None if self._key is None else list(self._key[0]),
+                "tasks": None if self._key is None else self._key[1]}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict` (the tensors stay on the device they were saved from)."""
+        self.step = int(state["step"])
+        self._ema_gram, self._phi_hat = state.get("ema_gram"), state.get("phi_hat")
+        self._key = None
+        if state.get("offsets") is not None:
+            ref = self._ema_gram if self._ema_gram is not None else self._phi_hat
+            device = ref.device if ref is not None else torch.device("cpu")
+            self._key = (tuple(state["offsets"]), int(state["tasks"]), device)
+
     def active(self, step: int | None = None) -> bool:
         """Whether the schedule aggregates on ``step`` (default: the next call's step)."""
         step = self.step if step is None else step

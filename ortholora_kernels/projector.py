@@ -57,6 +57,12 @@ class OrthoLoRA:
         distributed: "auto" (all-reduce the buffer when ``torch.distributed`` is initialised
             with more than one rank), True (require it), or False.
         process_group: the group to reduce over (default: the world).
+        method: the aggregator ("pcgrad", the paper's, by default; any of
+            :data:`ortholora_kernels.solvers.METHODS`: "upgrad", "cagrad", "gradvac", ...),
+            applied per segment (see :func:`ortholora_kernels.aggregate`).
+        method_options: that method's options (e.g. ``{"c": 0.5}`` for cagrad).
+        ema, every, start: EMA-smoothed conflict detection and the schedule of
+            :class:`ortholora_kernels.Aggregator` (defaults: off, every step, from step 0).
 
     Attributes:
         layout: the :class:`LoRALayout`.
@@ -67,7 +73,8 @@ class OrthoLoRA:
     def __init__(self, model: nn.Module | LoRALayout, num_tasks: int, *, granularity: str = "ab",
                  collect: str = "grouped", reduction: str = "sum", seed: int | None = 0, backend: str | None = None,
                  adapter_name: str = "default", buffer_dtype: torch.dtype | None = None, distributed="auto",
-                 process_group=None):
+                 process_group=None, method: str = "pcgrad", method_options: dict | None = None,
+                 ema: float | None = None, every: int = 1, start: int = 0):
         if not isinstance(num_tasks, int) or isinstance(num_tasks, bool) or num_tasks < 1:
             raise ValueError(f"num_tasks: expected an int >= 1, got {num_tasks!r}")
         if granularity not in GRANULARITIES:
@@ -100,6 +107,14 @@ class OrthoLoRA:
         self.buffer_dtype = buffer_dtype
         self.distributed = distributed
         self.process_group = process_group
+        self.method = method
+        # Plain pcgrad keeps the fused, differentiable op; anything else (another method,
+        # smoothing, a schedule) goes through a stateful Aggregator.
+        self._aggregator = None
+        if (method, ema, every, start) != ("pcgrad", None, 1, 0) or method_options:
+            from .aggregate import Aggregator
+            self._aggregator = Aggregator(method, ema=ema, every=every, start=start, reduction=reduction,
+                                          backend=backend, **dict(method_options or {}))
         self.offsets = layout.segments(granularity)
         self.segment_names = layout.segment_names(granularity)
         self.last_stats: ProjectionResult | None = None
@@ -260,8 +275,12 @@ class OrthoLoRA:
                 raise ValueError("seed: must be an int under torch.distributed so every rank draws the same orders")
             from .integrations.distributed import all_reduce_task_grads
             all_reduce_task_grads(buf, self.process_group, average=True)
-        res = project(buf, self.offsets, reduction=self.reduction, generator=self._get_generator(buf.device),
-                      backend=self.backend, return_stats=True)
+        if self._aggregator is None:
+            res = project(buf, self.offsets, reduction=self.reduction, generator=self._get_generator(buf.device),
+                          backend=self.backend, return_stats=True)
+        else:
+            self._aggregator.generator = self._get_generator(buf.device)
+            res = self._aggregator(buf, self.offsets, return_stats=True)
         out = res.output
         for p, v in zip(self.layout.params, self.layout.views(out)):
             if p.grad is None:
@@ -283,8 +302,11 @@ class OrthoLoRA:
         """Step count, the order generator's state (for resuming a run bit-exactly) and the
         layout :meth:`signature`. Tensors and plain types only (``torch.load(weights_only=True)``)."""
         gen = self._generator
-        return {"num_steps": self.num_steps, "seed": self.seed,
-                "generator": gen.get_state() if gen is not None else None, "signature": self.signature()}
+        state = {"num_steps": self.num_steps, "seed": self.seed,
+                 "generator": gen.get_state() if gen is not None else None, "signature": self.signature()}
+        if self._aggregator is not None:
+            state["aggregator"] = self._aggregator.state_dict()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         """Restore :meth:`state_dict` (the generator is created on the parameters' device).
@@ -314,6 +336,8 @@ class OrthoLoRA:
             if a != b:
                 raise ValueError(f"state: parameter {n} had shape {a}, here {b} (another LoRA rank?)")
         self.num_steps = int(state["num_steps"])
+        if self._aggregator is not None and state.get("aggregator") is not None:
+            self._aggregator.load_state_dict(state["aggregator"])
         if state.get("generator") is not None:
             if self.seed is None:
                 raise ValueError("state: carries an order generator but this OrthoLoRA has seed=None")

@@ -99,6 +99,15 @@ def _add_train_options(p, demo=False):
                             "parameters with this granularity (same meaning as ortho's --granularity; mtl-lora: "
                             "A and the B_k, not the task transforms/mixtures; lori: the B's, A is frozen); "
                             "--collect and --backend then apply as for ortho (default: none)")
+        # issue 16: the Gramian family of aggregators in place of PCGrad
+        g.add_argument("--aggregator", default=None,
+                       help="ortho, and mtl-lora/lori with --projection: the per-segment aggregator: pcgrad (default), "
+                            "upgrad, dualproj, mgda, cagrad, imtlg, alignedmtl, config, nashmtl, fairgrad, sum, mean, "
+                            "gradvac")
+        g.add_argument("--aggregator-options", default=None,
+                       help="its options as key=value,... (TorchJD's names, e.g. c=0.5 for cagrad, alpha=1 for fairgrad)")
+        g.add_argument("--aggregator-ema", type=float, default=None,
+                       help="detect conflicts on EMA-smoothed Gram entries with this beta (e.g. 0.9; default: off)")
         g.add_argument("--mtl-num-b", type=int, default=None,
                        help="mtl-lora: number of shared up-projections B_k (default: 3)")
         g.add_argument("--mtl-temperature", type=float, default=None,
@@ -254,7 +263,9 @@ def _config_from_args(a, **over):
         eval_every=a.eval_every, save_every=getattr(a, "save_every", 10**9), log_every=a.log_every, seed=a.seed,
         granularity=getattr(a, "granularity", None), collect=getattr(a, "collect", None),
         backend=getattr(a, "backend", None), log_conflicts=getattr(a, "log_conflicts", False),
-        projection=getattr(a, "projection", None), mtl_num_b=getattr(a, "mtl_num_b", None),
+        projection=getattr(a, "projection", None), aggregator=getattr(a, "aggregator", None),
+        aggregator_options=getattr(a, "aggregator_options", None), aggregator_ema=getattr(a, "aggregator_ema", None),
+        mtl_num_b=getattr(a, "mtl_num_b", None),
         mtl_temperature=getattr(a, "mtl_temperature", None), mtl_diagonal=getattr(a, "mtl_diagonal", False),
         **_lori_config(a),
         max_train_samples=a.max_train_samples,

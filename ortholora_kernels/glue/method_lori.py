@@ -131,7 +131,8 @@ class LoRI(Method):
             "merged), continual (tasks in order into one adapter) or joint (one shared adapter; --projection adds "
             "Ortho-LoRA)")
     options = ("projection", "collect", "backend", "lori_sparsity", "lori_mode", "lori_shared_a", "lori_s_steps",
-               "lori_s_lr", "lori_s_weight_decay", "lori_s_schedule", "lori_merge_weights_d", "lori_merge_weights_s")
+               "lori_s_lr", "lori_s_weight_decay", "lori_s_schedule", "lori_merge_weights_d", "lori_merge_weights_s",
+               "aggregator", "aggregator_options", "aggregator_ema")
     defaults = {"projection": "none", "lori_sparsity": 0.9, "lori_mode": "merge", "lori_s_weight_decay": 0.0,
                 "lori_s_schedule": "constant"}
 

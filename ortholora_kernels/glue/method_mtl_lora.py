@@ -35,9 +35,9 @@ def check_projection(cfg, method: str, hint: str = "") -> None:
     if cfg.projection is not None and cfg.projection not in PROJECTIONS:
         raise ValueError(f"--projection must be one of {', '.join(PROJECTIONS)}, not {cfg.projection!r}")
     if cfg.projection in (None, "none"):
-        for opt in ("collect", "backend"):
+        for opt in ("collect", "backend", "aggregator", "aggregator_options", "aggregator_ema"):
             if getattr(cfg, opt) is not None:
-                raise ValueError(f"--{opt} with --method {method} needs --projection (global, ab, layer or matrix)"
+                raise ValueError(f"--{opt.replace('_', '-')} with --method {method} needs --projection (global, ab, layer or matrix)"
                                  + hint)
 
 
@@ -45,8 +45,10 @@ def make_seed_projector(cfg, params, num_tasks):
     """OrthoLoRA over the shared parameters of a seed-method adapter (AdapterParams)."""
     from ortholora_kernels import OrthoLoRA
 
+    from .methods import aggregator_kwargs
+
     return OrthoLoRA(params.layout(), num_tasks=num_tasks, granularity=cfg.projection,
-                     collect=cfg.collect or "grouped", seed=cfg.seed, backend=cfg.backend)
+                     collect=cfg.collect or "grouped", seed=cfg.seed, backend=cfg.backend, **aggregator_kwargs(cfg))
 
 
 def projected_backward(projector, collect, losses, task_ids, before_project=None):
@@ -68,7 +70,8 @@ class MTLLoRA(Method):
     name = "mtl-lora"
     help = ("MTL-LoRA: shared A and B_1..B_n, task-specific transforms and B mixtures "
             "(--mtl-num-b/--mtl-temperature/--mtl-diagonal; --projection adds Ortho-LoRA)")
-    options = ("projection", "collect", "backend", "mtl_num_b", "mtl_temperature", "mtl_diagonal")
+    options = ("projection", "collect", "backend", "mtl_num_b", "mtl_temperature", "mtl_diagonal", "aggregator",
+               "aggregator_options", "aggregator_ema")
     defaults = {"projection": "none", "mtl_num_b": 3, "mtl_temperature": 0.1}
 
     @classmethod

@@ -47,7 +47,7 @@ LAZY_METHODS = {"mtl-lora": "ortholora_kernels.glue.method_mtl_lora", "lori": "o
 METHOD_OPTIONS = ("granularity", "collect", "backend", "log_conflicts", "projection", "mtl_num_b",
                   "mtl_temperature", "mtl_diagonal", "lori_sparsity", "lori_mode", "lori_shared_a",
                   "lori_s_steps", "lori_s_lr", "lori_s_weight_decay", "lori_s_schedule", "lori_merge_weights_d",
-                  "lori_merge_weights_s")
+                  "lori_merge_weights_s", "aggregator", "aggregator_options", "aggregator_ema")
 
 
 def register_method(cls):
@@ -219,13 +219,14 @@ class Joint(Method):
 class Ortho(Method):
     """One shared adapter trained with Ortho-LoRA (per-task gradients projected every step)."""
     name = "ortho"
-    help = "shared adapter with Ortho-LoRA gradient projection (--granularity/--collect/--backend)"
-    options = ("granularity", "collect", "backend")
+    help = ("shared adapter with Ortho-LoRA gradient projection (--granularity/--collect/--backend; "
+            "--aggregator for UPGrad, CAGrad, ... instead of PCGrad)")
+    options = ("granularity", "collect", "backend", "aggregator", "aggregator_options", "aggregator_ema")
 
     def setup(self, model):
         c = self.cfg
         self.projector = make_projector(model, len(self.tasks), c.granularity or "ab", c.collect or "grouped",
-                                        c.seed, c.backend)
+                                        c.seed, c.backend, **aggregator_kwargs(c))
         self.segment_names = list(getattr(self.projector, "segment_names", []) or [])
 
     def backward(self, model, losses, task_ids):
@@ -251,12 +252,58 @@ class Ortho(Method):
 
 # ----------------------------------------------------------------------------- projector glue
 
-def make_projector(model, num_tasks, granularity, collect, seed, backend):
-    """The package's :class:`ortholora_kernels.OrthoLoRA` over the model's shared peft adapter."""
+def make_projector(model, num_tasks, granularity, collect, seed, backend, **aggregator):
+    """The package's :class:`ortholora_kernels.OrthoLoRA` over the model's shared peft adapter.
+
+    ``aggregator``: :func:`aggregator_kwargs` (method, method_options, ema).
+    """
     from ortholora_kernels import OrthoLoRA
 
     return OrthoLoRA(model, num_tasks=num_tasks, granularity=granularity, collect=collect, seed=seed,
-                     backend=backend)
+                     backend=backend, **aggregator)
+
+
+def parse_aggregator_options(text: str | None) -> dict:
+    """``"c=0.5,iters=8,scale_mode=median"`` -> ``{"c": 0.5, "iters": 8, "scale_mode": "median"}``."""
+    out: dict = {}
+    for item in (text or "").split(","):
+        if not item.strip():
+            continue
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--aggregator-options: expected key=value[,key=value...], got {item!r}")
+        value = value.strip()
+        for cast in (int, float):
+            try:
+                value = cast(value)
+                break
+            except ValueError:
+                pass
+        out[key.strip()] = value
+    return out
+
+
+def check_aggregator(cfg) -> None:
+    """Validate --aggregator / --aggregator-options / --aggregator-ema (ValueError naming the flag)."""
+    from ortholora_kernels import solvers
+
+    if cfg.aggregator is not None and cfg.aggregator not in solvers.METHODS:
+        raise ValueError(f"--aggregator must be one of {', '.join(solvers.METHODS)}, not {cfg.aggregator!r}")
+    if cfg.aggregator_options and cfg.aggregator is None:
+        raise ValueError("--aggregator-options needs --aggregator")
+    try:
+        solvers.check_options(cfg.aggregator or "pcgrad", parse_aggregator_options(cfg.aggregator_options))
+    except TypeError as e:
+        raise ValueError(f"--aggregator-options: {e}") from None
+    if cfg.aggregator_ema is not None and not 0 <= cfg.aggregator_ema < 1:
+        raise ValueError(f"--aggregator-ema must be in [0, 1), not {cfg.aggregator_ema}")
+
+
+def aggregator_kwargs(cfg) -> dict:
+    """OrthoLoRA's ``method``/``method_options``/``ema`` from the config (defaults: PCGrad)."""
+    return {"method": getattr(cfg, "aggregator", None) or "pcgrad",
+            "method_options": parse_aggregator_options(getattr(cfg, "aggregator_options", None)),
+            "ema": getattr(cfg, "aggregator_ema", None)}
 
 
 def _generators(p):
@@ -276,8 +323,12 @@ def _generators(p):
 
 def projector_state(p):
     """The projector's order generator state(s) and step count (for a checkpoint)."""
-    return {"generators": {a: g.get_state() for a, g in _generators(p)},
-            "num_steps": getattr(p, "num_steps", None)}
+    state = {"generators": {a: g.get_state() for a, g in _generators(p)},
+             "num_steps": getattr(p, "num_steps", None)}
+    agg = getattr(p, "_aggregator", None)
+    if agg is not None:                     # --aggregator/--aggregator-ema state (EMA Gram, GradVac targets)
+        state["aggregator"] = agg.state_dict()
+    return state
 
 
 def load_projector_state(p, s):
@@ -289,3 +340,5 @@ def load_projector_state(p, s):
             g.set_state(s["generators"][a])
     if s.get("num_steps") is not None and hasattr(p, "num_steps"):
         p.num_steps = s["num_steps"]
+    if s.get("aggregator") is not None and getattr(p, "_aggregator", None) is not None:
+        p._aggregator.load_state_dict(s["aggregator"])

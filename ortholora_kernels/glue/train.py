@@ -69,6 +69,9 @@ class TrainConfig:
     backend: str | None = None            # ortho: projection backend (default automatic)
     log_conflicts: bool = False           # joint: collect per-task gradients to log their conflicts
     projection: str | None = None         # mtl-lora, lori (joint): Ortho-LoRA on top: none|global|ab|layer|matrix
+    aggregator: str | None = None         # ortho / --projection: pcgrad (default), upgrad, cagrad, ... (issue 16)
+    aggregator_options: str | None = None  # its options, "c=0.5,iters=8"
+    aggregator_ema: float | None = None   # EMA-smoothed conflict detection (beta)
     mtl_num_b: int | None = None          # mtl-lora: number of shared up-projections B_k (default 3)
     mtl_temperature: float | None = None  # mtl-lora: softmax temperature of the B mixture (default 0.1)
     mtl_diagonal: bool = False            # mtl-lora: diagonal task transforms Lambda_t
@@ -117,6 +120,9 @@ def validate(cfg: TrainConfig):
             raise TrainError(f"{flag} applies only to methods that take it (not --method {cfg.method})")
     try:
         method_cls.check_config(cfg)
+        if "aggregator" in method_cls.options:
+            from .methods import check_aggregator
+            check_aggregator(cfg)
     except ValueError as e:
         raise TrainError(str(e)) from None
     for opt, default in method_cls.defaults.items():

@@ -112,6 +112,10 @@ class OrthoLoRATrainer(Trainer):
         log_ortho_stats: add the projection statistics to the logs (True: with per-task
             norms and pairwise cosines; "summary": conflict fraction, mean cosine and tasks
             present per segment; False: none).
+        ortho_method: the aggregator, "pcgrad" (default) or any of
+            ``ortholora_kernels.solvers.METHODS`` ("upgrad", "cagrad", "gradvac", ...).
+        ortho_method_options: its options (e.g. ``{"c": 0.5}``); ortho_ema / ortho_every /
+            ortho_start: smoothed conflict detection and schedule (see ``OrthoLoRA``).
 
     Attributes:
         ortho: the :class:`~ortholora_kernels.OrthoLoRA` (``ortho.last_stats`` per step).
@@ -120,7 +124,9 @@ class OrthoLoRATrainer(Trainer):
     def __init__(self, *args, num_tasks: int, ortho_granularity: str = "ab", ortho_collect: str = "grouped",
                  ortho_reduction: str = "sum", ortho_seed: int | None = None, ortho_backend: str | None = None,
                  adapter_name: str = "default", task_ids_key: str = "task_ids", pass_task_ids: bool = False,
-                 log_ortho_stats: bool | str = True, **kwargs):
+                 log_ortho_stats: bool | str = True, ortho_method: str = "pcgrad",
+                 ortho_method_options: dict | None = None, ortho_ema: float | None = None, ortho_every: int = 1,
+                 ortho_start: int = 0, **kwargs):
         super().__init__(*args, **kwargs)
         if not self.label_names:  # a model whose forward takes no labels (e.g. per-task heads): the loss needs them
             self.label_names = ["labels"]
@@ -132,7 +138,9 @@ class OrthoLoRATrainer(Trainer):
         self.num_tasks = num_tasks
         seed = self.args.seed if ortho_seed is None else ortho_seed
         self.ortho = OrthoLoRA(self.model, num_tasks, granularity=ortho_granularity, collect=ortho_collect,
-                               reduction=ortho_reduction, seed=seed, backend=ortho_backend, adapter_name=adapter_name)
+                               reduction=ortho_reduction, seed=seed, backend=ortho_backend, adapter_name=adapter_name,
+                               method=ortho_method, method_options=ortho_method_options, ema=ortho_ema,
+                               every=ortho_every, start=ortho_start)
         # The loss is ours (per-task means): let the Trainer divide it by the accumulation steps.
         self.model_accepts_loss_kwargs = False
         # an override written as per_example_loss(outputs, labels, task_ids) gets the task ids

@@ -1,0 +1,118 @@
+"""OrthoLoRA(method=...), OrthoLoRATrainer(ortho_method=...) and the harness's --aggregator."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from models import make_batch, task_losses, tiny_multitask
+from ortholora_kernels import Aggregator, OrthoLoRA, aggregate
+from ortholora_kernels.glue.cli import main
+from ortholora_kernels.glue.data import write_synthetic_suite
+
+T = 3
+
+
+def _model():
+    m = tiny_multitask("roberta", T, lora_dropout=0.0)
+    m.train()
+    return m
+
+
+@pytest.mark.parametrize("method,options", [("upgrad", {}), ("cagrad", {"c": 0.4}), ("mgda", {})])
+def test_ortholora_method_sets_grad_to_the_aggregate(method, options):
+    m = _model()
+    ortho = OrthoLoRA(m, T, method=method, method_options=options)
+    b = make_batch([3, 2, 4])
+    with ortho.record(b["task_ids"]):
+        task_losses(m, b).sum().backward()
+    buf = ortho.buffer.clone()
+    res = ortho.project_()
+    want = aggregate(buf, ortho.layout.segments("ab"), method=method, **options)
+    got = torch.cat([p.grad.reshape(-1) for p in ortho.layout.params])
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert res.method == method and res.conflict_fraction.shape == (2,)
+    ortho.remove()
+
+
+def test_ortholora_ema_state_round_trips():
+    m = _model()
+    ortho = OrthoLoRA(m, T, ema=0.9, method="gradvac")
+    for seed in range(2):
+        b = make_batch([2, 2, 2], seed=seed)
+        with ortho.record(b["task_ids"]):
+            task_losses(m, b).sum().backward()
+        ortho.project_()
+    state = ortho.state_dict()
+    assert state["aggregator"]["step"] == 2 and state["aggregator"]["ema_gram"].shape == (2, T, T)
+    other = OrthoLoRA(_model(), T, ema=0.9, method="gradvac")
+    other.load_state_dict(state)
+    assert other._aggregator.step == 2 and torch.equal(other._aggregator._phi_hat, ortho._aggregator._phi_hat)
+    ortho.remove()
+    other.remove()
+    with pytest.raises(ValueError, match="method"):
+        OrthoLoRA(_model(), T, method="nope")
+
+
+def test_trainer_accepts_every_method(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from models import VOCAB, tiny_peft_classifier
+    from ortholora_kernels.integrations import MultiTaskCollator, OrthoLoRATrainer
+
+    g = torch.Generator().manual_seed(0)
+    rows = [{"input_ids": torch.randint(3, VOCAB, (8,), generator=g).tolist(), "attention_mask": [1] * 8,
+             "labels": i % 2, "task_id": i % T} for i in range(12)]
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True,
+                                          per_device_train_batch_size=6, max_steps=2, learning_rate=0.1, optim="sgd",
+                                          save_strategy="no", seed=0, dataloader_num_workers=0)
+    model = tiny_peft_classifier("roberta", num_labels=2)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_B" in n}
+    trainer = OrthoLoRATrainer(model=model, args=args, train_dataset=rows, data_collator=MultiTaskCollator(num_tasks=T),
+                               num_tasks=T, ortho_method="dualproj")
+    trainer.train()
+    assert trainer.ortho.last_stats.method == "dualproj"
+    assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters() if n in before)
+    trainer.ortho.remove()
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    d = tmp_path_factory.mktemp("synth")
+    write_synthetic_suite(str(d), n_train=32, n_dev=8, seed=0)
+    return str(d)
+
+
+FAST = ["--tiny", "--batch-size", "4", "--eval-batch-size", "32", "--max-eval-samples", "8", "--max-length", "32",
+        "--max-steps", "2", "--eval-every", "2", "--no-progress", "--no-plots", "--tasks", "sst2,cola"]
+
+
+@pytest.mark.parametrize("method,extra", [
+    ("ortho", ["--aggregator", "cagrad", "--aggregator-options", "c=0.4"]),
+    ("ortho", ["--aggregator", "pcgrad", "--aggregator-ema", "0.9"]),
+    ("mtl-lora", ["--projection", "ab", "--aggregator", "upgrad"]),
+    ("lori", ["--lori-mode", "joint", "--projection", "ab", "--aggregator", "imtlg"]),
+])
+def test_harness_runs_aggregators(tmp_path, synth, capsys, method, extra):
+    out = str(tmp_path / "run")
+    assert main(["train", *FAST, "--data-dir", synth, "--method", method, "--out", out, *extra]) == 0
+    cfg = json.loads((Path(out) / "config.json").read_text())
+    assert cfg["aggregator"] == extra[extra.index("--aggregator") + 1]
+    capsys.readouterr()
+
+
+@pytest.mark.parametrize("extra,match", [
+    (["--method", "ortho", "--aggregator", "nope"], "--aggregator must be one of"),
+    (["--method", "ortho", "--aggregator", "upgrad", "--aggregator-options", "c=1"], "no option 'c'"),
+    (["--method", "ortho", "--aggregator-options", "c=1"], "needs --aggregator"),
+    (["--method", "mtl-lora", "--aggregator", "upgrad"], "needs --projection"),
+    (["--method", "joint", "--aggregator", "upgrad"], "applies only to methods"),
+])
+def test_harness_aggregator_mistakes(tmp_path, synth, capsys, extra, match):
+    assert main(["train", *FAST, "--data-dir", synth, "--out", str(tmp_path / "r"), *extra]) == 2
+    assert match in capsys.readouterr().err
+
+
+def test_aggregator_direct_use_matches_aggregate():
+    x = torch.randn(4, 50, dtype=torch.float64)
+    agg = Aggregator("alignedmtl", scale_mode="median")
+    assert torch.equal(agg(x), aggregate(x, method="alignedmtl", scale_mode="median"))
