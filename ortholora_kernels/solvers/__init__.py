@@ -13,6 +13,7 @@ the differences in the solver, never in the definition).
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
 
@@ -32,11 +33,13 @@ def check_method(method) -> str:
     return method
 
 
+@functools.lru_cache(maxsize=None)
 def module(method: str):
     """The solve module of ``method``."""
     return importlib.import_module(f"{__name__}.{check_method(method)}")
 
 
+@functools.lru_cache(maxsize=None)
 def option_names(method: str) -> tuple[str, ...]:
     """The keyword options of ``method``'s solve (e.g. ``("c", "norm_eps", "iters")`` for cagrad)."""
     if method == "pcgrad":
@@ -60,5 +63,6 @@ def weights(method: str, gram: torch.Tensor, **options) -> torch.Tensor:
     """``[S, T]`` weights of a weighting ``method`` for float64 Gram matrices ``[S, T, T]``."""
     if method not in WEIGHTINGS:
         raise ValueError(f"method: {method!r} has no stateless weighting; expected one of {WEIGHTINGS}")
-    check_options(method, options)
+    if options:
+        check_options(method, options)
     return module(method).weights(gram.to(torch.float64), **options)
