@@ -377,3 +377,21 @@ def test_aggregator_state_follows_layout():
     assert agg._ema_gram.shape[0] == 1
     agg.reset()
     assert agg.step == 0 and agg._ema_gram is None
+
+
+@pytest.mark.parametrize("t", [3, 8, 16])
+def test_box_qp_default_iterations_reach_kkt(t):
+    # 300 random conflicting problems in one batch: the default iteration count of the
+    # active-set solver must reach the exact KKT point on every one.
+    from ortholora_kernels.solvers._lcp import box_qp, default_iters, normalize, regularize
+    gen = torch.Generator().manual_seed(100 + t)
+    g = torch.stack([(lambda x: x @ x.T)(conflicting(t, 3 * t, gen)) for _ in range(300)])
+    h = regularize(normalize(g, 0.0), 1e-6)
+    lower = torch.rand(300, t, generator=gen, dtype=torch.float64) - 0.3
+    q = torch.randn(300, t, generator=gen, dtype=torch.float64) * 0.1
+    v = box_qp(h, q, lower, default_iters(t))
+    z = (h @ v.unsqueeze(-1)).squeeze(-1) + q                  # multipliers: z >= 0, z . (v - l) = 0
+    scale = h.diagonal(dim1=-2, dim2=-1).amax(-1, keepdim=True) * v.abs().amax(-1, keepdim=True) + q.abs().amax(-1, keepdim=True)
+    assert torch.all(v >= lower - 1e-12)
+    assert torch.all(z >= -1e-9 * scale)
+    assert torch.all((z * (v - lower)).abs() <= 1e-9 * scale * (v - lower).abs().amax(-1, keepdim=True).clamp_min(1))

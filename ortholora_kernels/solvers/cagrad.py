@@ -10,8 +10,8 @@ system ``G v = lam 1 + mu``, ``mu >= 0``, ``v >= 1/T`` (complementary to ``mu``)
 ``(v - 1/T)^T G (v - 1/T) = phi^2``. For a fixed active set (``v_i = 1/T``) the free part is
 affine in ``lam``, so each iteration takes one active-set step (as :func:`._lcp.box_qp`) and
 solves the quadratic in ``lam`` exactly: one batched ``T x T`` solve with two right-hand sides.
-Once the active set is right the answer is exact (to rounding); fixed ``iters`` (default
-``T // 4 + 5``), keeping the iterate with the smallest KKT residual.
+Once the active set is right the answer is exact (to rounding) and a fixed point; fixed
+``iters`` (default ``T // 4 + 5``).
 """
 from __future__ import annotations
 
@@ -39,7 +39,6 @@ def weights(gram: torch.Tensor, *, c: float = 0.5, norm_eps: float = 1e-4, iters
     lam = b.amax(-1, keepdim=True)                  # every constraint free at s = 0
     s = torch.zeros_like(b)
     z = b - lam
-    best, best_res = s, torch.full_like(phi2, float("inf"))
 
     def quad(u, v):
         return (u * (g @ v.unsqueeze(-1)).squeeze(-1)).sum(-1, keepdim=True)
@@ -57,12 +56,7 @@ def weights(gram: torch.Tensor, *, c: float = 0.5, norm_eps: float = 1e-4, iters
         lam = torch.where(ok, (disc.sqrt() - bb) / torch.where(ok, a, torch.ones_like(a)), lam)
         s = sb + lam * p
         z = (g @ s.unsqueeze(-1)).squeeze(-1) + b - lam
-        res = torch.maximum(torch.minimum(s, z).abs().amax(-1, keepdim=True), (quad(s, s) - phi2).abs())
-        res = torch.where(torch.isnan(res), torch.full_like(res, float("inf")), res)
-        better = res <= best_res
-        best = torch.where(better, s, best)
-        best_res = torch.where(better, res, best_res)
-    s = best.clamp_min(0)
+    s = s.clamp_min(0)
     total = s.sum(-1, keepdim=True)
     rho = quad(s, s).clamp_min(0).sqrt() / torch.where(total > 0, total, torch.ones_like(total))
     return torch.where(dead | (rho < norm_eps), torch.zeros_like(s), ubar + s)
