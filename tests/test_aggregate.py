@@ -395,3 +395,14 @@ def test_box_qp_default_iterations_reach_kkt(t):
     assert torch.all(v >= lower - 1e-12)
     assert torch.all(z >= -1e-9 * scale)
     assert torch.all((z * (v - lower)).abs() <= 1e-9 * scale * (v - lower).abs().amax(-1, keepdim=True).clamp_min(1))
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("method", ["upgrad", "alignedmtl"])
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+def test_triton_backend_runs_every_weighting(method, reduction):
+    # The Triton Gram and combine kernels (through TRITON_INTERPRET=1) around the same solve.
+    x, offsets = layout(3, torch.Generator().manual_seed(14), torch.float32)
+    a = ok.aggregate(x, offsets, method=method, reduction=reduction, backend="triton")
+    b = ok.aggregate(x, offsets, method=method, reduction=reduction, backend="torch")
+    assert rel(a.double(), b.double()) < 1e-5

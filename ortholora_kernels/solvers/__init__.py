@@ -8,6 +8,12 @@ mgda, cagrad), fixed-iteration Newton for the root problems (nashmtl, fairgrad).
 returns coefficients ``[S, T, T]`` (:mod:`.pcgrad`); gradvac needs state across steps
 (:mod:`.gradvac`, used by :class:`ortholora_kernels.GradVac`).
 
+Host syncs: none in this code (checked under FakeTensorMode in tests/test_aggregate.py);
+linear solves use ``torch.linalg.solve_ex`` (its info is not checked on the host). But
+torch's ``eigh`` (behind imtlg's and config's ``pinv`` and alignedmtl) checks its info on
+the host on CUDA (one sync per call, per torch's documentation), so those three are not
+CUDA-graph capturable on GPUs; the others are fixed sequences of device ops.
+
 Each definition follows TorchJD 0.18's aggregator of the same name (see each module for
 the differences in the solver, never in the definition).
 """
