@@ -116,3 +116,32 @@ def test_aggregator_direct_use_matches_aggregate():
     x = torch.randn(4, 50, dtype=torch.float64)
     agg = Aggregator("alignedmtl", scale_mode="median")
     assert torch.equal(agg(x), aggregate(x, method="alignedmtl", scale_mode="median"))
+
+
+def test_harness_checkpoint_carries_the_aggregator_state(tmp_path, synth, capsys):
+    # The aggregator's state (EMA Gram, GradVac targets, step) goes into the weights_only
+    # checkpoint, and a resumed run restores it (the projector's step count continues).
+    from ortholora_kernels.glue import checkpoint as ckpt
+
+    args = ["train", *[a for a in FAST if a != "2"], "--data-dir", synth, "--method", "ortho",
+            "--aggregator", "gradvac", "--aggregator-ema", "0.8", "--save-every", "2"]
+    args.insert(args.index("--max-steps") + 1, "4")
+    args.insert(args.index("--eval-every") + 1, "4")
+    part = tmp_path / "part"
+    assert main(args + ["--out", str(part), "--stop-after-steps", "2"]) == 0
+    state = torch.load(part / ckpt.LATEST, weights_only=True)
+    found = [v for v in _walk(state) if isinstance(v, dict) and "ema_gram" in v and "phi_hat" in v]
+    assert len(found) == 1 and found[0]["step"] == 2
+    assert found[0]["ema_gram"].shape[-1] == 2 and found[0]["phi_hat"].shape == found[0]["ema_gram"].shape
+    assert main(args + ["--out", str(part), "--resume"]) == 0
+    capsys.readouterr()
+
+
+def _walk(obj):
+    yield obj
+    if isinstance(obj, dict):
+        for v in obj.values():
+            yield from _walk(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _walk(v)
