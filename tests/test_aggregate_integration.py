@@ -120,7 +120,8 @@ def test_aggregator_direct_use_matches_aggregate():
 
 def test_harness_checkpoint_carries_the_aggregator_state(tmp_path, synth, capsys):
     # The aggregator's state (EMA Gram, GradVac targets, step) goes into the weights_only
-    # checkpoint, and a resumed run restores it (the projector's step count continues).
+    # checkpoint, and a run resumes from it (OrthoLoRA.load_state_dict restores it: see
+    # test_ortholora_ema_state_round_trips).
     from ortholora_kernels.glue import checkpoint as ckpt
 
     args = ["train", *[a for a in FAST if a != "2"], "--data-dir", synth, "--method", "ortho",
