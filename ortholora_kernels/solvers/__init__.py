@@ -5,7 +5,7 @@ device of the Gram, with a fixed amount of work (no ``.item()``, no data-depende
 control flow): closed forms where they exist (sum, mean, imtlg, alignedmtl, config),
 fixed-iteration exact active-set solvers for the quadratic programs (upgrad, dualproj,
 mgda, cagrad), fixed-iteration Newton for the root problems (nashmtl, fairgrad). pcgrad
-returns coefficients ``[S, T, T]`` (:mod:`.pcgrad`); gradvac needs state across steps
+is the projection op itself (:func:`ortholora_kernels.project`); gradvac needs state across steps
 (:mod:`.gradvac`, used by :class:`ortholora_kernels.GradVac`).
 
 Host syncs: none in this code (checked under FakeTensorMode in tests/test_aggregate.py);
