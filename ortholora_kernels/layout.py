@@ -6,7 +6,7 @@ maps each one to a column range of a flat buffer. The order is
     all A-side matrices (layer by layer, module by module), then
     all B-side matrices (layer by layer, module by module)
 
-so that every granularity of DESIGN.md section 3 is a list of contiguous column segments:
+so that every granularity (ARCHITECTURE.md, "Segments") is a list of contiguous column segments:
 
 * ``"global"``: one segment ``[0, N]``;
 * ``"ab"``:     ``[0, N_A, N]`` (all A's, all B's);

@@ -56,13 +56,21 @@ def register_method(cls):
     return cls
 
 
+#: lazy methods whose optional third-party dependency is missing: name -> reason
+_MISSING: dict[str, str] = {}
+
+
 def _import_lazy(name: str) -> None:
-    if name in METHODS or name not in LAZY_METHODS:
+    if name in METHODS or name not in LAZY_METHODS or name in _MISSING:
         return
     try:
         importlib.import_module(LAZY_METHODS[name])   # registers the method, if it defines one
-    except ImportError:
-        pass
+    except ModuleNotFoundError as exc:
+        # Only a missing third-party package makes a method unavailable; a broken module
+        # of this package is a bug and must surface, not show up as "unknown method".
+        if (exc.name or "").split(".")[0] == "ortholora_kernels":
+            raise
+        _MISSING[name] = f"needs the missing package {exc.name!r}"
 
 
 def available_methods() -> list[str]:
@@ -78,6 +86,8 @@ def get_method(name: str):
     try:
         return METHODS[name]
     except KeyError:
+        if name in _MISSING:
+            raise ValueError(f"method {name!r} {_MISSING[name]}") from None
         raise ValueError(f"unknown method {name!r} (known: {', '.join(available_methods())})") from None
 
 

@@ -209,8 +209,8 @@ class AdapterParams:
     def layout(self):
         """``LoRALayout.from_params(self.entries())``: the Ortho-LoRA buffer layout over the
         shared parameters (frozen ones skipped), for ``OrthoLoRA(layout, T, ...)``.
-        MTL-LoRA works with ``collect="grouped"`` and ``"loop"``; LoRI (B masked in the
-        forward, not an nn.Linear) with ``collect="loop"`` only."""
+        MTL-LoRA and LoRI both work with ``collect="grouped"`` and ``"loop"`` (LoRI's masked
+        B is given as an ``nn.Linear`` for the grouped collector, see method_lori.py)."""
         from ..layout import LoRALayout
 
         return LoRALayout.from_params(self.entries())
