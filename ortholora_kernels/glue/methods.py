@@ -270,29 +270,34 @@ def make_projector(model, num_tasks, granularity, collect, seed, backend):
 
 
 def _generators(p):
-    """The projector's order generator(s), created now if lazy (so a resume can set them)."""
-    get = getattr(p, "_get_generator", None)
-    if callable(get) and getattr(p, "seed", None) is not None:
-        layout = getattr(p, "layout", None)
-        device = getattr(layout, "device", None) or torch.device("cpu")
-        return [("_generator", get(device))]
-    gens = []
-    for attr in ("generator", "_generator"):
-        g = getattr(p, attr, None)
-        if isinstance(g, torch.Generator):
-            gens.append((attr, g))
-    return gens
+    """Public order generator(s) of a projector that is not an OrthoLoRA (none if absent)."""
+    g = getattr(p, "generator", None)
+    return [("generator", g)] if isinstance(g, torch.Generator) else []
 
 
 def projector_state(p):
-    """The projector's order generator state(s) and step count (for a checkpoint)."""
+    """The projector's resumable state (for a checkpoint): ``OrthoLoRA.state_dict()``, or
+    the public generator and step count of another projector."""
+    from ortholora_kernels import OrthoLoRA
+
+    if isinstance(p, OrthoLoRA):
+        return {"ortholora": p.state_dict()}
     return {"generators": {a: g.get_state() for a, g in _generators(p)},
             "num_steps": getattr(p, "num_steps", None)}
 
 
 def load_projector_state(p, s):
-    """Restore :func:`projector_state` (no-op for None)."""
+    """Restore :func:`projector_state` (no-op for None; reads the older generator format too)."""
+    from ortholora_kernels import OrthoLoRA
+
     if not s:
+        return
+    if isinstance(p, OrthoLoRA):
+        if "ortholora" in s:
+            p.load_state_dict(s["ortholora"])
+        elif s.get("num_steps") is not None:   # checkpoints written before state_dict was used
+            p.load_state_dict({"num_steps": s["num_steps"],
+                               "generator": s.get("generators", {}).get("_generator")})
         return
     for a, g in _generators(p):
         if a in s.get("generators", {}):
