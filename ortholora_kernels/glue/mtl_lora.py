@@ -89,15 +89,7 @@ DEFAULT_KEEP_TRAINABLE = ("classifier", "score", "head")
 # helpers shared with lori.py
 # ---------------------------------------------------------------------------------------
 
-_LAYER_RE = re.compile(r"^(.*?\.\d+)(?:\.|$)")
-
-
-def layer_key(module_name: str) -> str:
-    """The transformer layer a module belongs to: its name up to the first numeric
-    component (``roberta.encoder.layer.3.attention.self.query`` -> ``roberta.encoder.layer.3``),
-    the same rule as ``LoRALayout.from_peft``; a name without one is its own layer."""
-    m = _LAYER_RE.match(module_name)
-    return m.group(1) if m else module_name
+from ..layout import layer_key  # noqa: E402  the one layer-key rule (LoRALayout's)
 
 
 def _check_rank(r) -> int:
