@@ -1,6 +1,6 @@
 """Stage 2: the solve, a map from the small Gram matrices to combine weights.
 
-:class:`Solve` is the interface (forward and reverse mode); :class:`PCGrad` is the
+:class:`Solve` is the interface (forward and reverse mode); :class:`PCGradSolve` is the
 built-in one (Ortho-LoRA's sequential projection); :func:`register_solve` and
 :func:`get_solve` name them for the custom op. Gram and combine, the memory-bound
 passes, belong to the backends (:mod:`ortholora_kernels.backends.base`).
@@ -153,7 +153,7 @@ class Solve(ABC):
         """
 
 
-class PCGrad(Solve):
+class PCGradSolve(Solve):
     """Ortho-LoRA / PCGrad: the sequential projection in random orders (the default)."""
 
     name = "pcgrad"
@@ -198,4 +198,4 @@ def get_solve(name: str) -> Solve:
         raise ValueError(f"solve: expected one of {sorted(_SOLVES)}, got {name!r}") from None
 
 
-register_solve(PCGrad())
+register_solve(PCGradSolve())

@@ -7,12 +7,12 @@ import ortholora_kernels as ok
 from ortholora_kernels import backends
 from ortholora_kernels.backends.base import Backend
 from ortholora_kernels.ops import _project_op
-from ortholora_kernels.solve import PCGrad, Solve, get_solve, register_solve, weighting_solution
+from ortholora_kernels.solve import PCGradSolve, Solve, get_solve, register_solve, weighting_solution
 
 
 
-class StagedPCGrad(PCGrad):
-    """PCGrad with fusion off: the op must compose Gram, solve and combine itself."""
+class StagedPCGrad(PCGradSolve):
+    """PCGradSolve with fusion off: the op must compose Gram, solve and combine itself."""
 
     name = "test-staged-pcgrad"
     fusable = False
@@ -91,7 +91,7 @@ def test_a_weighting_solve_plugs_in(target):
 
 
 def test_solve_registry_errors():
-    assert isinstance(get_solve("pcgrad"), PCGrad)
+    assert isinstance(get_solve("pcgrad"), PCGradSolve)
     with pytest.raises(ValueError, match="solve: expected one of"):
         get_solve("no-such-solve")
     with pytest.raises(TypeError, match="solve: expected a Solve"):
