@@ -1,7 +1,7 @@
 // Stage 2 on the host: the sequential projection on one T x T Gram matrix (float64).
 // Pure C++ (no torch); the same arithmetic as ortholora_kernels/solve.py:
 //   C = I; for every task i, for k = 0..T-1 with j = order[i, k]:
-//     valid = j != i and G[j, j] > 0            (skip self, never divide by zero)
+//     valid = j in [0, T), j != i, G[j, j] > 0   (skip self and out-of-range j, never divide by zero)
 //     inner = sum_m C[i, m] G[j, m]              (g_i' . g_j through the Gram matrix)
 //     C[i, j] -= min(inner, 0) / G[j, j]         (NaN propagates, like torch.clamp)
 //     nproj += valid and inner < 0
@@ -11,7 +11,8 @@
 
 namespace ortholora {
 
-// G, C: T x T row-major; order: T x T (entries must be in [0, T)). Returns nproj.
+// G, C: T x T row-major; order: T x T. An entry outside [0, T) is skipped, never read
+// through (the contract of every backend, see ARCHITECTURE.md). Returns nproj.
 inline int32_t solve_one(const double* G, const int64_t* order, int T, double* C) {
   int32_t nproj = 0;
   for (int64_t q = 0; q < static_cast<int64_t>(T) * T; ++q) C[q] = 0.0;
@@ -21,8 +22,9 @@ inline int32_t solve_one(const double* G, const int64_t* order, int T, double* C
     const int64_t* ord = order + static_cast<int64_t>(i) * T;
     for (int k = 0; k < T; ++k) {
       const int64_t j = ord[k];
+      if (j < 0 || j >= T || j == i) continue;
       const double norm2 = G[j * T + j];
-      if (j == i || !(norm2 > 0.0)) continue;
+      if (!(norm2 > 0.0)) continue;
       const double* gj = G + j * T;
       double inner = 0.0;
       for (int m = 0; m < T; ++m) inner += row[m] * gj[m];

@@ -7,27 +7,27 @@ Public names:
     ProjectionResult   what ``project(..., return_stats=True)`` returns
     backends_available which backends can run on a device, and why not
     reference          the literal float64 algorithm (test oracle)
+    LoRALayout         the flat [T, N] buffer over a model's LoRA parameters, and its segments
+    OrthoLoRA          the training-loop projector (collect -> project -> write .grad)
+    per_task_mean_loss the sum of per-task mean losses of one concatenated batch
+    PCGrad             Pytorch-PCGrad's API over OrthoLoRA
+
+Integrations (HF Trainer, torch.distributed) live in ``ortholora_kernels.integrations``
+and the GLUE harness in ``ortholora_kernels.glue``; neither is imported here. The map of
+the package is ARCHITECTURE.md.
 """
 from . import reference
 from .backends import backends_available
-from .ops import project
-from .result import ProjectionResult
-
-__all__ = ["project", "ProjectionResult", "backends_available", "reference"]
-__version__ = "0.1.0"
-
-# Training-loop integration (issue 8): layout of the LoRA parameters, per-task gradient
-# collection (loop / grouped), the OrthoLoRA projector. Integrations (HF Trainer,
-# torch.distributed) live in ortholora_kernels.integrations (imported lazily).
 from .collect import per_task_mean_loss
 from .layout import LoRALayout
+from .ops import project
 from .projector import OrthoLoRA
 from .pcgrad import PCGrad   # Pytorch-PCGrad's API over OrthoLoRA (the compatibility path)
-
-__all__ += ["LoRALayout", "OrthoLoRA", "per_task_mean_loss", "PCGrad"]
-
-# The Gramian family of aggregators (issue 16): UPGrad, MGDA, CAGrad, ... on the same
-# Gram / solve / combine engine; solve modules in ortholora_kernels.solvers.
+from .result import ProjectionResult
+# The Gramian family of aggregators (UPGrad, MGDA, CAGrad, ...) on the same Gram / solve /
+# combine engine; one solve module per method in ortholora_kernels.solvers.
 from .aggregate import AggregationResult, Aggregator, GradVac, aggregate
 
-__all__ += ["aggregate", "Aggregator", "GradVac", "AggregationResult"]
+__all__ = ["project", "aggregate", "Aggregator", "GradVac", "AggregationResult", "ProjectionResult",
+           "backends_available", "reference", "LoRALayout", "OrthoLoRA", "per_task_mean_loss", "PCGrad"]
+__version__ = "0.1.0"

@@ -127,11 +127,16 @@ def check_reduction(reduction) -> str:
 
 
 def check_order(order, t: int, s: int, device) -> torch.Tensor:
-    """Validate a user order and expand it to ``[S, T, T]`` int64 (no host sync)."""
+    """Validate a user order (int64 or int32) and expand it to ``[S, T, T]`` int64 (no host sync).
+
+    Values are not read here (that would be a host sync on a device): see
+    :func:`check_order_values`, and ARCHITECTURE.md for what backends do with an
+    out-of-range value (skip it).
+    """
     if not isinstance(order, torch.Tensor):
         raise TypeError(f"order: expected an int64 tensor of shape [T, T] or [S, T, T], got {type(order).__name__}")
     if order.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"order: expected an int64 tensor, got {order.dtype}")
+        raise TypeError(f"order: expected an int64 (or int32) tensor, got {order.dtype}")
     if order.device != torch.device(device):
         raise ValueError(f"order: expected a tensor on the device of grads ({device}), got {order.device}")
     if order.dim() not in (2, 3) or (order.dim() == 3 and order.shape[0] != s):

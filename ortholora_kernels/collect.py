@@ -1,6 +1,6 @@
 """Per-task gradients of the shared LoRA parameters, written into a ``[T, N]`` buffer.
 
-Two collectors give the same numbers (DESIGN.md section 6):
+Two collectors give the same numbers (ARCHITECTURE.md, "Per-task gradients"):
 
 * :class:`LoopCollector` (the paper's method): each task's gradient comes from its own
   backward pass (either a separate forward/backward per task batch, or T backward passes
@@ -176,9 +176,8 @@ class TaskGroups:
 class LoopCollector:
     """Per-task gradients from one backward pass per task (the paper's loop).
 
-    Wrap each task's backward in :meth:`task` (or call :meth:`backward` with T losses of one
-    forward): the LoRA ``.grad`` produced inside is added into the task's buffer row and
-    reset to ``None``. Other parameters (heads) accumulate ``.grad`` as usual.
+    Wrap each task's backward in :meth:`task`: the LoRA ``.grad`` produced inside is added
+    into the task's buffer row and reset to ``None``. Other parameters (heads) accumulate ``.grad`` as usual.
     """
 
     def __init__(self, layout: LoRALayout, num_tasks: int, get_buffer):

@@ -6,7 +6,7 @@ maps each one to a column range of a flat buffer. The order is
     all A-side matrices (layer by layer, module by module), then
     all B-side matrices (layer by layer, module by module)
 
-so that every granularity of DESIGN.md section 3 is a list of contiguous column segments:
+so that every granularity (ARCHITECTURE.md, "Segments") is a list of contiguous column segments:
 
 * ``"global"``: one segment ``[0, N]``;
 * ``"ab"``:     ``[0, N_A, N]`` (all A's, all B's);
@@ -65,7 +65,7 @@ class LoRAEntry:
 _LAYER_INDEX = re.compile(r"^(.*?\.\d+)(?:\.|$)")
 
 
-def _layer_key(module_name: str) -> str:
+def layer_key(module_name: str) -> str:
     """The transformer-layer prefix of a module name: up to its first numeric component.
 
     ``base_model.model.roberta.encoder.layer.3.attention.self.query`` -> ``...layer.3``.
@@ -130,8 +130,6 @@ class LoRALayout:
             ValueError: no trainable parameter, a bad ``side``, a parameter given twice.
             TypeError: an entry that is neither a triple nor a 4-tuple of the right types.
         """
-        if callable(getattr(entries, "entries", None)):  # e.g. glue.mtl_lora.AdapterParams
-            entries = entries.entries()
         flat: list[tuple[str, str, str, object]] = []
         for i, e in enumerate(entries):
             if not isinstance(e, (tuple, list)):
@@ -172,14 +170,14 @@ class LoRALayout:
             lora_a = getattr(mod, "lora_A", None)
             lora_b = getattr(mod, "lora_B", None)
             if isinstance(lora_a, nn.ModuleDict) and isinstance(lora_b, nn.ModuleDict) and adapter_name in lora_a:
-                layer = _layer_key(mname)
+                layer = layer_key(mname)
                 a, b = lora_a[adapter_name], lora_b[adapter_name]
                 flat.append((layer, "A", f"{mname}.lora_A.{adapter_name}.weight", a if isinstance(a, nn.Linear) else a.weight))
                 flat.append((layer, "B", f"{mname}.lora_B.{adapter_name}.weight", b if isinstance(b, nn.Linear) else b.weight))
             ea = getattr(mod, "lora_embedding_A", None)
             eb = getattr(mod, "lora_embedding_B", None)
             if isinstance(ea, nn.ParameterDict) and isinstance(eb, nn.ParameterDict) and adapter_name in ea:
-                layer = _layer_key(mname)
+                layer = layer_key(mname)
                 flat.append((layer, "A", f"{mname}.lora_embedding_A.{adapter_name}", ea[adapter_name]))
                 flat.append((layer, "B", f"{mname}.lora_embedding_B.{adapter_name}", eb[adapter_name]))
         if not flat:

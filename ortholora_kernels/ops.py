@@ -6,6 +6,8 @@ memory (:class:`ortholora_kernels.backends.base.Backend`) and a solve
 """
 from __future__ import annotations
 
+from typing import Literal, Sequence
+
 import torch
 
 from . import backends
@@ -102,8 +104,10 @@ def _backward(ctx, dout, *_):
 _project_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def project(grads, segments=None, *, order=None, generator=None, reduction="sum", backend=None,
-            return_stats=False, check_finite=False):
+def project(grads: torch.Tensor, segments: Sequence[int] | torch.Tensor | None = None, *,
+            order: torch.Tensor | None = None, generator: torch.Generator | None = None,
+            reduction: Literal["sum", "mean", "none"] = "sum", backend: str | None = None,
+            return_stats: bool = False, check_finite: bool = False) -> torch.Tensor | ProjectionResult:
     """Project conflicting task gradients (Ortho-LoRA / PCGrad) and reduce them.
 
     For each segment and each task i, ``g_i`` is projected, in the order ``order[s, i]``,
@@ -119,7 +123,10 @@ def project(grads, segments=None, *, order=None, generator=None, reduction="sum"
             Each segment is projected on its own (e.g. LoRA A and B apart).
         order: int64 ``[T, T]`` or ``[S, T, T]``; row i is the order in which task i visits
             the others (entry i is skipped). None draws fresh random orders on the
-            device from ``generator``.
+            device from ``generator``. A CPU order in eager mode must hold permutations
+            (ValueError otherwise); a device order (or one under torch.compile) is not
+            read on the host: every backend skips an entry outside ``[0, T)`` like a
+            self-visit and computes in-range repeats as written.
         generator: a ``torch.Generator`` on the device of ``grads`` for drawn orders.
         reduction: "sum" (the paper), "mean", or "none" (projected ``[T, N]``).
         backend: "torch", "triton", "native", "auto" or None (``$ORTHOLORA_BACKEND``, else

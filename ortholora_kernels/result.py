@@ -11,15 +11,16 @@ import torch
 class ProjectionResult:
     """Output of a projection plus the small per-segment matrices behind it.
 
-    Every field is a device tensor; nothing here forces a host sync until you convert a
-    value to a Python number (``.item()``, ``float(...)``, printing).
+    The tensors live on the device of the input; ``offsets`` (a tuple of ints) and
+    ``reduction`` (a str) are host values. Nothing here forces a host sync until you
+    convert a value to a Python number (``.item()``, ``float(...)``, printing).
 
     Attributes:
         output: ``[N]`` for reductions "sum"/"mean", ``[T, N]`` for "none"; input dtype.
-        gram: ``[S, T, T]`` Gram matrices ``G[s] = X_s X_s^T`` (float32 or float64).
-        coeffs: ``[S, T, T]`` coefficients ``C``: projected ``g_i' = sum_k C[s, i, k] g_k``.
-        num_projections: ``[S]`` int tensor, projections performed per segment.
-        order: ``[S, T, T]`` the visiting orders used.
+        gram: ``[S, T, T]`` float64 Gram matrices ``G[s] = X_s X_s^T``.
+        coeffs: ``[S, T, T]`` float64 coefficients ``C``: projected ``g_i' = sum_k C[s, i, k] g_k``.
+        num_projections: ``[S]`` int32, projections performed per segment.
+        order: ``[S, T, T]`` int64, the visiting orders used.
         offsets: the segment column offsets ``(0, ..., N)``.
         reduction: the reduction applied.
     """

@@ -1,6 +1,6 @@
 """Stage 2: the solve, a map from the small Gram matrices to combine weights.
 
-:class:`Solve` is the interface (forward and reverse mode); :class:`PCGrad` is the
+:class:`Solve` is the interface (forward and reverse mode); :class:`PCGradSolve` is the
 built-in one (Ortho-LoRA's sequential projection); :func:`register_solve` and
 :func:`get_solve` name them for the custom op. Gram and combine, the memory-bound
 passes, belong to the backends (:mod:`ortholora_kernels.backends.base`).
@@ -19,13 +19,24 @@ from typing import ClassVar, NamedTuple
 import torch
 
 
-def _step(gram, diag, coeffs, j, tasks):
+def _visit(order: torch.Tensor, k: int, t: int):
+    """``(j, in_range)`` of step ``k``: out-of-range entries point at task 0 and are skipped.
+
+    Orders on a device are never validated (that would be a host sync); every backend
+    skips an entry outside ``[0, T)`` and never reads memory through it.
+    """
+    j = order[:, :, k]
+    in_range = (j >= 0) & (j < t)
+    return torch.where(in_range, j, torch.zeros_like(j)), in_range
+
+
+def _step(gram, diag, coeffs, j, in_range, tasks):
     """One visit of every (s, i) to ``j = order[:, :, k]``: the quantities of the step."""
     s, t, _ = gram.shape
     g_j = gram.gather(1, j.unsqueeze(-1).expand(s, t, t))        # rows G[s, j, :]
     inner = (coeffs * g_j).sum(dim=-1)                           # g_i' . g_j
     norm2 = diag.gather(1, j)                                    # ||g_j||^2
-    valid = (j != tasks) & (norm2 > 0)                           # skip self, never divide by 0
+    valid = in_range & (j != tasks) & (norm2 > 0)                # skip self, never divide by 0
     safe = torch.where(valid, norm2, torch.ones_like(norm2))
     coef = torch.where(valid, torch.clamp(inner, max=0) / safe, torch.zeros_like(inner))
     return g_j, inner, safe, valid, coef
@@ -45,10 +56,10 @@ def solve(gram: torch.Tensor, order: torch.Tensor, *, history: list | None = Non
     tasks = torch.arange(t, device=gram.device)
     nproj = torch.zeros(s, dtype=torch.int32, device=gram.device)
     for k in range(t):
-        j = order[:, :, k]                                       # [S, T]: task i visits j
+        j, in_range = _visit(order, k, t)                        # [S, T]: task i visits j
         if history is not None:
             history.append(coeffs)
-        _, inner, _, valid, coef = _step(gram, diag, coeffs, j, tasks)
+        _, inner, _, valid, coef = _step(gram, diag, coeffs, j, in_range, tasks)
         if allowed is not None:
             valid = valid & allowed.gather(-1, j.unsqueeze(-1)).squeeze(-1)
             coef = torch.where(valid, coef, torch.zeros_like(coef))
@@ -71,9 +82,9 @@ def solve_vjp(gram: torch.Tensor, order: torch.Tensor, coeffs_grad: torch.Tensor
     cbar = coeffs_grad.to(gram.dtype)
     gbar = torch.zeros_like(gram)
     for k in reversed(range(t)):
-        j = order[:, :, k]
+        j, in_range = _visit(order, k, t)
         coeffs = history[k]
-        g_j, inner, safe, valid, _ = _step(gram, diag, coeffs, j, tasks)
+        g_j, inner, safe, valid, _ = _step(gram, diag, coeffs, j, in_range, tasks)
         active = valid & (inner < 0)                             # where coef = inner / norm2
         coef_bar = -cbar.gather(-1, j.unsqueeze(-1)).squeeze(-1)
         inner_bar = torch.where(active, coef_bar / safe, torch.zeros_like(coef_bar))
@@ -147,7 +158,7 @@ class Solve(ABC):
         """
 
 
-class PCGrad(Solve):
+class PCGradSolve(Solve):
     """Ortho-LoRA / PCGrad: the sequential projection in random orders (the default)."""
 
     name = "pcgrad"
@@ -192,4 +203,4 @@ def get_solve(name: str) -> Solve:
         raise ValueError(f"solve: expected one of {sorted(_SOLVES)}, got {name!r}") from None
 
 
-register_solve(PCGrad())
+register_solve(PCGradSolve())

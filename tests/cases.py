@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from ortholora_kernels import reference
+from ortholora_kernels import backends, ops, reference
 
 # Relative tolerances against the float64 reference, by input dtype. The output is
 # rounded to the input dtype once, after fp32 (or fp64) accumulation.
@@ -55,3 +55,60 @@ def assert_matches_reference(out, x, segments=None, *, order, reduction="sum", r
     worst = (err / bound).max().item() if err.numel() else 0.0
     assert worst <= 1.0, f"max error is {worst:.3g}x the bound (rtol={rtol}, dtype={x.dtype})"
     return ref
+
+
+# Largest N the Triton interpreter gets in matrix cases (it runs ~1000x slower than a GPU).
+INTERP_MAX_N = 1000
+
+
+class Target:
+    """One (backend, device) pair of the test matrix; builds inputs on its device."""
+
+    def __init__(self, backend: str, device: str):
+        self.backend, self.device = backend, device
+
+    @property
+    def interpreted(self) -> bool:
+        """Triton kernels on CPU tensors: the interpreter."""
+        return self.backend == "triton" and self.device == "cpu"
+
+    @property
+    def id(self) -> str:
+        """``native-cpu``, ``triton-interp``, ``torch-cuda``, ..."""
+        return "triton-interp" if self.interpreted else f"{self.backend}-{self.device}"
+
+    def __repr__(self) -> str:
+        return self.id
+
+    def unavailable(self) -> str | None:
+        """None when the pair can run here, else the backend's reason."""
+        return backends.availability(self.backend, self.device)
+
+    @property
+    def max_tasks(self) -> int | None:
+        """The backend's limit on T on this device (native on CUDA: 32), None if none."""
+        return backends._MAX_TASKS.get(self.device, {}).get(self.backend)
+
+    def too_many_tasks(self, t: int) -> bool:
+        """Whether ``t`` tasks exceed :attr:`max_tasks` (an explicit choice then raises)."""
+        return self.max_tasks is not None and t > self.max_tasks
+
+    def size(self, n: int) -> int:
+        """``n`` columns, capped for the interpreter (the case keeps its id and its structure)."""
+        return min(n, INTERP_MAX_N) if self.interpreted else n
+
+    def segments(self, n: int, s: int, *, seed: int = 0) -> list[int]:
+        """Ragged offsets over ``n`` columns (``n`` already sized with :meth:`size`)."""
+        return random_segments(n, s, seed=seed)
+
+    def grads(self, t: int, n: int, **kw) -> torch.Tensor:
+        """:func:`make_grads` on this pair's device."""
+        return make_grads(t, n, device=self.device, **kw)
+
+    def order(self, t: int, s: int | None = None, *, seed: int = 0) -> torch.Tensor:
+        """:func:`random_order` on this pair's device."""
+        return random_order(t, s, seed=seed, device=self.device)
+
+    def project(self, x, segments=None, **kw):
+        """``ortholora_kernels.project`` on this pair's backend."""
+        return ops.project(x, segments, backend=self.backend, **kw)

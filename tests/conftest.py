@@ -1,23 +1,56 @@
+"""The test matrix: every op test that takes the ``target`` fixture runs on every
+(backend, device) pair of the registry, with ids like ``test_x[native-cpu-...]``.
+
+Pairs: ``torch-cpu``, ``native-cpu``, ``triton-interp`` (the Triton kernels on CPU
+tensors through TRITON_INTERPRET=1, marked ``interpreter``, interpreter-sized shapes),
+and ``torch-cuda``, ``native-cuda``, ``triton-cuda`` (marked ``gpu``; skipped without a
+GPU). A pair whose backend cannot run (not built, triton missing) is skipped with the
+backend's own reason. See ARCHITECTURE.md, "Test matrix".
+"""
 import os
 
 import pytest
 import torch
 
-from ortholora_kernels import backends_available
+from cases import Target
 
-# Backends that run directly on CPU tensors (triton needs the interpreter: its tests
-# live in test_triton.py under the `interpreter` marker).
-CPU_BACKENDS = [name for name, (ok, _) in backends_available("cpu").items() if ok and name != "triton"]
+# The registry (ortholora_kernels.backends.BACKENDS) x the devices tests can reach.
+PAIRS = [Target(backend, device) for device in ("cpu", "cuda") for backend in ("torch", "native", "triton")]
 
 
-@pytest.fixture(params=CPU_BACKENDS)
-def backend(request):
-    return request.param
+def _param(target: Target):
+    marks = []
+    if target.interpreted:
+        marks.append(pytest.mark.interpreter)
+    elif target.device == "cuda":
+        marks.append(pytest.mark.gpu)
+    return pytest.param(target, id=target.id, marks=marks)
+
+
+def _usable(t: Target) -> Target:
+    if t.device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    reason = t.unavailable()
+    if reason is not None:
+        pytest.skip(f"{t.id}: {reason}")
+    return t
+
+
+@pytest.fixture(params=[_param(t) for t in PAIRS])
+def target(request) -> Target:
+    """One (backend, device) pair; skips (with the backend's reason) where it cannot run."""
+    return _usable(request.param)
+
+
+@pytest.fixture(params=[_param(t) for t in PAIRS if t.device == "cuda"])
+def cuda_target(request) -> Target:
+    """The CUDA pairs only, for what exists only on a GPU (graph capture, GPU-sized shapes)."""
+    return _usable(request.param)
 
 
 def pytest_collection_modifyitems(config, items):
     interp = os.environ.get("TRITON_INTERPRET") == "1"
-    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU (CPU twin runs instead)")
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
     for item in items:
         if "gpu" in item.keywords and not torch.cuda.is_available():
             item.add_marker(skip_gpu)

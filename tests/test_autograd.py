@@ -11,11 +11,13 @@ from cases import make_grads, random_order
 
 @pytest.mark.parametrize("reduction", ["sum", "mean", "none"])
 @pytest.mark.parametrize("t,segs", [(1, [0, 9]), (2, [0, 4, 9]), (4, [0, 3, 9]), (6, [0, 1, 2, 9])])
-def test_gradcheck_float64(backend, reduction, t, segs):
-    x = make_grads(t, 9, dtype=torch.float64, seed=40 + t, shared=-0.6).requires_grad_()
-    order = random_order(t, len(segs) - 1, seed=41 + t)
-    fn = lambda v: ok.project(v, segs, order=order, reduction=reduction, backend=backend)  # noqa: E731
-    assert torch.autograd.gradcheck(fn, (x,), eps=1e-6, atol=1e-6, rtol=1e-5)
+def test_gradcheck_float64(target, reduction, t, segs):
+    x = target.grads(t, 9, dtype=torch.float64, seed=40 + t, shared=-0.6).requires_grad_()
+    order = target.order(t, len(segs) - 1, seed=41 + t)
+    fn = lambda v: target.project(v, segs, order=order, reduction=reduction)  # noqa: E731
+    # fast_mode (one random direction) under the interpreter: the full Jacobian costs
+    # 2 T N interpreted launches; the exact backward is checked in the next test.
+    assert torch.autograd.gradcheck(fn, (x,), eps=1e-6, atol=1e-6, rtol=1e-5, fast_mode=target.interpreted)
 
 
 def test_gradient_matches_autograd_through_reference_formula():
@@ -55,29 +57,56 @@ def test_weights_vjp_is_the_adjoint(reduction):
 
 
 @pytest.mark.parametrize("reduction", ["sum", "none"])
-def test_opcheck(backend, reduction):
-    order = random_order(4, 2, seed=46)
-    for x in (make_grads(4, 30, seed=47), make_grads(4, 30, seed=47, dtype=torch.float64).requires_grad_()):
-        torch.library.opcheck(_project_op, (x, [0, 10, 30], order, reduction, backend))
-    x = make_grads(4, 30, seed=48)
-    dout = torch.randn(30) if reduction == "sum" else torch.randn(4, 30)
-    gram = torch.randn(2, 4, 4, dtype=torch.float64)
-    torch.library.opcheck(_project_backward_op, (x, dout, gram, order, [0, 10, 30], reduction, backend))
+@pytest.mark.parametrize("t,dtype", [(1, torch.float32), (3, torch.float64), (8, torch.float32),
+                                     (17, torch.float32), (5, torch.float16)])
+def test_backward_matches_autograd_through_the_solve(target, reduction, t, dtype):
+    """dX of the op (backend passes + hand-written solve VJP) == autograd through a
+    pure-torch float64 Gram formulation, for every pair and input dtype."""
+    x = target.grads(t, 150, seed=80 + t, shared=-0.6, dtype=dtype)
+    segs = [0, 1, 60, 150]
+    order = target.order(t, 3, seed=81)
+    xx = x.clone().requires_grad_()
+    out = target.project(xx, segs, order=order, reduction=reduction)
+    dy = torch.randn(out.shape, generator=torch.Generator().manual_seed(82), dtype=torch.float64)
+    (got,) = torch.autograd.grad(out, xx, dy.to(dtype=dtype, device=target.device))
+    assert got.dtype == dtype and got.device == x.device
+    x64 = x.detach().cpu().double().requires_grad_()
+    parts = []
+    for s, (lo, hi) in enumerate(zip(segs, segs[1:])):
+        xs = x64[:, lo:hi]
+        c, _ = solve((xs @ xs.T).unsqueeze(0), order[s:s + 1].cpu())
+        parts.append(weights(c, reduction)[0] @ xs)
+    want = torch.cat(parts, dim=1)
+    (want,) = torch.autograd.grad(want if reduction == "none" else want[0], x64, dy.to(dtype).double())
+    rtol = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 4e-3}[dtype]
+    torch.testing.assert_close(got.cpu().double(), want, rtol=rtol, atol=rtol * float(want.abs().max()))
 
 
-def test_compile_fullgraph_forward_and_training_step(backend):
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+def test_opcheck(target, reduction):
+    order = target.order(4, 2, seed=46)
+    for x in (target.grads(4, 30, seed=47), target.grads(4, 30, seed=47, dtype=torch.float64).requires_grad_()):
+        torch.library.opcheck(_project_op, (x, [0, 10, 30], order, reduction, target.backend))
+    x = target.grads(4, 30, seed=48)
+    g = torch.Generator().manual_seed(49)
+    dout = torch.randn((30,) if reduction == "sum" else (4, 30), generator=g).to(target.device)
+    gram = torch.randn(2, 4, 4, dtype=torch.float64, generator=g).to(target.device)
+    torch.library.opcheck(_project_backward_op, (x, dout, gram, order, [0, 10, 30], reduction, target.backend))
+
+
+def test_compile_fullgraph_forward_and_training_step(target):
     torch._dynamo.reset()
-    x = make_grads(4, 64, seed=49, shared=-0.5)
-    order = random_order(4, 2, seed=50)
+    x = target.grads(4, 64, seed=49, shared=-0.5)
+    order = target.order(4, 2, seed=50)
 
     def fn(v):
-        return ok.project(v * 2.0, [0, 20, 64], order=order, backend=backend, return_stats=True).output + 1.0
+        return target.project(v * 2.0, [0, 20, 64], order=order, return_stats=True).output + 1.0
 
     compiled = torch.compile(fn, fullgraph=True)
     torch.testing.assert_close(compiled(x), fn(x))
 
     def step(v):
-        out = ok.project(v, [0, 20, 64], order=order, backend=backend)
+        out = target.project(v, [0, 20, 64], order=order)
         return (out * out).sum()
 
     v1 = x.clone().requires_grad_()
@@ -96,14 +125,14 @@ def test_compile_with_drawn_orders_has_no_graph_break():
     assert not counters["graph_break"]
 
 
-def test_compile_fullgraph_with_a_changing_task_count(backend):
+def test_compile_fullgraph_with_a_changing_task_count(target):
     """T changes between calls (dynamic shapes): dispatch stays traceable, no graph break."""
     torch._dynamo.reset()
-    fn = torch.compile(lambda v, o: ok.project(v, [0, 5, 16], order=o, backend=backend) * 2.0, fullgraph=True)
+    fn = torch.compile(lambda v, o: target.project(v, [0, 5, 16], order=o) * 2.0, fullgraph=True)
     for t in (3, 4, 5):
-        x = make_grads(t, 16, seed=52 + t, shared=-0.5)
-        order = random_order(t, 2, seed=53 + t)
-        torch.testing.assert_close(fn(x, order), ok.project(x, [0, 5, 16], order=order, backend=backend) * 2.0)
+        x = target.grads(t, 16, seed=52 + t, shared=-0.5)
+        order = target.order(t, 2, seed=53 + t)
+        torch.testing.assert_close(fn(x, order), target.project(x, [0, 5, 16], order=order) * 2.0)
 
 
 def test_compile_fullgraph_auto_backend_with_a_changing_task_count():

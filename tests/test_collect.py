@@ -101,7 +101,7 @@ def test_mtl_lora_shared_params_grouped_equals_loop():
                 p.normal_(0, 0.05)
     enc.train()
     ap = mtl.mtl_lora_parameters(enc)
-    layout = LoRALayout.from_params(ap, model=enc)
+    layout = LoRALayout.from_params(ap.entries(), model=enc)
     assert len(layout.segments("layer")) - 1 == 2 * 2  # A and B side of 2 layers
     assert sum(e.side == "B" for e in layout.entries) == 2 * 2 * 2  # query/value x 2 layers x n_B=2
     batch = make_batch([2, 0, 3], seq_len=6)

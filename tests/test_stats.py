@@ -5,31 +5,36 @@ import torch
 import ortholora_kernels as ok
 from ortholora_kernels import reference
 
-from cases import make_grads, random_order
 
 
-def test_stats_match_reference(backend):
-    x = make_grads(6, 3000, seed=30, shared=-0.6)
-    segs = [0, 1000, 1500, 3000]
-    order = random_order(6, 3, seed=31)
-    got = ok.project(x, segs, order=order, backend=backend, return_stats=True)
+@pytest.mark.parametrize("t", [1, 2, 6, 17])
+def test_stats_match_reference(target, t):
+    n = target.size(3000)
+    x = target.grads(t, n, seed=30 + t, shared=-0.6)
+    # Segments wider than T: with fewer columns than tasks, residual inner products are
+    # zero in exact arithmetic and their sign (hence the count) is rounding noise.
+    segs = [0, n // 3, n // 2, n]
+    order = target.order(t, 3, seed=31)
+    got = target.project(x, segs, order=order, return_stats=True)
     ref = reference.project(x, segs, order=order, return_stats=True)
-    assert got.gram.shape == got.coeffs.shape == (3, 6, 6)
+    assert got.gram.shape == got.coeffs.shape == (3, t, t)
     assert got.gram.dtype == got.coeffs.dtype == torch.float64
-    torch.testing.assert_close(got.gram.double(), ref.gram, rtol=1e-6, atol=1e-6 * float(ref.gram.abs().max()))
-    torch.testing.assert_close(got.coeffs.double(), ref.coeffs, rtol=1e-5, atol=1e-6)
-    assert torch.equal(got.num_projections.long(), ref.num_projections)
+    torch.testing.assert_close(got.gram.cpu(), ref.gram.cpu(), rtol=1e-6, atol=1e-6 * float(ref.gram.abs().max()))
+    torch.testing.assert_close(got.coeffs.cpu(), ref.coeffs.cpu(), rtol=1e-5, atol=1e-6)
+    assert torch.equal(got.num_projections.cpu(), ref.num_projections.cpu())
     assert torch.equal(got.order, order)
     assert got.offsets == tuple(segs)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("fn", ["backend", "reference"])
-def test_stats_dtype_contract(backend, fn, dtype):
+@pytest.mark.parametrize("fn", ["op", "reference"])
+def test_stats_dtype_contract(target, fn, dtype):
     """Every backend and the reference: G and C float64 [S, T, T], nproj int32 [S]."""
-    x = make_grads(3, 40, seed=33, shared=-0.6, dtype=dtype)
-    project = reference.project if fn == "reference" else ok.project
-    r = project(x, [0, 1, 40], backend=backend, return_stats=True)
+    if target.interpreted and dtype == torch.bfloat16:
+        pytest.skip("the Triton interpreter's bf16 arithmetic is wrong (ARCHITECTURE.md: bf16 runs on triton-cuda)")
+    x = target.grads(3, 40, seed=33, shared=-0.6, dtype=dtype)
+    project = reference.project if fn == "reference" else target.project
+    r = project(x, [0, 1, 40], return_stats=True)
     assert r.gram.dtype == r.coeffs.dtype == torch.float64 and r.gram.shape == r.coeffs.shape == (2, 3, 3)
     assert r.num_projections.dtype == torch.int32 and r.num_projections.shape == (2,)
     assert r.order.dtype == torch.int64 and r.order.shape == (2, 3, 3)
@@ -72,7 +77,7 @@ def test_pair_statistics_over_present_tasks_match_a_direct_count():
             assert int(r.present[s].sum()) == len(keep)
 
 
-def test_stats_stay_on_device_as_tensors(backend):
-    r = ok.project(make_grads(3, 50, seed=32), backend=backend, return_stats=True)
-    for value in (r.gram, r.coeffs, r.num_projections, r.cosine, r.conflict_fraction, r.mean_cosine):
-        assert isinstance(value, torch.Tensor) and value.device.type == "cpu"
+def test_stats_stay_on_device_as_tensors(target):
+    r = target.project(target.grads(3, 50, seed=32), return_stats=True)
+    for value in (r.gram, r.coeffs, r.num_projections, r.order, r.cosine, r.conflict_fraction, r.mean_cosine):
+        assert isinstance(value, torch.Tensor) and value.device.type == target.device

@@ -56,13 +56,21 @@ def register_method(cls):
     return cls
 
 
+#: lazy methods whose optional third-party dependency is missing: name -> reason
+_MISSING: dict[str, str] = {}
+
+
 def _import_lazy(name: str) -> None:
-    if name in METHODS or name not in LAZY_METHODS:
+    if name in METHODS or name not in LAZY_METHODS or name in _MISSING:
         return
     try:
         importlib.import_module(LAZY_METHODS[name])   # registers the method, if it defines one
-    except ImportError:
-        pass
+    except ModuleNotFoundError as exc:
+        # Only a missing third-party package makes a method unavailable; a broken module
+        # of this package is a bug and must surface, not show up as "unknown method".
+        if (exc.name or "").split(".")[0] == "ortholora_kernels":
+            raise
+        _MISSING[name] = f"needs the missing package {exc.name!r}"
 
 
 def available_methods() -> list[str]:
@@ -78,6 +86,8 @@ def get_method(name: str):
     try:
         return METHODS[name]
     except KeyError:
+        if name in _MISSING:
+            raise ValueError(f"method {name!r} {_MISSING[name]}") from None
         raise ValueError(f"unknown method {name!r} (known: {', '.join(available_methods())})") from None
 
 
@@ -307,22 +317,18 @@ def aggregator_kwargs(cfg) -> dict:
 
 
 def _generators(p):
-    """The projector's order generator(s), created now if lazy (so a resume can set them)."""
-    get = getattr(p, "_get_generator", None)
-    if callable(get) and getattr(p, "seed", None) is not None:
-        layout = getattr(p, "layout", None)
-        device = getattr(layout, "device", None) or torch.device("cpu")
-        return [("_generator", get(device))]
-    gens = []
-    for attr in ("generator", "_generator"):
-        g = getattr(p, attr, None)
-        if isinstance(g, torch.Generator):
-            gens.append((attr, g))
-    return gens
+    """Public order generator(s) of a projector that is not an OrthoLoRA (none if absent)."""
+    g = getattr(p, "generator", None)
+    return [("generator", g)] if isinstance(g, torch.Generator) else []
 
 
 def projector_state(p):
-    """The projector's order generator state(s) and step count (for a checkpoint)."""
+    """The projector's resumable state (for a checkpoint): ``OrthoLoRA.state_dict()``, or
+    the public generator and step count of another projector."""
+    from ortholora_kernels import OrthoLoRA
+
+    if isinstance(p, OrthoLoRA):
+        return {"ortholora": p.state_dict()}
     state = {"generators": {a: g.get_state() for a, g in _generators(p)},
              "num_steps": getattr(p, "num_steps", None)}
     agg = getattr(p, "_aggregator", None)
@@ -332,8 +338,17 @@ def projector_state(p):
 
 
 def load_projector_state(p, s):
-    """Restore :func:`projector_state` (no-op for None)."""
+    """Restore :func:`projector_state` (no-op for None; reads the older generator format too)."""
+    from ortholora_kernels import OrthoLoRA
+
     if not s:
+        return
+    if isinstance(p, OrthoLoRA):
+        if "ortholora" in s:
+            p.load_state_dict(s["ortholora"])
+        elif s.get("num_steps") is not None:   # checkpoints written before state_dict was used
+            p.load_state_dict({"num_steps": s["num_steps"],
+                               "generator": s.get("generators", {}).get("_generator")})
         return
     for a, g in _generators(p):
         if a in s.get("generators", {}):

@@ -89,15 +89,7 @@ DEFAULT_KEEP_TRAINABLE = ("classifier", "score", "head")
 # helpers shared with lori.py
 # ---------------------------------------------------------------------------------------
 
-_LAYER_RE = re.compile(r"^(.*?\.\d+)(?:\.|$)")
-
-
-def layer_key(module_name: str) -> str:
-    """The transformer layer a module belongs to: its name up to the first numeric
-    component (``roberta.encoder.layer.3.attention.self.query`` -> ``roberta.encoder.layer.3``),
-    the same rule as ``LoRALayout.from_peft``; a name without one is its own layer."""
-    m = _LAYER_RE.match(module_name)
-    return m.group(1) if m else module_name
+from ..layout import layer_key  # noqa: E402  the one layer-key rule (LoRALayout's)
 
 
 def _check_rank(r) -> int:
@@ -209,8 +201,8 @@ class AdapterParams:
     def layout(self):
         """``LoRALayout.from_params(self.entries())``: the Ortho-LoRA buffer layout over the
         shared parameters (frozen ones skipped), for ``OrthoLoRA(layout, T, ...)``.
-        MTL-LoRA works with ``collect="grouped"`` and ``"loop"``; LoRI (B masked in the
-        forward, not an nn.Linear) with ``collect="loop"`` only."""
+        MTL-LoRA and LoRI both work with ``collect="grouped"`` and ``"loop"`` (LoRI's masked
+        B is given as an ``nn.Linear`` for the grouped collector, see method_lori.py)."""
         from ..layout import LoRALayout
 
         return LoRALayout.from_params(self.entries())

@@ -3,7 +3,7 @@
 Names are imported lazily so that ``import ortholora_kernels`` needs neither transformers
 nor an initialised process group:
 
-    OrthoLoRATrainer, MultiTaskCollator, OrthoLoRAArguments   (trainer.py, needs transformers)
+    OrthoLoRATrainer, MultiTaskCollator                       (trainer.py, needs transformers)
     all_reduce_task_grads, all_reduce_grads, exclude_from_ddp, broadcast_params,
     global_task_counts                                        (distributed.py)
     OrthoLoRACallback                                         (lightning.py, needs lightning)
