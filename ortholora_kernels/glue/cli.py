@@ -2,7 +2,10 @@
 
 Subcommands:
     train     train one method (single | joint | ortho | mtl-lora | lori) on GLUE tasks
-    compare   markdown table (tasks x runs, GLUE average) + overlaid learning curves
+    compare   markdown table (tasks x runs, GLUE average) + overlaid learning curves; runs that
+              differ only in seed: mean and 95% Student-t interval, paired differences
+    sweep     a grid of train runs (methods x seeds x ranks x granularities), resumable;
+              --preset paper-checks
     demo      offline: synthetic GLUE-format suite, tiny RoBERTa, single vs joint vs ortho
     synth     write the synthetic suite (GLUE TSV layout) to a directory
 
@@ -166,10 +169,14 @@ def build_parser():
                        description="Print a markdown table (tasks x runs, with the GLUE average: per task the "
                                    "mean of its official metrics x100, then the mean over tasks) and the "
                                    "trainable parameter counts: adapter (summed over per-task adapters) and "
-                                   "heads.")
+                                   "heads. Runs whose config.json differ only in the seed are grouped: mean "
+                                   "and 95% Student-t interval over the seeds (n shown) per task and for "
+                                   "the average, and paired differences (A - B over the seeds both have) "
+                                   "between configurations that differ only in the method.")
     c.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories (each with results.json)")
     c.add_argument("--out", default=None, help="also write the table to this markdown file and the overlaid "
-                   "learning curves next to it (<name>_curves.png)")
+                   "learning curves next to it (<name>_curves.png; the mean over seeds per configuration), "
+                   "and with repeated seeds the error-bar plot <name>_seeds.png")
     d = sub.add_parser("demo", help="offline demo: synthetic suite, tiny model, single vs joint vs ortho",
                        description="Offline, a few minutes on 2 CPU cores: writes the synthetic GLUE-format "
                                    "suite, trains single, joint and ortho with a tiny random RoBERTa, prints "
@@ -188,6 +195,7 @@ def build_parser():
     d.add_argument("--n-train", type=int, default=2000, help="synthetic training rows per task (default: %(default)s)")
     d.add_argument("--n-dev", type=int, default=400, help="synthetic dev rows per task (default: %(default)s)")
     _add_train_options(d, demo=True)
+    _add_experiment_parsers(sub)
     s = sub.add_parser("synth", help="write the synthetic suite in GLUE TSV layout",
                        description="Write the synthetic tasks (learnable, mildly conflicting) as GLUE TSV files.")
     s.add_argument("out", help="output directory (e.g. data/synthetic_glue)")
@@ -246,6 +254,21 @@ def _lori_config(a) -> dict:
     out = {n: getattr(a, n, None) for n in names}
     out["lori_shared_a"] = bool(getattr(a, "lori_shared_a", False))
     return out
+
+
+# ---- experiments (issue 17): the sweep subcommand; its own block --------------------------------
+def _add_experiment_parsers(sub):
+    from .sweep import add_sweep_parser
+
+    add_sweep_parser(sub)
+
+
+def cmd_sweep(a, extra=()):
+    """``sweep``: a grid of train runs, resumable, compared at the end (see :mod:`.sweep`)."""
+    from .sweep import cmd_sweep as run
+
+    return run(a, extra)
+# ---- end of the experiments block ---------------------------------------------------------------
 
 
 def _config_from_args(a, **over):
@@ -310,14 +333,17 @@ def cmd_train(a):
 
 
 def cmd_compare(a):
-    """``compare``: print (and optionally write) the table of finished runs and their curves."""
-    from .report import compare, load_results, plot_learning_curves, load_config, run_label
+    """``compare``: print (and optionally write) the table of finished runs and their plots."""
+    from .report import comparison_table, load_groups, write_comparison_plots
 
-    table = compare(a.runs, a.out)
+    groups = load_groups(a.runs)
+    table = comparison_table(groups)
     print(table, end="")
     if a.out:
-        runs = [(run_label(d, load_results(d), load_config(d)), load_results(d)) for d in a.runs]
-        plot_learning_curves(runs, os.path.splitext(a.out)[0] + "_curves.png")
+        from .checkpoint import atomic_write_text
+
+        atomic_write_text(a.out, table)
+        write_comparison_plots(groups, os.path.splitext(a.out)[0])
     return 0
 
 
@@ -399,12 +425,16 @@ def main(argv=None) -> int:
     parser = build_parser()
     try:
         try:
-            a = parser.parse_args(argv)
+            a, extra = parser.parse_known_args(argv)
+            if extra and a.command != "sweep":   # only sweep passes unknown options on (to train)
+                parser.error(f"unrecognized arguments: {' '.join(extra)}")
         except SystemExit as e:  # --help
             return int(e.code or 0)
         from .train import Stopped, TrainError
 
         try:
+            if a.command == "sweep":
+                return cmd_sweep(a, extra)
             return {"train": cmd_train, "compare": cmd_compare, "demo": cmd_demo, "synth": cmd_synth}[a.command](a)
         except Stopped as e:
             print(f"{PROG}: stopped after step {e.args[0]} (--stop-after-steps); continue with --resume",

@@ -241,16 +241,53 @@ def load_config(run_dir):
     return None
 
 
-def compare(run_dirs, out=None) -> str:
-    """Markdown table of the runs in ``run_dirs`` (also written to ``out`` if given)."""
+def load_groups(run_dirs) -> list:
+    """The finished runs in ``run_dirs`` grouped by configuration (runs differing only in seed
+    form one :class:`~.intervals.Group`)."""
+    from .intervals import group_runs
+
     runs = []
     for d in run_dirs:
         res = load_results(d)
-        runs.append((run_label(d, res, load_config(d)), res))
-    table = markdown_table(runs)
+        cfg = load_config(d)
+        runs.append((run_label(d, res, cfg), res, cfg, d))
+    return group_runs(runs)
+
+
+def comparison_table(groups) -> str:
+    """One row per run when every configuration has one run (seeds not repeated); otherwise
+    mean ± 95% t interval over seeds per configuration and the paired differences."""
+    from .intervals import seed_table
+
+    if all(len(g.runs) == 1 for g in groups):
+        return markdown_table([(g.label, g.runs[0][1]) for g in groups])
+    return seed_table(groups)
+
+
+def compare(run_dirs, out=None) -> str:
+    """Markdown table of the runs in ``run_dirs`` (also written to ``out`` if given); runs
+    that differ only in seed are summarised by their mean and 95% interval."""
+    table = comparison_table(load_groups(run_dirs))
     if out:
         atomic_write_text(out, table)
     return table
+
+
+def write_comparison_plots(groups, base: str) -> list:
+    """``<base>_curves.png`` (learning curves; the mean over seeds per configuration) and,
+    when some configuration has several seeds, ``<base>_seeds.png`` (means and paired
+    differences with 95% error bars). Returns the paths."""
+    from .intervals import mean_curves, plot_seed_intervals
+
+    seeded = any(len(g.runs) > 1 for g in groups)
+    runs = [(g.label + (f" (mean of {len(g.runs)})" if len(g.runs) > 1 else ""),
+             mean_curves(g) if len(g.runs) > 1 else g.runs[0][1]) for g in groups]
+    paths = [base + "_curves.png"]
+    plot_learning_curves(runs, paths[0])
+    if seeded:
+        paths.append(base + "_seeds.png")
+        plot_seed_intervals(groups, paths[1])
+    return paths
 
 
 # ----------------------------------------------------------------------------- plots
