@@ -19,9 +19,9 @@ def _one_line_error(capsys, argv, match):
 def test_help_documents_every_option(capsys):
     assert main(["--help"]) == 0
     top = capsys.readouterr().out
-    for cmd in ("train", "compare", "demo", "synth"):
+    for cmd in ("train", "compare", "demo", "synth", "sweep"):
         assert cmd in top
-    for cmd in ("train", "compare", "demo", "synth"):
+    for cmd in ("train", "compare", "demo", "synth", "sweep"):
         assert main([cmd, "--help"]) == 0
         out = capsys.readouterr().out
         sub = build_parser()._subparsers._group_actions[0].choices[cmd]
