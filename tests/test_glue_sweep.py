@@ -85,6 +85,11 @@ def test_sweep_seeded_intervals_skip_and_compare(tmp_path, capsys):
     m, h, _ = t_interval(scores)
     assert f"{m:.1f} ± {h:.1f} |" in table.split("| ortho (ab) | 2 | 0,1 |")[1].splitlines()[0]
     assert Path(out, "comparison_seeds.png").stat().st_size > 0
+    # conflict frequency (the paper's second check) of the runs that log it, over seeds
+    fr = [np.mean([json.loads(x)["conflict_fraction"] for x in
+                   Path(out, "runs", f"joint-r8-s{s}", "conflicts.jsonl").read_text().splitlines()]) for s in (0, 1)]
+    m, h, _ = t_interval(fr)
+    assert f"| joint | 2 | {m:.3f} ± {h:.3f} |" in table
     # compare on the run directories gives the same table
     assert main(["compare", *[os.path.join(out, "runs", n) for n in names]]) == 0
     assert capsys.readouterr().out == table

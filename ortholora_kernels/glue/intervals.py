@@ -209,7 +209,31 @@ def seed_table(groups) -> str:
             for t in tasks + [None]:
                 row.append(_cell(*cells[t], signed=True, star=True) if t in cells else "-")
             lines.append("| " + " | ".join(row) + " |")
+    conf = conflict_rows(groups)
+    if conf:
+        lines += ["", "Task-gradient conflicts (runs that log them: ortho, joint --log-conflicts): fraction of "
+                  "task pairs with a negative inner product per step, mean over steps and segments, then mean ± "
+                  "95% t half-width over seeds.", "", "| method | n | conflicting pairs |", "|---|---|---|"]
+        for g, (m, h, n) in conf:
+            lines.append(f"| {g.label} | {n} | {m:.3f}" + (f" ± {h:.3f}" if n > 1 else "") + " |")
     return "\n".join(lines) + "\n"
+
+
+def conflict_rows(groups) -> list:
+    """``[(group, (mean, half, n))]``: per configuration, the mean fraction of conflicting task
+    pairs per step (over steps and segments of each run's conflicts.jsonl), over the seeds."""
+    from .report import CONFLICTS, read_conflicts
+
+    out = []
+    for g in groups:
+        vals = []
+        for _, _, d in g.runs:
+            rows = read_conflicts(os.path.join(d, CONFLICTS)) if d else []
+            if rows:
+                vals.append(float(np.mean([r["conflict_fraction"] for r in rows])))
+        if vals:
+            out.append((g, t_interval(vals)))
+    return out
 
 
 def mean_curves(group) -> dict:
