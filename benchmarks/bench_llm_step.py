@@ -87,8 +87,13 @@ def build_model(args, device, dtype):
         if getattr(args, k) is not None:
             setattr(cfg, k, getattr(args, k))
     cfg.attention_dropout = 0.0
-    with torch.device(device):
-        base = LlamaForCausalLM(cfg).to(dtype)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)        # built in its dtype on the device: no fp32 copy of 8B weights
+    try:
+        with torch.device(device):
+            base = LlamaForCausalLM(cfg)
+    finally:
+        torch.set_default_dtype(old)
     base.config.use_cache = False
     model = get_peft_model(base, LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=args.lora_dropout,
                                             target_modules=TARGETS, task_type="CAUSAL_LM"))
