@@ -49,8 +49,9 @@ def test_compare_groups_seeds_and_pairs_only_common_seeds(tmp_path, capsys):
     dirs = [_fake_run(tmp_path / f"j{s}", "joint", s, v) for s, v in joint.items()]
     dirs += [_fake_run(tmp_path / f"o{s}", "ortho", s, v, gran="ab") for s, v in ortho.items()]
     dirs += [_fake_run(tmp_path / "o4", "ortho", 0, (70, 20), r=4, gran="ab")]   # another rank: not paired
+    dirs += [_fake_run(tmp_path / "j0again", "joint", 0, (10, 10))]   # seed 0 again: left out, noted
     out = tmp_path / "cmp.md"
-    assert main(["compare", *dirs, "--out", str(out)]) == 0
+    assert main(["compare", *dirs, dirs[0], "--out", str(out)]) == 0   # a directory twice counts once
     table = capsys.readouterr().out
     assert out.read_text() == table
     m, h, _ = t_interval([80, 82, 78])
@@ -63,6 +64,7 @@ def test_compare_groups_seeds_and_pairs_only_common_seeds(tmp_path, capsys):
     d_cola = t_interval([50 - 40, 52 - 41])
     assert (f"| ortho (ab), r=8 − joint, r=8 | 2 | +{d_sst[0]:.1f} ± {d_sst[1]:.1f} | "
             f"+{d_cola[0]:.1f} ± {d_cola[1]:.1f} * |") in table
+    assert "Left out: " + str(tmp_path / "j0again") in table
     pairs = [ln for ln in table.splitlines() if ln.startswith("| ") and " − " in ln and "A − B" not in ln]
     assert len(pairs) == 1                                                 # r=4 is not paired with r=8
     assert (tmp_path / "cmp_seeds.png").stat().st_size > 0 and (tmp_path / "cmp_curves.png").stat().st_size > 0

@@ -73,6 +73,7 @@ class Group:
         self.label = label
         self.cfg = cfg or {}
         self.runs = []          # (seed, results dict, run dir)
+        self.duplicates = []    # run dirs of a seed already in runs (left out)
 
     @property
     def seeds(self):
@@ -102,6 +103,9 @@ def group_runs(runs) -> list:
             g = by_key[key] = Group(label, cfg)
             groups.append(g)
         seed = (cfg or {}).get("seed", len(g.runs))
+        if seed in g.seeds:   # the same configuration and seed again: not a new sample
+            g.duplicates.append(d)
+            continue
         g.runs.append((seed, res, d))
     _distinguish(groups)
     return groups
@@ -209,6 +213,9 @@ def seed_table(groups) -> str:
             for t in tasks + [None]:
                 row.append(_cell(*cells[t], signed=True, star=True) if t in cells else "-")
             lines.append("| " + " | ".join(row) + " |")
+    dup = [f"{d} (same configuration and seed as a run of {g.label})" for g in groups for d in g.duplicates]
+    if dup:
+        lines += ["", "Left out: " + "; ".join(dup)]
     conf = conflict_rows(groups)
     if conf:
         lines += ["", "Task-gradient conflicts (runs that log them: ortho, joint --log-conflicts): fraction of "

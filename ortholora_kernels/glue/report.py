@@ -246,8 +246,11 @@ def load_groups(run_dirs) -> list:
     form one :class:`~.intervals.Group`)."""
     from .intervals import group_runs
 
-    runs = []
+    runs, seen = [], set()
     for d in run_dirs:
+        if os.path.realpath(d) in seen:   # the same directory twice is one run
+            continue
+        seen.add(os.path.realpath(d))
         res = load_results(d)
         cfg = load_config(d)
         runs.append((run_label(d, res, cfg), res, cfg, d))
