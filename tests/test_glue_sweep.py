@@ -162,6 +162,8 @@ def _one_line(capsys, argv, match):
     (["--workers", "0"], "--workers must be >= 1"),
     (["--lora-r", "4"], "--lora-r is set by the sweep"),
     (["--max-steps", "zero"], "invalid int value"),
+    (["--tasks", "sst2,qqp"], "--budget tiny: no synthetic version of qqp"),
+    (["--tasks", "sst2,nope"], "unknown GLUE task 'nope'"),
 ])
 def test_sweep_mistakes_give_one_line(tmp_path, capsys, extra, match):
     _one_line(capsys, ["sweep", "--out", str(tmp_path / "s"), "--dry-run", *extra], match)

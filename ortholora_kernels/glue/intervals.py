@@ -170,8 +170,10 @@ def _tasks(groups):
 
 
 def _cell(mean, half, n, signed=False, star=False):
-    if n == 0 or mean != mean:
+    if n == 0:
         return "-"
+    if mean != mean:   # a NaN score (e.g. a constant prediction's correlation) stays visible
+        return "nan"
     m = f"{mean:+.1f}" if signed else f"{mean:.1f}"
     if n < 2 or half != half:
         return m

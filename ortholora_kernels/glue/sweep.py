@@ -160,6 +160,13 @@ def plan(a, extra):
     if tasks:
         base += ["--tasks", tasks]
     if a.budget == "tiny":
+        from .data import SYNTHETIC_TASKS
+        from .tasks import parse_tasks
+
+        bad = [t.name for t in parse_tasks(tasks) if t.name not in SYNTHETIC_TASKS]
+        if bad:
+            raise ValueError(f"--budget tiny: no synthetic version of {', '.join(bad)} "
+                             f"(synthetic tasks: {', '.join(SYNTHETIC_TASKS)})")
         base += ["--data-dir", os.path.join(a.out, "data")]
     runs = []
     for m in methods:
