@@ -156,6 +156,12 @@ def paired_differences(groups) -> list:
                     cells[task] = t_interval([va[s] - vb[s] for s in common])
             if cells:
                 out.append((a, b, cells))
+    # grouped by context (e.g. rank), the most basic B first: "- joint" rows, then "- single"...
+    first = {}
+    for k, g in enumerate(groups):
+        first.setdefault(_context(g.cfg), k)
+    pos = {id(g): k for k, g in enumerate(groups)}
+    out.sort(key=lambda p: (first[_context(p[1].cfg)], _baseline_rank(p[1]), pos[id(p[1])], pos[id(p[0])]))
     return out
 
 
