@@ -29,6 +29,7 @@ on one GPU.
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import json
 import os
 import shlex
@@ -100,10 +101,15 @@ def _csv(s, what, cast=str):
         raise ValueError(f"--{what}: expected comma-separated {cast.__name__} values, got {s!r}") from None
 
 
-def _train_subparser():
+@functools.lru_cache(maxsize=1)
+def _parser():
     from .cli import build_parser
 
-    return build_parser()._subparsers._group_actions[0].choices["train"]
+    return build_parser()
+
+
+def _train_subparser():
+    return _parser()._subparsers._group_actions[0].choices["train"]
 
 
 def train_has_option(flag: str) -> bool:
@@ -116,15 +122,14 @@ class Run:
 
     def __init__(self, name, out, argv):
         self.name, self.out, self.argv = name, out, argv
-        self.status = None
 
     def config(self):
         """The resolved :class:`TrainConfig` of this run (options checked; ValueError if bad)."""
-        from .cli import CliError, _config_from_args, build_parser
+        from .cli import CliError, _config_from_args
         from .train import validate
 
         try:
-            a = build_parser().parse_args(["train", *self.argv])
+            a = _parser().parse_args(["train", *self.argv])
         except CliError as e:
             raise ValueError(f"{self.name}: train {e}") from None
         except SystemExit:
@@ -218,10 +223,10 @@ def _state(run, cfg) -> str:
 
 
 def _run_inline(run, resume):
-    from .cli import _config_from_args, build_parser
+    from .cli import _config_from_args
     from .train import Stopped, train
 
-    a = build_parser().parse_args(["train", *run.argv, *(["--resume"] if resume else [])])
+    a = _parser().parse_args(["train", *run.argv, *(["--resume"] if resume else [])])
     try:
         train(_config_from_args(a))
     except Stopped as e:
