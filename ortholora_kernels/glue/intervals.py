@@ -26,10 +26,17 @@ from .metrics import task_score
 #: config fields that do not change what is trained (ignored when grouping runs)
 IGNORED = ("seed", "out", "data_dir", "cache_dir", "resume", "stop_after_steps", "progress", "plots", "threads",
            "log_every", "save_every", "eval_every", "resolved")
-#: config fields that belong to the method (configurations differing only in these are paired)
-METHOD_FIELDS = ("method", "granularity", "collect", "backend", "log_conflicts", "projection", "mtl_num_b",
-                 "mtl_temperature", "mtl_diagonal", "lori_sparsity", "lori_dense_fraction", "lori_mode",
-                 "lori_task_seeds", "aggregator")
+#: config fields that belong to the method (configurations differing only in these are paired),
+#: besides the registry's method-specific options (:data:`.methods.METHOD_OPTIONS`) and any
+#: ``mtl_*`` / ``lori_*`` field
+METHOD_FIELDS = ("method", "granularity", "collect", "backend", "log_conflicts", "projection", "aggregator")
+
+
+def is_method_field(name: str) -> bool:
+    """Does config field ``name`` belong to the method (not to the shared setting)?"""
+    from .methods import METHOD_OPTIONS
+
+    return name in METHOD_FIELDS or name in METHOD_OPTIONS or name.startswith(("mtl_", "lori_"))
 #: short names of the fields that tell configurations apart in labels
 SHORT = {"lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "max_steps": "steps",
          "batch_size": "bs", "lr": "lr", "tasks": "tasks", "model": "model"}
@@ -114,7 +121,7 @@ def group_runs(runs) -> list:
 def _distinguish(groups):
     """Append to labels the non-method fields that vary across groups (e.g. ``r=4``)."""
     cfgs = [g.cfg for g in groups if g.cfg]
-    keys = sorted({k for c in cfgs for k in c} - set(IGNORED) - set(METHOD_FIELDS))
+    keys = sorted(k for k in {k for c in cfgs for k in c} - set(IGNORED) if not is_method_field(k))
     vary = [k for k in keys if len({_freeze(c.get(k)) for c in cfgs}) > 1]
     for g in groups:
         if not g.cfg:
@@ -129,7 +136,7 @@ def _distinguish(groups):
 
 
 def _context(cfg):
-    return _freeze({k: v for k, v in (cfg or {}).items() if k not in IGNORED and k not in METHOD_FIELDS})
+    return _freeze({k: v for k, v in (cfg or {}).items() if k not in IGNORED and not is_method_field(k)})
 
 
 def _baseline_rank(g):
