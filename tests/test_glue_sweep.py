@@ -70,6 +70,17 @@ def test_compare_groups_seeds_and_pairs_only_common_seeds(tmp_path, capsys):
     assert (tmp_path / "cmp_seeds.png").stat().st_size > 0 and (tmp_path / "cmp_curves.png").stat().st_size > 0
 
 
+def test_labels_tell_configurations_apart(tmp_path, capsys):
+    """Configurations the run label does not separate get the method options that differ."""
+    a = _fake_run(tmp_path / "a", "ortho", 0, (80, 40), gran="ab")
+    b = _fake_run(tmp_path / "b", "ortho", 0, (81, 41), gran="ab")
+    cfg = json.loads((tmp_path / "b" / "config.json").read_text())
+    (tmp_path / "b" / "config.json").write_text(json.dumps({**cfg, "aggregator": "upgrad"}))
+    assert main(["compare", a, b]) == 0
+    out = capsys.readouterr().out
+    assert "| ortho (ab) [aggregator=None] |" in out and "| ortho (ab) [aggregator=upgrad] |" in out
+
+
 def test_sweep_seeded_intervals_skip_and_compare(tmp_path, capsys):
     out = str(tmp_path / "sw")
     argv = ["sweep", "--out", out, "--methods", "joint,ortho", "--seeds", "0,1", *TINY]

@@ -133,6 +133,19 @@ def _distinguish(groups):
             extra.append(f"{SHORT.get(k, k)}={v}")
         if extra:
             g.label = f"{g.label}, {', '.join(extra)}"
+    # configurations the run label does not tell apart (e.g. two --aggregator values): add
+    # the method options in which they differ
+    by_label = {}
+    for g in groups:
+        if g.cfg:
+            by_label.setdefault(g.label, []).append(g)
+    for same in by_label.values():
+        if len(same) < 2:
+            continue
+        keys = sorted({k for g in same for k in g.cfg} - set(IGNORED))
+        vary = [k for k in keys if len({_freeze(g.cfg.get(k)) for g in same}) > 1]
+        for g in same:
+            g.label += " [" + ", ".join(f"{k}={g.cfg.get(k)}" for k in vary) + "]"
 
 
 def _context(cfg):
