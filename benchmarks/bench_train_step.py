@@ -138,11 +138,19 @@ def build(args, device):
 
 
 def make_step(args, method, device):
-    """A fresh model (same weights for every method) and a closure running one optimizer step."""
+    """A fresh model (same weights for every method) and a closure running one optimizer step.
+
+    ``method`` is joint/loop/grouped, or the same with ``-compiled``: the model then runs
+    through ``torch.compile(net)`` (forward and its backward compiled; the grouped forward
+    runs inside ``record``, as a compiled model needs); project_ and the optimizer stay eager.
+    """
     import torch
     from ortholora_kernels import OrthoLoRA
 
-    net = build(args, device)
+    compiled = method.endswith("-compiled")
+    method = method.removesuffix("-compiled")
+    plain = build(args, device)
+    net = torch.compile(plain) if compiled else plain
     t, bs, L = args.tasks, args.batch, args.seq_len
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(3, args.vocab, (t * bs, L), generator=g).to(device)
@@ -150,11 +158,11 @@ def make_step(args, method, device):
     labels = torch.randint(0, 3, (t * bs,), generator=g).to(device)
     task_ids_cpu = torch.arange(t).repeat_interleave(bs)
     task_ids = task_ids_cpu.to(device)
-    params = [p for p in net.parameters() if p.requires_grad]
+    params = [p for p in plain.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
     ortho = None
     if method != "joint":
-        ortho = OrthoLoRA(net.enc, t, granularity="ab", collect="loop" if method == "loop" else "grouped",
+        ortho = OrthoLoRA(plain.enc, t, granularity="ab", collect="loop" if method == "loop" else "grouped",
                           seed=0, backend=args.backend)
 
     def step():
@@ -212,6 +220,10 @@ def worker_time(args) -> list[dict]:
         if "joint" in times:
             r["time_vs_joint"] = statistics.median(a / b for a, b in zip(times[m], times["joint"]))
             r["cpu_vs_joint"] = statistics.median(a / b for a, b in zip(cpu_times[m], cpu_times["joint"]))
+        if m.endswith("-compiled"):  # the issue-11 targets: against compiled joint and against itself eager
+            for key, base in (("vs_joint_compiled", "joint-compiled"), ("vs_eager", m.removesuffix("-compiled"))):
+                if base in times:
+                    r[key] = statistics.median(a / b for a, b in zip(times[m], times[base]))
         out.append(r)
     return out
 
@@ -301,7 +313,10 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tasks", type=int, nargs="+", default=[2, 4, 8])
     ap.add_argument("--batch", type=int, nargs="+", default=[8, 32], help="per-task batch sizes")
-    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    ap.add_argument("--methods", nargs="+", default=list(METHODS),
+                    choices=list(METHODS) + [m + "-compiled" for m in METHODS])
+    ap.add_argument("--compile", action="store_true",
+                    help="also time every method on torch.compile(model), interleaved with the eager ones")
     ap.add_argument("--device", nargs="+", default=None, help="default: cpu, plus cuda when available")
     ap.add_argument("--seq-len", type=int, default=32)
     ap.add_argument("--layers", type=int, default=4)
@@ -328,6 +343,9 @@ def main():
         print(json.dumps(worker_time(args) if args.worker == "time" else worker_mem(args)))
         return
 
+    if args.compile:
+        args.methods = [m for m in args.methods if not m.endswith("-compiled")]
+        args.methods += [m + "-compiled" for m in args.methods]
     devices = args.device
     if devices is None:
         import torch
@@ -359,14 +377,19 @@ def main():
         r.setdefault("cpu_vs_joint", float("nan"))
         r.setdefault("peak_mib", float("nan"))
         r["mem_vs_joint"] = r["peak_mib"] / j["peak_mib"] if j and j.get("peak_mib", 0) > 0 else float("nan")
-    hdr = (f"{'device':6} {'T':>2} {'bs':>3} {'method':8} {'median ms':>10} {'x joint':>8} {'cpu ms':>8} {'x joint':>8} "
+    hdr = (f"{'device':6} {'T':>2} {'bs':>3} {'method':17} {'median ms':>10} {'x joint':>8} {'cpu ms':>8} {'x joint':>8} "
            f"{'peak MiB':>9} {'x joint':>8}")
     print(hdr)
     print("-" * len(hdr))
     for r in rows:
-        print(f"{r['device']:6} {r['tasks']:>2} {r['batch']:>3} {r['method']:8} {r['median_ms']:>10.1f} "
+        print(f"{r['device']:6} {r['tasks']:>2} {r['batch']:>3} {r['method']:17} {r['median_ms']:>10.1f} "
               f"{r['time_vs_joint']:>8.3f} {r['cpu_ms']:>8.1f} {r['cpu_vs_joint']:>8.3f} {r['peak_mib']:>9.1f} "
               f"{r['mem_vs_joint']:>8.3f}")
+    for r in rows:
+        if "vs_joint_compiled" in r or "vs_eager" in r:
+            print(f"{r['device']:6} {r['tasks']:>2} {r['batch']:>3} {r['method']:17} "
+                  f"x joint-compiled {r.get('vs_joint_compiled', float('nan')):.3f}   "
+                  f"x eager {r['method'].removesuffix('-compiled')} {r.get('vs_eager', float('nan')):.3f}")
     if rows:
         print(f"memory: {sorted(set(r.get('mem', 'not measured') for r in rows))}; x joint (time) = median of per-round ratios; "
               f"seq_len={args.seq_len}, hidden={args.hidden}, layers={args.layers}, r={args.rank}, threads={rows[0]['threads']}")

@@ -5,6 +5,7 @@ Public names:
     aggregate          every Gram-based multi-task aggregator (UPGrad, MGDA, CAGrad, ...)
     Aggregator         a stateful aggregate (EMA conflict detection, schedule); GradVac
     ProjectionResult   what ``project(..., return_stats=True)`` returns
+    OrderGenerator     counter-based order generator that compiles and CUDA-graph captures
     backends_available which backends can run on a device, and why not
     reference          the literal float64 algorithm (test oracle)
     LoRALayout         the flat [T, N] buffer over a model's LoRA parameters, and its segments
@@ -24,10 +25,11 @@ from .ops import project
 from .projector import OrthoLoRA
 from .pcgrad import PCGrad   # Pytorch-PCGrad's API over OrthoLoRA (the compatibility path)
 from .result import ProjectionResult
+from .rng import OrderGenerator
 # The Gramian family of aggregators (UPGrad, MGDA, CAGrad, ...) on the same Gram / solve /
 # combine engine; one solve module per method in ortholora_kernels.solvers.
 from .aggregate import AggregationResult, Aggregator, GradVac, aggregate
 
 __all__ = ["project", "aggregate", "Aggregator", "GradVac", "AggregationResult", "ProjectionResult",
-           "backends_available", "reference", "LoRALayout", "OrthoLoRA", "per_task_mean_loss", "PCGrad"]
+           "backends_available", "reference", "LoRALayout", "OrthoLoRA", "per_task_mean_loss", "PCGrad", "OrderGenerator"]
 __version__ = "0.1.0"

@@ -159,8 +159,18 @@ def check_order_values(order: torch.Tensor) -> None:
 def draw_orders(s: int, t: int, device, generator: torch.Generator | None = None) -> torch.Tensor:
     """Fresh random visiting orders ``[S, T, T]`` (one permutation per segment and task).
 
-    Drawn on ``device`` with ``generator`` and no host sync: argsort of uniform noise.
+    Drawn on ``device`` with ``generator`` and no host sync: argsort of uniform noise. An
+    :class:`~ortholora_kernels.rng.OrderGenerator` draws its own (counter-based) orders: the
+    only kind that torch.compile can trace and a CUDA graph can replay.
     """
+    from .rng import OrderGenerator
+    if isinstance(generator, OrderGenerator):
+        if generator.device != torch.device(device):
+            raise ValueError(f"generator: an OrderGenerator on {generator.device}, but grads are on {device}")
+        return generator.draw(s, t)
+    if generator is not None and torch.compiler.is_compiling():
+        raise TypeError("generator: torch.compile cannot trace a torch.Generator (its state lives on the host); "
+                        "pass an ortholora_kernels.OrderGenerator(seed, device) instead")
     noise = torch.rand((s, t, t), device=device, generator=generator)
     return noise.argsort(dim=-1)
 

@@ -31,7 +31,9 @@ produce the ordinary ``.grad`` (plain joint training, evaluation, ``no_grad``: u
 from __future__ import annotations
 
 import contextlib
+import itertools
 import types
+import warnings
 import weakref
 from typing import Sequence
 
@@ -126,6 +128,7 @@ class TaskGroups:
         ids = check_task_ids(task_ids, num_tasks)
         self.shape = tuple(ids.shape)       # [batch] or [batch, seq]
         self.batch_size = ids.shape[0]
+        self.ids = ids                      # as given, for the compiled path
         ids = ids.reshape(-1)
         self.num_rows = ids.numel()
         self.counts = torch.bincount(ids + 1, minlength=num_tasks + 1)[1:].tolist()
@@ -161,6 +164,19 @@ class TaskGroups:
                 f"{tuple(x.shape)}; the batch (and, for per-token ids, the sequence) must lead every LoRA input"
             )
         return x.flatten(0, k - 1) if k > 1 else x
+
+    def on_device(self, device: torch.device) -> torch.Tensor:
+        """The ``[batch]`` int64 task ids on ``device`` (copied once, without blocking)."""
+        key = (device, "ids")
+        ids = self._on_device.get(key)
+        if ids is None:
+            # Its own tensor (never an alias of the caller's task ids, which a compiled step
+            # may also take as an input).
+            ids = self._on_device[key] = _to_device(self.ids, device).clone()
+            # The batch size varies between steps: a compiled forward should read it as a
+            # symbol (one recompile in all), not specialise on each size it meets.
+            torch._dynamo.maybe_mark_dynamic(ids, 0)
+        return ids
 
     def select(self, sel, x: torch.Tensor) -> torch.Tensor:
         """Rows ``sel`` (a slice or an index tensor from :attr:`groups`) of ``x`` along dimension 0."""
@@ -264,22 +280,108 @@ class _RoutedLinear(torch.autograd.Function):
         return dx, dw, None
 
 
+def task_weight_grads(x: torch.Tensor, dy: torch.Tensor, task_ids: torch.Tensor, num_tasks: int) -> torch.Tensor:
+    """``[T, out, in]``: ``dW_t = sum over the rows of task t of dy^T x`` with static shapes.
+
+    ``x`` is ``[*lead, in]``, ``dy`` is ``[*lead, out]`` and ``task_ids`` holds a task id for
+    the leading dimensions it covers (``[batch]``, or ``[batch, seq]`` per token). The task
+    one-hot multiplies the SMALLER feature side (a LoRA rank r), so the one product has an
+    inner size of ``T * r``: no host sync, no data-dependent shape, so it traces, compiles
+    and captures. Ids outside ``[0, T)`` select no row.
+    """
+    onehot = (task_ids.unsqueeze(-1) == torch.arange(num_tasks, device=task_ids.device)).to(dy.dtype)
+    onehot = onehot.view(*task_ids.shape, *([1] * (dy.dim() - 1 - task_ids.dim())), num_tasks, 1)
+    x = x.to(dy.dtype)
+    o, i = dy.shape[-1], x.shape[-1]
+    if o <= i:  # lora_A (out = r): expand dy
+        dye = (dy.unsqueeze(-2) * onehot).reshape(-1, num_tasks * o)
+        return dye.t().mm(x.reshape(-1, i)).view(num_tasks, o, i)
+    xe = (x.unsqueeze(-2) * onehot).reshape(-1, num_tasks * i)  # lora_B (in = r): expand x
+    return dy.reshape(-1, o).t().mm(xe).view(o, num_tasks, i).transpose(0, 1)
+
+
+class _TracedTaskLinear(torch.autograd.Function):
+    """``y = x W^T`` whose backward returns the per-task weight gradients as the gradient of
+    ``sink`` (a ``[T, out, in]`` leaf whose ``.grad`` is a view of the per-task buffer, so the
+    autograd engine accumulates them in place) and none for the weight. Purely functional:
+    no Python state is read or written in the backward, so Dynamo/AOTAutograd trace it."""
+
+    @staticmethod
+    def forward(ctx, x, weight, sink, task_ids):
+        ctx.save_for_backward(x, weight, task_ids)
+        ctx.num_tasks = sink.shape[0]
+        return F.linear(x, weight)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w, ids = ctx.saved_tensors
+        dx = dy.matmul(w.to(dy.dtype)) if ctx.needs_input_grad[0] else None
+        return dx, None, task_weight_grads(x, dy, ids, ctx.num_tasks), None
+
+
+class _TraceRoute:
+    """The routing a compiled forward reads (one per collector, shared by its modules): the
+    ``task_ids`` tensor the graph consumes, or None (ordinary gradients). Written only
+    outside the graph (entering/leaving ``record``/``task``)."""
+
+    __slots__ = ("task_ids", "unassigned")
+
+    def __init__(self):
+        self.task_ids = None
+        self.unassigned = False  # rows of task id -1 in the batch
+
+
+# Collector key -> its _TraceRoute. A module-level table rather than an attribute of the
+# nn.Linear: Dynamo gives tensors reached through a builtin nn.Module static shapes, and the
+# task ids must follow the batch size as a symbol.
+_TRACE_ROUTES: dict[int, _TraceRoute] = {}
+_ROUTE_KEYS = itertools.count()
+
+
+def _traced_forward(module: nn.Linear, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    # Under torch.compile the routing is read when the FORWARD is traced (the compiled
+    # backward is built ahead of time from what the forward saved): run it inside record().
+    route = _TRACE_ROUTES.get(module._ortholora_route)
+    ids = None if route is None else route.task_ids
+    if ids is None:
+        return F.linear(x, w)
+    if route.unassigned:  # their ordinary .grad is not produced on this path: refuse, never drop
+        raise NotImplementedError("task_ids: id -1 (rows of no task) is not supported under torch.compile yet; "
+                                  "run that model eagerly or give every row a task")
+    if ids.dim() == 0:  # task(t): the whole batch is task t
+        ids = ids.expand(x.shape[0])
+    if x.dim() < 2 or tuple(x.shape[:ids.dim()]) != tuple(ids.shape):
+        raise RuntimeError(f"task_ids: has shape {tuple(ids.shape)} but a LoRA layer saw an input of shape "
+                           f"{tuple(x.shape)}; the batch must be dimension 0 of every LoRA input")
+    return _TracedTaskLinear.apply(x, w.detach(), module._ortholora_sink, ids)
+
+
+def _eager_forward(module: nn.Linear, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    # Eager: the routing is read when the backward runs (see the module docstring).
+    return _RoutedLinear.apply(x, w, module._ortholora_slot)
+
+
 def _routed_forward(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    slot = module._ortholora_slot
     w = module.weight
-    if not (torch.is_grad_enabled() and w.requires_grad) or slot.collector is None:
+    compiling = torch.compiler.is_compiling()
+    if not (torch.is_grad_enabled() and w.requires_grad) or (not compiling and module._ortholora_slot.collector is None):
         return F.linear(x, w, module.bias)
+    apply = _traced_forward if compiling else _eager_forward
     dev = x.device.type
     if torch.is_autocast_enabled(dev) and x.is_floating_point():
         # What autocast does to F.linear, done by hand so the function sees one dtype.
         dt = torch.get_autocast_dtype(dev)
         with torch.autocast(dev, enabled=False):
-            y = _RoutedLinear.apply(x.to(dt), w.to(dt), slot)
+            y = apply(module, x.to(dt), w.to(dt))
     else:
-        y = _RoutedLinear.apply(x, w, slot)
+        y = apply(module, x, w)
     if module.bias is not None:
         y = y + module.bias.to(y.dtype)
     return y
+
+
+_LAYOUT_WARNING_SEEN = False
+_PATCH_ATTRS = ("_ortholora_slot", "_ortholora_route", "_ortholora_sink")
 
 
 class GroupedCollector:
@@ -314,17 +416,23 @@ class GroupedCollector:
             m = e.module
             old = m.__dict__.get("_ortholora_slot")
             if old is not None and old.collector is None:  # left by a collector that no longer exists
-                m.__dict__.pop("forward", None)
-                del m._ortholora_slot
+                for name in ("forward",) + _PATCH_ATTRS:
+                    m.__dict__.pop(name, None)
             if "forward" in m.__dict__ or hasattr(m, "_ortholora_slot"):
                 raise RuntimeError(f"collect: the module of {e.name} already has a patched forward "
                                    "(another OrthoLoRA on the same model? call .remove() on it first)")
             if m.weight is not e.param:
                 raise ValueError(f"{e.name}: the parameter is not the weight of its nn.Linear")
         self._patched = []
+        self._trace = _TraceRoute()
+        key = next(_ROUTE_KEYS)
+        _TRACE_ROUTES[key] = self._trace
+        weakref.finalize(self, _TRACE_ROUTES.pop, key, None)
+        self._sinks_of = None
         for i, e in enumerate(layout.entries):
             m = e.module
             m._ortholora_slot = _Slot(self, i)
+            m._ortholora_route = key
             m.forward = types.MethodType(_routed_forward, m)
             self._patched.append(m)
 
@@ -332,9 +440,32 @@ class GroupedCollector:
         """Restore the original ``forward`` of every patched module."""
         for m in self._patched:
             m.__dict__.pop("forward", None)
-            if hasattr(m, "_ortholora_slot"):
-                del m._ortholora_slot
+            for name in _PATCH_ATTRS:
+                m.__dict__.pop(name, None)
         self._patched = []
+        self._trace.task_ids = None
+
+    def _prepare_traced(self, buf: torch.Tensor) -> None:
+        """Give every patched module its ``[T, out, in]`` sink for the compiled path: a leaf
+        whose ``.grad`` IS its slice of ``buf``, so the engine's in-place accumulation lands in
+        the buffer. Its value is never read: one element broadcast (no memory, and no
+        aliasing of the buffer that a graph holding project_() would have to untangle)."""
+        if self._sinks_of is buf:
+            return
+        for m, v in zip(self._patched, self.layout.views(buf)):
+            sink = torch.empty_strided(v.shape, (0,) * v.dim(), dtype=v.dtype, device=v.device).requires_grad_()
+            sink.grad = v
+            m._ortholora_sink = sink
+        self._sinks_of = buf
+        global _LAYOUT_WARNING_SEEN
+        if not _LAYOUT_WARNING_SEEN:
+            # The slices of a [T, N] buffer are strided, so the engine warns ONCE per process
+            # that the .grad it adds into breaks the "gradient layout contract" (a performance
+            # note for optimizers). Intended here: consume that one warning silently, adding 0.
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                torch.autograd.backward(sink, torch.zeros_like(sink))
+            _LAYOUT_WARNING_SEEN = True
 
     def _row_views(self) -> list[torch.Tensor]:
         buf = self._get_buffer()
@@ -347,17 +478,23 @@ class GroupedCollector:
     def _routing(self, route):
         if self._route is not None:
             raise RuntimeError("record/task: contexts do not nest")
-        self._get_buffer()
+        buf = self._get_buffer()
+        self._prepare_traced(buf)
         # .grad is left alone: the routed weight gradients never reach it, so whatever
         # accumulates there inside is not per-task (a weight used outside its nn.Linear: a
         # regulariser, an auxiliary loss on the shared weights, weight tying; rows of task id
         # -1). It adds to what was there (a zero_grad inside the context works as usual), and
         # project_ adds the projected sum to it: kept, not projected.
         self._route = route
+        kind, arg = route
+        self._trace.unassigned = kind == "grouped" and arg.unassigned is not None
+        self._trace.task_ids = (arg.on_device(buf.device) if kind == "grouped"
+                                else torch.tensor(arg, dtype=torch.int64, device=buf.device))
         try:
             yield
         finally:
             self._route = None
+            self._trace.task_ids = None
 
     def grouped(self, task_ids):
         """Context: backward passes inside split LoRA gradients by ``task_ids`` (``[batch]``, or

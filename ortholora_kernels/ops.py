@@ -127,7 +127,10 @@ def project(grads: torch.Tensor, segments: Sequence[int] | torch.Tensor | None =
             (ValueError otherwise); a device order (or one under torch.compile) is not
             read on the host: every backend skips an entry outside ``[0, T)`` like a
             self-visit and computes in-range repeats as written.
-        generator: a ``torch.Generator`` on the device of ``grads`` for drawn orders.
+            device from ``generator``.
+        generator: a ``torch.Generator`` on the device of ``grads`` for drawn orders, or an
+            :class:`~ortholora_kernels.OrderGenerator` (the kind that ``torch.compile``
+            traces and CUDA graphs replay; a torch.Generator cannot be traced).
         reduction: "sum" (the paper), "mean", or "none" (projected ``[T, N]``).
         backend: "torch", "triton", "native", "auto" or None (``$ORTHOLORA_BACKEND``, else
             automatic: native if built for the device (on CUDA for T <= 32), triton on GPUs,

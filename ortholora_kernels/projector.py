@@ -33,6 +33,7 @@ from .collect import GroupedCollector, LoopCollector, check_task_ids
 from .layout import GRANULARITIES, LoRALayout
 from .ops import project
 from .result import ProjectionResult
+from .rng import OrderGenerator
 
 COLLECT_MODES = ("grouped", "loop")
 
@@ -63,6 +64,9 @@ class OrthoLoRA:
         method_options: that method's options (e.g. ``{"c": 0.5}`` for cagrad).
         ema, every, start: EMA-smoothed conflict detection and the schedule of
             :class:`ortholora_kernels.Aggregator` (defaults: off, every step, from step 0).
+        rng: "torch" (a ``torch.Generator`` seeded with ``seed``) or "counter" (an
+            :class:`~ortholora_kernels.OrderGenerator`: the orders then compile with
+            :meth:`project_` under ``torch.compile(fullgraph=True)`` and replay in CUDA graphs).
 
     Attributes:
         layout: the :class:`LoRALayout`.
@@ -74,7 +78,7 @@ class OrthoLoRA:
                  collect: str = "grouped", reduction: str = "sum", seed: int | None = 0, backend: str | None = None,
                  adapter_name: str = "default", buffer_dtype: torch.dtype | None = None, distributed="auto",
                  process_group=None, method: str = "pcgrad", method_options: dict | None = None,
-                 ema: float | None = None, every: int = 1, start: int = 0):
+                 ema: float | None = None, every: int = 1, start: int = 0, rng: str = "torch"):
         if not isinstance(num_tasks, int) or isinstance(num_tasks, bool) or num_tasks < 1:
             raise ValueError(f"num_tasks: expected an int >= 1, got {num_tasks!r}")
         if granularity not in GRANULARITIES:
@@ -85,6 +89,8 @@ class OrthoLoRA:
             raise ValueError(f"reduction: expected 'sum' or 'mean', got {reduction!r}")
         if distributed not in ("auto", True, False):
             raise ValueError(f"distributed: expected 'auto', True or False, got {distributed!r}")
+        if rng not in ("torch", "counter"):
+            raise ValueError(f"rng: expected 'torch' or 'counter', got {rng!r}")
         if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
             raise TypeError(f"seed: expected an int or None, got {type(seed).__name__}")
         if isinstance(model, LoRALayout):
@@ -115,6 +121,7 @@ class OrthoLoRA:
             from .aggregate import Aggregator
             self._aggregator = Aggregator(method, ema=ema, every=every, start=start, reduction=reduction,
                                           backend=backend, **dict(method_options or {}))
+        self.rng = rng
         self.offsets = layout.segments(granularity)
         self.segment_names = layout.segment_names(granularity)
         self.last_stats: ProjectionResult | None = None
@@ -127,6 +134,8 @@ class OrthoLoRA:
             self._collector = GroupedCollector(layout, num_tasks, self._get_buffer)
         else:
             self._collector = LoopCollector(layout, num_tasks, self._get_buffer)
+        if rng == "counter":  # built now: a compiled project_() must find it, not create it
+            self._get_generator(layout.device)
         if module is not None:
             from .integrations.distributed import exclude_from_ddp
             exclude_from_ddp(module, layout)
@@ -182,7 +191,9 @@ class OrthoLoRA:
         example or token of no task (padding, a prompt): its gradient goes to ``.grad``
         unprojected. A CPU tensor avoids a host sync. Needs ``collect="grouped"``. The
         forward may run inside or before the context; the backward must run inside. May be
-        entered once per micro-batch: gradients accumulate until :meth:`project_`.
+        entered once per micro-batch: gradients accumulate until :meth:`project_`. Under
+        ``torch.compile`` the forward must run inside too, and a compiled step may call
+        :meth:`project_` inside (README).
 
         A gradient reaching a LoRA weight other than through its ``nn.Linear`` (an L2
         regulariser, an auxiliary loss on the shared weights) is kept in ``.grad`` and added
@@ -192,6 +203,7 @@ class OrthoLoRA:
         if self.collect != "grouped":
             raise RuntimeError("record: needs collect='grouped'; with collect='loop' use task(t) or backward(task_losses)")
         with self._collector.grouped(task_ids):
+            self._pending = True  # a step compiled as one graph runs project_() in here
             yield self
         self._pending = True
 
@@ -229,7 +241,15 @@ class OrthoLoRA:
             if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
                 raise ValueError(f"task_losses: entry {t} must be a scalar tensor")
             with self.task(t):
-                loss.backward(retain_graph=retain_graph or k < len(present) - 1)
+                try:
+                    loss.backward(retain_graph=retain_graph or k < len(present) - 1)
+                except RuntimeError as e:
+                    if "donated buffers" not in str(e):
+                        raise
+                    raise RuntimeError(
+                        "backward: the model was compiled with donated buffers, which forbid the T backward "
+                        "passes over one forward; set torch._functorch.config.donated_buffer = False before "
+                        "compiling (or run one forward per task inside task(t))") from e
         self._pending = True
 
     # ------------------------------------------------------------------ projection
@@ -243,12 +263,15 @@ class OrthoLoRA:
             return 1
         return dist.get_world_size(self.process_group)
 
-    def _get_generator(self, device) -> torch.Generator | None:
-        if self.seed is None:
+    def _get_generator(self, device):
+        if self.seed is None and self.rng == "torch":
             return None
         if self._generator is None:
-            self._generator = torch.Generator(device=device)
-            self._generator.manual_seed(self.seed)
+            if self.rng == "counter":
+                self._generator = OrderGenerator(self.seed or 0, device)
+            else:
+                self._generator = torch.Generator(device=device)
+                self._generator.manual_seed(self.seed)
         return self._generator
 
     def project_(self) -> ProjectionResult:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cached_property
 
 import torch
 
@@ -14,6 +13,8 @@ class ProjectionResult:
     The tensors live on the device of the input; ``offsets`` (a tuple of ints) and
     ``reduction`` (a str) are host values. Nothing here forces a host sync until you
     convert a value to a Python number (``.item()``, ``float(...)``, printing).
+    The statistics are plain properties computed on each access (no cache, no lock:
+    they trace under ``torch.compile(fullgraph=True)``).
 
     Attributes:
         output: ``[N]`` for reductions "sum"/"mean", ``[T, N]`` for "none"; input dtype.
@@ -38,7 +39,7 @@ class ProjectionResult:
         """T, the number of tasks."""
         return self.gram.shape[-1]
 
-    @cached_property
+    @property
     def cosine(self) -> torch.Tensor:
         """``[S, T, T]`` cosine similarities of the original task gradients (0 where a norm is 0)."""
         g = self.gram.to(torch.float64)
@@ -46,13 +47,13 @@ class ProjectionResult:
         denom = d.unsqueeze(-1) * d.unsqueeze(-2)
         return torch.where(denom > 0, g / torch.where(denom > 0, denom, torch.ones_like(denom)), torch.zeros_like(g))
 
-    @cached_property
+    @property
     def present(self) -> torch.Tensor:
         """``[S, T]`` bool: the task's gradient is not all zeros in the segment (the task took
         part in the step). The pair statistics below count only pairs of present tasks."""
         return torch.diagonal(self.gram, dim1=-2, dim2=-1) > 0
 
-    @cached_property
+    @property
     def grad_norm(self) -> torch.Tensor:
         """``[S, T]`` norm of each task's original (unprojected) gradient per segment."""
         return torch.diagonal(self.gram.to(torch.float64), dim1=-2, dim2=-1).clamp_min(0).sqrt()
@@ -62,26 +63,26 @@ class ProjectionResult:
         n = k * (k - 1) / (1 if ordered else 2)
         return n.clamp_min(1)
 
-    @cached_property
+    @property
     def conflicts(self) -> torch.Tensor:
         """``[S]`` number of unordered task pairs whose original gradients conflict (dot < 0)."""
         t = self.num_tasks
         upper = torch.triu(torch.ones(t, t, dtype=torch.bool, device=self.gram.device), diagonal=1)
         return ((self.gram < 0) & upper).sum(dim=(-2, -1))
 
-    @cached_property
+    @property
     def conflict_fraction(self) -> torch.Tensor:
         """``[S]`` fraction of unordered pairs of present tasks in conflict (0 when fewer than 2
         tasks are present)."""
         return self.conflicts.to(torch.float32) / self._pairs(False)
 
-    @cached_property
+    @property
     def projection_fraction(self) -> torch.Tensor:
         """``[S]`` projections performed over the ordered pairs of present tasks (0 when fewer
         than 2 tasks are present)."""
         return self.num_projections.to(torch.float32) / self._pairs(True)
 
-    @cached_property
+    @property
     def mean_cosine(self) -> torch.Tensor:
         """``[S]`` mean cosine similarity over unordered pairs of present tasks (0 when fewer
         than 2 tasks are present)."""

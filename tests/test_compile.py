@@ -1,0 +1,331 @@
+"""torch.compile and CUDA graphs: grouped collection without graph breaks, a fullgraph
+training step (forward, backward, project_), project(...) with generator/order/stats under
+fullgraph, loop collection on a compiled model, no host syncs, capture and replay."""
+import copy
+
+import pytest
+import torch
+import torch._dynamo
+from torch._dynamo.utils import counters
+
+from models import make_batch, task_losses, tiny_multitask
+from ortholora_kernels import OrderGenerator, OrthoLoRA, project
+
+T = 3
+# Per-task counts of 10 steps: the batch size changes, tasks go missing, counts shuffle.
+SIZES = [[2, 2, 2], [3, 1, 2], [1, 4, 2], [2, 0, 3], [4, 2, 1], [2, 2, 3], [1, 1, 1], [3, 3, 0], [2, 5, 1], [1, 2, 3]]
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    counters.clear()
+    yield
+    torch._dynamo.reset()
+
+
+def _pair(**kw):
+    m = tiny_multitask("roberta", T, lora_dropout=0.0, **kw)
+    m.train()
+    return m, copy.deepcopy(m)
+
+
+def _breaks():
+    return sum(counters["graph_break"].values())
+
+
+def test_grouped_collection_compiles_without_graph_breaks_one_recompile():
+    """torch.compile(model) + record(): zero graph breaks over 10 steps with varying per-task
+    counts, one recompile (the batch size becomes a symbol), buffer == eager grouped."""
+    m, ref = _pair()
+    cm = torch.compile(m)
+    o, oref = OrthoLoRA(m, T), OrthoLoRA(ref, T)
+    for i, sizes in enumerate(SIZES):
+        b = make_batch(sizes, seq_len=6, seed=i)
+        with o.record(b["task_ids"]):
+            loss = task_losses(cm, b).sum()
+            loss.backward()
+        with oref.record(b["task_ids"]):
+            task_losses(ref, b).sum().backward()
+        assert all(p.grad is None for p in o.layout.params)  # the summed LoRA gradient is never formed
+        for t, n in enumerate(sizes):
+            assert (o.buffer[t].norm() > 0) == (n > 0)
+        torch.testing.assert_close(o.buffer, oref.buffer, rtol=1e-5, atol=1e-7)
+        o.project_(), oref.project_()
+        m.zero_grad(set_to_none=True), ref.zero_grad(set_to_none=True)
+    assert _breaks() == 0, dict(counters["graph_break"])
+    assert counters["stats"]["unique_graphs"] <= 2  # the first graph + one dynamic-batch recompile
+    # Ordinary (joint) gradients outside record() still compile and flow into .grad.
+    b = make_batch([2, 2, 2], seq_len=6)
+    task_losses(cm, b).sum().backward()
+    assert all(p.grad is not None and p.grad.norm() > 0 for p in o.layout.params)
+    o.remove(), oref.remove()
+
+
+def test_compiled_forward_outside_record_keeps_ordinary_gradients():
+    """Under compile the routing is read by the forward: a compiled forward outside record()
+    gives ordinary gradients, which stay in .grad (kept, not projected), never lost."""
+    m, _ = _pair()
+    cm = torch.compile(m)
+    o = OrthoLoRA(m, T)
+    b = make_batch([2, 2, 2], seq_len=6)
+    loss = task_losses(cm, b).sum()
+    with o.record(b["task_ids"]):
+        loss.backward()
+    assert all(p.grad is not None and p.grad.norm() > 0 for p in o.layout.params)
+    assert torch.count_nonzero(o.buffer) == 0
+    o.remove()
+
+
+def test_whole_grouped_step_fullgraph_equals_eager():
+    """forward + backward of the summed per-task losses + project_() as ONE fullgraph graph
+    (Tensor.backward traced with trace_autograd_ops); optimizer.step() compiled on its own
+    (torch's Optimizer inserts a deliberate graph break); parameters match eager."""
+    m, ref = _pair()
+    o, oref = OrthoLoRA(m, T, rng="counter"), OrthoLoRA(ref, T, rng="counter")
+    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2)
+    opt_ref = torch.optim.AdamW([p for p in ref.parameters() if p.requires_grad], lr=1e-2)
+
+    def step(b):
+        loss = task_losses(m, b).sum()
+        loss.backward()
+        res = o.project_()
+        return loss.detach(), res.conflict_fraction
+
+    with torch._dynamo.config.patch(trace_autograd_ops=True):
+        cstep = torch.compile(step, fullgraph=True)
+        copt = torch.compile(opt.step)
+        for i, sizes in enumerate(SIZES[:3]):
+            b = make_batch(sizes, seq_len=6, seed=i)
+            with o.record(b["task_ids"]):
+                loss, cf = cstep(b)
+            copt()
+            opt.zero_grad()
+            with oref.record(b["task_ids"]):
+                lr = task_losses(ref, b).sum()
+                lr.backward()
+            res = oref.project_()
+            opt_ref.step()
+            opt_ref.zero_grad()
+            torch.testing.assert_close(loss, lr.detach(), rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(cf, res.conflict_fraction)
+            for p, q in zip(m.parameters(), ref.parameters()):
+                torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    assert o.num_steps == 3 and torch.count_nonzero(o.buffer) == 0
+    torch.testing.assert_close(o._generator.state, oref._generator.state, rtol=0, atol=0)
+    o.remove(), oref.remove()
+
+
+def test_project_generator_order_stats_fullgraph():
+    """project(...) with generator=OrderGenerator, an explicit order, return_stats=True and
+    every statistic compiles with fullgraph=True and equals eager, step after step."""
+    x = torch.randn(4, 30, generator=torch.Generator().manual_seed(0))
+    x[1] = -x[0] + 0.1 * x[1]  # a conflict
+    order = torch.stack([torch.randperm(4, generator=torch.Generator().manual_seed(k)) for k in range(4)])
+    stats = ("output", "gram", "coeffs", "num_projections", "order", "cosine", "conflicts", "conflict_fraction",
+             "projection_fraction", "mean_cosine")
+
+    def f(x, g, order):
+        r = project(x, [0, 10, 30], generator=g, return_stats=True)
+        r2 = project(x, [0, 10, 30], order=order, reduction="none", return_stats=True)
+        return [getattr(r, s) for s in stats] + [getattr(r2, s) for s in stats]
+
+    cf = torch.compile(f, fullgraph=True)
+    ge, gc = OrderGenerator(3), OrderGenerator(3)
+    orders = []
+    for _ in range(3):
+        e, c = f(x, ge, order), cf(x, gc, order)
+        for a, b in zip(e, c):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+        orders.append(e[4])
+    assert not torch.equal(orders[0], orders[1])  # a fresh order every call
+    assert torch.equal(ge.state, gc.state) and int(ge.state[1]) == 3
+    assert _breaks() == 0
+    with pytest.raises(Exception, match="OrderGenerator"):
+        torch.compile(f, fullgraph=True)(x, torch.Generator().manual_seed(0), order)
+
+
+def test_order_generator_permutations_uniform_and_resumable():
+    g = OrderGenerator(11)
+    draws = torch.stack([g.draw(1, 3)[0] for _ in range(600)])  # [600, 3, 3]
+    assert torch.equal(draws.sort(-1).values, torch.arange(3).expand_as(draws))
+    codes = (draws[..., 0] * 9 + draws[..., 1] * 3 + draws[..., 2]).reshape(-1)
+    counts = torch.bincount(codes, minlength=27)[[5, 7, 11, 15, 19, 21]]  # the 6 permutations of 0..2
+    assert counts.sum() == 1800 and counts.min() > 240 and counts.max() < 360  # 300 each; 6 sigma ~ 90
+    state = g.get_state()
+    a = g.draw(2, 5)
+    g.set_state(state)
+    assert torch.equal(g.draw(2, 5), a)
+    assert not torch.equal(OrderGenerator(12).draw(2, 5), OrderGenerator(11).draw(2, 5))
+    with pytest.raises(ValueError, match="OrderGenerator on"):
+        project(torch.randn(3, 4, device="meta"), generator=g)
+    with pytest.raises(ValueError, match="state"):
+        g.set_state(torch.zeros(3))
+
+
+def test_loop_collection_on_a_compiled_model():
+    """collect='loop' on a compiled model: per-task forward/backward inside task(t), and T
+    backward passes over one forward (ortho.backward) once the compiled backward keeps its
+    saved buffers (torch._functorch.config.donated_buffer=False, see README)."""
+    m, ref = _pair()
+    o, oref = OrthoLoRA(m, T, collect="loop"), OrthoLoRA(ref, T, collect="loop")
+    b = make_batch([2, 3, 1], seq_len=6)
+    cm = torch.compile(m)
+    for t in range(T):
+        sl = b["task_ids"] == t
+        sub = {k: v[sl] for k, v in b.items()}
+        with o.task(t):
+            task_losses(cm, sub)[t].backward()
+        with oref.task(t):
+            task_losses(ref, sub)[t].backward()
+    torch.testing.assert_close(o.buffer, oref.buffer, rtol=1e-5, atol=1e-7)
+    o.zero_grad(), oref.zero_grad()
+    torch._dynamo.reset()
+    with torch._functorch.config.patch(donated_buffer=False):
+        cm = torch.compile(m)
+        o.backward(task_losses(cm, b))
+    oref.backward(task_losses(ref, b))
+    torch.testing.assert_close(o.buffer, oref.buffer, rtol=1e-5, atol=1e-7)
+    assert _breaks() == 0
+
+
+def test_loop_backward_on_donated_buffers_names_the_fix():
+    m, _ = _pair()
+    o = OrthoLoRA(m, T, collect="loop")
+    b = make_batch([2, 3, 1], seq_len=6)
+    with torch._functorch.config.patch(donated_buffer=True):
+        cm = torch.compile(m)
+        losses = task_losses(cm, b)
+    with pytest.raises(RuntimeError, match="donated_buffer=False"):
+        o.backward(losses)
+
+
+def test_captured_step_logic_replays_on_static_tensors():
+    """CPU twin of the CUDA-graph capture: one compiled step replayed on STATIC tensors
+    (inputs copied in place, buffer and generator state updated in place, as a captured
+    graph requires) equals eager step by step, and draws fresh orders every replay."""
+    m, ref = _pair()
+    o, oref = OrthoLoRA(m, T, rng="counter"), OrthoLoRA(ref, T, rng="counter")
+    b0 = make_batch([2, 2, 2], seq_len=6)
+    static = {k: v.clone() for k, v in b0.items()}
+    buf_ptr = o.buffer.data_ptr()
+
+    def step():
+        task_losses(m, static).sum().backward()
+        return o.project_().order
+
+    orders = []
+    with torch._dynamo.config.patch(trace_autograd_ops=True):
+        cstep = torch.compile(step, fullgraph=True)
+        for i in range(4):
+            b = make_batch([2, 2, 2], seq_len=6, seed=i)
+            for k in static:
+                static[k].copy_(b[k])
+            with o.record(static["task_ids"]):
+                orders.append(cstep())
+            with oref.record(b["task_ids"]):
+                task_losses(ref, b).sum().backward()
+            want = oref.project_()
+            torch.testing.assert_close(orders[-1], want.order, rtol=0, atol=0)
+            for p, q in zip(o.layout.params, oref.layout.params):
+                torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7)
+            m.zero_grad(), ref.zero_grad()
+    assert o.buffer.data_ptr() == buf_ptr and counters["stats"]["unique_graphs"] == 1
+    assert not torch.equal(orders[0], orders[1])
+
+
+def test_grouped_step_traces_without_host_reads():
+    """CPU twin of the sync-free check: the per-task weight gradients and the projection
+    run on the meta device (no value can be read back) and the step above traced with
+    fullgraph=True (a host read would be a graph break)."""
+    from ortholora_kernels.collect import task_weight_grads
+    x, dy = torch.randn(5, 7, 16, device="meta"), torch.randn(5, 7, 4, device="meta")
+    ids = torch.zeros(5, dtype=torch.long, device="meta")
+    assert task_weight_grads(x, dy, ids, 3).shape == (3, 4, 16)
+    assert task_weight_grads(dy, x, ids, 3).shape == (3, 16, 4)
+    g = OrderGenerator(0, "meta")
+    r = project(torch.randn(3, 20, device="meta"), [0, 8, 20], generator=g, backend="torch", return_stats=True)
+    assert r.output.shape == (20,) and r.mean_cosine.shape == (2,) and r.conflict_fraction.device.type == "meta"
+
+
+def test_task_weight_grads_matches_per_task_products():
+    """The static-shape grouped product against the literal per-task sums (both sides, per
+    example and per token task ids, unsorted, absent tasks)."""
+    from ortholora_kernels.collect import task_weight_grads
+    g = torch.Generator().manual_seed(0)
+    x, dy = torch.randn(6, 5, 16, generator=g, dtype=torch.float64), torch.randn(6, 5, 4, generator=g, dtype=torch.float64)
+    ids = torch.tensor([2, 0, 2, 0, 2, 2])
+    tok = torch.randint(0, 3, (6, 5), generator=g)
+    for a, b in ((x, dy), (dy, x)):
+        got = task_weight_grads(a, b, ids, 4)
+        want = torch.stack([b[ids == t].reshape(-1, b.shape[-1]).t() @ a[ids == t].reshape(-1, a.shape[-1])
+                            for t in range(4)])
+        torch.testing.assert_close(got, want)
+        assert torch.count_nonzero(got[1]) == 0 and torch.count_nonzero(got[3]) == 0
+        got = task_weight_grads(a, b, tok, 3)
+        want = torch.stack([b[tok == t].t() @ a[tok == t] for t in range(3)])
+        torch.testing.assert_close(got, want)
+
+
+def _cuda_step_setup():
+    m = tiny_multitask("roberta", T, lora_dropout=0.0, layers=1).cuda()
+    m.train()
+    return m
+
+
+@pytest.mark.gpu
+def test_grouped_step_has_no_host_sync_on_gpu():
+    m = _cuda_step_setup()
+    o = OrthoLoRA(m, T, rng="counter")
+    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-3, capturable=True)
+    b = {k: v.cuda() for k, v in make_batch([2, 3, 1], seq_len=6).items()}
+    ids_cpu = b["task_ids"].cpu()
+    for warm in (True, False):
+        if not warm:
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            with o.record(ids_cpu):
+                task_losses(m, b).sum().backward()
+            res = o.project_()
+            res.conflict_fraction, res.mean_cosine, res.projection_fraction
+            opt.step()
+            opt.zero_grad()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+
+
+@pytest.mark.gpu
+def test_grouped_step_cuda_graph_replays_equal_eager():
+    """torch.cuda.graph capture of the grouped step (static batch, counter generator):
+    100 replays equal 100 eager steps (fresh orders each replay)."""
+    m = _cuda_step_setup()
+    ref = copy.deepcopy(m)
+    o, oref = OrthoLoRA(m, T, rng="counter"), OrthoLoRA(ref, T, rng="counter")
+    b = {k: v.cuda() for k, v in make_batch([2, 2, 2], seq_len=6).items()}
+    ids_cpu = b["task_ids"].cpu()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):  # warm up: buffers, sinks, tables built before capture
+        for _ in range(2):
+            with o.record(ids_cpu):
+                task_losses(m, b).sum().backward()
+            o.project_()
+    torch.cuda.current_stream().wait_stream(s)
+    for _ in range(2):
+        with oref.record(ids_cpu):
+            task_losses(ref, b).sum().backward()
+        oref.project_()
+    graph = torch.cuda.CUDAGraph()
+    with o.record(ids_cpu):
+        with torch.cuda.graph(graph):
+            task_losses(m, b).sum().backward()
+            o.project_()
+    grads = [p.grad for p in o.layout.params]
+    for _ in range(100):
+        graph.replay()
+        with oref.record(ids_cpu):
+            task_losses(ref, b).sum().backward()
+        oref.project_()
+        for g, q in zip(grads, oref.layout.params):
+            torch.testing.assert_close(g, q.grad, rtol=1e-4, atol=1e-6)
