@@ -134,7 +134,9 @@ if triton is not None:
                 else:
                     b = tl.load(b_rows + c[None, :], mask=b_live & cm, other=0.0).to(tl.float64)
                 if USE_DOT:
-                    acc = tl.dot(a, tl.trans(b), acc)
+                    # out_dtype: Triton 3.6 (the GPU image's) rejects an fp64 accumulator
+                    # with the default fp32 out_dtype; newer Tritons infer it.
+                    acc = tl.dot(a, tl.trans(b), acc, out_dtype=tl.float64)
                 else:
                     acc3 += a[:, None, :] * b[None, :, :]
             if not USE_DOT:
