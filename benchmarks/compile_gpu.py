@@ -102,13 +102,18 @@ def record(t: int, dtype: torch.dtype, fused: bool, direction: str, reduction: s
     return log
 
 
+_BINDERS: dict = {}
+
+
 def specialise(name, args, kwargs, target):
     """``(signature, constexprs, attrs, options)`` exactly as Triton's launcher builds them."""
     from triton.compiler import make_backend
     from triton.runtime.jit import create_function_from_signature
     fn = getattr(_impl(), name)
-    backend = make_backend(target)
-    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    if (name, target) not in _BINDERS:
+        backend = make_backend(target)
+        _BINDERS[name, target] = backend, create_function_from_signature(fn.signature, fn.params, backend)
+    backend, binder = _BINDERS[name, target]
     bound, spec, options = binder(*args, **kwargs)
     options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, spec, options)
     return signature, constexprs, attrs, options.__dict__

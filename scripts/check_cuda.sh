@@ -2,10 +2,13 @@
 # Compile-check the CUDA kernels: every csrc/**/*.cu with `nvcc -c` (default arch and
 # sm_90) into a temporary directory. The kernels include no torch header, so this needs
 # only nvcc, not a CUDA build of torch. Skips (exit 0) when nvcc is not on PATH.
+# The sm_90 pass runs with `-Xptxas -v`: it prints registers / spills / shared memory per
+# kernel and FAILS when a hot kernel (the per-column passes over X: $HOT) spills.
 # Extra arguments go to nvcc (e.g. -arch=sm_80).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 NVCC="${NVCC:-nvcc}"
+HOT="${ORTHOLORA_HOT_KERNELS:-pairs_partial_kernel|combine_kernel}"   # combine_kernel also matches backward_combine_kernel
 if ! command -v "$NVCC" >/dev/null 2>&1; then
     echo "check_cuda: nvcc not found on PATH; skipping the CUDA compile check"
     exit 0
@@ -19,12 +22,34 @@ TMP="$(mktemp -d)"
 trap 'rm -rf "$TMP"' EXIT
 status=0
 for arch in "" "-arch=sm_90"; do
+    verbose=()
+    [ -n "$arch" ] && verbose=(-Xptxas -v)
     for src in "${SOURCES[@]}"; do
         obj="$TMP/$(echo "$src" | tr '/' '_').${arch#-arch=}.o"
-        if "$NVCC" -std=c++17 -O3 $arch -I"$ROOT/csrc" "$@" -c "$ROOT/$src" -o "$obj"; then
+        log="$obj.log"
+        if "$NVCC" -std=c++17 -O3 $arch "${verbose[@]}" -I"$ROOT/csrc" "$@" -c "$ROOT/$src" -o "$obj" 2>"$log"; then
             echo "check_cuda: ok   ${arch:-default arch} $src"
         else
+            cat "$log"
             echo "check_cuda: FAIL ${arch:-default arch} $src"
+            status=1
+            continue
+        fi
+        [ -n "$arch" ] || continue
+        # One line per kernel: demangled name, registers, spill bytes, shared memory.
+        if ! awk -v hot="$HOT" '
+            /Function properties for/ { name = $NF; next }
+            /bytes spill stores/ { spill = $5 + $9; next }
+            /Used [0-9]+ registers/ {
+                regs = $5; smem = 0
+                if (match($0, /[0-9]+ bytes smem/)) smem = substr($0, RSTART, RLENGTH - 11)
+                short = name; sub(/^_ZN.*_[0-9a-f]+[0-9]+/, "", short); short = substr(short, 1, 60)
+                flag = (spill > 0 && name ~ hot) ? "  SPILLS IN A HOT KERNEL" : ""
+                printf "check_cuda:   %-60s regs=%-3d spills=%-4d smem=%d%s\n", short, regs, spill, smem, flag
+                if (flag != "") bad = 1
+            }
+            END { exit bad }' "$log"; then
+            echo "check_cuda: FAIL sm_90 $src: a hot kernel spills registers (see above)"
             status=1
         fi
     done

@@ -190,8 +190,10 @@ __global__ void reduce_pairs_kernel(int npairs, PieceTable table, const double* 
 }
 
 // dX[t, c] = sum_r M1_s[t, r] dY[r, c] + sum_m M2_s[t, m] X[m, c] over one piece.
+// Launch bounds (256, 4): without the minimum-blocks hint ptxas held this kernel to 32
+// registers and spilled 40-56 bytes per thread for sm_90 (scripts/check_cuda.sh fails on that).
 template <class In>
-__global__ void __launch_bounds__(kThreads) backward_combine_kernel(const In* __restrict__ dy, int R,
+__global__ void __launch_bounds__(kThreads, 4) backward_combine_kernel(const In* __restrict__ dy, int R,
                                                                     const In* __restrict__ x, int T, int64_t n,
                                                                     PieceTable table,
                                                                     const typename AccOf<In>::type* __restrict__ m1,
