@@ -57,13 +57,18 @@ class Segments:
 
 
 _SEGMENTS_CACHE: dict[tuple[int, ...], Segments] = {}
+_MAX_CACHED_LAYOUTS = 256
 
 
 def _segments_from_tuple(offsets: tuple[int, ...]) -> Segments:
     seg = _SEGMENTS_CACHE.get(offsets)
     if seg is None:
-        if len(_SEGMENTS_CACHE) >= 256:  # layouts are few; bound the cache anyway
-            _SEGMENTS_CACHE.clear()
+        if len(_SEGMENTS_CACHE) >= _MAX_CACHED_LAYOUTS:  # layouts are few; bound the cache anyway
+            # Only layouts without device tables are dropped: a captured CUDA graph keeps
+            # the raw addresses of a layout's tables, and freeing them under it would let
+            # the allocator hand that memory to other tensors while the graph still reads it.
+            for key in [k for k, v in _SEGMENTS_CACHE.items() if not v._device_cache]:
+                del _SEGMENTS_CACHE[key]
         seg = _SEGMENTS_CACHE[offsets] = Segments(offsets)
     return seg
 

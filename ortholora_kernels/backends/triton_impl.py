@@ -25,11 +25,14 @@ On CPU tensors the same kernels run through the Triton interpreter, only when
 ``TRITON_INTERPRET=1`` is set before this module is first imported (Triton picks the
 interpreter when a kernel is defined). Non-contiguous input is copied (``ops.py`` calls
 ``.contiguous()``); the kernels assume row-major ``[T, N]``. CUDA graphs: make one call
-outside capture first (it builds the cached tables). The per-segment tickets and
-partials are a cached workspace per layout, device and stream.
+outside capture first (it builds the cached tables), or let the first call be captured:
+then its tables and workspace belong to the graph (see :class:`_Layout`, :func:`_workspace`).
+Launches run under a device guard (a ``cuda:1`` tensor launches on GPU 1 whatever the
+current device).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 
@@ -71,6 +74,9 @@ def availability(device: torch.device) -> str | None:
                     "importing ortholora_kernels")
         return None
     if device.type == "cuda":
+        if _INTERPRETED:
+            return ("TRITON_INTERPRET=1 was set when the triton backend was imported: its kernels run in the "
+                    "CPU interpreter, not on the GPU; unset it for CUDA tensors")
         return None
     return f"no Triton support for {device.type} tensors"
 
@@ -365,9 +371,15 @@ class _Layout:
 
     A 1-D grid over this flattened (segment, chunk) table, not a 2-D [S, max chunks]
     grid: ragged layouts (1-column segments beside 16M-column ones) launch no idle programs.
+
+    Built outside CUDA-graph capture: one blocking copy (every stream sees the finished
+    table). Built during capture (the first call of a layout is a captured one): the copy
+    from a pinned host buffer is recorded into the graph, so every replay re-uploads it;
+    that buffer is kept alive for the process (``_PINNED``), the device copy belongs to
+    the graph, and the table is not cached for later calls.
     """
 
-    def __init__(self, seg: Segments, device: torch.device, span: int):
+    def __init__(self, seg: Segments, device: torch.device, span: int, capturing: bool = False):
         n_chunks = sum(-(-size // span) for size in seg.sizes)
         group = max(_GROUP, math.isqrt(n_chunks - 1) + 1)
         rows, chunk_off, group_off, seg_group_off = [], [0], [0], [0]
@@ -379,12 +391,36 @@ class _Layout:
             group_off.extend(range(first + group, len(rows), group))
             group_off.append(len(rows))
             seg_group_off.append(len(group_off) - 1)
-
-        def dev(v):
-            return torch.tensor(v, dtype=torch.int64, device=device)
-        self.table, self.chunk_off = dev(rows), dev(chunk_off)
-        self.group_off, self.seg_group_off = dev(group_off), dev(seg_group_off)
+        parts = [torch.tensor(rows, dtype=torch.int64).reshape(-1), torch.tensor(chunk_off), torch.tensor(group_off),
+                 torch.tensor(seg_group_off)]
+        sizes = [p.numel() for p in parts]
+        # One upload; every part starts 16-byte aligned (pad to an even count of int64).
+        host = torch.cat([torch.cat([p, p.new_zeros(p.numel() % 2)]) for p in parts])
+        if capturing:
+            host = host.pin_memory()
+            _PINNED.append(host)          # read by every replay of the graph: never freed
+            flat = host.to(device, non_blocking=True)
+        else:
+            flat = host.to(device)
+        views = [v[:n] for v, n in zip(flat.split([n + n % 2 for n in sizes]), sizes)]
+        self.table, self.chunk_off, self.group_off, self.seg_group_off = views
+        self.table = self.table.view(-1, 4)
         self.n_prog, self.n_groups = len(rows), len(group_off) - 1
+
+
+_PINNED: list = []   # host sources of tables uploaded inside a captured graph
+
+
+def _capturing(device: torch.device) -> bool:
+    """Whether the current stream of ``device`` is capturing a CUDA graph."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def _guard(device: torch.device):
+    """Make ``device`` current for the launch: Triton launches on the current device."""
+    if device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device():
+        return torch.cuda.device(device.index)
+    return contextlib.nullcontext()
 
 
 def _table(seg: Segments, device: torch.device, block: int, chunked: bool) -> _Layout:
@@ -397,42 +433,43 @@ def _table(seg: Segments, device: torch.device, block: int, chunked: bool) -> _L
         n_blocks = -(-seg.numel // block) + seg.num_segments
         per = min(_MAX_CHUNK_BLOCKS, max(1, -(-n_blocks // _TARGET_PROGRAMS)))
     span = per * block
-    return seg.cached(("triton_table", device, span, _GROUP), lambda: _Layout(seg, device, span))
+    key = ("triton_table", device, span, _GROUP)
+    if _capturing(device) and key not in seg._device_cache:
+        return _Layout(seg, device, span, capturing=True)   # graph-owned, not cached
+    return seg.cached(key, lambda: _Layout(seg, device, span))
 
 
 def _workspace(seg: Segments, lay: _Layout, device: torch.device, tile: int):
-    """``(partials fp64 [P + G, tile], tickets int32 [G + S])``, cached per layout, device, stream.
+    """``(partials fp64 [P + G, tile], tickets int32 [G + S])``.
 
     Rows ``P:`` of the partials hold the group sums; tickets ``:G`` count finished chunks
     per group, ``G:`` finished groups per segment. The tickets return to zero at the end
-    of every fused launch: no memset, and a CUDA graph can replay the call. One set per
-    stream, so launches on different streams never share tickets or partials.
+    of every fused launch, so eager calls reuse one cached set per (layout, device,
+    stream): no memset, and launches on different streams never share tickets. Under
+    CUDA-graph capture every call gets its own workspace, allocated in the graph's memory
+    and zeroed by a memset node of the graph: a second graph of the same shape, or two
+    graphs replayed at once, never share (or inherit uninitialised) tickets.
     """
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else None
-
     def build():
         return (torch.empty((lay.n_prog + lay.n_groups, tile), dtype=torch.float64, device=device),
                 torch.zeros((lay.n_groups + seg.num_segments,), dtype=torch.int32, device=device))
+    if _capturing(device):
+        return build()
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else None
     return seg.cached(("triton_ws", device, stream, lay.n_prog, lay.n_groups, tile), build)
 
 
-def _gram_plan(seg: Segments, dev: torch.device, r: int, t: int, fp64: bool, same: bool, reduction: str,
-               solve: bool = True):
-    """Everything about a Gram launch that does not change between calls (cached)."""
-    stream = torch.cuda.current_stream(dev).cuda_stream if dev.type == "cuda" else None
-
+def _gram_plan(seg: Segments, r: int, t: int, fp64: bool, same: bool, reduction: str, solve: bool = True):
+    """``(block, consts)`` of a Gram launch: pure host constants, cached per layout."""
     def build():
         r_pad, t_pad = _pow2(r), _pow2(t)
         block, use_dot = _gram_config(r_pad, t_pad, fp64, same)
-        lay = _table(seg, dev, block, True)
-        parts, tickets = _workspace(seg, lay, dev, r_pad * t_pad)
         rb = max(1, min(64, _REDUCE_ELEMS // (r_pad * t_pad)))   # level 2 sums <= 1024 / _GROUP rows
         consts = dict(R_PAD=r_pad, T_PAD=t_pad, BLOCK=block, SAME=same, FP64=fp64, USE_DOT=use_dot,
                       RB=rb, SOLVE=same and solve, MEAN=reduction == "mean", NONE=reduction == "none",
                       REG_SOLVE=t_pad <= 16, num_warps=8 if t_pad >= 32 else 4)
-        return (lay, parts, parts[lay.n_prog:], tickets, tickets[lay.n_groups:], consts)
-    return seg.cached(("triton_gram", dev, stream, r, t, fp64, same, reduction, solve, _FUSED, _GROUP,
-                       _TARGET_PROGRAMS), build)
+        return block, consts
+    return seg.cached(("triton_gram", r, t, fp64, same, reduction, solve), build)
 
 
 def _gram(a: torch.Tensor, b: torch.Tensor | None, seg: Segments, *, order=None, reduction="sum",
@@ -451,8 +488,11 @@ def _gram(a: torch.Tensor, b: torch.Tensor | None, seg: Segments, *, order=None,
     s_count = seg.num_segments
     dev = a.device
     fp64 = a.dtype == torch.float64 or b.dtype == torch.float64
-    lay, parts, gparts, gtickets, stickets, consts = _gram_plan(seg, dev, r, t, fp64, same, reduction, solve)
+    block, consts = _gram_plan(seg, r, t, fp64, same, reduction, solve)
     solve = same and solve
+    lay = _table(seg, dev, block, True)
+    parts, tickets = _workspace(seg, lay, dev, consts["R_PAD"] * consts["T_PAD"])
+    gparts, gtickets, stickets = parts[lay.n_prog:], tickets, tickets[lay.n_groups:]
     g = torch.empty((s_count, r, t), dtype=torch.float64, device=dev)
     if solve:
         c = torch.empty_like(g)
@@ -462,11 +502,12 @@ def _gram(a: torch.Tensor, b: torch.Tensor | None, seg: Segments, *, order=None,
     else:  # unused pointers: any tensor will do
         c = w = order = g
         nproj = stickets
-    _gram_kernel[(lay.n_prog,)](a, b, parts, lay.table, n, r, t, lay.group_off, lay.seg_group_off,
-                                gparts, gtickets, stickets, g, order, c, w, nproj, FUSED=_FUSED, **consts)
-    if not _FUSED:
-        k = {key: v for key, v in consts.items() if key not in ("BLOCK", "SAME", "FP64", "USE_DOT")}
-        _reduce_solve_kernel[(s_count,)](parts, lay.chunk_off, g, order, c, w, nproj, r, t, **k)
+    with _guard(dev):
+        _gram_kernel[(lay.n_prog,)](a, b, parts, lay.table, n, r, t, lay.group_off, lay.seg_group_off,
+                                    gparts, gtickets, stickets, g, order, c, w, nproj, FUSED=_FUSED, **consts)
+        if not _FUSED:
+            k = {key: v for key, v in consts.items() if key not in ("BLOCK", "SAME", "FP64", "USE_DOT")}
+            _reduce_solve_kernel[(s_count,)](parts, lay.chunk_off, g, order, c, w, nproj, r, t, **k)
     return (g, c, w, nproj) if solve else (g, None, None, None)
 
 
@@ -484,19 +525,20 @@ def _combine(seg: Segments, x, a, y=None, b=None, out_rows=1, out_dtype=None, fl
     n = x.shape[1]
     has_y = y is not None
     y_, b_ = (y, b) if has_y else (x, a)
-    lay, consts = seg.cached(("triton_combine", x.device, out_rows, x.dtype, has_y),
-                             lambda: _combine_plan(seg, x.device, out_rows, x.dtype, has_y))
+    consts = seg.cached(("triton_combine", out_rows, x.dtype, has_y),
+                        lambda: _combine_plan(out_rows, x.dtype, has_y))
+    lay = _table(seg, x.device, consts["BLOCK"], False)
     out = torch.empty((n,) if flat else (out_rows, n), dtype=out_dtype or x.dtype, device=x.device)
-    _combine_kernel[(lay.n_prog,)](lay.table, x, x.shape[0], a, *a.stride(), y_, y_.shape[0], b_, *b_.stride(),
-                                   out, n, out_rows, **consts)
+    with _guard(x.device):
+        _combine_kernel[(lay.n_prog,)](lay.table, x, x.shape[0], a, *a.stride(), y_, y_.shape[0], b_,
+                                       *b_.stride(), out, n, out_rows, **consts)
     return out
 
 
-def _combine_plan(seg, dev, out_rows, dtype, has_y):
-    """Table and constants of a combine launch (cached per layout)."""
+def _combine_plan(out_rows, dtype, has_y):
+    """Constants of a combine launch (cached per layout)."""
     r_pad, block = _combine_config(out_rows)
-    consts = dict(R_PAD=r_pad, BLOCK=block, HAS_Y=has_y, FP64=dtype == torch.float64)
-    return _table(seg, dev, block, False), consts
+    return dict(R_PAD=r_pad, BLOCK=block, HAS_Y=has_y, FP64=dtype == torch.float64)
 
 
 class TritonBackend(Backend):
