@@ -4,6 +4,7 @@
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <torch/library.h>
 
 #include <cuda_bf16.h>
@@ -22,33 +23,46 @@ namespace {
 
 // The piece table on the device: segments cut into blocks of `piece` columns (a multiple
 // of the Gram tile), sized for a few hundred blocks. Depends only on the shape, so results
-// are deterministic. Built once per (device, tile, offsets) and cached with its pinned
-// host copy, so later calls (and CUDA graph replays) neither copy nor synchronise: the
-// first upload is an asynchronous copy from pinned memory that stays alive in the cache.
+// are deterministic. Built once per (device, tile, offsets) and cached for the process:
+// - outside CUDA-graph capture the upload is a blocking copy, so a kernel on ANY stream
+//   that uses the table later reads the finished table (an asynchronous upload on the
+//   first stream could be read by another stream before it landed);
+// - a first use inside capture cannot copy eagerly: the copy from a pinned host buffer is
+//   recorded into the graph (every replay re-uploads it), that host buffer is kept alive
+//   for the process, and the graph-owned device copy is NOT cached (later eager calls
+//   would read memory only the graph's replays fill);
+// - entries are never evicted: a captured graph keeps the table's raw address, and
+//   freeing it would let the allocator reuse that memory under the graph. A table is a
+//   few KB; a process sees few layouts.
 struct DeviceTable {
   at::Tensor host;
   at::Tensor storage;
   cuda::PieceTable table;
 };
 
-DeviceTable build_table(const std::vector<int64_t>& offs, int64_t tile, const at::Device& device);
+DeviceTable build_table(const std::vector<int64_t>& offs, int64_t tile, const at::Device& device, bool capturing);
 
 DeviceTable make_table(const std::vector<int64_t>& offs, int64_t tile, const at::Device& device) {
   typedef std::tuple<int, int64_t, std::vector<int64_t>> Key;
   static std::mutex mutex;
   // Leaked on purpose: no CUDA frees from static destructors after the context is gone.
   static auto* cache = new std::map<Key, DeviceTable>();
+  static auto* graph_sources = new std::vector<at::Tensor>();   // pinned sources of captured uploads
   Key key{device.index(), tile, offs};
   std::lock_guard<std::mutex> lock(mutex);
   auto it = cache->find(key);
   if (it != cache->end()) return it->second;
-  if (cache->size() >= 256) cache->clear();   // layouts are few; bound the cache anyway
-  DeviceTable t = build_table(offs, tile, device);
-  cache->emplace(std::move(key), t);
+  const bool capturing = c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None;
+  DeviceTable t = build_table(offs, tile, device, capturing);
+  if (capturing) {
+    graph_sources->push_back(t.host);
+  } else {
+    cache->emplace(std::move(key), t);
+  }
   return t;
 }
 
-DeviceTable build_table(const std::vector<int64_t>& offs, int64_t tile, const at::Device& device) {
+DeviceTable build_table(const std::vector<int64_t>& offs, int64_t tile, const at::Device& device, bool capturing) {
   const int64_t S = static_cast<int64_t>(offs.size()) - 1;
   const int64_t N = offs.back();
   const int64_t piece = tile * std::max<int64_t>(1, std::min<int64_t>(16, N / (tile * 512)));
@@ -71,7 +85,8 @@ DeviceTable build_table(const std::vector<int64_t>& offs, int64_t tile, const at
   std::copy(seg_first.begin(), seg_first.end(), h + 3 * np);
   DeviceTable t;
   t.host = host;
-  t.storage = host.to(device, /*non_blocking=*/true);
+  // Captured: an asynchronous copy node of the graph. Eager: a blocking copy.
+  t.storage = host.to(device, /*non_blocking=*/capturing);
   const int64_t* d = t.storage.data_ptr<int64_t>();
   t.table = cuda::PieceTable{d, d + np, d + 2 * np, d + 3 * np, static_cast<int>(np), static_cast<int>(S)};
   return t;
