@@ -397,7 +397,7 @@ class _Layout:
         # One upload; every part starts 16-byte aligned (pad to an even count of int64).
         host = torch.cat([torch.cat([p, p.new_zeros(p.numel() % 2)]) for p in parts])
         if capturing:
-            host = host.pin_memory()
+            host = host.pin_memory() if device.type == "cuda" else host
             _PINNED.append(host)          # read by every replay of the graph: never freed
             flat = host.to(device, non_blocking=True)
         else:

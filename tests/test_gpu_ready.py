@@ -1,0 +1,205 @@
+"""GPU readiness checked on CPU (issue 15): CUDA-graph workspace and tables, device guard,
+availability under the interpreter, the segments cache, the compile matrix script and the
+GPU check script's dry run.
+
+Capture logic runs with the capture check monkeypatched (``triton_impl._capturing``) and
+the kernels through the interpreter; what needs a GPU is in scripts/gpu_check.sh.
+"""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import ortholora_kernels as ok
+from ortholora_kernels import _args
+
+from cases import assert_matches_reference, make_grads, random_order
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+interpreter = pytest.mark.interpreter
+
+
+def _impl():
+    from ortholora_kernels.backends import triton_impl
+    return triton_impl
+
+
+def _triton_or_skip():
+    impl = _impl()
+    if impl._IMPORT_ERROR is not None:
+        pytest.skip(impl._IMPORT_ERROR)
+    return impl
+
+
+@interpreter
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+def test_captured_calls_get_their_own_zeroed_workspace(monkeypatch, reduction):
+    """Finding 2: under capture each call allocates and zeroes its own tickets (graph
+    memory, a memset node), never the cached eager set, which may hold anything."""
+    impl = _impl()
+    segs = [0, 100, 900]
+    seg = _args.segments_for(segs, 900)
+    seg._device_cache.clear()
+    monkeypatch.setattr(impl, "_TARGET_PROGRAMS", 2)   # several chunks and groups per segment
+    monkeypatch.setattr(impl, "_GROUP", 2)
+    x = make_grads(5, 900, seed=1, shared=-0.5)
+    order = random_order(5, 2, seed=2)
+    ok.project(x, segs, order=order, reduction=reduction, backend="triton")   # eager: builds the cache
+    cached = [v for k, v in seg._device_cache.items() if k[0] == "triton_ws"]
+    assert cached
+    for parts, tickets in cached:
+        tickets.fill_(7)                  # what another graph's half-finished replay could leave
+        parts.fill_(float("nan"))
+    seen = []
+    real_workspace = impl._workspace
+
+    def spy(*a, **k):
+        ws = real_workspace(*a, **k)
+        seen.append(ws)
+        return ws
+    monkeypatch.setattr(impl, "_workspace", spy)
+    monkeypatch.setattr(impl, "_capturing", lambda device: True)
+    outs = [ok.project(x, segs, order=order, reduction=reduction, backend="triton") for _ in range(2)]
+    for out in outs:
+        assert_matches_reference(out, x, segs, order=order, reduction=reduction)
+    cached_ptrs = {t.data_ptr() for _, t in cached}
+    fresh = [t for _, t in seen]
+    assert len({t.data_ptr() for t in fresh}) == len(fresh)            # one workspace per captured call
+    assert not cached_ptrs & {t.data_ptr() for t in fresh}
+    assert all(int(t.ne(7).sum()) == 0 for _, t in cached)               # the eager set untouched
+    seg._device_cache.clear()
+
+
+@interpreter
+def test_tables_built_under_capture_are_not_cached(monkeypatch):
+    """A layout first seen inside a capture gets graph-owned tables, uploaded from a kept
+    host buffer, and they never enter the cache that later eager calls read."""
+    impl = _impl()
+    segs = [0, 33, 500]
+    seg = _args.segments_for(segs, 500)
+    seg._device_cache.clear()
+    pinned = len(impl._PINNED)
+    monkeypatch.setattr(impl, "_capturing", lambda device: True)
+    x = make_grads(3, 500, seed=3, shared=-0.5)
+    order = random_order(3, 2, seed=4)
+    out = ok.project(x, segs, order=order, backend="triton")
+    assert_matches_reference(out, x, segs, order=order)
+    assert not [k for k in seg._device_cache if k[0] in ("triton_table", "triton_ws")]
+    assert len(impl._PINNED) > pinned
+    monkeypatch.setattr(impl, "_capturing", lambda device: False)
+    again = ok.project(x, segs, order=order, backend="triton")
+    assert [k for k in seg._device_cache if k[0] == "triton_table"]      # eager calls cache their own
+    assert torch.equal(again, out)
+    seg._device_cache.clear()
+
+
+def test_layout_table_parts_are_aligned_views_of_one_upload():
+    impl = _triton_or_skip()
+    seg = _args.segments_for([0, 1, 300, 1000], 1000)
+    lay = impl._Layout(seg, torch.device("cpu"), 64)
+    base = lay.table.data_ptr()
+    for part in (lay.table, lay.chunk_off, lay.group_off, lay.seg_group_off):
+        assert part.untyped_storage().data_ptr() == lay.table.untyped_storage().data_ptr()
+        assert (part.data_ptr() - base) % 16 == 0
+    assert lay.chunk_off.tolist() == [0, 1, 6, 17] and lay.seg_group_off.tolist()[-1] == lay.n_groups
+    assert lay.table[:, 1].tolist()[:3] == [0, 1, 65] and lay.table[-1].tolist()[2] == 1000
+
+
+def test_device_guard_switches_only_when_needed(monkeypatch):
+    """Finding 7: a cuda:1 tensor with cuda:0 current launches under a guard for cuda:1."""
+    impl = _triton_or_skip()
+    entered = []
+
+    class FakeDevice:
+        def __init__(self, index):
+            self.index = index
+
+        def __enter__(self):
+            entered.append(self.index)
+
+        def __exit__(self, *exc):
+            return False
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "device", FakeDevice)
+    with impl._guard(torch.device("cuda", 1)):
+        pass
+    with impl._guard(torch.device("cuda", 0)):
+        pass
+    with impl._guard(torch.device("cpu")):
+        pass
+    assert entered == [1]
+
+
+@interpreter
+def test_every_launch_runs_under_the_device_guard(monkeypatch):
+    impl = _impl()
+    calls = []
+    real = impl._guard
+
+    def spy(device):
+        calls.append(device)
+        return real(device)
+    monkeypatch.setattr(impl, "_guard", spy)
+    x = make_grads(3, 200, seed=5, shared=-0.5).requires_grad_()
+    out = ok.project(x, [0, 50, 200], order=random_order(3, 2, seed=6), backend="triton")
+    assert len(calls) == 2                                   # Gram + combine
+    out.backward(torch.ones_like(out))
+    assert len(calls) == 4 and all(d == x.device for d in calls)   # + the backward's two
+
+
+def test_availability_cuda_refuses_the_interpreter(monkeypatch):
+    """Finding 7: with TRITON_INTERPRET=1 at import, kernels are interpreted: not for CUDA."""
+    impl = _triton_or_skip()
+    monkeypatch.setattr(impl, "_INTERPRETED", True)
+    reason = impl.availability(torch.device("cuda"))
+    assert reason is not None and "TRITON_INTERPRET" in reason
+    monkeypatch.setattr(impl, "_INTERPRETED", False)
+    assert impl.availability(torch.device("cuda")) is None
+
+
+def test_segments_cache_keeps_layouts_with_device_tables(monkeypatch):
+    """Finding 3 (Triton's side): the bounded layout cache never drops a layout whose
+    tables a captured graph may still read."""
+    monkeypatch.setattr(_args, "_SEGMENTS_CACHE", {})
+    monkeypatch.setattr(_args, "_MAX_CACHED_LAYOUTS", 3)
+    keep = _args.segments_for([0, 5, 10], 10)
+    keep.offsets_tensor("cpu")                       # now holds a table
+    plain = _args.segments_for([0, 3, 10], 10)
+    for n in range(11, 16):                          # overflow the bound several times
+        _args.segments_for([0, 1, n], n)
+    assert _args.segments_for([0, 5, 10], 10) is keep
+    assert _args.segments_for([0, 3, 10], 10) is not plain
+    assert len(_args._SEGMENTS_CACHE) <= 3
+
+
+# ------------------------------------------------------------- the scripts CI runs
+
+
+def _run(cmd, timeout=600, env=None):
+    e = dict(os.environ, **(env or {}))
+    e.pop("TRITON_INTERPRET", None)
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=e)
+
+
+@pytest.mark.slow
+def test_compile_gpu_fails_on_a_kernel_that_does_not_compile(tmp_path):
+    """compile_gpu.py turns a compile error into a failed row, the summary and exit 1."""
+    impl = _triton_or_skip()
+    if impl._INTERPRETED:
+        pytest.skip("the interpreter compiles nothing")
+    pytest.importorskip("triton.backends.nvidia")
+    code = (
+        "import sys; sys.path.insert(0, 'benchmarks'); import compile_gpu as c\n"
+        "def broken(job):\n"
+        "    return dict(error='CompilationError: injected', secs=0.0) if job[0] == '_combine_kernel' "
+        "else dict(regs=40, spills=0, smem=0, error=None, secs=0.0)\n"
+        "c.compile_one = broken\n"
+        "sys.exit(c.main(['--tasks', '3', '--dtypes', 'fp32', '-j', '1', '--csv', sys.argv[1]]))\n"
+    )
+    out = _run([sys.executable, "-c", code, str(tmp_path / "rows.csv")], timeout=300)
+    assert out.returncode == 1, out.stdout[-2000:] + out.stderr[-2000:]
+    lines = out.stdout.strip().splitlines()
+    assert lines[-1] == "0 configurations compiled, 12 failed"
+    assert sum(line.startswith("T=3 ") and "FAILED" in line for line in lines) == 12
