@@ -10,6 +10,7 @@ L2 flushed between calls):
 - ``triton``: ``project(x, order=order, backend="triton")``, eager (what a training loop pays);
 - ``triton graph``: the same call replayed from a CUDA graph (GPU time without launch cost);
 - ``triton kernels``: the backend's ``forward`` alone (no validation, no dispatcher);
+- ``native``, ``native graph``: the compiled CUDA extension, eager and replayed (T <= 32);
 - ``torch``: ``backend="torch"``;
 - ``per-pair loop``: the common PCGrad loop (one host sync per pair);
 - ``torchjd PCGrad``: TorchJD's aggregator, or a "skipped: torchjd not installed" row.
@@ -107,6 +108,12 @@ def candidates(x: torch.Tensor, order: torch.Tensor):
         out.append(("triton kernels", lambda: ok.ops.forward(x, seg, order3, "sum", "triton")[0], ""))
     else:
         out.append(("triton", None, f"skipped: {reason}"))
+    reason = ok.backends.availability("native", x.device)
+    if reason is None and x.shape[0] <= 32:
+        out.append(("native", lambda: ok.project(x, order=order, backend="native"), ""))
+        out.append(("native graph", "graph", ""))
+    else:
+        out.append(("native", None, f"skipped: {reason or 'T > 32'}"))
     out.append(("torch", lambda: ok.project(x, order=order, backend="torch"), ""))
     out.append(("per-pair loop", lambda: pcgrad_loop(x), ""))
     jd = torchjd_pcgrad()
@@ -143,8 +150,9 @@ def bench_one(t, n, dtype_name, copy_bw, rep_ms, skip_loop_above):
             row["note"] = f"skipped: T*N > {skip_loop_above}"
             continue
         try:
-            if fn == "graph":
-                fn = graph_of(lambda: ok.project(x, order=order, backend="triton"))
+            if fn == "graph":   # "triton graph" / "native graph": that backend's call, replayed
+                backend = label.split()[0]
+                fn = graph_of(lambda: ok.project(x, order=order, backend=backend))
                 result = None
             else:
                 result = fn()
