@@ -117,6 +117,10 @@ cp "$WORK/summary.csv" "$WORK/summary.json" "$OUT/"
 [ -f "$WORK/train_step.json" ] && cp "$WORK/train_step.json" "$OUT/"
 tar -czf "$OUT/logs.tar.gz" -C "$WORK" logs
 rm -rf "$WORK"
+if [ "$(find "$OUT" -type f | wc -l)" -gt 8 ]; then
+    echo "gpu_check: more than 8 files under $OUT (the device tool returns 8): $(ls "$OUT")"
+    FAILED=1
+fi
 echo "gpu_check: $(( $(date +%s) - START ))s in all; results under $OUT"
 column -s, -t < "$OUT/summary.csv" 2>/dev/null || cat "$OUT/summary.csv"
 exit $FAILED
