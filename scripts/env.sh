@@ -1,10 +1,28 @@
 #!/usr/bin/env bash
-# Create (or reuse) .venv with the pinned CPU torch and the package installed editable.
+# Create (or reuse) .venv with the pinned CPU torch and the package installed editable
+# (or, where python already has a CUDA torch, use it: see below).
 # Sourced by the two README commands; idempotent and offline after the first run.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 PY="${PYTHON:-python3}"
+# A machine whose python already has a CUDA torch (a GPU image, often offline): use that
+# python as it is. Installing the pinned CPU torch would fail offline and, online, hide the
+# CUDA build. The extension is built in place (setup.py build_ext: no pip, no download).
+# ORTHOLORA_USE_VENV=1 forces the .venv path below.
+if [ ! -x .venv/bin/python ] && [ "${ORTHOLORA_USE_VENV:-0}" != 1 ] \
+        && "$PY" -c 'import sys, torch; sys.exit(0 if torch.version.cuda else 1)' 2>/dev/null; then
+    echo "env.sh: using $("$PY" -c 'import sys, torch; print(sys.executable, "torch", torch.__version__)') (CUDA torch found: no .venv, no pip)"
+    python() { "$PY" "$@"; }
+    export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+    STAMP=build/.ortholora-inplace
+    if ! ls ortholora_kernels/_C*.so >/dev/null 2>&1 || [ ! -f "$STAMP" ] || [ setup.py -nt "$STAMP" ] \
+            || [ -n "$(find csrc -newer "$STAMP" -type f 2>/dev/null | head -1)" ]; then
+        ORTHOLORA_REQUIRE_BUILD="${ORTHOLORA_REQUIRE_BUILD:-1}" "$PY" setup.py -q build_ext --inplace
+        mkdir -p build && touch "$STAMP"
+    fi
+    return 0 2>/dev/null || exit 0
+fi
 if [ ! -x .venv/bin/python ]; then
     "$PY" -m venv .venv
 fi
