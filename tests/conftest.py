@@ -9,6 +9,8 @@ backend's own reason. See ARCHITECTURE.md, "Test matrix".
 """
 import os
 
+os.environ.setdefault("ORTHOLORA_JIT", "0")   # never a slow JIT build of the extension inside tests
+
 import pytest
 import torch
 

@@ -207,3 +207,53 @@ def test_compile_gpu_fails_on_a_kernel_that_does_not_compile(tmp_path):
     assert lines[-1] == "0 configurations compiled, 12 failed"
     assert sum(line.startswith("T=3 ") and "FAILED" in line for line in lines) == 12
 
+
+
+# ------------------------------------------------------- the extension built at first use
+
+
+def _missing(name):
+    raise ModuleNotFoundError("No module named 'ortholora_kernels._C'")
+
+
+def test_jit_build_is_off_with_ortholora_jit_0(monkeypatch):
+    from ortholora_kernels.backends import native_impl
+    monkeypatch.setattr(native_impl, "_state", {})
+    monkeypatch.setattr(native_impl.importlib, "import_module", _missing)
+    monkeypatch.setenv("ORTHOLORA_JIT", "0")
+    monkeypatch.setattr(native_impl, "_jit_build", lambda: pytest.fail("JIT build attempted with ORTHOLORA_JIT=0"))
+    assert "not built" in native_impl.availability(torch.device("cpu"))
+    assert native_impl.origin() is None
+
+
+def test_jit_build_at_first_use(monkeypatch, tmp_path, capsys):
+    """A missing extension is built once with torch.utils.cpp_extension.load from csrc/ with
+    setup.py's plan, into the cache folder, and backends_available says so. (The compiler
+    is faked here: a real build takes minutes; scripts/gpu_check.sh builds for real.)"""
+    import torch.utils.cpp_extension as cpp
+    from ortholora_kernels.backends import native_impl
+    if native_impl.availability(torch.device("cpu")) is not None:
+        pytest.skip("needs the built extension to stand in for the JIT result")
+    real = sys.modules["ortholora_kernels._C"]
+    real_import = native_impl.importlib.import_module
+    calls = []
+
+    def fake_load(**kw):
+        calls.append(kw)
+        return real
+    monkeypatch.setattr(native_impl, "_state", {"fakes": True})
+    monkeypatch.setattr(native_impl.importlib, "import_module", _missing)
+    monkeypatch.setattr(cpp, "load", fake_load)
+    monkeypatch.setenv("ORTHOLORA_JIT", "1")
+    monkeypatch.setenv("ORTHOLORA_JIT_DIR", str(tmp_path))
+    assert native_impl.availability(torch.device("cpu")) is None
+    assert native_impl.availability(torch.device("cpu")) is None   # built once
+    assert len(calls) == 1
+    kw = calls[0]
+    assert kw["name"] == "_C" and kw["build_directory"].startswith(str(tmp_path))
+    assert any(src.endswith("csrc/ortholora_cpu.cpp") for src in kw["sources"])
+    assert any(src.endswith("csrc/module.cpp") for src in kw["sources"])
+    assert "building it once" in capsys.readouterr().err
+    monkeypatch.setattr(native_impl.importlib, "import_module", real_import)   # (patched globally)
+    usable, how = ok.backends_available("cpu")["native"]
+    assert usable and "JIT-built at first use" in how, how

@@ -46,11 +46,13 @@ def availability(name: str, device) -> str | None:
 
 
 def backends_available(device="cpu") -> dict[str, tuple[bool, str]]:
-    """``{name: (usable, reason)}`` for every backend on ``device`` (default CPU)."""
+    """``{name: (usable, reason)}`` for every backend on ``device`` (default CPU); for a usable
+    native backend the reason says how the extension came ("ok (prebuilt)" or JIT-built)."""
     out = {}
     for name in BACKENDS:
         reason = availability(name, device)
-        out[name] = (reason is None, reason or "ok")
+        how = getattr(get(name), "origin", None) if reason is None else None   # native: prebuilt or JIT
+        out[name] = (reason is None, reason or (f"ok ({how()})" if how and how() else "ok"))
     return out
 
 

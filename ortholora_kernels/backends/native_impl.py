@@ -20,6 +20,8 @@ the import error).
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import os
 
 import torch
 
@@ -31,15 +33,79 @@ _state: dict = {}
 
 
 def _load():
-    """The extension module, or None (the import error is kept for ``availability``)."""
+    """The extension module, or None (the import error is kept for ``availability``).
+
+    When ``ortholora_kernels._C`` is not installed but the sources (a source checkout's
+    csrc/), torch's headers and a C++ compiler are there, it is built once at first use
+    with ``torch.utils.cpp_extension.load`` (the way DeepSpeed builds its ops) and cached
+    (:func:`_jit_dir`); one line on stderr says so. ``ORTHOLORA_JIT=0`` turns that off.
+    """
     if "module" not in _state:
         try:
             module = importlib.import_module("ortholora_kernels._C")
-            _register_fakes()
-            _state["module"], _state["error"] = module, None
+            _state["origin"] = "prebuilt"
+        except ModuleNotFoundError as exc:
+            module = None
+            _state["error"] = f"{type(exc).__name__}: {exc}"
+            if os.environ.get("ORTHOLORA_JIT", "1").strip().lower() not in ("0", "false", "no", "off"):
+                module = _jit_build()
         except Exception as exc:  # noqa: BLE001  ImportError, OSError (ABI mismatch), ...
-            _state["module"], _state["error"] = None, f"{type(exc).__name__}: {exc}"
+            module = None
+            _state["error"] = f"{type(exc).__name__}: {exc}"
+        if module is not None:
+            _register_fakes()
+            _state["error"] = None
+        _state["module"] = module
     return _state["module"]
+
+
+def origin() -> str | None:
+    """How the extension came: "prebuilt", "JIT-built at first use (DIR)", or None."""
+    return _state.get("origin") if _load() is not None else None
+
+
+def _jit_dir() -> str:
+    """Cache of JIT builds, one folder per torch / CUDA / Python version."""
+    import sys
+    root = os.environ.get("ORTHOLORA_JIT_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "ortholora_kernels")
+    tag = f"torch{torch.__version__}-cuda{torch.version.cuda or 'none'}-py{sys.version_info[0]}{sys.version_info[1]}"
+    return os.path.join(root, tag.replace("+", "_"))
+
+
+def _jit_build():
+    """Build csrc/ with torch.utils.cpp_extension.load (cached); None with a reason if not."""
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    setup_py = os.path.join(root, "setup.py")
+    if not (os.path.isdir(os.path.join(root, "csrc")) and os.path.isfile(setup_py)):
+        _state["error"] += "; no csrc/ sources beside the package to build it at first use"
+        return None
+    try:
+        spec = importlib.util.spec_from_file_location("_ortholora_setup", setup_py)
+        setup_mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(setup_mod)   # setup() only runs under __main__
+        facts = setup_mod._probe(os.environ)
+        plan = setup_mod.build_plan(os.environ, **facts)
+        if not plan["build"]:
+            _state["error"] += f"; not built at first use: {plan['message']}"
+            return None
+        from torch.utils.cpp_extension import load
+        build_dir = _jit_dir()
+        os.makedirs(build_dir, exist_ok=True)
+        print(f"ortholora_kernels: the compiled extension is missing; building it once with "
+              f"torch.utils.cpp_extension.load into {build_dir} ({plan['message']}; ORTHOLORA_JIT=0 turns this off)",
+              file=sys.stderr, flush=True)
+        macros = [f"-D{k}={v}" for k, v in plan["define_macros"]]
+        module = load(name="_C", sources=[os.path.join(root, src) for src in plan["sources"]],
+                      extra_cflags=plan["cxx_flags"] + macros, extra_cuda_cflags=plan["nvcc_flags"] + macros,
+                      extra_ldflags=plan["link_flags"], extra_include_paths=[os.path.join(root, "csrc")],
+                      build_directory=build_dir, with_cuda=plan["cuda"], verbose=False)
+    except Exception as exc:  # noqa: BLE001  a compiler error must leave a reason, not a crash
+        _state["error"] += f"; building it at first use failed: {type(exc).__name__}: {str(exc)[-300:]}"
+        return None
+    _state["origin"] = f"JIT-built at first use ({build_dir})"
+    return module
 
 
 def _register_fakes():
@@ -75,7 +141,8 @@ def availability(device: torch.device) -> str | None:
         err = _state["error"] or ""
         if "No module named" in err and "_C" in err:
             return ("the compiled extension ortholora_kernels._C is not built (install with "
-                    "`pip install -e . --no-build-isolation` after torch, without ORTHOLORA_SKIP_BUILD)")
+                    "`pip install -e . --no-build-isolation` after torch, without ORTHOLORA_SKIP_BUILD)"
+                    + (err[err.index(";"):] if ";" in err else ""))
         return f"the compiled extension ortholora_kernels._C failed to load: {err}"
     if device.type == "cpu":
         return None

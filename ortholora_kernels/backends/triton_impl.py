@@ -74,11 +74,11 @@ def availability(device: torch.device) -> str | None:
                     "importing ortholora_kernels")
         return None
     if device.type == "cuda":
-        if not torch.cuda.is_available():
-            return "no CUDA device (torch.cuda.is_available() is False)"
         if _INTERPRETED:
             return ("TRITON_INTERPRET=1 was set when the triton backend was imported: its kernels run in the "
                     "CPU interpreter, not on the GPU; unset it for CUDA tensors")
+        if not torch.cuda.is_available():
+            return "no CUDA device (torch.cuda.is_available() is False)"
         return None
     return f"no Triton support for {device.type} tensors"
 
