@@ -257,3 +257,18 @@ def test_jit_build_at_first_use(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(native_impl.importlib, "import_module", real_import)   # (patched globally)
     usable, how = ok.backends_available("cpu")["native"]
     assert usable and "JIT-built at first use" in how, how
+
+
+def test_automatic_order_on_cuda_prefers_triton(monkeypatch):
+    """Deliver 5: on CUDA, triton before native until native is measured faster; native
+    still next (e.g. without triton), torch last; CPU keeps native first."""
+    from ortholora_kernels import backends
+    usable = {"native", "triton", "torch"}
+    monkeypatch.setattr(backends, "availability", lambda name, device: None if name in usable else "no")
+    cuda = torch.device("cuda")
+    assert backends._select(None, cuda, ()) == "triton"
+    usable.discard("triton")
+    assert backends._select(None, cuda, ()) == "native"
+    assert backends._select(None, cuda, ("native",)) == "torch"
+    usable.add("triton")
+    assert backends._select(None, torch.device("cpu"), ()) == "native"

@@ -23,6 +23,9 @@ _MODULES = {
     "torch": "ortholora_kernels.backends.torch_impl",
 }
 _AUTO_ORDER = ("native", "triton", "torch")
+# On CUDA, triton first until native is measured faster on a GPU (issue 15: no GPU has
+# timed the native CUDA kernels yet; their stage 2 sums the pieces serially). Per device type.
+_AUTO_ORDER_BY_DEVICE = {"cuda": ("triton", "native", "torch")}
 # Largest T per device type and backend, where there is one: native's CUDA kernels solve
 # in shared memory (csrc/cuda/kernels.cuh, kMaxTasks).
 _MAX_TASKS = {"cuda": {"native": 32}}
@@ -73,7 +76,7 @@ def _select(requested: str | None, device: torch.device, skip: tuple) -> str:
     if requested is None:
         requested = os.environ.get("ORTHOLORA_BACKEND") or None
     if requested is None or requested == "auto":
-        for name in _AUTO_ORDER:
+        for name in _AUTO_ORDER_BY_DEVICE.get(device.type, _AUTO_ORDER):
             if name == "triton" and device.type == "cpu":
                 continue  # the interpreter is for tests only: never chosen automatically
             if name not in skip and availability(name, device) is None:
