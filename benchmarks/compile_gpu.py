@@ -6,15 +6,16 @@
 
 The Triton interpreter (the CPU tests) never runs Triton's GPU compiler, so a kernel that a
 given Triton version rejects for a GPU, or that spills there, passes every CPU test. This
-script runs the triton backend's real host code (``forward`` and ``backward`` of
-``ortholora_kernels.backends.triton_impl``) on small CPU tensors with the kernel launches
+script runs the real host code (``ortholora_kernels.ops.forward`` / ``backward`` with the
+triton backend, and its Gram pass alone) on small CPU tensors with the kernel launches
 *recorded* instead of run, then specialises each recorded launch exactly as Triton's
 launcher would (its own binder: integer arguments equal to 1 become constants, 16-divisible
 integers and 16-byte aligned pointers get their hints) and compiles it with
 ``triton.compile`` for the target (Triton's bundled ptxas; no driver, no GPU).
 
 The matrix: T = 1..64 (``--quick``, what CI runs: a subset, see ``QUICK_TASKS``), fp32 / bf16 / fp16
-/ fp64, fused and unfused stage 2, forward and backward, reductions sum / mean / none
+/ fp64, fused and unfused stage 2, forward (Gram + PCGrad solve), backward, and the Gram
+pass alone (the path of solves the kernels do not fuse), reductions sum / mean / none
 (which select the combine variants: one output row, T rows, and the backward's two-input
 combine). One row per configuration: the kernels it launches with registers per thread,
 spill bytes (stores + loads, from ``ptxas -v``) and static shared memory; identical
@@ -80,6 +81,7 @@ class _Recorder:
 
 def record(t: int, dtype: torch.dtype, fused: bool, direction: str, reduction: str, layout: str):
     """The launches ``(kernel name, args, kwargs)`` of one configuration, in order."""
+    from ortholora_kernels import backends, ops
     from ortholora_kernels._args import draw_orders, segments_for
     impl = _impl()
     offsets = LAYOUTS[layout]
@@ -95,13 +97,15 @@ def record(t: int, dtype: torch.dtype, fused: bool, direction: str, reduction: s
         for k in KERNELS:
             setattr(impl, k, _Recorder(k, log))
         impl._FUSED = fused
-        if direction == "fwd":
-            impl.forward(x, seg, order, reduction)
+        if direction == "fwd":        # the built-in PCGrad solve, fused into the Gram launch
+            ops.forward(x, seg, order, reduction, "triton")
+        elif direction == "gram":     # a solve the kernels do not fuse: the Gram pass alone
+            backends.get("triton").gram(x, seg)
         else:
             xd = x.double()
             g = torch.stack([xd[:, a:b] @ xd[:, a:b].T for a, b in zip(offsets, offsets[1:])])
             dout = torch.randn((t, n) if reduction == "none" else (n,), generator=gen).to(dtype)
-            impl.backward(x, dout, g, order, seg, reduction)
+            ops.backward(x, dout, g, order, seg, reduction, "triton")
     finally:
         for k, v in saved.items():
             setattr(impl, k, v)
@@ -167,8 +171,8 @@ def configurations(tasks, dtypes, quick=False):
     for t in tasks:
         for dt in dtypes:
             for fused in (True, False) if not quick or dt in ("fp32", "fp64") else (True,):
-                for direction in ("fwd", "bwd"):
-                    for reduction in REDUCTIONS:
+                for direction in ("fwd", "bwd", "gram"):
+                    for reduction in REDUCTIONS if direction != "gram" else ("-",):
                         yield t, dt, fused, direction, reduction
 
 
@@ -245,7 +249,7 @@ def main(argv=None) -> int:
         failed += bool(errors)
         parts = "  ".join(f"{k.strip('_').replace('_kernel', '')}: regs={v['regs']} spills={v['spills']} "
                           f"smem={v['smem']}" for k, v in per_kernel.items())
-        print(f"T={t:<3d} dtype={dt:<4s} {'fused  ' if fused else 'unfused'} {direction} {reduction:<4s} "
+        print(f"T={t:<3d} dtype={dt:<4s} {'fused  ' if fused else 'unfused'} {direction:<4s} {reduction:<4s} "
               f"{status:<6s} {parts}" + (f"  ERROR {'; '.join(errors)}" if errors else ""))
         for k, v in per_kernel.items():
             rows.append(dict(T=t, dtype=dt, fused=fused, direction=direction, reduction=reduction, kernel=k, **v))

@@ -54,7 +54,8 @@ def backends_available(device="cpu") -> dict[str, tuple[bool, str]]:
     out = {}
     for name in BACKENDS:
         reason = availability(name, device)
-        how = getattr(get(name), "origin", None) if reason is None else None   # native: prebuilt or JIT
+        # native: how the extension came (prebuilt or JIT-built at first use)
+        how = getattr(importlib.import_module(_MODULES[name]), "origin", None) if reason is None else None
         out[name] = (reason is None, reason or (f"ok ({how()})" if how and how() else "ok"))
     return out
 
