@@ -167,11 +167,14 @@ def compile_one(job):
                 error=None, secs=time.perf_counter() - t0)
 
 
-def configurations(tasks, dtypes, quick=False):
+DIRECTIONS = ("fwd", "bwd", "gram")
+
+
+def configurations(tasks, dtypes, quick=False, directions=DIRECTIONS):
     for t in tasks:
         for dt in dtypes:
             for fused in (True, False) if not quick or dt in ("fp32", "fp64") else (True,):
-                for direction in ("fwd", "bwd", "gram"):
+                for direction in directions:
                     for reduction in REDUCTIONS if direction != "gram" else ("-",):
                         yield t, dt, fused, direction, reduction
 
@@ -183,6 +186,8 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true",
                    help=f"the CI subset: T in {QUICK_TASKS}, unfused stage 2 for fp32/fp64 only")
     p.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
+    p.add_argument("--directions", nargs="+", default=list(DIRECTIONS), choices=DIRECTIONS,
+                   help="fwd (Gram + fused PCGrad solve, combine), bwd, gram (the Gram pass alone)")
     p.add_argument("--ragged", action="store_true", help="also the ragged layout (odd N, unaligned pointers)")
     p.add_argument("--jobs", "-j", type=int, default=os.cpu_count() or 1, help="parallel compiler processes")
     p.add_argument("--max-spills", type=int, default=None,
@@ -202,7 +207,7 @@ def main(argv=None) -> int:
           f"dtypes {args.dtypes}, layouts {layouts}", flush=True)
     # 1. Record every configuration's launches and specialise them (cheap, host only).
     configs, jobs = [], {}
-    for cfg in configurations(tasks, args.dtypes, args.quick):
+    for cfg in configurations(tasks, args.dtypes, args.quick, args.directions):
         t, dt, fused, direction, reduction = cfg
         launches, err = [], None
         try:
