@@ -96,7 +96,7 @@ __global__ void __launch_bounds__(kThreads) pairs_partial_kernel(const In* __res
   for (int p = threadIdx.x; p < npairs; p += blockDim.x) partial[static_cast<int64_t>(piece) * npairs + p] = sums[p];
 }
 
-// Stage 2: one block per segment (blockDim >= T). Same arithmetic as solve.h / solve.py.
+// Stage 2: one block per segment (blockDim >= T, a multiple of 32). Same arithmetic as solve.h / solve.py.
 template <class Acc>
 __global__ void solve_kernel(int T, PieceTable table, const double* __restrict__ partial,
                              const int64_t* __restrict__ order, int reduction, double* __restrict__ gram,
@@ -108,14 +108,21 @@ __global__ void solve_kernel(int T, PieceTable table, const double* __restrict__
   const int npairs = T * (T + 1) / 2;
   const int64_t q0 = table.seg_first[s], q1 = table.seg_first[s + 1];
   if (threadIdx.x == 0) count = 0;
-  for (int p = threadIdx.x; p < npairs; p += blockDim.x) {
+  // One warp per pair sums the segment's pieces (lane-strided, then a fixed butterfly):
+  // 32 loads in flight instead of one thread walking every piece serially (issue 15,
+  // finding 4); the order depends only on the piece count, so results stay deterministic.
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, nwarps = blockDim.x / 32;
+  for (int p = warp; p < npairs; p += nwarps) {
     int i = 0;
     while ((i + 1) * (i + 2) / 2 <= p) ++i;
     const int j = p - i * (i + 1) / 2;
-    double acc = partial[q0 * npairs + p];
-    for (int64_t q = q0 + 1; q < q1; ++q) acc += partial[q * npairs + p];
-    G[i * T + j] = acc;
-    G[j * T + i] = acc;
+    double acc = 0.0;
+    for (int64_t q = q0 + lane; q < q1; q += 32) acc += partial[q * npairs + p];
+    acc = warp_sum(acc);
+    if (lane == 0) {
+      G[i * T + j] = acc;
+      G[j * T + i] = acc;
+    }
   }
   __syncthreads();
   for (int e = threadIdx.x; e < T * T; e += blockDim.x) gram[static_cast<int64_t>(s) * T * T + e] = G[e];
@@ -182,10 +189,12 @@ __global__ void reduce_pairs_kernel(int npairs, PieceTable table, const double* 
                                     double* __restrict__ out) {
   const int s = blockIdx.x;
   const int64_t q0 = table.seg_first[s], q1 = table.seg_first[s + 1];
-  for (int p = threadIdx.x; p < npairs; p += blockDim.x) {
-    double acc = partial[q0 * npairs + p];
-    for (int64_t q = q0 + 1; q < q1; ++q) acc += partial[q * npairs + p];
-    out[static_cast<int64_t>(s) * npairs + p] = acc;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, nwarps = blockDim.x / 32;
+  for (int p = warp; p < npairs; p += nwarps) {   // a warp per pair, as in solve_kernel
+    double acc = 0.0;
+    for (int64_t q = q0 + lane; q < q1; q += 32) acc += partial[q * npairs + p];
+    acc = warp_sum(acc);
+    if (lane == 0) out[static_cast<int64_t>(s) * npairs + p] = acc;
   }
 }
 
@@ -239,7 +248,7 @@ cudaError_t launch_project(const In* x, int tasks, int64_t n, const PieceTable& 
   pairs_partial_kernel<In><<<table.npieces, kThreads, smem, stream>>>(x, tasks, x, tasks, true, n, table, tile, partial);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
-  solve_kernel<Acc><<<table.nsegments, 64, 0, stream>>>(tasks, table, partial, order, reduction, gram, coeffs, nproj,
+  solve_kernel<Acc><<<table.nsegments, kThreads, 0, stream>>>(tasks, table, partial, order, reduction, gram, coeffs, nproj,
                                                         static_cast<Acc*>(weights));
   err = cudaGetLastError();
   if (err != cudaSuccess) return err;
