@@ -461,6 +461,16 @@ def _workspace(seg: Segments, lay: _Layout, device: torch.device, tile: int):
     return seg.cached(("triton_ws", device, stream, lay.n_prog, lay.n_groups, tile), build)
 
 
+def _gram_warps(t_pad: int, fused_solve: bool) -> int:
+    """Warps of a Gram program. With the solve fused in, at T_PAD = 64: 16 (sm_90, Triton
+    3.6: 8 warps needed 255 registers and spilled 96 bytes; 16 take 128 and spill nothing).
+    Elsewhere 16 warps spilled (unfused, the backward's cross product): 8 at T_PAD >= 32.
+    Figures: benchmarks/compile_gpu.py, RESULTS.md (issue 15)."""
+    if t_pad >= 64 and fused_solve:
+        return 16
+    return 8 if t_pad >= 32 else 4
+
+
 def _gram_plan(seg: Segments, r: int, t: int, fp64: bool, same: bool, reduction: str, solve: bool = True):
     """``(block, consts)`` of a Gram launch: pure host constants, cached per layout."""
     def build():
@@ -469,9 +479,9 @@ def _gram_plan(seg: Segments, r: int, t: int, fp64: bool, same: bool, reduction:
         rb = max(1, min(64, _REDUCE_ELEMS // (r_pad * t_pad)))   # level 2 sums <= 1024 / _GROUP rows
         consts = dict(R_PAD=r_pad, T_PAD=t_pad, BLOCK=block, SAME=same, FP64=fp64, USE_DOT=use_dot,
                       RB=rb, SOLVE=same and solve, MEAN=reduction == "mean", NONE=reduction == "none",
-                      REG_SOLVE=t_pad <= 16, num_warps=8 if t_pad >= 32 else 4)
+                      REG_SOLVE=t_pad <= 16, num_warps=_gram_warps(t_pad, _FUSED and same and solve))
         return block, consts
-    return seg.cached(("triton_gram", r, t, fp64, same, reduction, solve), build)
+    return seg.cached(("triton_gram", r, t, fp64, same, reduction, solve, _FUSED), build)
 
 
 def _gram(a: torch.Tensor, b: torch.Tensor | None, seg: Segments, *, order=None, reduction="sum",
