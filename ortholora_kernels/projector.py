@@ -55,7 +55,7 @@ class OrthoLoRA:
         backend: the projection backend (see :func:`ortholora_kernels.project`).
         adapter_name: the peft adapter.
         buffer_dtype: dtype of the ``[T, N]`` buffer (default: the parameters' dtype).
-        distributed: "auto" (all-reduce the buffer when ``torch.distributed`` is initialised
+        distributed: "auto" (reduce the buffer when ``torch.distributed`` is initialised
             with more than one rank), True (require it), or False.
         process_group: the group to reduce over (default: the world).
         method: the aggregator ("pcgrad", the paper's, by default; any of
@@ -67,6 +67,12 @@ class OrthoLoRA:
         rng: "torch" (a ``torch.Generator`` seeded with ``seed``) or "counter" (an
             :class:`~ortholora_kernels.OrderGenerator`: the orders then compile with
             :meth:`project_` under ``torch.compile(fullgraph=True)`` and replay in CUDA graphs).
+        comm: how the ranks' buffers meet under ``torch.distributed`` (DESIGN.md section 9):
+            "all_reduce" (the ``[T, N]`` buffer; the default under DDP), or "sharded"
+            (reduce-scatter, all-reduce of the ``S x T x T`` Gram, local combine, all-gather of
+            ``[N]``: ~(T+1)/(2T) of the bytes). Under FSDP2 (``fully_shard``, DTensor LoRA
+            parameters) the sharded way is used and its shard is the sharded ``.grad``.
+            See :mod:`ortholora_kernels.integrations.distributed`.
 
     Attributes:
         layout: the :class:`LoRALayout`.
@@ -78,7 +84,8 @@ class OrthoLoRA:
                  collect: str = "grouped", reduction: str = "sum", seed: int | None = 0, backend: str | None = None,
                  adapter_name: str = "default", buffer_dtype: torch.dtype | None = None, distributed="auto",
                  process_group=None, method: str = "pcgrad", method_options: dict | None = None,
-                 ema: float | None = None, every: int = 1, start: int = 0, rng: str = "torch"):
+                 ema: float | None = None, every: int = 1, start: int = 0, rng: str = "torch",
+                 comm: str | None = None):
         if not isinstance(num_tasks, int) or isinstance(num_tasks, bool) or num_tasks < 1:
             raise ValueError(f"num_tasks: expected an int >= 1, got {num_tasks!r}")
         if granularity not in GRANULARITIES:
@@ -91,16 +98,18 @@ class OrthoLoRA:
             raise ValueError(f"distributed: expected 'auto', True or False, got {distributed!r}")
         if rng not in ("torch", "counter"):
             raise ValueError(f"rng: expected 'torch' or 'counter', got {rng!r}")
+        if comm not in (None, "all_reduce", "sharded"):
+            raise ValueError(f"comm: expected None, 'all_reduce' or 'sharded', got {comm!r}")
         if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
             raise TypeError(f"seed: expected an int or None, got {type(seed).__name__}")
         if isinstance(model, LoRALayout):
             layout, module = model, None
         elif isinstance(model, nn.Module):
+            # A DistributedDataParallel (or accelerate-prepared) model: the LoRA model is inside;
+            # exclude_from_ddp below rebuilds DDP's reducer without the LoRA parameters.
             from torch.nn.parallel import DistributedDataParallel
-            if isinstance(model, DistributedDataParallel):
-                raise ValueError("model: build OrthoLoRA before wrapping the model in DistributedDataParallel "
-                                 "(DDP must be told to leave the LoRA parameters to OrthoLoRA)")
-            layout, module = LoRALayout.from_peft(model, adapter_name), model
+            inner = model.module if isinstance(model, DistributedDataParallel) else model
+            layout, module = LoRALayout.from_peft(inner, adapter_name), model
         else:
             raise TypeError(f"model: expected a peft model (nn.Module) or a LoRALayout, got {type(model).__name__}")
         self.layout = layout
@@ -122,6 +131,9 @@ class OrthoLoRA:
             self._aggregator = Aggregator(method, ema=ema, every=every, start=start, reduction=reduction,
                                           backend=backend, **dict(method_options or {}))
         self.rng = rng
+        self.comm = comm
+        self._dist_ready = False
+        self._shard_plan = None
         self.offsets = layout.segments(granularity)
         self.segment_names = layout.segment_names(granularity)
         self.last_stats: ProjectionResult | None = None
@@ -139,9 +151,28 @@ class OrthoLoRA:
         if module is not None:
             from .integrations.distributed import exclude_from_ddp
             exclude_from_ddp(module, layout)
+        self._dist_hooks = []
         if self._world_size() > 1:
             from .integrations.distributed import broadcast_params
             broadcast_params(layout.params, self.process_group)
+            # First LoRA forward: a DDP wrapping the model (built now or later) is found and
+            # told to leave the LoRA parameters alone, before its forward ends (and before
+            # the reducer prepares the backward).
+            hook = lambda *_: self._prepare_distributed()  # noqa: E731
+            self._dist_hooks = [e.module.register_forward_pre_hook(hook) for e in layout.entries
+                                if e.module is not None]
+
+    def _prepare_distributed(self) -> None:
+        """Once, before the first backward: release the LoRA parameters from any DDP holding them."""
+        if self._dist_ready or not torch.is_grad_enabled():
+            return
+        self._dist_ready = True
+        for h in self._dist_hooks:
+            h.remove()
+        self._dist_hooks = []
+        if self._world_size() > 1:
+            from .integrations.distributed import prepare_distributed
+            prepare_distributed(self)
 
     # ------------------------------------------------------------------ buffer
     @property
@@ -202,6 +233,7 @@ class OrthoLoRA:
         self._check_live("record")
         if self.collect != "grouped":
             raise RuntimeError("record: needs collect='grouped'; with collect='loop' use task(t) or backward(task_losses)")
+        self._prepare_distributed()
         with self._collector.grouped(task_ids):
             self._pending = True  # a step compiled as one graph runs project_() in here
             yield self
@@ -219,6 +251,7 @@ class OrthoLoRA:
         """
         self._check_live("task")
         t = self._check_task(t)
+        self._prepare_distributed()
         with self._collector.task(t):
             yield self
         self._pending = True
@@ -277,12 +310,14 @@ class OrthoLoRA:
     def project_(self) -> ProjectionResult:
         """Project the accumulated per-task gradients, write them to the LoRA ``.grad``, reset.
 
-        Under ``torch.distributed`` the buffer is first all-reduced (sum) and divided by the
-        world size, matching DDP's gradient averaging. Each LoRA parameter's slice of the
+        Under ``torch.distributed`` the buffer is first reduced over the ranks (sum divided by
+        the world size, matching DDP's gradient averaging; ``comm`` says how), and under FSDP2
+        each rank handles its shard of the sharded ``.grad``. Each LoRA parameter's slice of the
         projected sum is ADDED to its ``.grad`` (set when ``.grad`` is None): what is already
         there (the non-per-task part collected inside ``record``, a backward outside any
-        context) is kept, unprojected. Other parameters are untouched. NaN/Inf in the buffer
-        propagate into ``.grad`` (so ``GradScaler`` skips the step).
+        context) is kept, unprojected (and, under torch.distributed, not reduced). Other
+        parameters are untouched. NaN/Inf in the buffer propagate into ``.grad`` (so
+        ``GradScaler`` skips the step).
 
         Returns the :class:`ProjectionResult` (device tensors, no host sync), also kept in
         :attr:`last_stats`.
@@ -292,29 +327,35 @@ class OrthoLoRA:
             raise RuntimeError("project_: no task gradients recorded since the last project_ "
                                "(run a backward inside record(...) / task(t), or backward(task_losses))")
         buf = self._buffer
-        world = self._world_size()
-        if world > 1:
+        if self._world_size() > 1:
             if self.seed is None:
                 raise ValueError("seed: must be an int under torch.distributed so every rank draws the same orders")
-            from .integrations.distributed import all_reduce_task_grads
-            all_reduce_task_grads(buf, self.process_group, average=True)
-        if self._aggregator is None:
-            res = project(buf, self.offsets, reduction=self.reduction, generator=self._get_generator(buf.device),
-                          backend=self.backend, return_stats=True)
+            from .integrations.distributed import distributed_project_
+            res = distributed_project_(self, buf)  # reduces, projects, adds to the (sharded) .grad
         else:
-            self._aggregator.generator = self._get_generator(buf.device)
-            res = self._aggregator(buf, self.offsets, return_stats=True)
-        out = res.output
-        for p, v in zip(self.layout.params, self.layout.views(out)):
-            if p.grad is None:
-                p.grad = v if v.dtype == p.dtype else v.to(p.dtype)
-            else:
-                p.grad.add_(v.to(p.grad.dtype))
+            res = self._project_buffer(buf)
+            self._set_grads(self.layout.params, res.output)
         buf.zero_()
         self._pending = False
         self.last_stats = res
         self.num_steps += 1
         return res
+
+    def _project_buffer(self, buf: torch.Tensor) -> ProjectionResult:
+        """The (reduced) ``[T, N]`` buffer through the projection or the configured aggregator."""
+        if self._aggregator is None:
+            return project(buf, self.offsets, reduction=self.reduction, generator=self._get_generator(buf.device),
+                           backend=self.backend, return_stats=True)
+        self._aggregator.generator = self._get_generator(buf.device)
+        return self._aggregator(buf, self.offsets, return_stats=True)
+
+    def _set_grads(self, params, flat: torch.Tensor) -> None:
+        """Add the views of ``flat`` to ``params``' ``.grad`` (set when None)."""
+        for p, v in zip(params, self.layout.views(flat)):
+            if p.grad is None:
+                p.grad = v if v.dtype == p.dtype else v.to(p.dtype)
+            else:
+                p.grad.add_(v.to(p.grad.dtype))
 
     def signature(self) -> dict:
         """What a state must match to be loaded: parameter names and shapes, T, granularity, collect."""
@@ -412,6 +453,9 @@ class OrthoLoRA:
         """
         self._collector.remove()
         self._removed = True
+        for h in self._dist_hooks:
+            h.remove()
+        self._dist_hooks = []
 
     def __enter__(self) -> "OrthoLoRA":
         return self

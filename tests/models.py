@@ -152,3 +152,16 @@ def tiny_roberta(seed: int = 0, num_labels: int = 2):
 def tiny_bert(seed: int = 0):
     """:func:`tiny_eval_model` for a plain BERT encoder."""
     return tiny_eval_model("bert", seed=seed)
+
+
+def task_rows(n: int, num_tasks: int, *, seed: int = 0, seq_len: int = 8) -> list[dict]:
+    """``n`` dataset rows for a Trainer: random ``input_ids``, full ``attention_mask``, a binary
+    ``labels`` and a random ``task_id`` in ``[0, num_tasks)``."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(n):
+        t = int(torch.randint(0, num_tasks, (1,), generator=g))
+        ids = torch.randint(3, VOCAB, (seq_len,), generator=g).tolist()
+        rows.append({"input_ids": ids, "attention_mask": [1] * seq_len,
+                     "labels": int(torch.randint(0, 2, (1,), generator=g)), "task_id": t})
+    return rows

@@ -5,7 +5,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 from transformers import TrainingArguments  # noqa: E402
 
-from models import VOCAB, tiny_peft_classifier  # noqa: E402
+from models import VOCAB, task_rows, tiny_peft_classifier  # noqa: E402
 from ortholora_kernels import OrthoLoRA, per_task_mean_loss  # noqa: E402
 from ortholora_kernels.integrations import MultiTaskCollator, OrthoLoRATrainer  # noqa: E402
 
@@ -17,14 +17,7 @@ def _model():
 
 
 def _rows(seed=0):
-    g = torch.Generator().manual_seed(seed)
-    rows = []
-    for i in range(N_ROWS):
-        t = int(torch.randint(0, T, (1,), generator=g))
-        ids = torch.randint(3, VOCAB, (8,), generator=g).tolist()
-        rows.append({"input_ids": ids, "attention_mask": [1] * 8, "labels": int(torch.randint(0, 2, (1,), generator=g)),
-                     "task_id": t})
-    return rows
+    return task_rows(N_ROWS, T, seed=seed)
 
 
 def _args(tmp_path, **kw):

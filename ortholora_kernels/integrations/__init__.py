@@ -4,8 +4,8 @@ Names are imported lazily so that ``import ortholora_kernels`` needs neither tra
 nor an initialised process group:
 
     OrthoLoRATrainer, MultiTaskCollator                       (trainer.py, needs transformers)
-    all_reduce_task_grads, all_reduce_grads, exclude_from_ddp, broadcast_params,
-    global_task_counts                                        (distributed.py)
+    all_reduce_task_grads, all_reduce_grads, exclude_from_ddp, release_from_ddp,
+    broadcast_params, global_task_counts                      (distributed.py)
     OrthoLoRACallback                                         (lightning.py, needs lightning)
 """
 from __future__ import annotations
@@ -19,6 +19,7 @@ _NAMES = {
     "all_reduce_task_grads": "distributed",
     "all_reduce_grads": "distributed",
     "exclude_from_ddp": "distributed",
+    "release_from_ddp": "distributed",
     "broadcast_params": "distributed",
     "global_task_counts": "distributed",
     "OrthoLoRACallback": "lightning",

@@ -13,14 +13,25 @@ per-task loss ``sum_{i in rank r, task t} loss_i * W / n_t^global``: that is
 ``per_task_mean_loss(per_example_loss, task_ids, T, counts=global_task_counts(task_ids, T))``
 (one small all-reduce of the ``[T]`` counts per micro-batch).
 
-With DDP, the LoRA parameters must be left to OrthoLoRA (the grouped collector produces no
-``.grad`` for them, and the loop collector would otherwise reduce them twice):
-``OrthoLoRA(model, ...)`` calls :func:`exclude_from_ddp` on the model, so build it BEFORE
-wrapping the model in ``DistributedDataParallel``. With a plain process group (no DDP),
-reduce the other trainable parameters (heads) yourself with :func:`all_reduce_grads`.
+DDP: the LoRA parameters are reduced by OrthoLoRA, never by DDP (the grouped collector
+produces no ``.grad`` for them, and the loop collector would otherwise reduce them twice).
+Any structure and order works: ``OrthoLoRA(model)`` marks them ignored for a future
+``DistributedDataParallel(model)`` (:func:`exclude_from_ddp`), and at the first LoRA forward
+(a forward pre-hook, so still before DDP prepares the backward) it finds any DDP instance
+that still holds them (e.g. DDP around a wrapper of the peft model, or built earlier; also
+``OrthoLoRA(ddp_model)`` and accelerate's prepared model) and rebuilds that DDP's reducer
+without them (:func:`release_from_ddp`). With a plain process group (no DDP), reduce the
+other trainable parameters (heads) yourself with :func:`all_reduce_grads`.
+
+How the buffers meet (``OrthoLoRA(comm=...)``): "all_reduce" (default under DDP) all-reduces
+``[T, N]``; "sharded" reduce-scatters it and reduces only the Gram matrices
+(:mod:`.sharded`, with the bytes of each). FSDP2 (``fully_shard``: the LoRA parameters are
+``Shard(0)`` DTensors) always uses the sharded way, and each rank's shard of the projected
+gradient becomes the local part of the sharded ``.grad``; the collector must be "grouped".
 
 Collection modes under DDP: "grouped" (one forward, one backward) and the loop with a
-separate forward and backward per task both work. ``OrthoLoRA.backward(task_losses)`` (T
+separate forward and backward per task both work (every rank must run the same number of
+backward passes: DDP reduces the heads in each). ``OrthoLoRA.backward(task_losses)`` (T
 backward passes over ONE forward, ``retain_graph``) does not: DDP allows one backward per
 forward. Gradient accumulation needs no ``no_sync`` for the LoRA part: the buffer is
 reduced once, in ``project_``. The orders are drawn from ``seed`` on every rank (an int
@@ -46,7 +57,8 @@ def all_reduce_task_grads(buffer: torch.Tensor, group=None, average: bool = True
     """
     w = _world(group)
     if w > 1:
-        dist.all_reduce(buffer, op=dist.ReduceOp.SUM, group=group)
+        from .sharded import all_reduce
+        all_reduce(buffer, group)
         if average:
             buffer.div_(w)
     return buffer
@@ -91,20 +103,205 @@ def broadcast_params(params: Iterable[torch.Tensor], group=None, src: int = 0) -
     """Copy ``params`` from rank ``src`` to every rank (DDP does this for the parameters it owns)."""
     if _world(group) <= 1:
         return
+    from .sharded import is_dtensor
     with torch.no_grad():
         for p in params:
-            dist.broadcast(p.data, src=src, group=group)
+            if not is_dtensor(p):  # FSDP2's shards differ per rank by design
+                dist.broadcast(p.data, src=src, group=group)
 
 
 def exclude_from_ddp(model: nn.Module, layout) -> list[str]:
-    """Tell a future ``DistributedDataParallel(model)`` to ignore the layout's parameters.
+    """Make DDP leave the layout's parameters to OrthoLoRA (which reduces them itself).
 
-    Uses DDP's ``_set_params_and_buffers_to_ignore_for_model`` (a stable, documented-in-code
-    hook used by FSDP/torchrec). Returns the ignored names. Harmless without DDP.
+    ``model`` a plain module: tells a future ``DistributedDataParallel(model)`` to ignore
+    them (DDP's ``_set_params_and_buffers_to_ignore_for_model``, the hook FSDP/torchrec use).
+    ``model`` an existing ``DistributedDataParallel``: also rebuilds its reducer without
+    them (see :func:`release_from_ddp`). Returns the ignored names. Harmless without DDP.
     """
+    from torch.nn.parallel import DistributedDataParallel
+    if isinstance(model, DistributedDataParallel):
+        return release_from_ddp(model, layout)
     ids = {id(p) for p in layout.params}
     names = [n for n, p in model.named_parameters() if id(p) in ids]
     prev = list(getattr(model, "_ddp_params_and_buffers_to_ignore", []) or [])
     from torch.nn.parallel import DistributedDataParallel
     DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, sorted(set(prev) | set(names)))
     return names
+
+
+def _ddp_lora_names(ddp, layout) -> list[str]:
+    ids = {id(p) for p in layout.params}
+    return [n for n, p in ddp.module.named_parameters() if id(p) in ids and n not in ddp.parameters_to_ignore]
+
+
+def release_from_ddp(ddp, layout) -> list[str]:
+    """Rebuild the reducer of an existing ``DistributedDataParallel`` without the LoRA parameters.
+
+    For a model wrapped before OrthoLoRA was built (``OrthoLoRA(ddp_model)``, accelerate's
+    ``prepare`` first, or OrthoLoRA on an inner module of a wrapper that DDP wraps): DDP would
+    otherwise reduce the LoRA gradients itself (twice with the loop collector) or wait for
+    gradients the grouped collector never produces. Uses DDP's own construction steps
+    (``_build_params_for_reducer``/``_ddp_init_helper``), the same as at ``__init__``. Must run
+    before the first backward through ``ddp`` (OrthoLoRA does it at its first step). Returns
+    the names released (empty when DDP already ignored them).
+    """
+    names = _ddp_lora_names(ddp, layout)
+    if not names:
+        return []
+    if getattr(ddp, "static_graph", False) or getattr(ddp, "_comm_hooks", None) or \
+            getattr(ddp, "mixed_precision", None) is not None or getattr(ddp, "_delay_all_reduce_params", None):
+        raise RuntimeError(
+            "DistributedDataParallel: this DDP instance (static_graph, a comm hook, mixed_precision or "
+            "delay_all_reduce) reduces the LoRA parameters and cannot be rebuilt without them; before "
+            "wrapping, build OrthoLoRA on the very module given to DistributedDataParallel, or call "
+            "ortholora_kernels.integrations.exclude_from_ddp(that_module, ortho.layout)")
+    ddp.parameters_to_ignore = set(ddp.parameters_to_ignore) | set(names)
+    ddp.module._ddp_params_and_buffers_to_ignore = sorted(ddp.parameters_to_ignore)
+    ddp._module_parameters = [p for n, p in ddp.module.named_parameters() if n not in ddp.parameters_to_ignore]
+    if not any(p.requires_grad for p in ddp._module_parameters):
+        raise RuntimeError("DistributedDataParallel: every trainable parameter is a LoRA parameter that OrthoLoRA "
+                           "reduces itself; DDP is not needed (OrthoLoRA alone keeps the ranks in sync)")
+    params, sparse = ddp._build_params_for_reducer()
+    mapping = ddp._build_debug_param_to_name_mapping(params)
+    ddp._ddp_init_helper(params, sparse, mapping, False)
+    return names
+
+
+def find_ddp_wrappers(layout) -> list:
+    """Live ``DistributedDataParallel`` instances whose reducer still holds a LoRA parameter.
+
+    Found by a scan of the garbage collector's objects (done once, at OrthoLoRA's first step):
+    DDP may wrap any module that contains the LoRA model, built before or after OrthoLoRA.
+    """
+    import gc
+
+    from torch.nn.parallel import DistributedDataParallel
+    out = []
+    for obj in gc.get_objects():
+        try:
+            if isinstance(obj, DistributedDataParallel) and _ddp_lora_names(obj, layout):
+                out.append(obj)
+        except ReferenceError:  # a dead weakref proxy
+            continue
+    return out
+
+
+def current_params(layout) -> list[torch.Tensor]:
+    """The layout's parameters as the modules hold them NOW.
+
+    ``fully_shard`` (FSDP2) replaces every parameter by a new sharded ``DTensor`` parameter;
+    a layout built before it still points to the old ones. The grouped collector's entries
+    know their ``nn.Linear``: its ``weight`` is the current parameter.
+    """
+    out = []
+    for e in layout.entries:
+        m = e.module
+        p = getattr(m, "weight", None) if m is not None else None
+        out.append(p if isinstance(p, torch.Tensor) else e.param)
+    return out
+
+
+def prepare_distributed(ortho) -> None:
+    """OrthoLoRA's first step under ``torch.distributed``: release the LoRA parameters from
+    every DDP instance that would reduce them (whatever module DDP was given, before or after
+    OrthoLoRA was built); see :func:`release_from_ddp`."""
+    from .sharded import is_dtensor
+    params = current_params(ortho.layout)
+    fsdp = any(is_dtensor(p) for p in params)
+    if fsdp:  # FSDP2: say what is unsupported before any backward
+        _fsdp_check(ortho, params)
+    if (fsdp or ortho.comm == "sharded") and getattr(ortho, "_aggregator", None) is not None:
+        raise NotImplementedError(
+            "method: the sharded projection (comm='sharded', and FSDP2) implements the default PCGrad "
+            f"projection only, not method={ortho.method!r} or an ema/every/start schedule; use DDP with "
+            "comm='all_reduce'")
+    for ddp in find_ddp_wrappers(ortho.layout):
+        release_from_ddp(ddp, ortho.layout)
+
+
+def _fsdp_check(ortho, params) -> None:
+    from torch.distributed.tensor import Shard
+    if ortho.collect != "grouped":
+        raise RuntimeError("collect: under FSDP2 (fully_shard) OrthoLoRA needs collect='grouped' (the loop "
+                           "collector would read gradients FSDP has already reduce-scattered and averaged)")
+    if ortho.comm == "all_reduce":
+        raise ValueError("comm: under FSDP2 (fully_shard) the per-task gradients are reduce-scattered; "
+                         "use comm=None or 'sharded'")
+    world = dist.get_world_size(ortho.process_group)
+    for e, p in zip(ortho.layout.entries, params):
+        if p.device_mesh.ndim != 1 or tuple(p.placements) != (Shard(0),) or p.device_mesh.size() != world:
+            raise NotImplementedError(
+                f"{e.name}: OrthoLoRA under FSDP2 supports a 1-D mesh over process_group with Shard(0) "
+                f"parameters (fully_shard's default); got placements {tuple(p.placements)} on a mesh of "
+                f"shape {tuple(p.device_mesh.shape)}")
+
+
+def _reduce_leftover_grads(layout, params, group, device) -> None:
+    """Average the ordinary ``.grad`` the LoRA parameters already hold (the non-per-task part:
+    a backward outside ``record``, rows of task id -1), as DDP would have: DDP was told to leave
+    them alone. One ``[1]`` all-reduce (and a host read of it) says whether any rank has one;
+    then ``[N]`` is all-reduced, a missing ``.grad`` counting as zeros."""
+    from .sharded import all_reduce
+    has = torch.tensor([float(any(p.grad is not None for p in params))], device=device)
+    all_reduce(has, group)
+    if not has.item():
+        return
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).to(torch.float32
+                      if p.dtype in (torch.float16, torch.bfloat16) else p.dtype) for p in params])
+    all_reduce(flat, group)
+    flat /= dist.get_world_size(group)
+    for p, v in zip(params, layout.views(flat)):
+        p.grad = v.to(p.dtype).clone() if v.dtype != p.dtype else v
+
+
+def distributed_project_(ortho, buf: torch.Tensor):
+    """The reduction and projection step of :meth:`OrthoLoRA.project_` with more than one rank.
+
+    DDP / plain process group: ``comm="all_reduce"`` (default) all-reduces the ``[T, N]``
+    buffer then projects; ``comm="sharded"`` runs :func:`.sharded.sharded_project`. FSDP2
+    (DTensor LoRA parameters): the sharded projection, and each rank's shard becomes the local
+    part of the sharded ``.grad``. Returns the :class:`ProjectionResult`.
+    """
+    from .sharded import ShardPlan, is_dtensor, sharded_project
+    group = ortho.process_group
+    params = current_params(ortho.layout)
+    fsdp = [is_dtensor(p) for p in params]
+    if any(fsdp) and not all(fsdp):
+        names = [e.name for e, f in zip(ortho.layout.entries, fsdp) if not f]
+        raise NotImplementedError(f"FSDP2: some LoRA parameters are sharded and some are not ({names[:3]}); "
+                                  "apply fully_shard to modules covering all of them")
+    gen = ortho._get_generator(buf.device)
+    if not any(fsdp):  # FSDP2 reduce-scatters an ordinary LoRA .grad itself; DDP leaves it to us
+        _reduce_leftover_grads(ortho.layout, params, group, buf.device)
+    if not any(fsdp) and ortho.comm in (None, "all_reduce"):
+        all_reduce_task_grads(buf, group, average=True)
+        res = ortho._project_buffer(buf)
+        ortho._set_grads(params, res.output)
+        return res
+
+    if any(fsdp):
+        _fsdp_check(ortho, params)
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    plan = ortho._shard_plan
+    if plan is None or (plan.world, plan.rank) != (world, rank):
+        plan = ortho._shard_plan = ShardPlan(ortho.layout, ortho.offsets, world, rank)
+    res, _ = sharded_project(buf, plan, ortho.offsets, reduction=ortho.reduction, generator=gen, group=group,
+                             gather=not any(fsdp))
+    if not any(fsdp):
+        ortho._set_grads(params, res.output)
+        return res
+    from torch.distributed.tensor import DTensor
+    out = res.output
+    for i, _, rows, at, n in plan.local_pieces():
+        p = params[i]
+        local = out[at:at + n].view(rows, *p.shape[1:])
+        if tuple(p.to_local().shape) != tuple(local.shape):
+            raise NotImplementedError(f"{ortho.layout.entries[i].name}: FSDP2 local shard of shape "
+                                      f"{tuple(p.to_local().shape)}, expected torch.chunk rows {tuple(local.shape)}")
+        g = DTensor.from_local(local.to(p.dtype), p.device_mesh, p.placements, run_check=False,
+                               shape=p.shape, stride=p.stride())
+        if p.grad is None:
+            p.grad = g
+        else:  # kept, as without FSDP: the non-per-task part already there
+            p.grad.add_(g)
+    return res

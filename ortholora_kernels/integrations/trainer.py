@@ -33,7 +33,9 @@ What changes against ``Trainer``:
 
 Distributed (``torchrun`` / accelerate DDP): OrthoLoRA is built before accelerate wraps the
 model, so DDP leaves the LoRA parameters alone and the per-task buffer is all-reduced
-before projecting (see :mod:`.distributed` for the loss normalisation across ranks).
+before projecting. The per-task means divide by the GLOBAL per-task counts of the
+micro-batch (one ``[T]`` all-reduce per micro-batch), so W ranks train exactly like one
+process on the union of their batches (see :mod:`.distributed`).
 """
 from __future__ import annotations
 
@@ -199,7 +201,8 @@ class OrthoLoRATrainer(Trainer):
             per_ex = self.per_example_loss(outputs, labels, task_ids=task_ids.to(labels.device))
         else:
             per_ex = self.per_example_loss(outputs, labels)
-        loss = per_task_mean_loss(per_ex, task_ids.to(per_ex.device), self.num_tasks).sum()
+        counts = getattr(self, "_ortho_counts", None)  # global counts, set by training_step
+        loss = per_task_mean_loss(per_ex, task_ids.to(per_ex.device), self.num_tasks, counts=counts).sum()
         return (loss, outputs) if return_outputs else loss
 
     # ------------------------------------------------------------------ step
@@ -208,11 +211,18 @@ class OrthoLoRATrainer(Trainer):
         task_ids = inputs.get(self.task_ids_key)
         if task_ids is None:
             raise KeyError(f"task_ids_key: the batch has no {self.task_ids_key!r} (use MultiTaskCollator)")
-        if self.ortho.collect == "grouped":
-            with self.ortho.record(task_ids):
-                loss = super().training_step(model, inputs, num_items_in_batch)
-        else:
-            loss = self._loop_training_step(model, inputs, task_ids, num_items_in_batch)
+        self._ortho_counts = None
+        if self.ortho._world_size() > 1:  # once per micro-batch, also for the loop's sub-batches
+            from .distributed import global_task_counts
+            self._ortho_counts = global_task_counts(task_ids, self.num_tasks, self.ortho.process_group)
+        try:
+            if self.ortho.collect == "grouped":
+                with self.ortho.record(task_ids):
+                    loss = super().training_step(model, inputs, num_items_in_batch)
+            else:
+                loss = self._loop_training_step(model, inputs, task_ids, num_items_in_batch)
+        finally:
+            self._ortho_counts = None
         if self.accelerator.gradient_state.sync_gradients:
             self.ortho.project_()
         return loss
