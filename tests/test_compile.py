@@ -77,7 +77,12 @@ def test_compiled_forward_outside_record_keeps_ordinary_gradients():
     o.remove()
 
 
-@pytest.mark.xfail(strict=False, reason="issue 11: fails since the rebase onto main (Dynamo guard error in the fullgraph step / loop path); not diagnosed before the deadline")
+@pytest.mark.xfail(strict=False, reason=(
+    "issue 11, torch 2.13: with the default dynamic shapes Dynamo fails with 'sources must not be empty "
+    "for symbol sNN' (a size symbol born inside the graph); with dynamic=False (used here) steps 1-2 "
+    "compile, and the third recompile fails in AOTAutograd: 'does not yet handle non-differentiable view "
+    "input mutations' (after project_() the lora_A/lora_B .grad are views of one projected tensor with "
+    "different ._base). Not fixed."))
 def test_whole_grouped_step_fullgraph_equals_eager():
     """forward + backward of the summed per-task losses + project_() as ONE fullgraph graph
     (Tensor.backward traced with trace_autograd_ops); optimizer.step() compiled on its own
@@ -94,7 +99,7 @@ def test_whole_grouped_step_fullgraph_equals_eager():
         return loss.detach(), res.conflict_fraction
 
     with torch._dynamo.config.patch(trace_autograd_ops=True):
-        cstep = torch.compile(step, fullgraph=True)
+        cstep = torch.compile(step, fullgraph=True, dynamic=False)
         copt = torch.compile(opt.step)
         for i, sizes in enumerate(SIZES[:3]):
             b = make_batch(sizes, seq_len=6, seed=i)
@@ -164,11 +169,9 @@ def test_order_generator_permutations_uniform_and_resumable():
         g.set_state(torch.zeros(3))
 
 
-@pytest.mark.xfail(strict=False, reason="issue 11: fails since the rebase onto main (Dynamo guard error in the fullgraph step / loop path); not diagnosed before the deadline")
 def test_loop_collection_on_a_compiled_model():
-    """collect='loop' on a compiled model: per-task forward/backward inside task(t), and T
-    backward passes over one forward (ortho.backward) once the compiled backward keeps its
-    saved buffers (torch._functorch.config.donated_buffer=False, see README)."""
+    """collect='loop' on a compiled model: one forward and backward per task inside task(t)
+    equals eager (measured max abs difference ~1e-8 on values up to 4.5e-2)."""
     m, ref = _pair()
     o, oref = OrthoLoRA(m, T, collect="loop"), OrthoLoRA(ref, T, collect="loop")
     b = make_batch([2, 3, 1], seq_len=6)
@@ -180,30 +183,30 @@ def test_loop_collection_on_a_compiled_model():
             task_losses(cm, sub)[t].backward()
         with oref.task(t):
             task_losses(ref, sub)[t].backward()
-    torch.testing.assert_close(o.buffer, oref.buffer, rtol=1e-5, atol=1e-7)
-    o.zero_grad(), oref.zero_grad()
-    torch._dynamo.reset()
-    with torch._functorch.config.patch(donated_buffer=False):
-        cm = torch.compile(m)
-        o.backward(task_losses(cm, b))
-    oref.backward(task_losses(ref, b))
+    assert all(oref.buffer[t].norm() > 0 for t in range(T))
     torch.testing.assert_close(o.buffer, oref.buffer, rtol=1e-5, atol=1e-7)
     assert _breaks() == 0
 
 
-@pytest.mark.xfail(strict=False, reason="issue 11: fails since the rebase onto main (Dynamo guard error in the fullgraph step / loop path); not diagnosed before the deadline")
-def test_loop_backward_on_donated_buffers_names_the_fix():
-    m, _ = _pair()
-    o = OrthoLoRA(m, T, collect="loop")
+@pytest.mark.xfail(strict=True, reason=(
+    "torch 2.13 (CPU, inductor): T backward passes with retain_graph over ONE compiled forward give "
+    "wrong gradients after the first (relative error 1.6e-3 and 2.7e-3 for tasks 1 and 2; task 0 "
+    "exact). Reproduced with plain torch.autograd.grad on the LoRA parameters, also with "
+    "torch._functorch.config.donated_buffer=False set globally, so it is torch's, not the collector's; "
+    "torch 2.13 no longer raises the donated-buffer error here. strict: an XPASS means torch fixed it."))
+def test_loop_backward_over_one_compiled_forward():
+    m, ref = _pair()
+    o, oref = OrthoLoRA(m, T, collect="loop"), OrthoLoRA(ref, T, collect="loop")
     b = make_batch([2, 3, 1], seq_len=6)
-    with torch._functorch.config.patch(donated_buffer=True):
-        cm = torch.compile(m)
-        losses = task_losses(cm, b)
-    with pytest.raises(RuntimeError, match="donated_buffer=False"):
-        o.backward(losses)
+    o.backward(task_losses(torch.compile(m), b))
+    oref.backward(task_losses(ref, b))
+    torch.testing.assert_close(o.buffer, oref.buffer, rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.xfail(strict=False, reason="issue 11: fails since the rebase onto main (Dynamo guard error in the fullgraph step / loop path); not diagnosed before the deadline")
+@pytest.mark.xfail(strict=False, reason=(
+    "issue 11, torch 2.13: the same fullgraph step as test_whole_grouped_step_fullgraph_equals_eager "
+    "(Tensor.backward + project_() traced with trace_autograd_ops) fails to compile; not re-diagnosed "
+    "separately (see that test's reason)."))
 def test_captured_step_logic_replays_on_static_tensors():
     """CPU twin of the CUDA-graph capture: one compiled step replayed on STATIC tensors
     (inputs copied in place, buffer and generator state updated in place, as a captured
