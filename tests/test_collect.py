@@ -87,7 +87,7 @@ def test_grouped_equals_loop_per_task_on_an_unsorted_batch(sizes):
 def test_mtl_lora_shared_params_grouped_equals_loop():
     """MTL-LoRA: several shared B_k per module (layout from AdapterParams); task-specific
     Lambda_t / w_t keep ordinary gradients; grouped == loop with dropout on."""
-    mtl = pytest.importorskip("ortholora_kernels.glue.mtl_lora")
+    mtl = pytest.importorskip("ortholora_kernels.adapters.mtl_lora")
     from transformers import RobertaModel
 
     from models import tiny_config

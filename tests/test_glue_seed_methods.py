@@ -88,7 +88,7 @@ def test_resolved_defaults_are_recorded(runs):
 
 def test_parameter_counts_match_the_papers_formulas(runs):
     # tiny-roberta: hidden 32, 2 layers, query+value adapted (4 modules 32 -> 32), r = 8, T = 3
-    from ortholora_kernels.glue.mtl_lora import mtl_lora_param_count
+    from ortholora_kernels.adapters.mtl_lora import mtl_lora_param_count
 
     heads = 3 * (32 * 32 + 32) + 2 * (32 * 2 + 2) + (32 + 1)   # dense + out_proj per task (stsb: 1 output)
     assert _res(runs["mtl-lora"])["params"]["adapter"] == 4 * mtl_lora_param_count(32, 32, 8, 3, 3)

@@ -1,4 +1,4 @@
-"""LoRI adapter (ortholora_kernels.glue.lori) on tiny encoders."""
+"""LoRI adapter (ortholora_kernels.adapters.lori) on tiny encoders."""
 import math
 
 import pytest
@@ -7,12 +7,12 @@ from torch import nn
 
 transformers = pytest.importorskip("transformers")
 
-from ortholora_kernels.glue.lori import (  # noqa: E402
+from ortholora_kernels.adapters import count_trainable  # noqa: E402
+from ortholora_kernels.adapters.lori import (  # noqa: E402
     LoRILinear,
     apply_lori,
     apply_lori_mask,
     attach_lori_mask,
-    count_trainable,
     enforce_lori_mask,
     load_lori,
     lori_mask,

@@ -1,15 +1,14 @@
-"""MTL-LoRA adapter (ortholora_kernels.glue.mtl_lora) on tiny encoders."""
+"""MTL-LoRA adapter (ortholora_kernels.adapters.mtl_lora) on tiny encoders."""
 import pytest
 import torch
 from torch import nn
 
 transformers = pytest.importorskip("transformers")
 
-from ortholora_kernels.glue.mtl_lora import (  # noqa: E402
+from ortholora_kernels.adapters import count_trainable, layer_key  # noqa: E402
+from ortholora_kernels.adapters.mtl_lora import (  # noqa: E402
     MTLLoRALinear,
     apply_mtl_lora,
-    count_trainable,
-    layer_key,
     load_mtl_lora,
     mtl_lora_modules,
     mtl_lora_param_count,

@@ -1,7 +1,8 @@
 """``--method lori``: LoRI (arXiv 2504.07448) in the GLUE harness, as the authors run it.
 
-Adapter (:mod:`.lori`): on the target modules (``--lora-target-modules``), A frozen at a
-random projection, B trainable; rank ``--lora-r``, ``--lora-alpha``, ``--lora-dropout``.
+Adapter (:mod:`ortholora_kernels.adapters.lori`): on the target modules
+(``--lora-target-modules``), A frozen at a random projection, B trainable; rank
+``--lora-r``, ``--lora-alpha``, ``--lora-dropout``.
 Every unit trains two stages, the authors' two runs:
 
 * LoRI-D: dense B from zero, ``--max-steps`` (or ``--epochs``) steps at ``--lr`` with the
@@ -22,7 +23,7 @@ Modes (``--lori-mode``):
   (peft ``add_weighted_adapter(..., combination_type="cat")``: rank T*r,
   dW = sum_t w_t s_t B_t A_t; with a shared A the same dW at rank r) with the merge weights
   of the final stage (``--lori-merge-weights-s``; LoRI-D only: ``--lori-merge-weights-d``;
-  default :func:`.lori.default_merge_weights`: the authors' 0.5/0.4 for T = 3, 0.4/0.3 for
+  default ``default_merge_weights``: the authors' 0.5/0.4 for T = 3, 0.4/0.3 for
   T = 4). The merged adapter is evaluated on every task with that task's head: the final
   metrics. The LoRI-D adapters are merged too (LoRI-D weights, LoRI-D heads) and reported as
   ``merged_lori_d``; ``unmerged_final`` keeps each task's own adapter. Files:
@@ -32,7 +33,7 @@ Modes (``--lori-mode``):
   Task t: LoRI-D alone on task t (a fresh dense B, as the authors' stand-alone LoRI-D run
   that gives the mask), its mask from the entries no earlier task holds (the authors'
   ``& ~mask`` rule), then LoRI-S on that mask with the earlier tasks' entries frozen in the
-  forward (:func:`.lori.stack_lori_task`, kept exactly). ``--lori-s-steps 0`` is the authors'
+  forward (``stack_lori_task``, kept exactly). ``--lori-s-steps 0`` is the authors'
   LoRI-D baseline instead: the whole dense B continues from the previous task. After every
   task all seen tasks are evaluated (their own heads): results.json ``continual`` holds the
   score matrix and the forgetting per task, summary.md the table. Files:
@@ -62,9 +63,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import checkpoint as ckpt
-from .lori import (apply_lori, apply_lori_mask, count_trainable, default_merge_weights, enforce_lori_mask, load_lori,
-                   lori_mask, lori_modules, lori_parameters, lori_state_dict, mask_lori_grads, merge_lori,
-                   stack_lori_task)
+from ..adapters import count_trainable
+from ..adapters.lori import (apply_lori, apply_lori_mask, default_merge_weights, enforce_lori_mask, load_lori, lori_mask,
+                             lori_modules, lori_parameters, lori_state_dict, mask_lori_grads, merge_lori,
+                             stack_lori_task)
 from .method_mtl_lora import check_projection, make_seed_projector, projected_backward
 from .methods import Method, load_projector_state, projector_state, register_method
 from .model import MultiTaskModel
@@ -110,7 +112,8 @@ def _route_b_through_linears(encoder) -> list:
 
 def merge_weights(cfg, num_tasks: int, stage: str) -> tuple[list[float], str]:
     """The merge weights of ``stage`` ("lori_d"/"lori_s"): ``--lori-merge-weights-d/-s`` (one
-    number for every task, or one per task) or :func:`.lori.default_merge_weights`; with the rule."""
+    number for every task, or one per task) or the adapter's ``default_merge_weights``;
+    with the rule."""
     given = cfg.lori_merge_weights_d if stage == "lori_d" else cfg.lori_merge_weights_s
     if given is None:
         return default_merge_weights(num_tasks, stage)

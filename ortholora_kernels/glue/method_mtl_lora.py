@@ -1,20 +1,21 @@
 """``--method mtl-lora``: MTL-LoRA (arXiv 2410.09437) in the GLUE harness, optionally with
-Ortho-LoRA on top (``--projection``).
+Ortho-LoRA on top (``--projection``). The adapter itself is
+:mod:`ortholora_kernels.adapters.mtl_lora`.
 
 Model: the encoder's target modules (``--lora-target-modules``) get an MTL-LoRA adapter
-(:func:`.mtl_lora.apply_mtl_lora`: shared A, ``--mtl-num-b`` shared up-projections B_k,
-per-task transform Lambda_t (``--mtl-diagonal``: diagonal) and per-task mixture logits w_t
-with softmax temperature ``--mtl-temperature``; rank ``--lora-r``, ``--lora-alpha``,
+(``apply_mtl_lora``: shared A, ``--mtl-num-b`` shared up-projections B_k, per-task
+transform Lambda_t (``--mtl-diagonal``: diagonal) and per-task mixture logits w_t with
+softmax temperature ``--mtl-temperature``; rank ``--lora-r``, ``--lora-alpha``,
 ``--lora-dropout``), plus one head per task. All tasks train together (one step = one batch
 of every task, loss = sum of the per-task mean losses), like ``joint``.
 
 Task routing: training forwards get their per-example task ids from the batch's
-``task_slices`` (:func:`.mtl_lora.route_task_slices` hooks on the MultiTaskModel);
-evaluation of task t runs inside ``mtl_task_ids(encoder, t)`` (:meth:`eval_context`).
+``task_slices`` (``route_task_slices`` hooks on the MultiTaskModel); evaluation of task t
+runs inside ``mtl_task_ids(encoder, t)`` (:meth:`eval_context`).
 
 ``--projection G`` (G in global|ab|layer|matrix; default none): Ortho-LoRA projects the
 per-task gradients of the *shared* parameters (A and the B_k of every module, grouped by
-transformer layer and side, :func:`.mtl_lora.mtl_lora_parameters`) with granularity G,
+transformer layer and side, ``mtl_lora_parameters``) with granularity G,
 like ``--method ortho --granularity G``; the task-specific Lambda_t and w_t (only task t's
 examples reach them) and the heads take ordinary gradients. ``--collect`` (grouped|loop)
 and ``--backend`` apply as for ortho.
@@ -23,9 +24,10 @@ from __future__ import annotations
 
 import torch
 
+from ..adapters import count_trainable
+from ..adapters.mtl_lora import apply_mtl_lora, mtl_lora_parameters, mtl_task_ids, route_task_slices
 from .methods import Method, load_projector_state, projector_state, register_method
 from .model import MultiTaskModel
-from .mtl_lora import apply_mtl_lora, count_trainable, mtl_lora_parameters, mtl_task_ids, route_task_slices
 
 PROJECTIONS = ("none", "global", "ab", "layer", "matrix")
 

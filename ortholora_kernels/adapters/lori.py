@@ -51,7 +51,7 @@ restarts at zero on the new task's mask: effective B = B * M + B_frozen. The ear
 entries are never touched by any optimizer (exactly kept, whatever the weight decay).
 
 Trainable scalars per adapted module: out*r (LoRI-D); the number of kept mask entries
-(LoRI-S). ``count_trainable`` counts this.
+(LoRI-S). ``count_trainable`` counts this (``LoRILinear.trainable_numel``).
 
 Multi-task merging (``merge_lori``): per-task LoRI adapters trained separately are merged
 into one as the authors do, peft's ``add_weighted_adapter(..., combination_type="cat")``:
@@ -83,18 +83,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .mtl_lora import (
-    adopt_frozen_base,
-    DEFAULT_KEEP_TRAINABLE,
-    AdapterParams,
-    _check_dropout,
-    _check_rank,
-    _find_targets,
-    _freeze_base,
-    _set_submodule,
-    count_trainable,
-    layer_key,
-)
+from .common import (DEFAULT_KEEP_TRAINABLE, AdapterParams, adopt_frozen_base, check_dropout, check_rank,
+                     find_targets, freeze_pretrained, layer_key, set_submodule)
 
 __all__ = [
     "LoRILinear",
@@ -114,7 +104,6 @@ __all__ = [
     "default_merge_weights",
     "official_keep_count",
     "stack_lori_task",
-    "count_trainable",
     "lori_param_count",
 ]
 
@@ -167,6 +156,13 @@ class LoRILinear(nn.Module):
             return None
         return self.lora_mask if self.lora_frozen_mask is None else self.lora_mask | self.lora_frozen_mask
 
+    def trainable_numel(self, param: torch.Tensor) -> int:
+        """Trainable scalars of ``param``, one of this module's parameters: under a LoRI-S
+        mask only the kept entries of B train (:func:`~.common.count_trainable` asks)."""
+        if param is self.lora_B and self.lora_mask is not None:
+            return int(self.lora_mask.count_nonzero())
+        return param.numel()
+
     def delta_weight(self) -> torch.Tensor:
         """The dense weight update ``scaling * effective_b() @ A`` (out, in)."""
         return self.scaling * self.effective_b() @ self.lora_A
@@ -205,18 +201,18 @@ def apply_lori(
     A frozen from ``seed`` and B = 0 (LoRI-D). Freezing as in ``apply_mtl_lora``.
     ``scaling`` overrides alpha / r (used when loading a concatenation-merged adapter).
     Returns the adapted module names."""
-    _check_rank(r)
-    _check_dropout(dropout)
+    check_rank(r)
+    check_dropout(dropout)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ValueError(f"seed must be an integer, got seed={seed!r}")
     if not math.isfinite(float(alpha)):
         raise ValueError(f"alpha must be finite, got alpha={alpha!r}")
-    targets = _find_targets(model, target_modules, (LoRILinear,))
+    targets = find_targets(model, target_modules, (LoRILinear,))
     if freeze_base:
-        _freeze_base(model, keep_trainable)
+        freeze_pretrained(model, keep_trainable)
     names = []
     for name, lin in targets:
-        _set_submodule(model, name, LoRILinear(lin, r, alpha, seed, name, dropout, scaling))
+        set_submodule(model, name, LoRILinear(lin, r, alpha, seed, name, dropout, scaling))
         names.append(name)
     model._lori_config = dict(target_modules=names, r=r, alpha=float(alpha), seed=int(seed), dropout=float(dropout),
                               scaling=float(scaling) if scaling is not None else float(alpha) / r)

@@ -57,16 +57,17 @@ from __future__ import annotations
 import contextlib
 import math
 import re
-from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .common import (DEFAULT_KEEP_TRAINABLE, AdapterParams, adopt_frozen_base, check_dropout, check_rank,
+                     find_targets, freeze_pretrained, layer_key, set_submodule)
+
 __all__ = [
     "MTLLoRALinear",
-    "AdapterParams",
     "apply_mtl_lora",
     "mtl_task_ids",
     "set_mtl_task_ids",
@@ -77,172 +78,8 @@ __all__ = [
     "mtl_lora_state_dict",
     "save_mtl_lora",
     "load_mtl_lora",
-    "count_trainable",
     "mtl_lora_param_count",
-    "layer_key",
 ]
-
-DEFAULT_KEEP_TRAINABLE = ("classifier", "score", "head")
-
-
-# ---------------------------------------------------------------------------------------
-# helpers shared with lori.py
-# ---------------------------------------------------------------------------------------
-
-from ..layout import layer_key  # noqa: E402  the one layer-key rule (LoRALayout's)
-
-
-def _check_rank(r) -> int:
-    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-        raise ValueError(f"r must be an integer >= 1, got r={r!r}")
-    return r
-
-
-def _check_dropout(dropout) -> float:
-    if not (0.0 <= float(dropout) < 1.0):
-        raise ValueError(f"dropout must be in [0, 1), got dropout={dropout!r}")
-    return float(dropout)
-
-
-def _name_matches(name: str, targets) -> bool:
-    if isinstance(targets, str):  # peft semantics: a string is a full-match regex
-        return re.fullmatch(targets, name) is not None
-    return any(name == t or name.endswith("." + t) for t in targets)
-
-
-def _find_targets(model: nn.Module, target_modules, wrapper_types: tuple) -> list[tuple[str, nn.Linear]]:
-    """Matching nn.Linear modules (name, module); clear errors when nothing matches."""
-    if target_modules is None or (not isinstance(target_modules, str) and len(target_modules) == 0):
-        raise ValueError("target_modules must name at least one module (e.g. ('query', 'value'))")
-    if not isinstance(target_modules, str):
-        target_modules = tuple(target_modules)
-        bad = [t for t in target_modules if not isinstance(t, str) or not t]
-        if bad:
-            raise ValueError(f"target_modules entries must be non-empty strings, got {bad!r}")
-    found, not_linear, wrapped = [], [], []
-    for name, mod in model.named_modules():
-        if not name or not _name_matches(name, target_modules):
-            continue
-        if isinstance(mod, wrapper_types):
-            wrapped.append(name)
-        elif isinstance(mod, nn.Linear) and not hasattr(mod, "lora_A"):
-            found.append((name, mod))
-        else:
-            not_linear.append(f"{name} ({type(mod).__name__})")
-    if wrapped:
-        raise ValueError(
-            f"target_modules={target_modules!r}: modules already adapted: {wrapped[:4]}"
-            + (" ..." if len(wrapped) > 4 else "")
-        )
-    if not found:
-        hint = f"; matching names that are not nn.Linear: {not_linear[:4]}" if not_linear else ""
-        raise ValueError(f"target_modules={target_modules!r} matches no nn.Linear module in the model{hint}")
-    return found
-
-
-def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
-
-
-def _freeze_base(model: nn.Module, keep_trainable: Sequence[str] | None) -> None:
-    """Freeze every parameter present before adapting, except names containing one of
-    ``keep_trainable`` (task heads). Called before the adapter parameters exist."""
-    keep = tuple(keep_trainable or ())
-    for name, p in model.named_parameters():
-        if not any(k in name for k in keep):
-            p.requires_grad_(False)
-
-
-def count_trainable(model: nn.Module, adapter_only: bool = False) -> int:
-    """Number of trainable scalars: parameters with ``requires_grad``. Entries of a LoRI
-    B matrix that its sparse mask fixes at zero are not counted (LoRI-S). With
-    ``adapter_only`` only adapter parameters (names containing ``lora_``) count."""
-    total = 0
-    for name, p in model.named_parameters():
-        if p.requires_grad and (not adapter_only or "lora_" in name):
-            total += p.numel()
-    for mod in model.modules():
-        mask = getattr(mod, "lora_mask", None)
-        b = getattr(mod, "lora_B", None)
-        if isinstance(mask, torch.Tensor) and isinstance(b, nn.Parameter) and b.requires_grad:
-            total -= int(mask.numel() - mask.count_nonzero().item())
-    return total
-
-
-@dataclass
-class AdapterParams:
-    """An adapter's trainable parameters split for Ortho-LoRA.
-
-    shared         {layer_key: {"A": [params], "B": [params]}}, layers in model order;
-                   the parameters every task updates (the projection applies to these)
-    task_specific  [(name, param)], ordinary gradients (no projection)
-    names          {id(param): full parameter name} for every parameter above
-    """
-
-    shared: dict[str, dict[str, list[nn.Parameter]]] = field(default_factory=dict)
-    task_specific: list[tuple[str, nn.Parameter]] = field(default_factory=list)
-    names: dict[int, str] = field(default_factory=dict)
-    modules: dict[int, nn.Linear] = field(default_factory=dict)
-
-    def entries(self) -> list[tuple[str, str, str, object]]:
-        """Flat (layer_key, side, name, param_or_linear) tuples for
-        ``LoRALayout.from_params``: layer by layer, A side then B side. Where the parameter
-        is the weight of an ``nn.Linear`` (MTL-LoRA's A and B_k) the Linear is given, so the
-        layout remembers it (needed by the grouped collector)."""
-        out = []
-        for key, sides in self.shared.items():
-            for side in ("A", "B"):
-                for p in sides.get(side, []):
-                    out.append((key, side, self.names[id(p)], self.modules.get(id(p), p)))
-        return out
-
-    def layout(self):
-        """``LoRALayout.from_params(self.entries())``: the Ortho-LoRA buffer layout over the
-        shared parameters (frozen ones skipped), for ``OrthoLoRA(layout, T, ...)``.
-        MTL-LoRA and LoRI both work with ``collect="grouped"`` and ``"loop"`` (LoRI's masked
-        B is given as an ``nn.Linear`` for the grouped collector, see method_lori.py)."""
-        from ..layout import LoRALayout
-
-        return LoRALayout.from_params(self.entries())
-
-    def shared_parameters(self) -> list[nn.Parameter]:
-        """The shared parameters, layer by layer, A side then B side."""
-        return [p for sides in self.shared.values() for side in ("A", "B") for p in sides.get(side, [])]
-
-    def task_parameters(self) -> list[nn.Parameter]:
-        """The task-specific parameters (ordinary gradients)."""
-        return [p for _, p in self.task_specific]
-
-    def num_shared(self) -> int:
-        """Number of scalars in the shared parameters."""
-        return sum(p.numel() for p in self.shared_parameters())
-
-    def add_shared(self, key: str, side: str, name: str, p) -> None:
-        """Add a shared parameter (or an nn.Linear: its weight, module remembered)."""
-        if isinstance(p, nn.Linear):
-            self.modules[id(p.weight)] = p
-            p = p.weight
-        self.shared.setdefault(key, {"A": [], "B": []})[side].append(p)
-        self.names[id(p)] = name
-
-
-# ---------------------------------------------------------------------------------------
-# the module
-# ---------------------------------------------------------------------------------------
-
-
-def adopt_frozen_base(module: nn.Module, base: nn.Linear, dropout: float) -> None:
-    """Give an adapter ``module`` the frozen weight and bias of ``base`` (same names, so
-    state dicts keep the base model's keys) and the input dropout of its adapter path."""
-    module.in_features, module.out_features = base.in_features, base.out_features
-    module.weight = base.weight
-    module.bias = base.bias
-    module.weight.requires_grad_(False)
-    if module.bias is not None:
-        module.bias.requires_grad_(False)
-    module.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
 
 class MTLLoRALinear(nn.Module):
@@ -369,7 +206,7 @@ def apply_mtl_lora(
     ``freeze_base`` (default) every other pre-existing parameter is frozen too, except
     names containing one of ``keep_trainable`` (task heads). Returns the adapted names.
     """
-    _check_rank(r)
+    check_rank(r)
     if isinstance(num_tasks, bool) or not isinstance(num_tasks, int) or num_tasks < 1:
         raise ValueError(f"num_tasks must be an integer >= 1, got num_tasks={num_tasks!r}")
     if isinstance(num_b, bool) or not isinstance(num_b, int) or num_b < 1:
@@ -378,13 +215,13 @@ def apply_mtl_lora(
         raise ValueError(f"temperature must be a finite number > 0, got temperature={temperature!r}")
     if not math.isfinite(float(alpha)):
         raise ValueError(f"alpha must be finite, got alpha={alpha!r}")
-    _check_dropout(dropout)
-    targets = _find_targets(model, target_modules, (MTLLoRALinear,))
+    check_dropout(dropout)
+    targets = find_targets(model, target_modules, (MTLLoRALinear,))
     if freeze_base:
-        _freeze_base(model, keep_trainable)
+        freeze_pretrained(model, keep_trainable)
     names = []
     for name, lin in targets:
-        _set_submodule(
+        set_submodule(
             model, name, MTLLoRALinear(lin, r, alpha, num_tasks, num_b, temperature, diagonal, dropout)
         )
         names.append(name)
