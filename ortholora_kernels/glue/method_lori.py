@@ -67,8 +67,8 @@ from ..adapters import count_trainable
 from ..adapters.lori import (apply_lori, apply_lori_mask, default_merge_weights, enforce_lori_mask, load_lori, lori_mask,
                              lori_modules, lori_parameters, lori_state_dict, mask_lori_grads, merge_lori,
                              stack_lori_task)
-from .method_mtl_lora import check_projection, make_seed_projector, projected_backward
-from .methods import Method, load_projector_state, projector_state, register_method
+from .methods import (Method, check_projection, load_projector_state, make_seed_projector, projected_backward,
+                      projector_state, register_method)
 from .model import MultiTaskModel
 
 MODES = ("merge", "joint", "continual")

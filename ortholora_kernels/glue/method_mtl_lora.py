@@ -22,49 +22,11 @@ and ``--backend`` apply as for ortho.
 """
 from __future__ import annotations
 
-import torch
-
 from ..adapters import count_trainable
 from ..adapters.mtl_lora import apply_mtl_lora, mtl_lora_parameters, mtl_task_ids, route_task_slices
-from .methods import Method, load_projector_state, projector_state, register_method
+from .methods import (Method, check_projection, load_projector_state, make_seed_projector, projected_backward,
+                      projector_state, register_method)
 from .model import MultiTaskModel
-
-PROJECTIONS = ("none", "global", "ab", "layer", "matrix")
-
-
-def check_projection(cfg, method: str, hint: str = "") -> None:
-    """Shared checks of --projection/--collect/--backend for the seed methods."""
-    if cfg.projection is not None and cfg.projection not in PROJECTIONS:
-        raise ValueError(f"--projection must be one of {', '.join(PROJECTIONS)}, not {cfg.projection!r}")
-    if cfg.projection in (None, "none"):
-        for opt in ("collect", "backend", "aggregator", "aggregator_options", "aggregator_ema"):
-            if getattr(cfg, opt) is not None:
-                raise ValueError(f"--{opt.replace('_', '-')} with --method {method} needs --projection (global, ab, layer or matrix)"
-                                 + hint)
-
-
-def make_seed_projector(cfg, params, num_tasks):
-    """OrthoLoRA over the shared parameters of a seed-method adapter (AdapterParams)."""
-    from ortholora_kernels import OrthoLoRA
-
-    from .methods import aggregator_kwargs
-
-    return OrthoLoRA(params.layout(), num_tasks=num_tasks, granularity=cfg.projection,
-                     collect=cfg.collect or "grouped", seed=cfg.seed, backend=cfg.backend, **aggregator_kwargs(cfg))
-
-
-def projected_backward(projector, collect, losses, task_ids, before_project=None):
-    """Per-task gradients of the shared parameters -> projection -> ``.grad``; the other
-    parameters get the ordinary gradient of the summed loss. Returns the statistics."""
-    if collect == "loop":
-        projector.backward(losses)
-    else:
-        with projector.record(task_ids):
-            torch.stack(losses).sum().backward()
-    if before_project is not None:
-        before_project(projector)
-    return projector.project_()
-
 
 @register_method
 class MTLLoRA(Method):

@@ -240,13 +240,7 @@ class Ortho(Method):
         self.segment_names = list(getattr(self.projector, "segment_names", []) or [])
 
     def backward(self, model, losses, task_ids):
-        p = self.projector
-        if (self.cfg.collect or "grouped") == "loop":
-            p.backward(losses)
-        else:
-            with p.record(task_ids):
-                torch.stack(losses).sum().backward()
-        return p.project_()
+        return projected_backward(self.projector, self.cfg.collect, losses, task_ids)
 
     def teardown(self):
         remove = getattr(self.projector, "remove", None)
@@ -271,6 +265,45 @@ def make_projector(model, num_tasks, granularity, collect, seed, backend, **aggr
 
     return OrthoLoRA(model, num_tasks=num_tasks, granularity=granularity, collect=collect, seed=seed,
                      backend=backend, **aggregator)
+
+
+#: ``--projection`` values of the seed methods (MTL-LoRA, LoRI): a granularity, or none
+PROJECTIONS = ("none", "global", "ab", "layer", "matrix")
+
+
+def check_projection(cfg, method: str, hint: str = "") -> None:
+    """Shared checks of --projection/--collect/--backend for the seed methods."""
+    if cfg.projection is not None and cfg.projection not in PROJECTIONS:
+        raise ValueError(f"--projection must be one of {', '.join(PROJECTIONS)}, not {cfg.projection!r}")
+    if cfg.projection in (None, "none"):
+        for opt in ("collect", "backend", "aggregator", "aggregator_options", "aggregator_ema"):
+            if getattr(cfg, opt) is not None:
+                raise ValueError(f"--{opt.replace('_', '-')} with --method {method} needs --projection (global, ab, layer or matrix)"
+                                 + hint)
+
+
+def make_seed_projector(cfg, params, num_tasks):
+    """OrthoLoRA over the shared parameters of a seed-method adapter (AdapterParams)."""
+    from ortholora_kernels import OrthoLoRA
+
+    return OrthoLoRA(params.layout(), num_tasks=num_tasks, granularity=cfg.projection,
+                     collect=cfg.collect or "grouped", seed=cfg.seed, backend=cfg.backend, **aggregator_kwargs(cfg))
+
+
+def projected_backward(projector, collect, losses, task_ids, before_project=None):
+    """One Ortho-LoRA step's backward (``ortho``, and the seed methods with --projection):
+    per-task gradients of the projected parameters (``collect="loop"``: one backward per
+    task; else one backward recorded by the grouped collector) -> ``before_project(projector)``
+    if given -> projection -> ``.grad``; the other parameters get the ordinary gradient of
+    the summed loss. Returns the statistics."""
+    if collect == "loop":
+        projector.backward(losses)
+    else:
+        with projector.record(task_ids):
+            torch.stack(losses).sum().backward()
+    if before_project is not None:
+        before_project(projector)
+    return projector.project_()
 
 
 def parse_aggregator_options(text: str | None) -> dict:
