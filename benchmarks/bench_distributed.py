@@ -9,7 +9,7 @@ What one step does on every rank, from the local ``[T, N]`` per-task buffer to t
 * all_reduce: all-reduce of ``[T, N]`` (sum, / R), then the projection of the whole buffer;
 * sharded:    reduce-scatter of ``[T, N]``, partial Gram of the own ``N/R`` columns,
               all-reduce of ``[S, T, T]`` float64, solve, combine of the own shard,
-              all-gather of ``[N]`` (:mod:`ortholora_kernels.integrations.sharded`).
+              all-gather of ``[N]`` (:mod:`ortholora_kernels.distributed.sharded`).
 
 Layouts (segments "ab", fp32): N = 294,912 is RoBERTa-base's LoRA r=8 on query/value (12
 layers x 2 modules x 2 x 8 x 768); N = 3,981,312 is r=24 on every linear layer of the same
@@ -65,8 +65,8 @@ def _layout(numel):
 
 def _step(mode, buf, lay, offsets, plan, gen, ref):
     from ortholora_kernels import project
-    from ortholora_kernels.integrations.distributed import all_reduce_task_grads
-    from ortholora_kernels.integrations.sharded import sharded_project
+    from ortholora_kernels.distributed import all_reduce_task_grads
+    from ortholora_kernels.distributed import sharded_project
     x = ref.clone()  # the step consumes its buffer (all-reduce is in place)
     if mode == "all_reduce":
         all_reduce_task_grads(x, average=True)
@@ -84,7 +84,7 @@ def _wchar() -> int:
 
 
 def _worker(rank, world, port, cases, warmup, repeat, out):
-    from ortholora_kernels.integrations.sharded import CommCounter, ShardPlan
+    from ortholora_kernels.distributed import CommCounter, ShardPlan
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)

@@ -13,9 +13,10 @@ Public names:
     per_task_mean_loss the sum of per-task mean losses of one concatenated batch
     PCGrad             Pytorch-PCGrad's API over OrthoLoRA
 
-Integrations (HF Trainer, torch.distributed) live in ``ortholora_kernels.integrations``
-and the GLUE harness in ``ortholora_kernels.glue``; neither is imported here. The map of
-the package is ARCHITECTURE.md.
+The reduction over ``torch.distributed`` ranks is ``ortholora_kernels.distributed`` (used by
+``OrthoLoRA`` when there is more than one rank); the integrations (HF Trainer, Lightning)
+live in ``ortholora_kernels.integrations`` and the GLUE harness in ``ortholora_kernels.glue``;
+none of them is imported here. The map of the package is ARCHITECTURE.md.
 """
 from . import reference
 from .backends import backends_available

@@ -92,7 +92,7 @@ def per_task_mean_loss(per_example_loss: torch.Tensor, task_ids: torch.Tensor, n
     are left out. ``.sum()`` of the result is the loss whose one backward the grouped
     collector splits into the per-task gradients of the loop method. ``counts`` (``[T]``,
     optional) replaces the local per-task counts as denominators, e.g.
-    :func:`ortholora_kernels.integrations.distributed.global_task_counts` so that
+    :func:`ortholora_kernels.distributed.global_task_counts` so that
     data-parallel ranks with unequal per-task counts reproduce the union-batch mean.
     No host sync.
     """

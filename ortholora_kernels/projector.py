@@ -12,7 +12,7 @@ Works with any optimizer and scheduler (it only sets ``.grad``), gradient accumu
 ``record``/``task`` per micro-batch, ``project_`` once per optimizer step), AMP with
 ``GradScaler`` (projection is scale-invariant and NaN/Inf pass through to the scaler),
 ``clip_grad_norm_`` after ``project_``, and ``torch.distributed`` (the per-task buffer is
-all-reduced before projecting; see :mod:`ortholora_kernels.integrations.distributed`).
+all-reduced before projecting; see :mod:`ortholora_kernels.distributed`).
 
 No gradient is lost: ``project_`` ADDS the projected sum to the LoRA ``.grad`` (None or zeros
 after ``optimizer.zero_grad()``, so it is the projected sum in a usual loop). A gradient that
@@ -67,12 +67,12 @@ class OrthoLoRA:
         rng: "torch" (a ``torch.Generator`` seeded with ``seed``) or "counter" (an
             :class:`~ortholora_kernels.OrderGenerator`: the orders then compile with
             :meth:`project_` under ``torch.compile(fullgraph=True)`` and replay in CUDA graphs).
-        comm: how the ranks' buffers meet under ``torch.distributed`` (DESIGN.md section 9):
+        comm: how the ranks' buffers meet under ``torch.distributed`` (ARCHITECTURE.md):
             "all_reduce" (the ``[T, N]`` buffer; the default under DDP), or "sharded"
             (reduce-scatter, all-reduce of the ``S x T x T`` Gram, local combine, all-gather of
             ``[N]``: ~(T+1)/(2T) of the bytes). Under FSDP2 (``fully_shard``, DTensor LoRA
             parameters) the sharded way is used and its shard is the sharded ``.grad``.
-            See :mod:`ortholora_kernels.integrations.distributed`.
+            See :mod:`ortholora_kernels.distributed`.
 
     Attributes:
         layout: the :class:`LoRALayout`.
@@ -149,11 +149,11 @@ class OrthoLoRA:
         if rng == "counter":  # built now: a compiled project_() must find it, not create it
             self._get_generator(layout.device)
         if module is not None:
-            from .integrations.distributed import exclude_from_ddp
+            from .distributed.reduce import exclude_from_ddp
             exclude_from_ddp(module, layout)
         self._dist_hooks = []
-        if self._world_size() > 1:
-            from .integrations.distributed import broadcast_params
+        if self.world_size() > 1:
+            from .distributed.reduce import broadcast_params
             broadcast_params(layout.params, self.process_group)
             # First LoRA forward: a DDP wrapping the model (built now or later) is found and
             # told to leave the LoRA parameters alone, before its forward ends (and before
@@ -170,8 +170,8 @@ class OrthoLoRA:
         for h in self._dist_hooks:
             h.remove()
         self._dist_hooks = []
-        if self._world_size() > 1:
-            from .integrations.distributed import prepare_distributed
+        if self.world_size() > 1:
+            from .distributed.reduce import prepare_distributed
             prepare_distributed(self)
 
     # ------------------------------------------------------------------ buffer
@@ -286,7 +286,10 @@ class OrthoLoRA:
         self._pending = True
 
     # ------------------------------------------------------------------ projection
-    def _world_size(self) -> int:
+    def world_size(self) -> int:
+        """The number of ranks the per-task buffer is reduced over: 1 with ``distributed=False`` or
+        without an initialised ``torch.distributed`` (which ``distributed=True`` rejects), else the
+        size of ``process_group``."""
         if self.distributed is False:
             return 1
         import torch.distributed as dist
@@ -327,10 +330,10 @@ class OrthoLoRA:
             raise RuntimeError("project_: no task gradients recorded since the last project_ "
                                "(run a backward inside record(...) / task(t), or backward(task_losses))")
         buf = self._buffer
-        if self._world_size() > 1:
+        if self.world_size() > 1:
             if self.seed is None:
                 raise ValueError("seed: must be an int under torch.distributed so every rank draws the same orders")
-            from .integrations.distributed import distributed_project_
+            from .distributed.reduce import distributed_project_
             res = distributed_project_(self, buf)  # reduces, projects, adds to the (sharded) .grad
         else:
             res = self._project_buffer(buf)

@@ -3,7 +3,7 @@
 One ``torch.multiprocessing`` spawn per world size runs every scenario (process start-up and
 imports dominate on 2 cores); the one-process references run in the pytest process.
 
-Loss normalisation (see ortholora_kernels/integrations/distributed.py): each rank's loss is
+Loss normalisation (see ortholora_kernels/distributed/reduce.py): each rank's loss is
 ``sum_t (sum of its task-t losses) / (global task-t count / W)`` (``global_task_counts``), so
 the rank-averaged gradient equals the per-task means over the union batch whatever the
 per-rank counts (case "global": unequal counts, task 2 absent on rank 0). With the naive
@@ -70,7 +70,7 @@ def _loss(net, batch, counts):
 
 
 def _full(p):
-    from ortholora_kernels.integrations.sharded import is_dtensor
+    from ortholora_kernels.distributed import is_dtensor
     return (p.full_tensor() if is_dtensor(p) else p).detach().clone()
 
 
@@ -89,7 +89,7 @@ def _model(rank, same_init):
 def _train(name, rank=None, world=1, out_dir=None, steps=STEPS):
     """``steps`` SGD steps of scenario ``name``; ``rank=None``: one process on the union batch."""
     from ortholora_kernels import OrthoLoRA
-    from ortholora_kernels.integrations import global_task_counts
+    from ortholora_kernels.distributed import global_task_counts
     o = dict(structure="outer", when="before", wrap="ddp", comm=None, collect="grouped", accum=1, case="global",
              counts="global", forward_outside=False, resume=False, mp=False,
              leftover=False)
@@ -148,7 +148,7 @@ def _train(name, rank=None, world=1, out_dir=None, steps=STEPS):
             (c * sum((p * p).sum() for n, p in model.named_parameters() if "lora_" in n)).backward()
         ortho.project_()
         if wrap == "none" and dist_on:
-            from ortholora_kernels.integrations import all_reduce_grads
+            from ortholora_kernels.distributed import all_reduce_grads
             all_reduce_grads([p for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n])
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -305,7 +305,7 @@ def test_fsdp2_refuses_what_it_cannot_do_right(two_ranks):
 def test_shard_plan_partitions_the_buffer(world):
     """Every column is owned by exactly one rank, in FSDP2's Shard(0) chunks, segment by segment."""
     from ortholora_kernels import LoRALayout
-    from ortholora_kernels.integrations.sharded import ShardPlan
+    from ortholora_kernels.distributed import ShardPlan
     shapes = [(3, 7), (5, 2), (1, 4), (6, 6)]
     entries = []
     for i, (a, b) in enumerate(shapes):

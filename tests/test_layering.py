@@ -17,9 +17,7 @@ PKG = "ortholora_kernels"
 #: the layers that sit on top of the core
 UPPER = (f"{PKG}.glue", f"{PKG}.integrations")
 #: (module, imported upper module) pairs known to break the rule, to be removed when fixed.
-#: projector.py uses integrations.distributed (DDP exclusion, parameter broadcast, the
-#: all-reduce of task gradients); that code is being moved out of integrations.
-KNOWN_EXCEPTIONS = {(f"{PKG}.projector", f"{PKG}.integrations.distributed")}
+KNOWN_EXCEPTIONS: set[tuple[str, str]] = set()
 
 
 def _module_name(path: Path) -> str:
@@ -66,7 +64,8 @@ def test_the_core_list_is_what_it_should_be():
     names = {_module_name(p) for p in _core_modules()}
     for expected in ("ops", "backends", "backends.base", "solve", "solvers", "aggregate", "layout", "collect",
                      "projector", "result", "reference", "pcgrad", "adapters", "adapters.common",
-                     "adapters.mtl_lora", "adapters.lori"):
+                     "adapters.mtl_lora", "adapters.lori", "distributed", "distributed.reduce",
+                     "distributed.sharded"):
         assert f"{PKG}.{expected}" in names
     assert not any(_upper(n) for n in names)
 
@@ -102,3 +101,73 @@ def test_the_checker_sees_every_import_form():
         "ortholora_kernels.glue", "ortholora_kernels.integrations.distributed",
         "ortholora_kernels.integrations.distributed.broadcast_params", "ortholora_kernels.glue.train"}
     assert "ortholora_kernels.backends.torch_impl" in names and not _upper("ortholora_kernels.layout")
+
+
+#: private attributes of third-party objects that the upper layers use knowingly (argparse's
+#: parser tree, for the sweep's view of the train options)
+THIRD_PARTY_PRIVATE = {"_subparsers", "_group_actions", "_actions"}
+
+
+def _is_private(name: str) -> bool:
+    return name.startswith("_") and not name.startswith("__")
+
+
+def _private_reaches(path: Path, source: str | None = None) -> list[str]:
+    """What ``path`` reaches that is private: ``obj._x`` and ``getattr(obj, "_x")`` on any
+    object but ``self``/``cls``/``super()``, and private names imported from the core."""
+    text = path.read_text() if source is None else source
+    out = []
+    for node in ast.walk(ast.parse(text, filename=str(path))):
+        if isinstance(node, ast.Attribute) and _is_private(node.attr) and node.attr not in THIRD_PARTY_PRIVATE:
+            v = node.value
+            own = (isinstance(v, ast.Name) and v.id in ("self", "cls")) or (
+                isinstance(v, ast.Call) and getattr(v.func, "id", None) == "super")
+            if not own:
+                out.append(ast.unparse(node))
+        elif (isinstance(node, ast.Call) and getattr(node.func, "id", None) in ("getattr", "hasattr", "setattr")
+              and len(node.args) > 1 and isinstance(node.args[1], ast.Constant)
+              and isinstance(node.args[1].value, str) and _is_private(node.args[1].value)
+              and not (isinstance(node.args[0], ast.Name) and node.args[0].id == "self")):
+            out.append(ast.unparse(node))
+    for name in _imports(path, text):
+        if name.startswith(PKG + ".") and not _upper(name) and any(_is_private(c) for c in name.split(".")[1:]):
+            out.append(f"import {name}")
+    return sorted(out)
+
+
+def _upper_modules() -> list[Path]:
+    return sorted(p for u in UPPER for p in (PKG_DIR / u.rsplit(".", 1)[1]).rglob("*.py"))
+
+
+@pytest.mark.parametrize("path", _upper_modules(), ids=lambda p: _module_name(p))
+def test_upper_layers_use_only_public_names_of_the_core(path):
+    """glue/ and integrations/ use the core through its public API: no private attribute
+    (``ortho._aggregator``), no private module or name (``from ..backends.torch_impl import _x``)."""
+    bad = _private_reaches(path)
+    assert not bad, f"{_module_name(path)} reaches private names: {bad}"
+
+
+def test_the_private_reach_checker_sees_them():
+    where = PKG_DIR / "glue" / "methods.py"
+    src = ("from ..backends.torch_impl import _product64, combine\n"
+           "from .. import _args\n"
+           "from .train import _num_steps\n"            # inside the harness: fine
+           "def f(p, parser):\n"
+           "    p._aggregator.load_state_dict({})\n"
+           "    getattr(p, '_generator', None)\n"
+           "    self._x, super()._y(), parser._actions\n")
+    assert _private_reaches(where, src) == sorted([
+        "import ortholora_kernels.backends.torch_impl._product64", "import ortholora_kernels._args",
+        "p._aggregator", "getattr(p, '_generator', None)"])
+
+
+def test_integrations_reexport_the_core_distributed_helpers():
+    """The torch.distributed helpers live in the core; ``integrations`` hands out the same objects."""
+    from ortholora_kernels import distributed, integrations
+    names = [n for n in integrations.__all__ if hasattr(distributed, n)]
+    assert set(names) == {"all_reduce_task_grads", "all_reduce_grads", "exclude_from_ddp", "release_from_ddp",
+                          "broadcast_params", "global_task_counts"}
+    for n in names:
+        assert getattr(integrations, n) is getattr(distributed, n)
+    assert not (PKG_DIR / "integrations" / "distributed.py").exists()
+    assert not (PKG_DIR / "integrations" / "sharded.py").exists()

@@ -48,7 +48,8 @@ def accelerate_run(out, world):
     from accelerate import Accelerator
 
     from ortholora_kernels import OrthoLoRA, per_task_mean_loss
-    from ortholora_kernels.integrations import MultiTaskCollator, global_task_counts
+    from ortholora_kernels.distributed import global_task_counts
+    from ortholora_kernels.integrations import MultiTaskCollator
     acc = Accelerator(cpu=True)
     model = tiny_peft_classifier("roberta", num_labels=2)
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5, momentum=0.9)

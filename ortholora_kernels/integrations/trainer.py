@@ -212,8 +212,8 @@ class OrthoLoRATrainer(Trainer):
         if task_ids is None:
             raise KeyError(f"task_ids_key: the batch has no {self.task_ids_key!r} (use MultiTaskCollator)")
         self._ortho_counts = None
-        if self.ortho._world_size() > 1:  # once per micro-batch, also for the loop's sub-batches
-            from .distributed import global_task_counts
+        if self.ortho.world_size() > 1:  # once per micro-batch, also for the loop's sub-batches
+            from ..distributed import global_task_counts
             self._ortho_counts = global_task_counts(task_ids, self.num_tasks, self.ortho.process_group)
         try:
             if self.ortho.collect == "grouped":

@@ -1,8 +1,8 @@
 """Sharded projection: reduce the Gram matrices, not the ``[T, N]`` per-task gradients.
 
-The projection only needs the ``[S, T, T]`` Gram matrices (DESIGN.md section 9), and the Gram
-matrix of a column-sharded buffer is the sum of the shards' partial Gram matrices. With R
-ranks, each holding its local ``[T, N]`` per-task buffer:
+The projection only needs the ``[S, T, T]`` Gram matrices (ARCHITECTURE.md, "Reduce over
+ranks"), and the Gram matrix of a column-sharded buffer is the sum of the shards' partial
+Gram matrices. With R ranks, each holding its local ``[T, N]`` per-task buffer:
 
 1. reduce-scatter the buffer (sum, then ``/ R`` like DDP): rank r owns its shard of every
    task's global gradient;
@@ -18,7 +18,7 @@ tensors of the ``Shard(0)`` parameters.
 
 Bytes sent per rank per step (ring collectives, b bytes per element, N LoRA elements):
 
-* all-reduce mode (:func:`~.distributed.all_reduce_task_grads`): ``2 T N b (R-1)/R``;
+* all-reduce mode (:func:`~.reduce.all_reduce_task_grads`): ``2 T N b (R-1)/R``;
 * sharded mode under DDP: ``(T + 1) N b (R-1)/R`` plus ``2 S T^2 8 (R-1)/R`` for the Gram;
 * sharded mode under FSDP2: ``T N b (R-1)/R`` plus the Gram.
 

@@ -1,4 +1,4 @@
-"""``torch.distributed`` support: reduce the per-task buffer so every rank projects the same.
+"""Reduce the per-task buffer over the ranks so that every rank projects the same.
 
 Each rank records its local per-task gradients ``g_t^(r)`` (of its local loss
 ``sum_t mean_{i in rank r, task t} loss_i``). :func:`all_reduce_task_grads` sums them over the
@@ -154,7 +154,7 @@ def release_from_ddp(ddp, layout) -> list[str]:
             "DistributedDataParallel: this DDP instance (static_graph, a comm hook, mixed_precision or "
             "delay_all_reduce) reduces the LoRA parameters and cannot be rebuilt without them; before "
             "wrapping, build OrthoLoRA on the very module given to DistributedDataParallel, or call "
-            "ortholora_kernels.integrations.exclude_from_ddp(that_module, ortho.layout)")
+            "ortholora_kernels.distributed.exclude_from_ddp(that_module, ortho.layout)")
     ddp.parameters_to_ignore = set(ddp.parameters_to_ignore) | set(names)
     ddp.module._ddp_params_and_buffers_to_ignore = sorted(ddp.parameters_to_ignore)
     ddp._module_parameters = [p for n, p in ddp.module.named_parameters() if n not in ddp.parameters_to_ignore]
