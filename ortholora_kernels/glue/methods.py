@@ -350,43 +350,42 @@ def aggregator_kwargs(cfg) -> dict:
 
 
 def _generators(p):
-    """Public order generator(s) of a projector that is not an OrthoLoRA (none if absent)."""
+    """Public order generator(s) of a projector without ``state_dict()`` (none if absent)."""
     g = getattr(p, "generator", None)
     return [("generator", g)] if isinstance(g, torch.Generator) else []
 
 
 def projector_state(p):
-    """The projector's resumable state (for a checkpoint): ``OrthoLoRA.state_dict()``, or
-    the public generator and step count of another projector."""
-    from ortholora_kernels import OrthoLoRA
-
-    if isinstance(p, OrthoLoRA):
-        return {"ortholora": p.state_dict()}
-    state = {"generators": {a: g.get_state() for a, g in _generators(p)},
-             "num_steps": getattr(p, "num_steps", None)}
-    agg = getattr(p, "_aggregator", None)
-    if agg is not None:                     # --aggregator/--aggregator-ema state (EMA Gram, GradVac targets)
-        state["aggregator"] = agg.state_dict()
-    return state
+    """The projector's resumable state (for a checkpoint), through its public API only: its
+    ``state_dict()`` (:meth:`ortholora_kernels.OrthoLoRA.state_dict`: the step count, the order
+    generator and the aggregator's state), or, for a projector without one, its public
+    ``generator`` and ``num_steps``."""
+    if callable(getattr(p, "state_dict", None)):
+        return {"state_dict": p.state_dict()}
+    return {"generators": {a: g.get_state() for a, g in _generators(p)}, "num_steps": getattr(p, "num_steps", None)}
 
 
 def load_projector_state(p, s):
-    """Restore :func:`projector_state` (no-op for None; reads the older generator format too)."""
-    from ortholora_kernels import OrthoLoRA
-
+    """Restore :func:`projector_state` (no-op for None). Reads the earlier formats too: the
+    state dict under ``"ortholora"``, and, before that, the generator and the step count
+    alone (the layout is then taken as this projector's own: the checkpoint's model weights
+    were loaded into it already)."""
     if not s:
         return
-    if isinstance(p, OrthoLoRA):
-        if "ortholora" in s:
-            p.load_state_dict(s["ortholora"])
-        elif s.get("num_steps") is not None:   # checkpoints written before state_dict was used
-            p.load_state_dict({"num_steps": s["num_steps"],
-                               "generator": s.get("generators", {}).get("_generator")})
+    full = s.get("state_dict", s.get("ortholora"))
+    if full is not None:
+        p.load_state_dict(full)
+        return
+    from ortholora_kernels import OrthoLoRA
+
+    gens = s.get("generators", {})
+    if isinstance(p, OrthoLoRA):   # a checkpoint written before the harness used state_dict()
+        if s.get("num_steps") is not None:
+            p.load_state_dict({"num_steps": s["num_steps"], "generator": gens.get("_generator"),
+                               "aggregator": s.get("aggregator"), "signature": p.signature()})
         return
     for a, g in _generators(p):
-        if a in s.get("generators", {}):
-            g.set_state(s["generators"][a])
+        if a in gens:
+            g.set_state(gens[a])
     if s.get("num_steps") is not None and hasattr(p, "num_steps"):
         p.num_steps = s["num_steps"]
-    if s.get("aggregator") is not None and getattr(p, "_aggregator", None) is not None:
-        p._aggregator.load_state_dict(s["aggregator"])
