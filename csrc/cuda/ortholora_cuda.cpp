@@ -92,6 +92,29 @@ DeviceTable build_table(const std::vector<int64_t>& offs, int64_t tile, const at
   return t;
 }
 
+// The raw CUDA type the kernels take for a torch scalar type (same layout: at::Half is
+// __half, at::BFloat16 is __nv_bfloat16); paired with AT_DISPATCH_*'s scalar_t below.
+template <class T>
+struct CudaType {
+  using type = T;
+};
+template <>
+struct CudaType<at::Half> {
+  using type = __half;
+};
+template <>
+struct CudaType<at::BFloat16> {
+  using type = __nv_bfloat16;
+};
+
+// Runs the lambda `__VA_ARGS__` with scalar_t (the torch type) and CT (the raw CUDA type)
+// for the dtypes check_grads accepts (float64/float32/float16/bfloat16).
+#define OL_DISPATCH(DT, NAME, ...)                                             \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, DT, NAME, [&] {     \
+    using CT = typename CudaType<scalar_t>::type;                              \
+    __VA_ARGS__;                                                               \
+  })
+
 void check_tasks(int64_t t, const char* what) {
   TORCH_CHECK_VALUE(t <= cuda::kMaxTasks, "backend 'native' on CUDA supports ", what, " <= ", cuda::kMaxTasks,
                     ", got ", t, "; use backend='torch' or 'triton'");
@@ -127,31 +150,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> project_cuda(const at
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int64_t* op = ord.data_ptr<int64_t>();
   cudaError_t err = cudaSuccess;
-#define OL_LAUNCH(TORCH_T, CUDA_T)                                                                             \
-  err = cuda::launch_project<CUDA_T>(reinterpret_cast<const CUDA_T*>(x.data_ptr<TORCH_T>()), static_cast<int>(T), \
-                                     N, table, op, red, partial.data_ptr<double>(), gram.data_ptr<double>(),      \
-                                     coeffs.data_ptr<double>(), nproj.data_ptr<int32_t>(), weights.data_ptr(),   \
-                                     reinterpret_cast<CUDA_T*>(out.data_ptr<TORCH_T>()), stream)
-  switch (x.scalar_type()) {
-    case at::kFloat: OL_LAUNCH(float, float); break;
-    case at::kDouble: OL_LAUNCH(double, double); break;
-    case at::kHalf: OL_LAUNCH(at::Half, __half); break;
-    case at::kBFloat16: OL_LAUNCH(at::BFloat16, __nv_bfloat16); break;
-    default: TORCH_CHECK_TYPE(false, "grads: unsupported dtype ", x.scalar_type());
-  }
-#undef OL_LAUNCH
+  OL_DISPATCH(x.scalar_type(), "ortholora_C::project",
+              err = cuda::launch_project<CT>(reinterpret_cast<const CT*>(x.data_ptr<scalar_t>()), static_cast<int>(T),
+                                             N, table, op, red, partial.data_ptr<double>(), gram.data_ptr<double>(),
+                                             coeffs.data_ptr<double>(), nproj.data_ptr<int32_t>(), weights.data_ptr(),
+                                             reinterpret_cast<CT*>(out.data_ptr<scalar_t>()), stream));
   TORCH_CHECK(err == cudaSuccess, "ortholora_C::project CUDA launch failed: ", cudaGetErrorString(err));
   return {out, gram, coeffs, nproj};
 }
-
-#define OL_DISPATCH(DT, ...)                                                  \
-  switch (DT) {                                                               \
-    case at::kFloat: { typedef float TT; typedef float CT; __VA_ARGS__; break; }   \
-    case at::kDouble: { typedef double TT; typedef double CT; __VA_ARGS__; break; } \
-    case at::kHalf: { typedef at::Half TT; typedef __half CT; __VA_ARGS__; break; } \
-    case at::kBFloat16: { typedef at::BFloat16 TT; typedef __nv_bfloat16 CT; __VA_ARGS__; break; } \
-    default: TORCH_CHECK_TYPE(false, "unsupported dtype ", DT);               \
-  }
 
 // v[s] = Y_s X_s^T, float64 [S, R, T].
 at::Tensor cross_cuda(const at::Tensor& y, const at::Tensor& x, at::IntArrayRef offsets) {
@@ -170,10 +176,10 @@ at::Tensor cross_cuda(const at::Tensor& y, const at::Tensor& x, at::IntArrayRef 
   at::Tensor v = at::empty({S, R, T}, xc.options().dtype(at::kDouble));
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   cudaError_t err = cudaSuccess;
-  OL_DISPATCH(xc.scalar_type(),
-              err = cuda::launch_cross<CT>(reinterpret_cast<const CT*>(yc.data_ptr<TT>()), static_cast<int>(R),
-                                           reinterpret_cast<const CT*>(xc.data_ptr<TT>()), static_cast<int>(T), N,
-                                           dt.table, partial.data_ptr<double>(), v.data_ptr<double>(), stream))
+  OL_DISPATCH(xc.scalar_type(), "ortholora_C::cross",
+              err = cuda::launch_cross<CT>(reinterpret_cast<const CT*>(yc.data_ptr<scalar_t>()), static_cast<int>(R),
+                                           reinterpret_cast<const CT*>(xc.data_ptr<scalar_t>()), static_cast<int>(T), N,
+                                           dt.table, partial.data_ptr<double>(), v.data_ptr<double>(), stream));
   TORCH_CHECK(err == cudaSuccess, "ortholora_C::cross CUDA launch failed: ", cudaGetErrorString(err));
   return v;
 }
@@ -202,12 +208,12 @@ at::Tensor backward_combine_cuda(const at::Tensor& dy, const at::Tensor& x, cons
   at::Tensor out = at::empty({T, N}, xc.options());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   cudaError_t err = cudaSuccess;
-  OL_DISPATCH(xc.scalar_type(),
-              err = cuda::launch_backward_combine<CT>(reinterpret_cast<const CT*>(yc.data_ptr<TT>()),
+  OL_DISPATCH(xc.scalar_type(), "ortholora_C::backward_combine",
+              err = cuda::launch_backward_combine<CT>(reinterpret_cast<const CT*>(yc.data_ptr<scalar_t>()),
                                                       static_cast<int>(R),
-                                                      reinterpret_cast<const CT*>(xc.data_ptr<TT>()),
+                                                      reinterpret_cast<const CT*>(xc.data_ptr<scalar_t>()),
                                                       static_cast<int>(T), N, dt.table, m1.data_ptr(), m2.data_ptr(),
-                                                      reinterpret_cast<CT*>(out.data_ptr<TT>()), stream))
+                                                      reinterpret_cast<CT*>(out.data_ptr<scalar_t>()), stream));
   TORCH_CHECK(err == cudaSuccess, "ortholora_C::backward_combine CUDA launch failed: ", cudaGetErrorString(err));
   return out;
 }
