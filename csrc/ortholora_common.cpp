@@ -38,7 +38,7 @@ at::Tensor check_grads(const at::Tensor& grads, const char* name) {
 
 at::Tensor check_order(const at::Tensor& order, int64_t s, int64_t t, const at::Device& device) {
   TORCH_CHECK_TYPE(order.scalar_type() == at::kLong || order.scalar_type() == at::kInt,
-                   "order: expected an int64 tensor, got ", order.scalar_type());
+                   "order: expected an int64 (or int32) tensor, got ", order.scalar_type());
   TORCH_CHECK_VALUE(order.device() == device, "order: expected a tensor on the device of grads (", device,
                     "), got ", order.device());
   const bool ok2 = order.dim() == 2 && order.size(0) == t && order.size(1) == t;

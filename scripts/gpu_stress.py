@@ -77,7 +77,7 @@ def check_determinism(ctx):
     if not usable("triton", ctx.device):
         raise Skip(ok.backends.availability("triton", ctx.device))
     notes = []
-    # bf16 only on a GPU: the interpreter's bf16 arithmetic is not the GPU's (DESIGN.md 7).
+    # bf16 only on a GPU: the interpreter's bf16 arithmetic is not the GPU's (ARCHITECTURE.md, "Test matrix").
     cases = ((3, torch.float32), (17, torch.float16)) if ctx.device == "cpu" else \
         ((3, torch.float32), (8, torch.float32), (17, torch.bfloat16), (33, torch.float32))
     for t, dtype in cases:
