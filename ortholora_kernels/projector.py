@@ -18,8 +18,8 @@ No gradient is lost: ``project_`` ADDS the projected sum to the LoRA ``.grad`` (
 after ``optimizer.zero_grad()``, so it is the projected sum in a usual loop). A gradient that
 reaches a LoRA weight inside ``record`` without being per-task (a regulariser or auxiliary loss
 on the shared weights, tokens of task id -1) stays in ``.grad``: it is added, NOT projected.
-Under ``torch.distributed`` that part is not averaged over ranks (a regulariser of the shared
-weights is the same on every rank; an auxiliary loss on local data is this rank's own).
+Under ``torch.distributed`` that part is averaged over the ranks as DDP would average it
+(DDP is told to leave the LoRA parameters to OrthoLoRA); under FSDP2, FSDP reduce-scatters it.
 """
 from __future__ import annotations
 
@@ -318,7 +318,7 @@ class OrthoLoRA:
         each rank handles its shard of the sharded ``.grad``. Each LoRA parameter's slice of the
         projected sum is ADDED to its ``.grad`` (set when ``.grad`` is None): what is already
         there (the non-per-task part collected inside ``record``, a backward outside any
-        context) is kept, unprojected (and, under torch.distributed, not reduced). Other
+        context) is kept, unprojected (under torch.distributed averaged over the ranks). Other
         parameters are untouched. NaN/Inf in the buffer propagate into ``.grad`` (so
         ``GradScaler`` skips the step).
 
