@@ -114,7 +114,9 @@ def _is_private(name: str) -> bool:
 
 def _private_reaches(path: Path, source: str | None = None) -> list[str]:
     """What ``path`` reaches that is private: ``obj._x`` and ``getattr(obj, "_x")`` on any
-    object but ``self``/``cls``/``super()``, and private names imported from the core."""
+    object but ``self``/``cls``/``super()`` (``ast`` cannot tell an object's type, so every
+    private attribute counts but the third-party ones in :data:`THIRD_PARTY_PRIVATE`), and
+    private modules or names imported from the core."""
     text = path.read_text() if source is None else source
     out = []
     for node in ast.walk(ast.parse(text, filename=str(path))):
