@@ -1,4 +1,5 @@
-"""Layering: the core of the package imports neither the GLUE harness nor the integrations.
+"""Layering: the core of the package imports neither the GLUE harness nor the integrations,
+and those two use only the core's public names.
 
 The core (the op, backends, solves, layout, collection, projector, ...) and the reusable
 adapters must stand alone; ``glue`` and ``integrations`` build on them, never the reverse.
@@ -16,8 +17,6 @@ PKG_DIR = Path(ortholora_kernels.__file__).resolve().parent
 PKG = "ortholora_kernels"
 #: the layers that sit on top of the core
 UPPER = (f"{PKG}.glue", f"{PKG}.integrations")
-#: (module, imported upper module) pairs known to break the rule, to be removed when fixed.
-KNOWN_EXCEPTIONS: set[tuple[str, str]] = set()
 
 
 def _module_name(path: Path) -> str:
@@ -73,17 +72,8 @@ def test_the_core_list_is_what_it_should_be():
 @pytest.mark.parametrize("path", _core_modules(), ids=lambda p: _module_name(p))
 def test_core_module_imports_neither_glue_nor_integrations(path):
     mod = _module_name(path)
-    bad = {(mod, name) for name in _imports(path) if _upper(name)}
-    bad = {b for b in bad if not any(b[0] == m and (b[1] == e or b[1].startswith(e + ".")) for m, e in KNOWN_EXCEPTIONS)}
-    assert not bad, f"{mod} imports the layer(s) above the core: {sorted(n for _, n in bad)}"
-
-
-def test_known_exceptions_are_still_needed():
-    """Once a listed module stops importing its upper module, the exception must go."""
-    for mod, name in KNOWN_EXCEPTIONS:
-        path = PKG_DIR.parent / (mod.replace(".", "/") + ".py")
-        assert any(n == name or n.startswith(name + ".") for n in _imports(path)), (
-            f"{mod} no longer imports {name}: remove it from KNOWN_EXCEPTIONS")
+    bad = sorted(name for name in _imports(path) if _upper(name))
+    assert not bad, f"{mod} imports the layer(s) above the core: {bad}"
 
 
 def test_the_checker_sees_every_import_form():
