@@ -169,7 +169,8 @@ def test_harness_projector_state_round_trips(fmt):
     for seed in range(2):
         _step_grad(ortho, m, seed)
     full = ortho.state_dict()
-    state = {"state_dict": projector_state(ortho)["state_dict"],
+    assert list(projector_state(ortho)) == ["state_dict"]
+    state = {"state_dict": projector_state(ortho),
              "ortholora": {"ortholora": full},
              "generators": {"generators": {"_generator": full["generator"]}, "num_steps": full["num_steps"],
                             "aggregator": full["aggregator"]}}[fmt]
