@@ -286,7 +286,7 @@ def distributed_project_(ortho, buf: torch.Tensor):
     if plan is None or (plan.world, plan.rank) != (world, rank):
         plan = ortho._shard_plan = ShardPlan(ortho.layout, ortho.offsets, world, rank)
     res, _ = sharded_project(buf, plan, ortho.offsets, reduction=ortho.reduction, generator=gen, group=group,
-                             gather=not any(fsdp))
+                             gather=not any(fsdp), backend=ortho.backend)
     if not any(fsdp):
         ortho._set_grads(params, res.output)
         return res

@@ -32,10 +32,10 @@ import math
 import torch
 import torch.distributed as dist
 
-from .._args import draw_orders
-from ..backends.torch_impl import _product64
+from .. import backends
+from .._args import draw_orders, segments_for
 from ..result import ProjectionResult
-from ..solve import solve, weights
+from ..solve import get_solve
 
 __all__ = ["ShardPlan", "sharded_project", "CommCounter", "is_dtensor"]
 
@@ -168,14 +168,16 @@ class ShardPlan:
 
 
 def sharded_project(buf: torch.Tensor, plan: ShardPlan, offsets, *, reduction: str, generator,
-                    group=None, average: bool = True, gather: bool = True):
+                    group=None, average: bool = True, gather: bool = True, backend: str | None = None):
     """Steps 1-5 of the module docstring for the local ``[T, N]`` buffer ``buf``.
 
     Returns ``(result, shard)``: a :class:`ProjectionResult` whose ``output`` is the full
     ``[N]`` projected gradient when ``gather`` (DDP) or this rank's ``[L_r]`` shard otherwise
     (FSDP2), and the ``[T, L_r]`` reduced shard of the buffer. The orders are drawn exactly
     as :func:`ortholora_kernels.project` draws them, so every rank, and a one-process run,
-    uses the same ones.
+    uses the same ones. The Gram, solve and combine are the op's own (the ``backend``'s
+    passes, :func:`ortholora_kernels.backends.select` semantics, and the registered PCGrad
+    solve); only the reduce-scatter, the all-reduce of the Gram and the gather are added.
     """
     if reduction == "none":
         raise ValueError("reduction: the sharded projection needs 'sum' or 'mean'")
@@ -195,25 +197,26 @@ def sharded_project(buf: torch.Tensor, plan: ShardPlan, offsets, *, reduction: s
     shard = shard.view(t, big_l)[:, :plan.local_len]
     if average:
         shard = shard / r
-    # 2. partial Gram per segment (float64, as the torch backend), all-reduced.
+    # 2. partial Gram per segment (the backend's pass over the shard), all-reduced. A rank's
+    # shard may hold no column of a segment: the op's segments are non-empty, so the
+    # passes run over the non-empty ones and the others keep a zero Gram and no output.
     lo = plan.local_offsets
     s = plan.num_segments
+    present = [k for k in range(s) if lo[k + 1] > lo[k]]
+    shard = shard.contiguous()
+    impl = backends.get(backends.select(backend, shard.device, t))
+    seg = segments_for(sorted(set(lo)), plan.local_len) if present else None
     gram = torch.zeros(s, t, t, dtype=torch.float64, device=buf.device)
-    for k in range(s):
-        if lo[k + 1] > lo[k]:
-            xs = shard[:, lo[k]:lo[k + 1]]
-            gram[k] = _product64(xs, xs)
+    if present:
+        gram[present] = impl.gram(shard, seg)
     all_reduce(gram, group)
     # 3. the same solve everywhere (orders drawn like ops.project does).
     order = draw_orders(s, t, buf.device, generator)
-    coeffs, nproj = solve(gram, order)
-    w = weights(coeffs, reduction)  # [S, 1, T]
-    # 4. combine the own shard (fp32 or better, as the torch backend).
-    acc = torch.float64 if buf.dtype == torch.float64 else torch.float32
+    w, coeffs, nproj = get_solve("pcgrad").forward(gram, order, reduction)  # w [S, 1, T]
+    # 4. combine the own shard (the backend's pass; fp32 accumulation or better).
     out = torch.zeros(big_l, dtype=buf.dtype, device=buf.device)
-    for k in range(s):
-        if lo[k + 1] > lo[k]:
-            out[lo[k]:lo[k + 1]] = (w[k].to(acc) @ shard[:, lo[k]:lo[k + 1]].to(acc))[0].to(buf.dtype)
+    if present:
+        out[:plan.local_len] = impl.combine(seg, shard, w[present]).view(-1)
     if gather:  # 5. DDP: every rank needs the whole [N]
         full = buf.new_empty(r * big_l)
         _all_gather(full, out, group)
