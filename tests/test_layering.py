@@ -163,3 +163,12 @@ def test_integrations_reexport_the_core_distributed_helpers():
         assert getattr(integrations, n) is getattr(distributed, n)
     assert not (PKG_DIR / "integrations" / "distributed.py").exists()
     assert not (PKG_DIR / "integrations" / "sharded.py").exists()
+
+
+@pytest.mark.parametrize("path", sorted((PKG_DIR / "integrations").rglob("*.py")), ids=lambda p: _module_name(p))
+def test_integrations_do_not_import_the_glue_harness(path):
+    """The Trainer/peft/accelerate integrations need only the core: a user of the Trainer never
+    imports the GLUE harness (checkpoint files come from :mod:`ortholora_kernels.checkpoint`)."""
+    glue = f"{PKG}.glue"
+    bad = sorted(n for n in _imports(path) if n == glue or n.startswith(glue + "."))
+    assert not bad, f"{_module_name(path)} imports the GLUE harness: {bad}"

@@ -245,7 +245,7 @@ class OrthoLoRATrainer(Trainer):
         """Also writes the OrthoLoRA state (order generator, step count, layout signature)."""
         super()._save_rng_state(output_dir)
         if self.args.should_save:
-            from ..glue.checkpoint import atomic_save
+            from ..checkpoint import atomic_save
             atomic_save(self.ortho.state_dict(), os.path.join(output_dir, ORTHO_STATE_NAME))
 
     def _load_rng_state(self, checkpoint: str | None) -> None:
@@ -259,7 +259,7 @@ class OrthoLoRATrainer(Trainer):
                           "OrthoLoRATrainer?): the projection orders restart from the seed, so the resumed run "
                           "is not bit-exact", stacklevel=2)
             return
-        from ..glue.checkpoint import safe_load
+        from ..checkpoint import safe_load
         self.ortho.load_state_dict(safe_load(path))
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
