@@ -73,6 +73,24 @@ def test_unavailable_explicit_backend_raises_but_auto_falls_back(monkeypatch):
     assert backends.select("auto", torch.device("cpu")) == "torch"
 
 
+def test_auto_fallback_to_torch_warns_once_with_the_reason(monkeypatch):
+    """A failed extension build must not silently cost 10-20x: the automatic choice says
+    once per device type why it fell back to the torch backend; an explicit choice is quiet."""
+    import warnings
+    from ortholora_kernels import backends
+    monkeypatch.delenv("ORTHOLORA_BACKEND", raising=False)
+    monkeypatch.setattr(backends, "_WARNED", set())
+    monkeypatch.setattr(backends, "availability", lambda name, device: None if name == "torch" else "not built")
+    with pytest.warns(RuntimeWarning, match=r"no compiled backend on cpu \(native: not built\); using the torch"):
+        assert backends.select(None, torch.device("cpu")) == "torch"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert backends.select("auto", torch.device("cpu")) == "torch"    # once per device type
+        assert backends.select("torch", torch.device("cuda", 0)) == "torch"  # explicit: no warning
+    with pytest.warns(RuntimeWarning, match=r"on cuda \(triton: not built; native: not built\)"):
+        assert backends.select(None, torch.device("cuda", 0), 8) == "torch"
+
+
 def test_auto_skips_native_on_cuda_beyond_its_task_limit(monkeypatch):
     """native's CUDA kernels take T <= 32: the automatic choice must fall back, not raise."""
     from ortholora_kernels import backends
