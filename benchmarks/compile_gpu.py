@@ -56,7 +56,7 @@ REDUCTIONS = ("sum", "mean", "none")
 # first tl.dot size, the register solve), 17 (padded to 32: the solve reads G from memory),
 # 64 (the largest tile); every dtype fused, the unfused stage 2 in fp32 and fp64 only.
 QUICK_TASKS = (1, 16, 17, 64)
-KERNELS = ("_gram_kernel", "_reduce_solve_kernel", "_combine_kernel")
+KERNELS = ("_gram_kernel", "_reduce_solve_kernel", "_combine_kernel", "_solve_vjp_kernel")
 # Layouts the host code is run on: an aligned one (N and every offset 16-divisible, the
 # usual LoRA case) and, with --ragged, odd sizes and a 1-column segment.
 LAYOUTS = {"aligned": [0, 4096, 12288], "ragged": [0, 1, 1000, 3001]}

@@ -55,10 +55,14 @@ def backward(x: torch.Tensor, dout: torch.Tensor, gram: torch.Tensor, order: tor
     sol = get_solve(solve)
     dy = dout if reduction == "none" else dout.reshape(1, -1)
     g64 = gram.to(torch.float64)
-    w = sol.forward(g64, order, reduction).weights                  # [S, R, T]
     v = impl.cross(dy, x, seg)                                       # dL/dW, [S, R, T]
-    gbar = sol.vjp(g64, order, reduction, v)
-    m = gbar + gbar.transpose(-1, -2)
+    fused = impl.solve_vjp(g64, order, reduction, v, seg) if sol.fusable else None
+    if fused is None:
+        w = sol.forward(g64, order, reduction).weights              # [S, R, T]
+        gbar = sol.vjp(g64, order, reduction, v)
+        m = gbar + gbar.transpose(-1, -2)
+    else:  # the backend runs the solve and its reverse mode in one launch
+        m, w = fused
     # out[t] = sum_k M[s, t, k] X[k] + sum_r W[s, r, t] dY[r]: W^T as a strided view.
     return impl.combine(seg, x, m, dy, w.transpose(-1, -2), out_dtype=x.dtype)
 
@@ -102,6 +106,42 @@ def _backward(ctx, dout, *_):
 
 
 _project_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _EagerProject(torch.autograd.Function):
+    """The custom op's eager fast path: the same forward, backward and saved tensors,
+    without the op's dispatch layers (custom op -> autograd wrapper -> redispatch ->
+    Python kernel; tens of us of host time per call, issue 15 finding 6, figures in
+    benchmarks/RESULTS.md). Used only where it cannot differ: plain CPU/CUDA tensors,
+    eager mode, no dispatch mode or functorch transform active (:func:`_eager_fast_path`).
+    """
+
+    @staticmethod
+    def forward(ctx, grads, seg, order, reduction, backend, solve):
+        out, gram, coeffs, nproj = forward(grads.contiguous(), seg, order, reduction, backend, solve)
+        ctx.save_for_backward(grads, gram, order)
+        ctx.seg, ctx.reduction, ctx.backend, ctx.solve = seg, reduction, backend, solve
+        ctx.mark_non_differentiable(gram, coeffs, nproj)
+        return out, gram, coeffs, nproj
+
+    @staticmethod
+    def backward(ctx, dout, *_):
+        grads, gram, order = ctx.saved_tensors
+        dx = backward(grads.contiguous(), dout.contiguous(), gram, order, ctx.seg, ctx.reduction, ctx.backend,
+                      ctx.solve)
+        return dx, None, None, None, None, None
+
+
+_EAGER_FAST_PATH = True   # False: every call goes through the custom op (the benchmark's baseline)
+
+
+def _eager_fast_path(x: torch.Tensor) -> bool:
+    """Whether a call on ``x`` may skip the custom op's dispatch (see :class:`_EagerProject`)."""
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+    if torch.compiler.is_compiling():   # first: dynamo never traces the checks below
+        return False
+    return (_EAGER_FAST_PATH and type(x) is torch.Tensor and x.device.type in ("cpu", "cuda")
+            and _get_current_dispatch_mode() is None and not torch._C._are_functorch_transforms_active())
 
 
 def project(grads: torch.Tensor, segments: Sequence[int] | torch.Tensor | None = None, *,
@@ -159,7 +199,10 @@ def project(grads: torch.Tensor, segments: Sequence[int] | torch.Tensor | None =
             check_order_values(order)
     if check_finite and not bool(torch.isfinite(x).all()):
         raise FloatingPointError("grads: contains NaN or Inf (check_finite=True)")
-    out, gram, coeffs, nproj = _project_op(x, list(seg.offsets), order, reduction, name)
+    if _eager_fast_path(x):
+        out, gram, coeffs, nproj = _EagerProject.apply(x, seg, order, reduction, name, "pcgrad")
+    else:
+        out, gram, coeffs, nproj = _project_op(x, list(seg.offsets), order, reduction, name)
     if not return_stats:
         return out
     return ProjectionResult(out, gram, coeffs, nproj, order, seg.offsets, reduction)

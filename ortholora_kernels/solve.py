@@ -141,7 +141,7 @@ class Solve(ABC):
 
     name: ClassVar[str]
     #: Backends may fuse this solve into their kernels (``Backend.gram_solve`` /
-    #: ``fused_forward``); only the built-in PCGrad is fused.
+    #: ``fused_forward`` / ``solve_vjp``); only the built-in PCGrad is fused.
     fusable: ClassVar[bool] = False
 
     @abstractmethod

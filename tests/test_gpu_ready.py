@@ -49,7 +49,7 @@ def test_captured_calls_get_their_own_zeroed_workspace(monkeypatch, reduction):
     ok.project(x, segs, order=order, reduction=reduction, backend="triton")   # eager: builds the cache
     cached = [v for k, v in seg._device_cache.items() if k[0] == "triton_ws"]
     assert cached
-    for parts, tickets in cached:
+    for parts, tickets, *_ in cached:
         tickets.fill_(7)                  # what another graph's half-finished replay could leave
         parts.fill_(float("nan"))
     seen = []
@@ -64,11 +64,11 @@ def test_captured_calls_get_their_own_zeroed_workspace(monkeypatch, reduction):
     outs = [ok.project(x, segs, order=order, reduction=reduction, backend="triton") for _ in range(2)]
     for out in outs:
         assert_matches_reference(out, x, segs, order=order, reduction=reduction)
-    cached_ptrs = {t.data_ptr() for _, t in cached}
-    fresh = [t for _, t in seen]
+    cached_ptrs = {t.data_ptr() for _, t, *_ in cached}
+    fresh = [t for _, t, *_ in seen]
     assert len({t.data_ptr() for t in fresh}) == len(fresh)            # one workspace per captured call
     assert not cached_ptrs & {t.data_ptr() for t in fresh}
-    assert all(int(t.ne(7).sum()) == 0 for _, t in cached)               # the eager set untouched
+    assert all(int(t.ne(7).sum()) == 0 for _, t, *_ in cached)               # the eager set untouched
     seg._device_cache.clear()
 
 
@@ -146,7 +146,7 @@ def test_every_launch_runs_under_the_device_guard(monkeypatch):
     out = ok.project(x, [0, 50, 200], order=random_order(3, 2, seed=6), backend="triton")
     assert len(calls) == 2                                   # Gram + combine
     out.backward(torch.ones_like(out))
-    assert len(calls) == 4 and all(d == x.device for d in calls)   # + the backward's two
+    assert len(calls) == 5 and all(d == x.device for d in calls)   # + the backward's three
 
 
 def test_availability_cuda_refuses_the_interpreter(monkeypatch):

@@ -413,3 +413,34 @@ def test_setup_sources_cover_csrc():
     cpu, cuda = _setup_module()._sources(ROOT)
     assert "csrc/ortholora_cpu.cpp" in cpu and not any("cuda" in s for s in cpu)
     assert all(s.startswith("csrc/cuda/") for s in cuda)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("t", [1, 2, 3, 7, 8, 9, 16, 17, 24, 31, 32])
+def test_cuda_kernels_every_register_tile_and_accumulator_bound(t, dtype):
+    """Issue 15, finding 4 (for the day a GPU is lent): the Gram pass's register tiles (2 x 2
+    up to T = 16, 4 x 4 above, 1 x 4 for the backward's one-row cross product) and the
+    combines' register accumulators (bounds 8 / 16 / 32) against the torch backend on the
+    same GPU, forward and backward, sum and none, ragged segments with 1-column pieces,
+    and bitwise repeatable."""
+    if not native_impl.built_with_cuda():
+        pytest.skip("the extension was built without CUDA")
+    x = make_grads(t, 70_001, dtype=dtype, seed=300 + t, shared=-0.5, device="cuda")
+    segs = [0, 1, 4097, 4098, 70_001]
+    order = random_order(t, 4, seed=301 + t, device="cuda")
+    rtol = {torch.float64: 1e-9, torch.float32: 1e-4}[dtype]
+    for reduction in ("sum", "none"):
+        outs, grads = [], []
+        for backend in ("native", "torch", "native"):
+            xx = x.clone().requires_grad_()
+            out = ok.project(xx, segs, order=order, reduction=reduction, backend=backend)
+            dy = torch.randn(out.shape, generator=torch.Generator().manual_seed(302)).to(out)
+            (g,) = torch.autograd.grad(out, xx, dy)
+            outs.append(out.detach())
+            grads.append(g)
+        assert_matches_reference(outs[0], x, segs, order=order, reduction=reduction)
+        for got, want in ((outs[0], outs[1]), (grads[0], grads[1])):
+            torch.testing.assert_close(got.double(), want.double(), rtol=rtol,
+                                       atol=rtol * float(want.double().abs().max()))
+        assert torch.equal(outs[0], outs[2]) and torch.equal(grads[0], grads[2])

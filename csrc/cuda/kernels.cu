@@ -38,11 +38,16 @@ __device__ __forceinline__ double warp_sum(double v) {
   return v;
 }
 
-// Stage 1: partial Gram of one piece. Shared memory: tile [T][tile] of Stage, plus
-// pair sums [npairs] (double) and the pair index tables.
+// Stage 1: partial Gram of one piece. Shared memory: pair sums [npairs] (double), then the
+// tile [rows][tile] of Stage.
 // sym (y == x, R == T): the T(T+1)/2 pairs i >= j of the Gram matrix; otherwise the
 // R * T pairs (i < R rows of y, j < T rows of x) of the backward's v = dY X^T.
-template <class In>
+// Register tiles (issue 15, finding 4): a warp owns a TI x TJ block of pairs and keeps its
+// TI * TJ sums in registers, so per column TI + TJ shared-memory reads feed TI * TJ fp64
+// FMAs (one pair per warp took 2 reads per FMA). sym needs TI == TJ (blocks bi >= bj of
+// the lower triangle). Each pair's sum is the same chain as with one pair per warp
+// (lane-strided columns, the fixed butterfly, tiles in order): bitwise the same results.
+template <class In, int TI, int TJ>
 __global__ void __launch_bounds__(kThreads) pairs_partial_kernel(const In* __restrict__ y, int R,
                                                                  const In* __restrict__ x, int T, bool sym,
                                                                  int64_t n, PieceTable table, int tile,
@@ -51,28 +56,17 @@ __global__ void __launch_bounds__(kThreads) pairs_partial_kernel(const In* __res
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int npairs = sym ? T * (T + 1) / 2 : R * T;
   const int rows = sym ? T : R + T;               // staged rows: x (sym) or y then x
+  const int arows = sym ? T : R;                  // rows of the left operand (staged first)
+  const int boff = sym ? 0 : R;                   // staged row of x[0]
   double* sums = reinterpret_cast<double*>(smem_raw);
-  unsigned char* pi = reinterpret_cast<unsigned char*>(sums + npairs);
-  unsigned char* pj = pi + npairs;
-  Stage* xs = reinterpret_cast<Stage*>(smem_raw + ((npairs * 8 + 2 * npairs + 15) / 16) * 16);
+  Stage* xs = reinterpret_cast<Stage*>(smem_raw + ((npairs * 8 + 15) / 16) * 16);
+  const int nbi = (arows + TI - 1) / TI, nbj = (T + TJ - 1) / TJ;
+  const int nblocks = sym ? nbi * (nbi + 1) / 2 : nbi * nbj;
 
   const int piece = blockIdx.x;
   const int64_t lo = table.lo[piece], hi = table.hi[piece];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  for (int p = threadIdx.x; p < npairs; p += blockDim.x) {
-    int i, j;
-    if (sym) {
-      i = 0;
-      while ((i + 1) * (i + 2) / 2 <= p) ++i;
-      j = p - i * (i + 1) / 2;
-    } else {
-      i = p / T;
-      j = R + p % T;                              // staged row of x[j - R]
-    }
-    pi[p] = static_cast<unsigned char>(i);
-    pj[p] = static_cast<unsigned char>(j);
-    sums[p] = 0.0;
-  }
+  for (int p = threadIdx.x; p < npairs; p += blockDim.x) sums[p] = 0.0;
   for (int64_t c0 = lo; c0 < hi; c0 += tile) {
     const int w = static_cast<int>(hi - c0 < tile ? hi - c0 : tile);
     __syncthreads();
@@ -82,14 +76,50 @@ __global__ void __launch_bounds__(kThreads) pairs_partial_kernel(const In* __res
       xs[e] = c < w ? to_stage(src[c0 + c]) : Stage(0);
     }
     __syncthreads();
-    // Warp `warp` owns pairs warp, warp + kWarps, ...: one writer per pair sum.
-    for (int p = warp; p < npairs; p += kWarps) {
-      const Stage* a = xs + pi[p] * tile;
-      const Stage* b = xs + pj[p] * tile;
-      double acc = 0.0;
-      for (int c = lane; c < tile; c += 32) acc = fma(static_cast<double>(a[c]), static_cast<double>(b[c]), acc);
-      acc = warp_sum(acc);
-      if (lane == 0) sums[p] += acc;
+    // Warp `warp` owns blocks warp, warp + kWarps, ...: one writer per pair sum.
+    for (int blk = warp; blk < nblocks; blk += kWarps) {
+      int bi, bj;
+      if (sym) {
+        bi = 0;
+        while ((bi + 1) * (bi + 2) / 2 <= blk) ++bi;
+        bj = blk - bi * (bi + 1) / 2;
+      } else {
+        bi = blk / nbj;
+        bj = blk % nbj;
+      }
+      const Stage* a[TI];
+      const Stage* b[TJ];
+      // Rows past the end read the last row (never out of bounds); their sums are dropped.
+#pragma unroll
+      for (int u = 0; u < TI; ++u) a[u] = xs + min(bi * TI + u, arows - 1) * tile;
+#pragma unroll
+      for (int v = 0; v < TJ; ++v) b[v] = xs + (boff + min(bj * TJ + v, T - 1)) * tile;
+      double acc[TI][TJ];
+#pragma unroll
+      for (int u = 0; u < TI; ++u)
+#pragma unroll
+        for (int v = 0; v < TJ; ++v) acc[u][v] = 0.0;
+      for (int c = lane; c < tile; c += 32) {
+        double av[TI], bv[TJ];
+#pragma unroll
+        for (int u = 0; u < TI; ++u) av[u] = static_cast<double>(a[u][c]);
+#pragma unroll
+        for (int v = 0; v < TJ; ++v) bv[v] = static_cast<double>(b[v][c]);
+#pragma unroll
+        for (int u = 0; u < TI; ++u)
+#pragma unroll
+          for (int v = 0; v < TJ; ++v) acc[u][v] = fma(av[u], bv[v], acc[u][v]);
+      }
+#pragma unroll
+      for (int u = 0; u < TI; ++u) {
+#pragma unroll
+        for (int v = 0; v < TJ; ++v) {
+          const int i = bi * TI + u, j = bj * TJ + v;
+          const double sum = warp_sum(acc[u][v]);   // every lane takes part (shuffles)
+          const bool keep = sym ? (i < T && j <= i) : (i < R && j < T);
+          if (lane == 0 && keep) sums[sym ? i * (i + 1) / 2 + j : i * T + j] += sum;
+        }
+      }
     }
   }
   __syncthreads();
@@ -159,8 +189,13 @@ __global__ void solve_kernel(int T, PieceTable table, const double* __restrict__
 }
 
 // Stage 3: out[r, c] = sum_k W_s[r, k] x[k, c] over one piece; R = 1 or T.
-template <class In>
-__global__ void __launch_bounds__(kThreads) combine_kernel(const In* __restrict__ x, int T, int64_t n, PieceTable table,
+// Each thread reads its column's T values of x once (issue 15, finding 4: the "none"
+// combine re-read them R times): R = 1 keeps one accumulator; R = T keeps the R
+// accumulators in registers (MaxRows >= R, a compile-time bound so that the unrolled array
+// is never indexed at run time and stays in registers) and streams the rows of x through
+// them. Every output is the same fma chain in the same order (k ascending) as before.
+template <class In, int MaxRows>
+__global__ void __launch_bounds__(kThreads, 2) combine_kernel(const In* __restrict__ x, int T, int64_t n, PieceTable table,
                                                            int rows_out, const typename AccOf<In>::type* __restrict__ weights,
                                                            In* __restrict__ out) {
   typedef typename AccOf<In>::type Acc;
@@ -170,18 +205,51 @@ __global__ void __launch_bounds__(kThreads) combine_kernel(const In* __restrict_
   for (int e = threadIdx.x; e < rows_out * T; e += blockDim.x) w[e] = weights[s * rows_out * T + e];
   __syncthreads();
   for (int64_t c = lo + threadIdx.x; c < hi; c += blockDim.x) {
-    for (int r = 0; r < rows_out; ++r) {
-      const Acc* wr = w + r * T;
-      Acc acc = wr[0] * static_cast<Acc>(to_stage(x[c]));
-      for (int k = 1; k < T; ++k) acc = fma(wr[k], static_cast<Acc>(to_stage(x[k * n + c])), acc);
-      out[r * n + c] = from_acc<In>(acc);
+    if (MaxRows == 1) {
+      Acc acc = w[0] * static_cast<Acc>(to_stage(x[c]));
+      for (int k = 1; k < T; ++k) acc = fma(w[k], static_cast<Acc>(to_stage(x[k * n + c])), acc);
+      out[c] = from_acc<In>(acc);
+    } else {
+      Acc acc[MaxRows];
+      const Acc x0 = static_cast<Acc>(to_stage(x[c]));
+#pragma unroll
+      for (int r = 0; r < MaxRows; ++r) acc[r] = r < rows_out ? w[r * T] * x0 : Acc(0);
+#pragma unroll 1   // unrolled, ptxas preloads MaxRows weights per step ahead and spills
+      for (int k = 1; k < T; ++k) {
+        const Acc xk = static_cast<Acc>(to_stage(x[k * n + c]));
+#pragma unroll
+        for (int r = 0; r < MaxRows; ++r)
+          if (r < rows_out) acc[r] = fma(w[r * T + k], xk, acc[r]);
+      }
+#pragma unroll
+      for (int r = 0; r < MaxRows; ++r)
+        if (r < rows_out) out[r * n + c] = from_acc<In>(acc[r]);
     }
   }
 }
 
+// The accumulator bound of a combine over `rows` output rows (1, or T <= kMaxTasks).
+inline int combine_max_rows(int rows) { return rows <= 1 ? 1 : rows <= 8 ? 8 : rows <= 16 ? 16 : 32; }
+
 template <class In>
 size_t pairs_smem_bytes(int npairs, int rows, int tile) {
-  return ((npairs * 8 + 2 * npairs + 15) / 16) * 16 + static_cast<size_t>(rows) * tile * sizeof(typename StageOf<In>::type);
+  return ((npairs * 8 + 15) / 16) * 16 + static_cast<size_t>(rows) * tile * sizeof(typename StageOf<In>::type);
+}
+
+// The register tile of the Gram pass: 4 x 4 pairs per warp above T = 16 (8 shared-memory
+// reads per 16 FMAs), 2 x 2 below (4 per 4; enough blocks to keep the 8 warps busy at
+// T = 8), 1 x 4 for the cross product with one row of dY (5 per 4).
+template <class In>
+void launch_pairs(const In* y, int R, const In* x, int T, bool sym, int64_t n, const PieceTable& table, int tile,
+                  size_t smem, double* partial, cudaStream_t stream) {
+  const dim3 grid(table.npieces);
+  if (!sym && R == 1) {
+    pairs_partial_kernel<In, 1, 4><<<grid, kThreads, smem, stream>>>(y, R, x, T, sym, n, table, tile, partial);
+  } else if (T > 16) {
+    pairs_partial_kernel<In, 4, 4><<<grid, kThreads, smem, stream>>>(y, R, x, T, sym, n, table, tile, partial);
+  } else {
+    pairs_partial_kernel<In, 2, 2><<<grid, kThreads, smem, stream>>>(y, R, x, T, sym, n, table, tile, partial);
+  }
 }
 
 // v[s][i][j] = sum of the pieces' partials of segment s, in piece order (deterministic).
@@ -199,10 +267,13 @@ __global__ void reduce_pairs_kernel(int npairs, PieceTable table, const double* 
 }
 
 // dX[t, c] = sum_r M1_s[t, r] dY[r, c] + sum_m M2_s[t, m] X[m, c] over one piece.
-// Launch bounds (256, 4): without the minimum-blocks hint ptxas held this kernel to 32
-// registers and spilled 40-56 bytes per thread for sm_90 (scripts/check_cuda.sh fails on that).
-template <class In>
-__global__ void __launch_bounds__(kThreads, 4) backward_combine_kernel(const In* __restrict__ dy, int R,
+// As in combine_kernel, each thread reads its column of dY and X once and keeps the T
+// accumulators in registers (MaxRows >= T), fed r = 0..R-1 then m = 0..T-1: the same fma
+// chain per output as the former per-output loop (which re-read dY and X T times).
+// Launch bounds (256, 2): up to 128 registers (32 fp64 accumulators); with no minimum-blocks
+// hint ptxas held the former kernel to 32 registers and spilled (check_cuda.sh fails on that).
+template <class In, int MaxRows>
+__global__ void __launch_bounds__(kThreads, 2) backward_combine_kernel(const In* __restrict__ dy, int R,
                                                                     const In* __restrict__ x, int T, int64_t n,
                                                                     PieceTable table,
                                                                     const typename AccOf<In>::type* __restrict__ m1,
@@ -217,12 +288,27 @@ __global__ void __launch_bounds__(kThreads, 4) backward_combine_kernel(const In*
   for (int e = threadIdx.x; e < T * T; e += blockDim.x) w2[e] = m2[s * T * T + e];
   __syncthreads();
   for (int64_t c = lo + threadIdx.x; c < hi; c += blockDim.x) {
-    for (int t = 0; t < T; ++t) {
-      Acc acc = w1[t * R] * static_cast<Acc>(to_stage(dy[c]));
-      for (int r = 1; r < R; ++r) acc = fma(w1[t * R + r], static_cast<Acc>(to_stage(dy[r * n + c])), acc);
-      for (int m = 0; m < T; ++m) acc = fma(w2[t * T + m], static_cast<Acc>(to_stage(x[m * n + c])), acc);
-      out[t * n + c] = from_acc<In>(acc);
+    Acc acc[MaxRows];
+    const Acc y0 = static_cast<Acc>(to_stage(dy[c]));
+#pragma unroll
+    for (int t = 0; t < MaxRows; ++t) acc[t] = t < T ? w1[t * R] * y0 : Acc(0);
+#pragma unroll 1   // unrolled, ptxas preloads MaxRows weights per step ahead and spills
+    for (int r = 1; r < R; ++r) {
+      const Acc yr = static_cast<Acc>(to_stage(dy[r * n + c]));
+#pragma unroll
+      for (int t = 0; t < MaxRows; ++t)
+        if (t < T) acc[t] = fma(w1[t * R + r], yr, acc[t]);
     }
+#pragma unroll 1
+    for (int m = 0; m < T; ++m) {
+      const Acc xm = static_cast<Acc>(to_stage(x[m * n + c]));
+#pragma unroll
+      for (int t = 0; t < MaxRows; ++t)
+        if (t < T) acc[t] = fma(w2[t * T + m], xm, acc[t]);
+    }
+#pragma unroll
+    for (int t = 0; t < MaxRows; ++t)
+      if (t < T) out[t * n + c] = from_acc<In>(acc[t]);
   }
 }
 
@@ -245,7 +331,7 @@ cudaError_t launch_project(const In* x, int tasks, int64_t n, const PieceTable& 
   if (tasks < 1 || tasks > kMaxTasks) return cudaErrorInvalidValue;
   const int tile = gram_tile_columns(tasks, sizeof(In) == 8);
   const size_t smem = pairs_smem_bytes<In>(tasks * (tasks + 1) / 2, tasks, tile);
-  pairs_partial_kernel<In><<<table.npieces, kThreads, smem, stream>>>(x, tasks, x, tasks, true, n, table, tile, partial);
+  launch_pairs<In>(x, tasks, x, tasks, true, n, table, tile, smem, partial, stream);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
   solve_kernel<Acc><<<table.nsegments, kThreads, 0, stream>>>(tasks, table, partial, order, reduction, gram, coeffs, nproj,
@@ -253,8 +339,13 @@ cudaError_t launch_project(const In* x, int tasks, int64_t n, const PieceTable& 
   err = cudaGetLastError();
   if (err != cudaSuccess) return err;
   const int rows_out = reduction == 2 ? tasks : 1;
-  combine_kernel<In><<<table.npieces, kThreads, 0, stream>>>(x, tasks, n, table, rows_out,
-                                                             static_cast<const Acc*>(weights), out);
+  const Acc* w = static_cast<const Acc*>(weights);
+  switch (combine_max_rows(rows_out)) {
+    case 1: combine_kernel<In, 1><<<table.npieces, kThreads, 0, stream>>>(x, tasks, n, table, rows_out, w, out); break;
+    case 8: combine_kernel<In, 8><<<table.npieces, kThreads, 0, stream>>>(x, tasks, n, table, rows_out, w, out); break;
+    case 16: combine_kernel<In, 16><<<table.npieces, kThreads, 0, stream>>>(x, tasks, n, table, rows_out, w, out); break;
+    default: combine_kernel<In, 32><<<table.npieces, kThreads, 0, stream>>>(x, tasks, n, table, rows_out, w, out); break;
+  }
   return cudaGetLastError();
 }
 
@@ -265,7 +356,7 @@ cudaError_t launch_cross(const In* y, int rows, const In* x, int tasks, int64_t 
   const int tile = gram_tile_columns(rows + tasks, sizeof(In) == 8);
   const int npairs = rows * tasks;
   const size_t smem = pairs_smem_bytes<In>(npairs, rows + tasks, tile);
-  pairs_partial_kernel<In><<<table.npieces, kThreads, smem, stream>>>(y, rows, x, tasks, false, n, table, tile, partial);
+  launch_pairs<In>(y, rows, x, tasks, false, n, table, tile, smem, partial, stream);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
   reduce_pairs_kernel<<<table.nsegments, kThreads, 0, stream>>>(npairs, table, partial, out);
@@ -277,8 +368,13 @@ cudaError_t launch_backward_combine(const In* dy, int rows, const In* x, int tas
                                     const void* m1, const void* m2, In* out, cudaStream_t stream) {
   typedef typename AccOf<In>::type Acc;
   if (tasks < 1 || tasks > kMaxTasks || rows < 1 || rows > kMaxTasks) return cudaErrorInvalidValue;
-  backward_combine_kernel<In><<<table.npieces, kThreads, 0, stream>>>(
-      dy, rows, x, tasks, n, table, static_cast<const Acc*>(m1), static_cast<const Acc*>(m2), out);
+  const Acc* a1 = static_cast<const Acc*>(m1);
+  const Acc* a2 = static_cast<const Acc*>(m2);
+  switch (combine_max_rows(tasks < 2 ? 2 : tasks)) {
+    case 8: backward_combine_kernel<In, 8><<<table.npieces, kThreads, 0, stream>>>(dy, rows, x, tasks, n, table, a1, a2, out); break;
+    case 16: backward_combine_kernel<In, 16><<<table.npieces, kThreads, 0, stream>>>(dy, rows, x, tasks, n, table, a1, a2, out); break;
+    default: backward_combine_kernel<In, 32><<<table.npieces, kThreads, 0, stream>>>(dy, rows, x, tasks, n, table, a1, a2, out); break;
+  }
   return cudaGetLastError();
 }
 

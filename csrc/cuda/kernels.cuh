@@ -4,12 +4,15 @@
 //
 // Stages (all on `stream`, no host synchronisation):
 //   1. gram_partial: one block per piece (a column range inside one segment); the
-//      piece is staged through shared memory, each (pair, block) sum is owned by one warp
-//      and reduced with a fixed shuffle tree -> partial[piece][pair] (float64).
+//      piece is staged through shared memory, each warp owns a register tile of pairs
+//      (2 x 2 or 4 x 4; 1 x 4 for a one-row cross product), each pair's sum reduced with a
+//      fixed shuffle tree -> partial[piece][pair] (float64).
 //   2. solve: one block per segment; sums its pieces' partials in piece order
 //      (deterministic), writes G, runs the sequential projection (one thread per task
 //      row), writes C, nproj and the combine weights.
-//   3. combine: one block per piece, out[:, cols] = W_s x[:, cols], fp32-or-better.
+//   3. combine: one block per piece, out[:, cols] = W_s x[:, cols], fp32-or-better; each
+//      thread reads its column of x once and keeps every output row's accumulator in
+//      registers.
 // The backward's two passes (v = dY X^T and dX = W^T dY + M X) reuse 1 and 3.
 #pragma once
 

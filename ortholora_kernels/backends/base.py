@@ -55,6 +55,17 @@ class Backend(ABC):
         """
         return None
 
+    def solve_vjp(self, gram: torch.Tensor, order: torch.Tensor, reduction: str, weights_grad: torch.Tensor,
+                  seg: Segments):
+        """The backward's stage 2 fused for the built-in PCGrad solve, or None (the default).
+
+        Returns ``(M, W)``: ``M = Gbar + Gbar^T`` ``[S, T, T]`` (``Gbar = dL/dG`` given
+        ``weights_grad = dL/dW [S, R, T]``) and the forward's weights ``W [S, R, T]``, both
+        float64. None: the op runs :class:`~ortholora_kernels.solve.PCGradSolve`'s forward
+        and ``vjp`` (torch ops, about 35 T small kernels per call).
+        """
+        return None
+
     def fused_forward(self, x: torch.Tensor, seg: Segments, order: torch.Tensor, reduction: str):
         """Stages 1-3 fused for the built-in PCGrad solve: ``(out, G, C, nproj)``, or None.
 

@@ -18,8 +18,12 @@ Forward: two launches, no host synchronisation, no per-call host work growing wi
    accumulation (fp64 for fp64 input), rounded once to the input dtype.
 
 ``_FUSED = False`` runs stage 2 as a launch of its own (three launches; same results).
-Backward (composed in ops.py): ``v = dY X^T`` by the Gram kernel (cross product, no solve), the T x T reverse
-mode in torch (:mod:`ortholora_kernels.solve`), then ``dX = W^T dY + M X`` by the combine.
+Backward (composed in ops.py): three launches. ``v = dY X^T`` by the Gram kernel (cross
+product, no solve); ``_solve_vjp_kernel``, one program per segment, replays the solve (W) and
+runs its reverse mode (``M = Gbar + Gbar^T``), the arithmetic of
+:func:`ortholora_kernels.solve.solve_vjp` (as torch ops that is ~35 T tiny launches per call:
+about 1,100 at T = 32); then ``dX = W^T dY + M X`` by the combine. ``_FUSED_VJP = False``
+runs the torch ops instead.
 
 On CPU tensors the same kernels run through the Triton interpreter, only when
 ``TRITON_INTERPRET=1`` is set before this module is first imported (Triton picks the
@@ -109,7 +113,8 @@ if triton is not None:
                      R_PAD: tl.constexpr, T_PAD: tl.constexpr, BLOCK: tl.constexpr,
                      SAME: tl.constexpr, FP64: tl.constexpr, USE_DOT: tl.constexpr,
                      FUSED: tl.constexpr, RB: tl.constexpr, SOLVE: tl.constexpr,
-                     MEAN: tl.constexpr, NONE: tl.constexpr, REG_SOLVE: tl.constexpr):
+                     MEAN: tl.constexpr, NONE: tl.constexpr, REG_SOLVE: tl.constexpr,
+                     STAGES: tl.constexpr = 1):
         """Partial ``A_c B_c^T`` (fp64 ``[R_PAD, T_PAD]``) of chunk ``c = program_id``.
 
         FUSED: a two-level ticket tree replaces the stage-2 launch. The last program to
@@ -133,7 +138,7 @@ if triton is not None:
                 acc = tl.zeros([R_PAD, T_PAD], dtype=tl.float64)
             else:
                 acc3 = tl.zeros([R_PAD, T_PAD, BLOCK], dtype=tl.float64)
-            for c0 in range(start, end, BLOCK):
+            for c0 in tl.range(start, end, BLOCK, num_stages=STAGES):
                 c = c0 + cols
                 cm = (c < end)[None, :]
                 a = tl.load(a_rows + c[None, :], mask=a_live & cm, other=0.0).to(tl.float64)
@@ -155,7 +160,7 @@ if triton is not None:
             # (Pass 2 re-reads the chunk, just fetched: from L2, not HBM.)
             ma = tl.zeros([R_PAD], dtype=tl.float32)
             mb = tl.zeros([T_PAD], dtype=tl.float32)
-            for c0 in range(start, end, BLOCK):
+            for c0 in tl.range(start, end, BLOCK, num_stages=STAGES):
                 c = c0 + cols
                 cm = (c < end)[None, :]
                 a = tl.load(a_rows + c[None, :], mask=a_live & cm, other=0.0).to(tl.float32)
@@ -175,7 +180,7 @@ if triton is not None:
                 acc2 = tl.zeros([R_PAD, T_PAD], dtype=tl.float32)
             else:
                 acc3 = tl.zeros([R_PAD, T_PAD, BLOCK], dtype=tl.float32)
-            for c0 in range(start, end, BLOCK):
+            for c0 in tl.range(start, end, BLOCK, num_stages=STAGES):
                 c = c0 + cols
                 cm = (c < end)[None, :]
                 a = tl.load(a_rows + c[None, :], mask=a_live & cm, other=0.0).to(tl.float32) * da[:, None]
@@ -339,6 +344,93 @@ if triton is not None:
         tl.store(out_ptr + r.to(tl.int64)[:, None] * N + c[None, :], acc.to(out_ptr.dtype.element_ty),
                  mask=rm[:, None] & cm[None, :])
 
+    @triton.jit
+    def _solve_vjp_kernel(g_ptr, order_ptr, v_ptr, m_ptr, w_ptr, scratch_ptr, T,
+                          T_PAD: tl.constexpr, MEAN: tl.constexpr, NONE: tl.constexpr):
+        """The backward's stage 2 for segment ``s = program_id``, in one program: the PCGrad
+        solve replayed (-> the combine weights W) and its reverse mode (-> ``M = Gbar + Gbar^T``).
+
+        The same arithmetic as :func:`ortholora_kernels.solve.solve_vjp` (out-of-range order
+        entries point at task 0 and are skipped; NaN propagates as there), one launch
+        instead of ~35 T tiny torch ops. The history of C is not stored: each forward step
+        saves the one entry per row it overwrites (``C[i, j_i]``), and the reverse sweep
+        puts it back, so every step sees exactly the C of the forward. Rows ``G[j_i]`` are
+        gathered from ``G`` in memory; ``Gbar[j_i] += u_i`` (rows may collide) goes through
+        per-segment scratch and a fixed-order sum over i: deterministic, no atomics.
+        Scratch per segment (fp64): saved entries ``[T_PAD, T_PAD]`` (step, i), ``u``
+        ``[T_PAD, T_PAD]``, the target rows ``[T_PAD]`` and ``dL/dG[j, j]`` ``[T_PAD]``.
+        """
+        s = tl.program_id(0).to(tl.int64)
+        i = tl.arange(0, T_PAD)
+        col = tl.arange(0, T_PAD)
+        live = i < T
+        cmask = col < T
+        m2 = live[:, None] & cmask[None, :]
+        g_seg = g_ptr + s * T * T
+        o_seg = order_ptr + s * T * T
+        saved = scratch_ptr + s * (2 * T_PAD * T_PAD + 2 * T_PAD)
+        u_seg = saved + T_PAD * T_PAD
+        rows_seg = u_seg + T_PAD * T_PAD
+        n2_seg = rows_seg + T_PAD
+        coeffs = (i[:, None] == col[None, :]).to(tl.float64)
+        for step in range(0, T):
+            j = tl.load(o_seg + i * T + step, mask=live, other=0)
+            in_range = live & (j >= 0) & (j < T)
+            j = tl.where(in_range, j, 0)
+            g_j = tl.load(g_seg + j[:, None] * T + col[None, :], mask=m2, other=0.0)
+            norm2 = tl.load(g_seg + j * (T + 1), mask=live, other=0.0)
+            inner = tl.sum(coeffs * g_j, axis=1)
+            valid = in_range & (j != i) & (norm2 > 0)
+            safe = tl.where(valid, norm2, 1.0)
+            coef = tl.where(valid, tl.where(inner > 0, 0.0, inner) / safe, 0.0)
+            at_j = col[None, :] == j[:, None]
+            tl.store(saved + step * T_PAD + i, tl.sum(tl.where(at_j, coeffs, 0.0), axis=1))
+            coeffs = tl.where(at_j, coeffs - coef[:, None], coeffs)
+        if NONE:
+            tl.store(w_ptr + s * T * T + i[:, None] * T + col[None, :], coeffs, mask=m2)
+            cbar = tl.load(v_ptr + s * T * T + i[:, None] * T + col[None, :], mask=m2, other=0.0)
+        else:
+            w = tl.sum(coeffs, axis=0)
+            vrow = tl.load(v_ptr + s * T + col, mask=cmask, other=0.0)
+            if MEAN:
+                w = w / T
+                vrow = vrow / T
+            tl.store(w_ptr + s * T + col, w, mask=cmask)
+            cbar = tl.where(m2, vrow[None, :], 0.0)       # dL/dC: every row gets dL/dW
+        gbar = tl.zeros([T_PAD, T_PAD], dtype=tl.float64)
+        tl.debug_barrier()     # the saved entries are read back by other threads
+        for r in range(0, T):
+            step = T - 1 - r
+            j = tl.load(o_seg + i * T + step, mask=live, other=0)
+            in_range = live & (j >= 0) & (j < T)
+            j = tl.where(in_range, j, 0)
+            at_j = col[None, :] == j[:, None]
+            coeffs = tl.where(at_j, tl.load(saved + step * T_PAD + i)[:, None], coeffs)   # C before the step
+            g_j = tl.load(g_seg + j[:, None] * T + col[None, :], mask=m2, other=0.0)
+            norm2 = tl.load(g_seg + j * (T + 1), mask=live, other=0.0)
+            inner = tl.sum(coeffs * g_j, axis=1)
+            valid = in_range & (j != i) & (norm2 > 0)
+            safe = tl.where(valid, norm2, 1.0)
+            active = valid & (inner < 0)                    # where coef = inner / norm2
+            coef_bar = -tl.sum(tl.where(at_j, cbar, 0.0), axis=1)
+            inner_bar = tl.where(active, coef_bar / safe, 0.0)
+            norm2_bar = tl.where(active, -coef_bar * inner / (safe * safe), 0.0)
+            cbar = cbar + inner_bar[:, None] * g_j
+            # Gbar[j_i, :] += inner_bar_i C[i, :] and Gbar[j_i, j_i] += norm2_bar_i, summed
+            # over i in a fixed order (several i may share a j_i).
+            tl.store(u_seg + i[:, None] * T_PAD + col[None, :], tl.where(live[:, None], inner_bar[:, None] * coeffs, 0.0))
+            tl.store(rows_seg + i, tl.where(live, j, -1).to(tl.float64))
+            tl.store(n2_seg + i, norm2_bar)
+            tl.debug_barrier()
+            for k in tl.static_range(T_PAD):
+                hit = i[:, None] == tl.load(rows_seg + k).to(tl.int32)
+                gbar += tl.where(hit, tl.load(u_seg + k * T_PAD + col)[None, :], 0.0)
+            for k in tl.static_range(T_PAD):
+                jk = tl.load(rows_seg + k).to(tl.int32)
+                gbar += tl.where((i[:, None] == jk) & (col[None, :] == jk), tl.load(n2_seg + k), 0.0)
+            tl.debug_barrier()  # the next step overwrites the scratch
+        tl.store(m_ptr + s * T * T + i[:, None] * T + col[None, :], gbar + tl.trans(gbar), mask=m2)
+
     _INTERPRETED = type(_gram_kernel).__name__ == "InterpretedFunction"
 else:
     _INTERPRETED = False
@@ -442,7 +534,8 @@ def _table(seg: Segments, device: torch.device, block: int, chunked: bool) -> _L
 
 
 def _workspace(seg: Segments, lay: _Layout, device: torch.device, tile: int):
-    """``(partials fp64 [P + G, tile], tickets int32 [G + S])``.
+    """``(partials fp64 [P + G, tile], tickets int32 [G + S], group sums, segment tickets)``
+    (the last two: views of the first two).
 
     Rows ``P:`` of the partials hold the group sums; tickets ``:G`` count finished chunks
     per group, ``G:`` finished groups per segment. The tickets return to zero at the end
@@ -453,8 +546,9 @@ def _workspace(seg: Segments, lay: _Layout, device: torch.device, tile: int):
     graphs replayed at once, never share (or inherit uninitialised) tickets.
     """
     def build():
-        return (torch.empty((lay.n_prog + lay.n_groups, tile), dtype=torch.float64, device=device),
-                torch.zeros((lay.n_groups + seg.num_segments,), dtype=torch.int32, device=device))
+        parts = torch.empty((lay.n_prog + lay.n_groups, tile), dtype=torch.float64, device=device)
+        tickets = torch.zeros((lay.n_groups + seg.num_segments,), dtype=torch.int32, device=device)
+        return parts, tickets, parts[lay.n_prog:], tickets[lay.n_groups:]   # views built once
     if _capturing(device):
         return build()
     stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else None
@@ -471,6 +565,19 @@ def _gram_warps(t_pad: int, fused_solve: bool) -> int:
     return 8 if t_pad >= 32 else 4
 
 
+def _gram_stages(r_pad: int, t_pad: int) -> int:
+    """Software-pipelining depth of the Gram loops over column tiles (``tl.range(num_stages=)``).
+
+    The T <= 8 path (per-thread outer products, no tl.dot) gets ``_PIPELINE_STAGES``: the
+    next tiles' loads are issued while this tile's products run. The tl.dot path is
+    pipelined by the launch's default ``num_stages``; 1 leaves it so.
+    """
+    return _PIPELINE_STAGES if max(r_pad, t_pad) <= 8 else 1
+
+
+_PIPELINE_STAGES = 3
+
+
 def _gram_plan(seg: Segments, r: int, t: int, fp64: bool, same: bool, reduction: str, solve: bool = True):
     """``(block, consts)`` of a Gram launch: pure host constants, cached per layout."""
     def build():
@@ -479,9 +586,10 @@ def _gram_plan(seg: Segments, r: int, t: int, fp64: bool, same: bool, reduction:
         rb = max(1, min(64, _REDUCE_ELEMS // (r_pad * t_pad)))   # level 2 sums <= 1024 / _GROUP rows
         consts = dict(R_PAD=r_pad, T_PAD=t_pad, BLOCK=block, SAME=same, FP64=fp64, USE_DOT=use_dot,
                       RB=rb, SOLVE=same and solve, MEAN=reduction == "mean", NONE=reduction == "none",
-                      REG_SOLVE=t_pad <= 16, num_warps=_gram_warps(t_pad, _FUSED and same and solve))
+                      REG_SOLVE=t_pad <= 16, num_warps=_gram_warps(t_pad, _FUSED and same and solve),
+                      STAGES=_gram_stages(r_pad, t_pad))
         return block, consts
-    return seg.cached(("triton_gram", r, t, fp64, same, reduction, solve, _FUSED), build)
+    return seg.cached(("triton_gram", r, t, fp64, same, reduction, solve, _FUSED, _PIPELINE_STAGES), build)
 
 
 def _gram(a: torch.Tensor, b: torch.Tensor | None, seg: Segments, *, order=None, reduction="sum",
@@ -503,8 +611,7 @@ def _gram(a: torch.Tensor, b: torch.Tensor | None, seg: Segments, *, order=None,
     block, consts = _gram_plan(seg, r, t, fp64, same, reduction, solve)
     solve = same and solve
     lay = _table(seg, dev, block, True)
-    parts, tickets = _workspace(seg, lay, dev, consts["R_PAD"] * consts["T_PAD"])
-    gparts, gtickets, stickets = parts[lay.n_prog:], tickets, tickets[lay.n_groups:]
+    parts, gtickets, gparts, stickets = _workspace(seg, lay, dev, consts["R_PAD"] * consts["T_PAD"])
     g = torch.empty((s_count, r, t), dtype=torch.float64, device=dev)
     if solve:
         c = torch.empty_like(g)
@@ -518,7 +625,7 @@ def _gram(a: torch.Tensor, b: torch.Tensor | None, seg: Segments, *, order=None,
         _gram_kernel[(lay.n_prog,)](a, b, parts, lay.table, n, r, t, lay.group_off, lay.seg_group_off,
                                     gparts, gtickets, stickets, g, order, c, w, nproj, FUSED=_FUSED, **consts)
         if not _FUSED:
-            k = {key: v for key, v in consts.items() if key not in ("BLOCK", "SAME", "FP64", "USE_DOT")}
+            k = {key: v for key, v in consts.items() if key not in ("BLOCK", "SAME", "FP64", "USE_DOT", "STAGES")}
             _reduce_solve_kernel[(s_count,)](parts, lay.chunk_off, g, order, c, w, nproj, r, t, **k)
     return (g, c, w, nproj) if solve else (g, None, None, None)
 
@@ -553,6 +660,41 @@ def _combine_plan(out_rows, dtype, has_y):
     return dict(R_PAD=r_pad, BLOCK=block, HAS_Y=has_y, FP64=dtype == torch.float64)
 
 
+def _solve_vjp(gram: torch.Tensor, order: torch.Tensor, reduction: str, v: torch.Tensor, seg: Segments):
+    """``(M [S, T, T], W [S, R, T])`` float64 by :func:`_solve_vjp_kernel`: one launch, one program per segment.
+
+    The scratch (every entry written before it is read: no memset) is cached per (device,
+    stream) for eager calls; under CUDA-graph capture each call gets its own, in graph memory.
+    """
+    s_count, t, _ = gram.shape
+    dev = gram.device
+    t_pad = _pow2(t)
+
+    def build():
+        return torch.empty((s_count, 2 * t_pad * t_pad + 2 * t_pad), dtype=torch.float64, device=dev)
+    if _capturing(dev):
+        scratch = build()
+    else:
+        stream = torch.cuda.current_stream(dev).cuda_stream if dev.type == "cuda" else None
+        scratch = seg.cached(("triton_vjp_ws", dev, stream, t_pad), build)
+    m = torch.empty((s_count, t, t), dtype=torch.float64, device=dev)
+    w = m.new_empty((s_count, t if reduction == "none" else 1, t))
+    with _guard(dev):
+        _solve_vjp_kernel[(s_count,)](gram.contiguous(), order.contiguous(), v.contiguous(), m, w, scratch, t,
+                                      T_PAD=t_pad, MEAN=reduction == "mean", NONE=reduction == "none",
+                                      num_warps=_vjp_warps(t_pad))
+    return m, w
+
+
+def _vjp_warps(t_pad: int) -> int:
+    """Warps of the reverse-solve program: its [T_PAD, T_PAD] fp64 tiles (C, dL/dC, dL/dG)
+    spread over enough threads to stay in registers."""
+    return 1 if t_pad <= 8 else 2 if t_pad <= 16 else 4 if t_pad <= 32 else 8
+
+
+_FUSED_VJP = True   # the backward's solve + reverse solve in one launch (False: torch ops, ~35 T launches)
+
+
 class TritonBackend(Backend):
     """Fused Gram + PCGrad solve in one launch, the combine kernel with one or two operands."""
 
@@ -578,6 +720,12 @@ class TritonBackend(Backend):
     def gram_solve(self, x, seg, order, reduction):
         """``(G, C, W, nproj)``: the Gram launch with the PCGrad solve in its tail."""
         return _gram(x.contiguous(), None, seg, order=order, reduction=reduction)
+
+    def solve_vjp(self, gram, order, reduction, weights_grad, seg):
+        """``(Gbar + Gbar^T, W)``: the PCGrad solve and its reverse mode in one launch."""
+        if not _FUSED_VJP:
+            return None
+        return _solve_vjp(gram, order, reduction, weights_grad, seg)
 
 
 BACKEND = TritonBackend()
