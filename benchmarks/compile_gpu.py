@@ -52,10 +52,11 @@ import torch  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
 REDUCTIONS = ("sum", "mean", "none")
-# --quick (what CI runs, twice: two Tritons on 2 cores): T == 1 (a constant), T = 16 (the
-# first tl.dot size, the register solve), 17 (padded to 32: the solve reads G from memory),
-# 64 (the largest tile); every dtype fused, the unfused stage 2 in fp32 and fp64 only.
-QUICK_TASKS = (1, 16, 17, 64)
+# --quick (what CI runs, twice: two Tritons on 2 cores): T == 1 (a constant), T = 8 (the
+# largest software-pipelined outer-product tile), T = 16 (the first tl.dot size, the
+# register solve), 17 (padded to 32: the solve reads G from memory), 64 (the largest tile);
+# every dtype fused, the unfused stage 2 in fp32 and fp64 only.
+QUICK_TASKS = (1, 8, 16, 17, 64)
 KERNELS = ("_gram_kernel", "_reduce_solve_kernel", "_combine_kernel", "_solve_vjp_kernel")
 # Layouts the host code is run on: an aligned one (N and every offset 16-divisible, the
 # usual LoRA case) and, with --ragged, odd sizes and a 1-column segment.
@@ -193,12 +194,16 @@ def parse_args(argv=None):
     p.add_argument("--max-spills", type=int, default=None,
                    help="fail a configuration whose kernels spill more than this many bytes")
     p.add_argument("--csv", default=None, help="write one row per (configuration, kernel) here")
+    p.add_argument("--pipeline-stages", type=int, default=None,
+                   help="override triton_impl._PIPELINE_STAGES (the T <= 8 Gram loops' num_stages) to compare")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     import triton
+    if args.pipeline_stages is not None:
+        _impl()._PIPELINE_STAGES = args.pipeline_stages
     target = _target(args.arch)
     tasks = QUICK_TASKS if args.quick else args.tasks
     layouts = ["aligned"] + (["ragged"] if args.ragged else [])

@@ -422,10 +422,12 @@ if triton is not None:
             tl.store(rows_seg + i, tl.where(live, j, -1).to(tl.float64))
             tl.store(n2_seg + i, norm2_bar)
             tl.debug_barrier()
-            for k in tl.static_range(T_PAD):
+            # Loops, not unrolled: unrolled, the compiler hoists every row's load and spills
+            # (T_PAD = 64: 70 KB per thread under Triton 3.6).
+            for k in range(0, T):
                 hit = i[:, None] == tl.load(rows_seg + k).to(tl.int32)
                 gbar += tl.where(hit, tl.load(u_seg + k * T_PAD + col)[None, :], 0.0)
-            for k in tl.static_range(T_PAD):
+            for k in range(0, T):
                 jk = tl.load(rows_seg + k).to(tl.int32)
                 gbar += tl.where((i[:, None] == jk) & (col[None, :] == jk), tl.load(n2_seg + k), 0.0)
             tl.debug_barrier()  # the next step overwrites the scratch
@@ -569,13 +571,16 @@ def _gram_stages(r_pad: int, t_pad: int) -> int:
     """Software-pipelining depth of the Gram loops over column tiles (``tl.range(num_stages=)``).
 
     The T <= 8 path (per-thread outer products, no tl.dot) gets ``_PIPELINE_STAGES``: the
-    next tiles' loads are issued while this tile's products run. The tl.dot path is
-    pipelined by the launch's default ``num_stages``; 1 leaves it so.
+    next tile's loads (async copies into shared memory) are issued while this tile's
+    products run. sm_90 under Triton 3.6 (benchmarks/compile_gpu.py --pipeline-stages):
+    2 stages take 4-16 KB of shared memory and at most 128 registers, no spills; 3 took
+    up to 32 KB and 224 registers and spilled at T = 4. The tl.dot path is pipelined by
+    the launch's default ``num_stages``; 1 leaves it so. Not timed (no GPU).
     """
     return _PIPELINE_STAGES if max(r_pad, t_pad) <= 8 else 1
 
 
-_PIPELINE_STAGES = 3
+_PIPELINE_STAGES = 2
 
 
 def _gram_plan(seg: Segments, r: int, t: int, fp64: bool, same: bool, reduction: str, solve: bool = True):
@@ -688,8 +693,11 @@ def _solve_vjp(gram: torch.Tensor, order: torch.Tensor, reduction: str, v: torch
 
 def _vjp_warps(t_pad: int) -> int:
     """Warps of the reverse-solve program: its [T_PAD, T_PAD] fp64 tiles (C, dL/dC, dL/dG)
-    spread over enough threads to stay in registers."""
-    return 1 if t_pad <= 8 else 2 if t_pad <= 16 else 4 if t_pad <= 32 else 8
+    spread over enough threads to stay in registers. sm_90, Triton 3.6: no spills up to
+    T_PAD = 32; T_PAD = 64 spills with any count (8 warps: 84-228 bytes, 16: 208-256,
+    32: 76-168; figures in benchmarks/RESULTS.md, issue 15): 32, the least. One program
+    per segment of O(T^3) work: a spill costs L1 traffic, not a pass over X."""
+    return 1 if t_pad <= 8 else 2 if t_pad <= 16 else 8 if t_pad <= 32 else 32
 
 
 _FUSED_VJP = True   # the backward's solve + reverse solve in one launch (False: torch ops, ~35 T launches)
