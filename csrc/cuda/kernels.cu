@@ -188,6 +188,29 @@ __global__ void solve_kernel(int T, PieceTable table, const double* __restrict__
   }
 }
 
+// Register accumulators of the combines, one per output row r < rows (MaxRows >= rows is a
+// compile-time bound: the unrolled array is never indexed at run time, so it stays in
+// registers). w is row-major with row stride `stride`; v is one input row's value.
+template <int MaxRows, class Acc>
+__device__ __forceinline__ void rows_first(Acc (&acc)[MaxRows], const Acc* w, int stride, int rows, Acc v) {
+#pragma unroll
+  for (int r = 0; r < MaxRows; ++r) acc[r] = r < rows ? w[r * stride] * v : Acc(0);
+}
+
+template <int MaxRows, class Acc>
+__device__ __forceinline__ void rows_fma(Acc (&acc)[MaxRows], const Acc* w, int stride, int k, int rows, Acc v) {
+#pragma unroll
+  for (int r = 0; r < MaxRows; ++r)
+    if (r < rows) acc[r] = fma(w[r * stride + k], v, acc[r]);
+}
+
+template <int MaxRows, class In, class Acc>
+__device__ __forceinline__ void rows_store(In* out, int64_t n, int64_t c, const Acc (&acc)[MaxRows], int rows) {
+#pragma unroll
+  for (int r = 0; r < MaxRows; ++r)
+    if (r < rows) out[r * n + c] = from_acc<In>(acc[r]);
+}
+
 // Stage 3: out[r, c] = sum_k W_s[r, k] x[k, c] over one piece; R = 1 or T.
 // Each thread reads its column's T values of x once (issue 15, finding 4: the "none"
 // combine re-read them R times): R = 1 keeps one accumulator; R = T keeps the R
@@ -211,19 +234,10 @@ __global__ void __launch_bounds__(kThreads, 2) combine_kernel(const In* __restri
       out[c] = from_acc<In>(acc);
     } else {
       Acc acc[MaxRows];
-      const Acc x0 = static_cast<Acc>(to_stage(x[c]));
-#pragma unroll
-      for (int r = 0; r < MaxRows; ++r) acc[r] = r < rows_out ? w[r * T] * x0 : Acc(0);
+      rows_first<MaxRows>(acc, w, T, rows_out, static_cast<Acc>(to_stage(x[c])));
 #pragma unroll 1   // unrolled, ptxas preloads MaxRows weights per step ahead and spills
-      for (int k = 1; k < T; ++k) {
-        const Acc xk = static_cast<Acc>(to_stage(x[k * n + c]));
-#pragma unroll
-        for (int r = 0; r < MaxRows; ++r)
-          if (r < rows_out) acc[r] = fma(w[r * T + k], xk, acc[r]);
-      }
-#pragma unroll
-      for (int r = 0; r < MaxRows; ++r)
-        if (r < rows_out) out[r * n + c] = from_acc<In>(acc[r]);
+      for (int k = 1; k < T; ++k) rows_fma<MaxRows>(acc, w, T, k, rows_out, static_cast<Acc>(to_stage(x[k * n + c])));
+      rows_store<MaxRows>(out, n, c, acc, rows_out);
     }
   }
 }
@@ -289,26 +303,12 @@ __global__ void __launch_bounds__(kThreads, 2) backward_combine_kernel(const In*
   __syncthreads();
   for (int64_t c = lo + threadIdx.x; c < hi; c += blockDim.x) {
     Acc acc[MaxRows];
-    const Acc y0 = static_cast<Acc>(to_stage(dy[c]));
-#pragma unroll
-    for (int t = 0; t < MaxRows; ++t) acc[t] = t < T ? w1[t * R] * y0 : Acc(0);
+    rows_first<MaxRows>(acc, w1, R, T, static_cast<Acc>(to_stage(dy[c])));
 #pragma unroll 1   // unrolled, ptxas preloads MaxRows weights per step ahead and spills
-    for (int r = 1; r < R; ++r) {
-      const Acc yr = static_cast<Acc>(to_stage(dy[r * n + c]));
-#pragma unroll
-      for (int t = 0; t < MaxRows; ++t)
-        if (t < T) acc[t] = fma(w1[t * R + r], yr, acc[t]);
-    }
+    for (int r = 1; r < R; ++r) rows_fma<MaxRows>(acc, w1, R, r, T, static_cast<Acc>(to_stage(dy[r * n + c])));
 #pragma unroll 1
-    for (int m = 0; m < T; ++m) {
-      const Acc xm = static_cast<Acc>(to_stage(x[m * n + c]));
-#pragma unroll
-      for (int t = 0; t < MaxRows; ++t)
-        if (t < T) acc[t] = fma(w2[t * T + m], xm, acc[t]);
-    }
-#pragma unroll
-    for (int t = 0; t < MaxRows; ++t)
-      if (t < T) out[t * n + c] = from_acc<In>(acc[t]);
+    for (int m = 0; m < T; ++m) rows_fma<MaxRows>(acc, w2, T, m, T, static_cast<Acc>(to_stage(x[m * n + c])));
+    rows_store<MaxRows>(out, n, c, acc, T);
   }
 }
 

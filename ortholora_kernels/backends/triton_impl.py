@@ -114,7 +114,7 @@ if triton is not None:
                      SAME: tl.constexpr, FP64: tl.constexpr, USE_DOT: tl.constexpr,
                      FUSED: tl.constexpr, RB: tl.constexpr, SOLVE: tl.constexpr,
                      MEAN: tl.constexpr, NONE: tl.constexpr, REG_SOLVE: tl.constexpr,
-                     STAGES: tl.constexpr = 1):
+                     STAGES: tl.constexpr = None):
         """Partial ``A_c B_c^T`` (fp64 ``[R_PAD, T_PAD]``) of chunk ``c = program_id``.
 
         FUSED: a two-level ticket tree replaces the stage-2 launch. The last program to
@@ -567,7 +567,7 @@ def _gram_warps(t_pad: int, fused_solve: bool) -> int:
     return 8 if t_pad >= 32 else 4
 
 
-def _gram_stages(r_pad: int, t_pad: int) -> int:
+def _gram_stages(r_pad: int, t_pad: int) -> int | None:
     """Software-pipelining depth of the Gram loops over column tiles (``tl.range(num_stages=)``).
 
     The T <= 8 path (per-thread outer products, no tl.dot) gets ``_PIPELINE_STAGES``: the
@@ -575,9 +575,10 @@ def _gram_stages(r_pad: int, t_pad: int) -> int:
     products run. sm_90 under Triton 3.6 (benchmarks/compile_gpu.py --pipeline-stages):
     2 stages take 4-16 KB of shared memory and at most 128 registers, no spills; 3 took
     up to 32 KB and 224 registers and spilled at T = 4. The tl.dot path is pipelined by
-    the launch's default ``num_stages``; 1 leaves it so. Not timed (no GPU).
+    the launch's default ``num_stages``: None leaves its loops unannotated (an explicit 1
+    would turn that off). Not timed (no GPU).
     """
-    return _PIPELINE_STAGES if max(r_pad, t_pad) <= 8 else 1
+    return _PIPELINE_STAGES if max(r_pad, t_pad) <= 8 else None
 
 
 _PIPELINE_STAGES = 2
