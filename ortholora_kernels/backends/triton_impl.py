@@ -694,10 +694,11 @@ def _solve_vjp(gram: torch.Tensor, order: torch.Tensor, reduction: str, v: torch
 
 def _vjp_warps(t_pad: int) -> int:
     """Warps of the reverse-solve program: its [T_PAD, T_PAD] fp64 tiles (C, dL/dC, dL/dG)
-    spread over enough threads to stay in registers. sm_90, Triton 3.6: no spills up to
-    T_PAD = 32; T_PAD = 64 spills with any count (8 warps: 84-228 bytes, 16: 208-256,
-    32: 76-168; figures in benchmarks/RESULTS.md, issue 15): 32, the least. One program
-    per segment of O(T^3) work: a spill costs L1 traffic, not a pass over X."""
+    spread over enough threads to stay in registers. sm_90, Triton 3.6 (the GPU image's):
+    no spills up to T_PAD = 32 (16 warps there spilled 12-60 bytes; the dev Triton 3.9
+    spills 44 with 8 and none with 16); T_PAD = 64 spills with any count (8 warps: 84-228
+    bytes, 16: 208-256, 32: 76-168): 32, the least. Figures: benchmarks/RESULTS.md, issue
+    15. One program per segment of O(T^3) work: a spill costs L1 traffic, not a pass over X."""
     return 1 if t_pad <= 8 else 2 if t_pad <= 16 else 8 if t_pad <= 32 else 32
 
 
