@@ -234,3 +234,30 @@ def test_eager_fast_path_only_where_it_cannot_differ():
         return v.sum()
     torch.func.grad(f)(x)
     assert seen == [False]
+
+
+def test_reverse_solve_scratch_is_cached_eagerly_and_per_call_under_capture(monkeypatch):
+    """The kernel's scratch (written before read: no memset) is one cached buffer per
+    (device, stream) for eager calls; under CUDA-graph capture each call gets its own
+    (graph memory), so two captured graphs never share it."""
+    impl = _impl()
+    scratches = []
+
+    class Spy:
+        def __getitem__(self, grid):
+            return lambda *a, **k: scratches.append(a[5])
+    monkeypatch.setattr(impl, "_solve_vjp_kernel", Spy())
+    seg = _args.segments_for([0, 5, 10], 10)
+    seg._device_cache.clear()
+    gram = torch.randn(2, 3, 3, dtype=torch.float64)
+    order = random_order(3, 2, seed=1)
+    v = torch.randn(2, 1, 3, dtype=torch.float64)
+    for _ in range(2):
+        impl._solve_vjp(gram, order, "sum", v, seg)
+    assert scratches[0] is scratches[1]
+    assert [k for k in seg._device_cache if k[0] == "triton_vjp_ws"]
+    monkeypatch.setattr(impl, "_capturing", lambda device: True)
+    for _ in range(2):
+        impl._solve_vjp(gram, order, "sum", v, seg)
+    assert len({s.data_ptr() for s in scratches[1:]}) == 3
+    seg._device_cache.clear()
