@@ -316,7 +316,13 @@ class _TracedTaskLinear(torch.autograd.Function):
     def backward(ctx, dy):
         x, w, ids = ctx.saved_tensors
         dx = dy.matmul(w.to(dy.dtype)) if ctx.needs_input_grad[0] else None
-        return dx, None, task_weight_grads(x, dy, ids, ctx.num_tasks), None
+        dw = None
+        if ctx.needs_input_grad[1]:
+            # The weight is connected only when the batch has rows of task id -1: their part
+            # is the ordinary gradient (as in eager), one more static-shape product: the rows
+            # of id -1 are "task 0" of a one-task split, every other row is out of range.
+            dw = task_weight_grads(x, dy, (ids >= 0).long(), 1)[0].to(w.dtype)
+        return dx, dw, task_weight_grads(x, dy, ids, ctx.num_tasks), None
 
 
 class _TraceRoute:
@@ -345,15 +351,14 @@ def _traced_forward(module: nn.Linear, x: torch.Tensor, w: torch.Tensor) -> torc
     ids = None if route is None else route.task_ids
     if ids is None:
         return F.linear(x, w)
-    if route.unassigned:  # their ordinary .grad is not produced on this path: refuse, never drop
-        raise NotImplementedError("task_ids: id -1 (rows of no task) is not supported under torch.compile yet; "
-                                  "run that model eagerly or give every row a task")
     if ids.dim() == 0:  # task(t): the whole batch is task t
         ids = ids.expand(x.shape[0])
     if x.dim() < 2 or tuple(x.shape[:ids.dim()]) != tuple(ids.shape):
         raise RuntimeError(f"task_ids: has shape {tuple(ids.shape)} but a LoRA layer saw an input of shape "
                            f"{tuple(x.shape)}; the batch must be dimension 0 of every LoRA input")
-    return _TracedTaskLinear.apply(x, w.detach(), module._ortholora_sink, ids)
+    # Rows of task id -1 give the weight its ordinary gradient (kept in .grad, unprojected):
+    # only then is the weight connected, so that .grad stays None otherwise, as in eager.
+    return _TracedTaskLinear.apply(x, w if route.unassigned else w.detach(), module._ortholora_sink, ids)
 
 
 def _eager_forward(module: nn.Linear, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -429,6 +434,7 @@ class GroupedCollector:
         _TRACE_ROUTES[key] = self._trace
         weakref.finalize(self, _TRACE_ROUTES.pop, key, None)
         self._sinks_of = None
+        self._sink_grads: list[torch.Tensor] = []
         for i, e in enumerate(layout.entries):
             m = e.module
             m._ortholora_slot = _Slot(self, i)
@@ -449,14 +455,25 @@ class GroupedCollector:
         """Give every patched module its ``[T, out, in]`` sink for the compiled path: a leaf
         whose ``.grad`` IS its slice of ``buf``, so the engine's in-place accumulation lands in
         the buffer. Its value is never read: one element broadcast (no memory, and no
-        aliasing of the buffer that a graph holding project_() would have to untangle)."""
-        if self._sinks_of is buf:
-            return
-        for m, v in zip(self._patched, self.layout.views(buf)):
-            sink = torch.empty_strided(v.shape, (0,) * v.dim(), dtype=v.dtype, device=v.device).requires_grad_()
-            sink.grad = v
-            m._ortholora_sink = sink
-        self._sinks_of = buf
+        aliasing of the buffer that a graph holding project_() would have to untangle).
+
+        Each ``.grad`` has the memory of the slice but no ``._base``: a whole step compiled as
+        one graph takes them as inputs beside the buffer, and torch 2.13 cannot compile input
+        views of a ``._base`` that is not itself an input ("sources must not be empty for
+        symbol", "non-differentiable view input mutations"). Such a graph leaves views in
+        ``.grad`` (same memory): they are put back here, outside the graph, on each entry."""
+        if self._sinks_of is not buf:
+            self._sink_grads = []
+            for m, v in zip(self._patched, self.layout.views(buf)):
+                m._ortholora_sink = torch.empty_strided(v.shape, (0,) * v.dim(), dtype=v.dtype,
+                                                        device=v.device).requires_grad_()
+                self._sink_grads.append(torch.empty(0, dtype=v.dtype, device=v.device).set_(
+                    buf.untyped_storage(), v.storage_offset(), v.shape, v.stride()))
+            self._sinks_of = buf
+        for m, g in zip(self._patched, self._sink_grads):
+            if m._ortholora_sink.grad is not g:
+                m._ortholora_sink.grad = g
+        sink = self._patched[-1]._ortholora_sink
         global _LAYOUT_WARNING_SEEN
         if not _LAYOUT_WARNING_SEEN:
             # The slices of a [T, N] buffer are strided, so the engine warns ONCE per process

@@ -29,6 +29,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from ._args import segments_for
 from .collect import GroupedCollector, LoopCollector, check_task_ids
 from .layout import GRANULARITIES, LoRALayout
 from .ops import project
@@ -36,6 +37,35 @@ from .result import ProjectionResult
 from .rng import OrderGenerator
 
 COLLECT_MODES = ("grouped", "loop")
+
+
+def _compiled_backward_nodes(roots) -> set:
+    """The AOTAutograd backward nodes (``CompiledFunctionBackward``: a ``torch.compile``'d
+    region) reachable from the autograd nodes ``roots``."""
+    seen, found, stack = set(), set(), [r for r in roots if r is not None]
+    while stack:
+        fn = stack.pop()
+        if fn in seen:
+            continue
+        seen.add(fn)
+        if type(fn).__name__ == "CompiledFunctionBackward":
+            found.add(fn)
+        stack.extend(f for f, _ in fn.next_functions if f is not None)
+    return found
+
+
+def _shared_compiled_backward(losses) -> tuple[int, int] | None:
+    """``(i, j)``, the first two of ``losses`` whose backward passes both run one compiled
+    region's backward, or None. One walk of the whole graph when nothing is compiled (eager)."""
+    if len(losses) < 2 or not _compiled_backward_nodes([l.grad_fn for l in losses]):
+        return None
+    owner: dict = {}
+    for j, loss in enumerate(losses):
+        for fn in _compiled_backward_nodes([loss.grad_fn]):
+            i = owner.setdefault(fn, j)
+            if i != j:
+                return i, j
+    return None
 
 
 class OrthoLoRA:
@@ -135,9 +165,15 @@ class OrthoLoRA:
         self._dist_ready = False
         self._shard_plan = None
         self.offsets = layout.segments(granularity)
+        # Built (and cached) now: a project_() compiled later finds it cached, where one
+        # that builds it would fail its own guard on the cache at the next call (a recompile).
+        segments_for(self.offsets, layout.numel)
         self.segment_names = layout.segment_names(granularity)
         self.last_stats: ProjectionResult | None = None
-        self.num_steps = 0
+        self._num_steps = 0
+        # Steps projected inside a compiled graph: counted on the device (a Python int
+        # incremented in the graph would be a guard, so a recompile every step).
+        self._graph_steps = torch.zeros((), dtype=torch.int64, device=layout.device)
         self._buffer: torch.Tensor | None = None
         self._generator: torch.Generator | None = None
         self._pending = False
@@ -173,6 +209,17 @@ class OrthoLoRA:
         if self.world_size() > 1:
             from .distributed.reduce import prepare_distributed
             prepare_distributed(self)
+
+    @property
+    def num_steps(self) -> int:
+        """The number of :meth:`project_` calls (optimizer steps). Those run inside a compiled
+        graph are counted in a device tensor, which this reads (a host sync on a GPU)."""
+        return self._num_steps + int(self._graph_steps)
+
+    @num_steps.setter
+    def num_steps(self, value: int) -> None:
+        self._num_steps = int(value)
+        self._graph_steps.zero_()
 
     # ------------------------------------------------------------------ buffer
     @property
@@ -269,10 +316,21 @@ class OrthoLoRA:
         if len(task_losses) != self.num_tasks:
             raise ValueError(f"task_losses: expected {self.num_tasks} losses (num_tasks), got {len(task_losses)}")
         present = [t for t, l in enumerate(task_losses) if l is not None]
-        for k, t in enumerate(present):
+        for t in present:
             loss = task_losses[t]
             if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
                 raise ValueError(f"task_losses: entry {t} must be a scalar tensor")
+        shared = _shared_compiled_backward([task_losses[t] for t in present])
+        if shared is not None:
+            i, j = present[shared[0]], present[shared[1]]
+            raise RuntimeError(
+                f"task_losses: the losses of tasks {i} and {j} come from ONE torch.compile'd forward; its compiled "
+                "backward would run once per task with retain_graph, and torch computes the second and later "
+                "passes wrongly (tests/test_compile.py, test_loop_backward_over_one_compiled_forward). On a "
+                "compiled model use collect='grouped' with record(task_ids) (one backward for all tasks), or run "
+                "one forward and backward per task inside `with ortho.task(t)`")
+        for k, t in enumerate(present):
+            loss = task_losses[t]
             with self.task(t):
                 try:
                     loss.backward(retain_graph=retain_graph or k < len(present) - 1)
@@ -341,7 +399,10 @@ class OrthoLoRA:
         buf.zero_()
         self._pending = False
         self.last_stats = res
-        self.num_steps += 1
+        if torch.compiler.is_compiling():
+            self._graph_steps.add_(1)
+        else:
+            self._num_steps += 1
         return res
 
     def _project_buffer(self, buf: torch.Tensor) -> ProjectionResult:
@@ -354,8 +415,14 @@ class OrthoLoRA:
 
     def _set_grads(self, params, flat: torch.Tensor) -> None:
         """Add the views of ``flat`` to ``params``' ``.grad`` (set when None)."""
+        compiling = torch.compiler.is_compiling()
         for p, v in zip(params, self.layout.views(flat)):
             if p.grad is None:
+                if compiling and v.dtype == p.dtype:
+                    # Under torch.compile each .grad gets its own storage: views of one flat
+                    # output become graph inputs that alias each other with different
+                    # bases, which AOTAutograd cannot recompile around (a copy, same values).
+                    v = v.clone()
                 p.grad = v if v.dtype == p.dtype else v.to(p.dtype)
             else:
                 p.grad.add_(v.to(p.grad.dtype))
