@@ -282,9 +282,10 @@ class OrthoLoRA:
             raise RuntimeError("record: needs collect='grouped'; with collect='loop' use task(t) or backward(task_losses)")
         self._prepare_distributed()
         with self._collector.grouped(task_ids):
-            self._pending = True  # a step compiled as one graph runs project_() in here
+            # Set on entry, not on exit: a step compiled as one graph runs project_() in here
+            # (which leaves nothing pending).
+            self._pending = True
             yield self
-        self._pending = True
 
     @contextlib.contextmanager
     def task(self, t: int):
@@ -322,13 +323,17 @@ class OrthoLoRA:
                 raise ValueError(f"task_losses: entry {t} must be a scalar tensor")
         shared = _shared_compiled_backward([task_losses[t] for t in present])
         if shared is not None:
-            i, j = present[shared[0]], present[shared[1]]
-            raise RuntimeError(
-                f"task_losses: the losses of tasks {i} and {j} come from ONE torch.compile'd forward; its compiled "
-                "backward would run once per task with retain_graph, and torch computes the second and later "
-                "passes wrongly (tests/test_compile.py, test_loop_backward_over_one_compiled_forward). On a "
-                "compiled model use collect='grouped' with record(task_ids) (one backward for all tasks), or run "
-                "one forward and backward per task inside `with ortho.task(t)`")
+            import torch._inductor.config as inductor_config
+            if inductor_config.inplace_buffers:
+                i, j = present[shared[0]], present[shared[1]]
+                raise RuntimeError(
+                    f"task_losses: the losses of tasks {i} and {j} come from ONE torch.compile'd forward, whose "
+                    "compiled backward would run once per task with retain_graph: torch 2.13's inductor reuses "
+                    "buffers the later passes still read, and gives them wrong gradients (tests/test_compile.py, "
+                    "test_retained_backward_over_one_compiled_forward_torch_bug). On a compiled model use "
+                    "collect='grouped' with record(task_ids) (one backward for all tasks), or one forward and "
+                    "backward per task inside `with ortho.task(t)`, or set "
+                    "torch._inductor.config.inplace_buffers = False before the first backward")
         for k, t in enumerate(present):
             loss = task_losses[t]
             with self.task(t):
@@ -415,15 +420,12 @@ class OrthoLoRA:
 
     def _set_grads(self, params, flat: torch.Tensor) -> None:
         """Add the views of ``flat`` to ``params``' ``.grad`` (set when None)."""
-        compiling = torch.compiler.is_compiling()
         for p, v in zip(params, self.layout.views(flat)):
             if p.grad is None:
-                if compiling and v.dtype == p.dtype:
-                    # Under torch.compile each .grad gets its own storage: views of one flat
-                    # output become graph inputs that alias each other with different
-                    # bases, which AOTAutograd cannot recompile around (a copy, same values).
-                    v = v.clone()
-                p.grad = v if v.dtype == p.dtype else v.to(p.dtype)
+                # Each .grad gets its own memory (a copy, same values), not a view of the one
+                # flat output: .grad views of a ._base that no one holds cannot be inputs of a
+                # compiled step (torch 2.13 fails to compile them, or computes them wrongly).
+                p.grad = v.clone() if v.dtype == p.dtype else v.to(p.dtype)
             else:
                 p.grad.add_(v.to(p.grad.dtype))
 

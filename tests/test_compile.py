@@ -6,6 +6,7 @@ import copy
 import pytest
 import torch
 import torch._dynamo
+import torch._inductor.config
 from torch._dynamo.utils import counters
 
 from models import make_batch, task_losses, tiny_multitask
@@ -122,14 +123,15 @@ def test_whole_grouped_step_fullgraph_equals_eager():
                 lr = task_losses(ref, b).sum()
                 lr.backward()
             res = oref.project_()
-            torch.testing.assert_close([q.grad for q in oref.layout.params], grads, rtol=1e-5, atol=1e-7)
+            # (after the first steps the two runs' parameters differ by ~1e-6: Adam, above)
+            torch.testing.assert_close([q.grad for q in oref.layout.params], grads, rtol=1e-4, atol=1e-6)
             opt_ref.step()
             opt_ref.zero_grad()
             torch.testing.assert_close(loss, lr.detach(), rtol=1e-5, atol=1e-6)
             torch.testing.assert_close(cf, res.conflict_fraction)
             assert torch.equal(order, res.order)
-            for p, q in zip(m.parameters(), ref.parameters()):
-                torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+            for p, q in zip(m.parameters(), ref.parameters()):  # Adam's steps are ~lr = 1e-2 per element:
+                torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-5)  # 1e-7 in a tiny gradient shows ~1e-6
     assert 1 <= len(calls) <= 2, len(calls)
     assert o.num_steps == len(steps) and torch.count_nonzero(o.buffer) == 0 and not o.pending
     torch.testing.assert_close(o._generator.state, oref._generator.state, rtol=0, atol=0)
@@ -205,36 +207,65 @@ def test_loop_collection_on_a_compiled_model():
 def test_backward_refuses_losses_of_one_compiled_forward():
     """ortho.backward(task_losses) over ONE compiled forward would run its compiled backward
     T times with retain_graph, which torch 2.13 gets wrong (next test): it raises, naming the
-    two ways that work, before any gradient is written. Losses of separate compiled forwards
-    (one per task) are accepted and equal eager."""
+    two ways that work, before any gradient is written (per-task forwards inside task(t):
+    test_loop_collection_on_a_compiled_model)."""
     m, ref = _pair()
-    o, oref = OrthoLoRA(m, T, collect="loop"), OrthoLoRA(ref, T, collect="loop")
+    o = OrthoLoRA(m, T, collect="loop")
     cm = torch.compile(m)
     b = make_batch([2, 3, 1], seq_len=6)
-    with pytest.raises(RuntimeError, match=r"tasks 0 and 1 .*ONE torch.compile'd forward.*record\(task_ids\).*ortho.task"):
+    with pytest.raises(RuntimeError, match=r"tasks 0 and 1 .*ONE torch.compile'd forward.*record\(task_ids\)"
+                                           r".*ortho.task.*inplace_buffers = False"):
         o.backward(task_losses(cm, b))
     assert torch.count_nonzero(o.buffer) == 0 and all(p.grad is None for p in o.layout.params)
-    subs = [{k: v[b["task_ids"] == t] for k, v in b.items()} for t in range(T)]
-    o.backward([task_losses(cm, subs[t])[t] for t in range(T)])  # T compiled forwards
-    oref.backward([task_losses(ref, subs[t])[t] for t in range(T)])
-    assert all(oref.buffer[t].norm() > 0 for t in range(T))
-    torch.testing.assert_close(o.buffer, oref.buffer, rtol=1e-5, atol=1e-7)
-    o.remove(), oref.remove()
+    o.backward(task_losses(m, b))  # eager: one forward, T retained backward passes
+    assert all(o.buffer[t].norm() > 0 for t in range(T))
+    o.remove()
+
+
+@pytest.fixture
+def _two_threads():
+    """The inductor bug below shows with 2 threads (the code inductor generates depends on
+    the thread count), not with 1: pinned so the strict xfail holds on any machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(n)
+
+
+def _retained_grads(losses, params):
+    return [torch.autograd.grad(l, params, retain_graph=True) for l in losses]
 
 
 @pytest.mark.xfail(strict=True, reason=(
-    "torch 2.13 (CPU, inductor): backward passes with retain_graph=True over ONE compiled forward give "
-    "wrong gradients after the first. Plain torch.autograd.grad, no OrthoLoRA. strict: an XPASS means "
-    "torch fixed it (then OrthoLoRA.backward's guard, _shared_compiled_backward, can go)."))
-def test_retained_backward_over_one_compiled_forward_torch_bug():
+    "torch 2.13 (CPU, inductor, 2 threads): backward passes with retain_graph=True over ONE compiled forward "
+    "give wrong gradients after the first (relative error 1.6e-3 and 2.7e-3 for tasks 1 and 2; exact with "
+    "backend='aot_eager', with 1 thread, or with torch._inductor.config.inplace_buffers=False or "
+    "allow_buffer_reuse=False; donated_buffer=False does not help). Plain torch.autograd.grad, no OrthoLoRA. "
+    "strict: an XPASS means torch fixed it (then OrthoLoRA.backward's guard can go)."))
+def test_retained_backward_over_one_compiled_forward_torch_bug(_two_threads):
     m, _ = _pair()
     ps = [p for n, p in m.named_parameters() if "lora_" in n]
     b = make_batch([2, 3, 1], seq_len=6)
-    losses, ref = task_losses(torch.compile(m), b), task_losses(m, b)
-    for t in range(T):
-        got = torch.autograd.grad(losses[t], ps, retain_graph=True)
-        want = torch.autograd.grad(ref[t], ps, retain_graph=True)
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+    got = _retained_grads(task_losses(torch.compile(m), b), ps)
+    torch.testing.assert_close(got, _retained_grads(task_losses(m, b), ps), rtol=1e-4, atol=1e-6)
+
+
+def test_backward_over_one_compiled_forward_with_inplace_buffers_off(_two_threads):
+    """The same T retained passes with inductor's in-place buffer reuse off: plain autograd and
+    ortho.backward (which then allows losses of one compiled forward) equal eager."""
+    m, ref = _pair()
+    ps = [p for n, p in m.named_parameters() if "lora_" in n]
+    b = make_batch([2, 3, 1], seq_len=6)
+    o, oref = OrthoLoRA(m, T, collect="loop"), OrthoLoRA(ref, T, collect="loop")
+    with torch._inductor.config.patch(inplace_buffers=False):
+        cm = torch.compile(m)
+        got = _retained_grads(task_losses(cm, b), ps)
+        o.backward(task_losses(cm, b))
+    torch.testing.assert_close(got, _retained_grads(task_losses(m, b), ps), rtol=1e-4, atol=1e-6)
+    oref.backward(task_losses(ref, b))
+    assert all(oref.buffer[t].norm() > 0 for t in range(T))
+    torch.testing.assert_close(o.buffer, oref.buffer, rtol=1e-4, atol=1e-7)
+    o.remove(), oref.remove()
 
 
 def test_captured_step_logic_replays_on_static_tensors():
@@ -272,7 +303,7 @@ def test_captured_step_logic_replays_on_static_tensors():
             assert torch.equal(orders[-1], want.order)
             for p, q in zip(m.parameters(), ref.parameters()):
                 if q.requires_grad:
-                    torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7)
+                    torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6)
             m.zero_grad(set_to_none=False), ref.zero_grad(set_to_none=False)
     assert len(calls) == 1
     assert ptrs == [o.buffer.data_ptr(), o._generator.state.data_ptr()] + [p.grad.data_ptr() for p in m.parameters()
