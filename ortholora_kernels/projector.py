@@ -171,9 +171,10 @@ class OrthoLoRA:
         self.segment_names = layout.segment_names(granularity)
         self.last_stats: ProjectionResult | None = None
         self._num_steps = 0
-        # Steps projected inside a compiled graph: counted on the device (a Python int
-        # incremented in the graph would be a guard, so a recompile every step).
-        self._graph_steps = torch.zeros((), dtype=torch.int64, device=layout.device)
+        # Steps projected inside a compiled graph: counted on the buffer's device, made with
+        # the buffer (a Python int incremented in the graph would be a guard: a recompile
+        # every step).
+        self._graph_steps: torch.Tensor | None = None
         self._buffer: torch.Tensor | None = None
         self._generator: torch.Generator | None = None
         self._pending = False
@@ -214,12 +215,13 @@ class OrthoLoRA:
     def num_steps(self) -> int:
         """The number of :meth:`project_` calls (optimizer steps). Those run inside a compiled
         graph are counted in a device tensor, which this reads (a host sync on a GPU)."""
-        return self._num_steps + int(self._graph_steps)
+        return self._num_steps + (0 if self._graph_steps is None else int(self._graph_steps))
 
     @num_steps.setter
     def num_steps(self, value: int) -> None:
         self._num_steps = int(value)
-        self._graph_steps.zero_()
+        if self._graph_steps is not None:
+            self._graph_steps.zero_()
 
     # ------------------------------------------------------------------ buffer
     @property
@@ -230,6 +232,7 @@ class OrthoLoRA:
     def _get_buffer(self) -> torch.Tensor:
         if self._buffer is None:
             self._buffer = self.layout.new_buffer(self.num_tasks, self.buffer_dtype, self.layout.device)
+            self._graph_steps = torch.zeros((), dtype=torch.int64, device=self._buffer.device)
         return self._buffer
 
     @property
