@@ -261,3 +261,103 @@ def test_reverse_solve_scratch_is_cached_eagerly_and_per_call_under_capture(monk
         impl._solve_vjp(gram, order, "sum", v, seg)
     assert len({s.data_ptr() for s in scratches[1:]}) == 3
     seg._device_cache.clear()
+
+
+# --- the native backend's compiled reverse solve (CPU): ortholora_C::solve_vjp ---------
+
+def _native():
+    from ortholora_kernels import backends
+    from ortholora_kernels.backends import native_impl
+    reason = backends.availability("native", "cpu")
+    if reason is not None:
+        pytest.skip(reason)
+    return native_impl
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean", "none"])
+@pytest.mark.parametrize("t", [1, 2, 5, 8, 13, 17, 33])
+@pytest.mark.parametrize("kind", ["psd", "odd", "any"])
+def test_native_solve_vjp_matches_torch(reduction, t, kind):
+    """The compiled ``(Gbar + Gbar^T, W)`` equals solve.py's torch ops on fresh inputs: a
+    zero task (psd), out-of-range and repeated order entries (odd), non-PSD Gram (any)."""
+    impl = _native()
+    gram, order, v = _inputs(t, 3, reduction, seed=200 + t, kind=kind)
+    seg = _args.segments_for([0, 1, 2, 3], 3)
+    m, w = impl.BACKEND.solve_vjp(gram, order, reduction, v, seg)
+    m_ref, w_ref = _torch_reference(gram, order, reduction, v)
+    assert m.dtype == w.dtype == torch.float64 and w.shape == w_ref.shape and m.shape == m_ref.shape
+    torch.testing.assert_close(w, w_ref, rtol=1e-12, atol=1e-12 * (float(w_ref.abs().max()) + 1))
+    torch.testing.assert_close(m, m_ref, rtol=1e-12, atol=1e-12 * (float(m_ref.abs().max()) + 1))
+
+
+@pytest.mark.parametrize("where", ["gram", "v"])
+def test_native_solve_vjp_propagates_nan_like_torch(where):
+    """A NaN in one Gram entry pair (or in dL/dW) reaches exactly the entries torch's ops give NaN."""
+    impl = _native()
+    gram, order, v = _inputs(6, 2, "sum", seed=7, kind="psd")
+    if where == "gram":
+        gram[0, 3, 4] = gram[0, 4, 3] = float("nan")
+    else:
+        v[1, 0, 2] = float("nan")
+    seg = _args.segments_for([0, 1, 2], 2)
+    m, w = impl.BACKEND.solve_vjp(gram, order, "sum", v, seg)
+    m_ref, w_ref = _torch_reference(gram, order, "sum", v)
+    assert torch.equal(m.isnan(), m_ref.isnan()) and torch.equal(w.isnan(), w_ref.isnan())
+    assert m.isnan().any()
+    torch.testing.assert_close(m.nan_to_num(), m_ref.nan_to_num(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(w.nan_to_num(), w_ref.nan_to_num(), rtol=1e-12, atol=1e-12)
+
+
+def test_native_solve_vjp_rejects_bad_shapes():
+    """Wrong shapes name the argument."""
+    _native()
+    gram = torch.randn(2, 4, 4, dtype=torch.float64)
+    order = random_order(4, 2, seed=1)
+    with pytest.raises(ValueError, match="weights_grad"):
+        torch.ops.ortholora_C.solve_vjp(gram, order, "sum", torch.zeros(2, 4, 4, dtype=torch.float64))
+    with pytest.raises(ValueError, match="gram"):
+        torch.ops.ortholora_C.solve_vjp(gram[:, :3], order, "sum", torch.zeros(2, 1, 4, dtype=torch.float64))
+    with pytest.raises(ValueError, match="order"):
+        torch.ops.ortholora_C.solve_vjp(gram, order[:, :3], "sum", torch.zeros(2, 1, 4, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_native_backward_with_and_without_the_compiled_reverse_solve_agree(monkeypatch, reduction):
+    """dX through the op on native CPU: the compiled reverse solve vs the torch ops it replaces."""
+    import ortholora_kernels as ok
+    impl = _native()
+    x = make_grads(7, 500, seed=12, shared=-0.6)
+    segs = [0, 3, 200, 500]
+    order = random_order(7, 3, seed=13)
+    dy = torch.randn((7, 500) if reduction == "none" else (500,), generator=torch.Generator().manual_seed(14))
+    grads = []
+    for fused in (True, False):
+        monkeypatch.setattr(impl, "_FUSED_VJP", fused)
+        xx = x.clone().requires_grad_()
+        (gx,) = torch.autograd.grad(ok.project(xx, segs, order=order, reduction=reduction, backend="native"), xx, dy)
+        grads.append(gx)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-5 * float(grads[1].abs().max()))
+
+
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+def test_native_backward_ops_do_not_grow_with_t(monkeypatch, reduction):
+    """The native CPU backward issues the same short list of aten/compiled ops at T = 2, 9
+    and 33 (cross, the compiled reverse solve, the two-operand combine); with the torch
+    reverse solve it was ~35 T ops."""
+    impl = _native()
+    n, offsets = 600, [0, 200, 600]
+    seg = _args.segments_for(offsets, n)
+
+    def count(t, fused):
+        monkeypatch.setattr(impl, "_FUSED_VJP", fused)
+        x = make_grads(t, n, seed=t)
+        order = random_order(t, 2, seed=t + 1)
+        gram = torch.randn(2, t, t, dtype=torch.float64)
+        dout = torch.randn((t, n) if reduction == "none" else (n,))
+        with _Ops() as bwd_ops:
+            ops.backward(x, dout, gram, order, seg, reduction, "native")
+        return bwd_ops.ops
+    counts = {t: count(t, True) for t in (2, 9, 33)}
+    assert len({tuple(c) for c in counts.values()}) == 1, counts
+    assert "ortholora_C.solve_vjp.default" in counts[2] and len(counts[2]) <= 12, counts[2]
+    assert len(count(33, False)) > 30 * 33

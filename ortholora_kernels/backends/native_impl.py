@@ -126,6 +126,12 @@ def _register_fakes():
     def _(dy, x, w, m, offsets):
         return torch.empty_like(x)
 
+    @torch.library.register_fake("ortholora_C::solve_vjp")
+    def _(gram, order, reduction, weights_grad):
+        s, t = gram.shape[0], gram.shape[-1]
+        return (gram.new_empty((s, t, t), dtype=torch.float64),
+                gram.new_empty((s, t if reduction == "none" else 1, t), dtype=torch.float64))
+
 
 def built_with_cuda() -> bool:
     """Whether the loaded extension has CUDA kernels (False when it is not built)."""
@@ -154,6 +160,9 @@ def availability(device: torch.device) -> str | None:
     return f"ortholora_kernels._C has no kernels for device type {device.type!r}"
 
 
+_FUSED_VJP = True   # CPU: the backward's solve + reverse solve in one compiled call (False: torch ops, ~35 T)
+
+
 def _ops():
     if _load() is None:
         raise RuntimeError(f"backend 'native': {availability(torch.device('cpu'))}")
@@ -161,8 +170,8 @@ def _ops():
 
 
 class NativeBackend(Backend):
-    """The compiled ops: the whole PCGrad forward in one call; cross and the two-operand
-    combine of the backward; the Gram of another solve through ``cross(x, x)``."""
+    """The compiled ops: the whole PCGrad forward in one call; cross, the reverse solve
+    (CPU) and the two-operand combine of the backward; the Gram of another solve."""
 
     name = NAME
 
@@ -192,6 +201,14 @@ class NativeBackend(Backend):
             return torch_backend.combine(seg, x, a, out_dtype=out_dtype)
         out = _ops().backward_combine(y, x, b.transpose(-1, -2), a, list(seg.offsets))
         return out if out_dtype is None else out.to(out_dtype)
+
+    def solve_vjp(self, gram, order, reduction, weights_grad, seg):
+        """``(Gbar + Gbar^T, W)`` on CPU: the PCGrad solve replayed and its reverse mode in
+        one compiled call (``ortholora_C::solve_vjp``); None on CUDA (no kernel there yet:
+        the op runs the torch reverse solve)."""
+        if not _FUSED_VJP or gram.device.type != "cpu":
+            return None
+        return _ops().solve_vjp(gram, order, reduction, weights_grad)
 
     def fused_forward(self, x, seg, order, reduction):
         """``(out, G, C, nproj)``: one compiled call for all three stages and all segments."""
