@@ -87,7 +87,7 @@ def main(argv=None) -> int:
                     base.append(b)
                     new.append(n)
                     ratio.append(b / n)
-                print(f"| {t} | {name} | {statistics.median(base) * 1e3:.2f} | {statistics.median(new) * 1e3:.2f} "
+                print(f"| {t} | {name} | {statistics.median(base) * 1e3:.3f} | {statistics.median(new) * 1e3:.3f} "
                       f"| {statistics.median(ratio):.2f}x |", flush=True)
     finally:
         native_impl._FUSED_VJP = saved
