@@ -302,7 +302,7 @@ std::tuple<at::Tensor, at::Tensor> solve_vjp_cpu(const at::Tensor& gram, const a
   // A segment is ~6 T^3 flops: threads only when there are many (T = 16: 8 segments).
   const int64_t grain = std::max<int64_t>(1, 32768 / (TT * T));
   at::parallel_for(0, S, grain, [&](int64_t b, int64_t e) {
-    std::vector<double> work(static_cast<size_t>(TT * T + 3 * T));
+    std::vector<double> work(static_cast<size_t>(solve_vjp_work(static_cast<int>(T))));
     for (int64_t s = b; s < e; ++s) {
       solve_vjp_one(gp + s * TT, op + s * TT, vp + s * R * T, static_cast<int>(T), red, mp + s * TT, wp + s * R * T,
                     work.data());

@@ -8,7 +8,6 @@
 #pragma once
 
 #include <cstdint>
-#include <vector>
 
 namespace ortholora {
 
@@ -50,43 +49,53 @@ inline void weights_one(const double* C, int T, int reduction, double* W) {
   }
 }
 
+// Step k of task i visits order[i, k]; an entry outside [0, T) reads as task 0 and is
+// skipped (in_range false), as in solve.py's _visit.
+inline int64_t visit(const int64_t* order, int T, int i, int k, bool& in_range) {
+  const int64_t j = order[static_cast<int64_t>(i) * T + k];
+  in_range = j >= 0 && j < T;
+  return in_range ? j : int64_t{0};
+}
+
+// Doubles of solve_vjp_one's work buffer.
+inline int64_t solve_vjp_work(int T) { return static_cast<int64_t>(T) * T * (T + 4) + T; }
+
 // The backward's stage 2 on one segment: the solve replayed (its history kept) and its
 // reverse mode, the same arithmetic as ortholora_kernels/solve.py's solve_vjp (float64):
 //   M = Gbar + Gbar^T [T, T] with Gbar = dL/dG given V = dL/dW [R, T], and W [R, T].
 // Every multiplication of the torch ops is done even where its factor is zero (an
-// inactive step: inner_bar = 0), so a NaN/Inf in G or C reaches the entries torch's
-// ops give NaN. work: 3 T + T^3 doubles (the coefficient history, one T x T per step).
+// inactive step: inner_bar = 0), so a NaN/Inf in G or C reaches the entries torch's ops
+// give NaN. Row i of C and of dL/dC only ever meet row i, so each step updates them row
+// by row. work: solve_vjp_work(T) doubles.
 inline void solve_vjp_one(const double* G, const int64_t* order, const double* V, int T, int reduction,
                           double* M, double* W, double* work) {
   const int64_t TT = static_cast<int64_t>(T) * T;
-  double* hist = work;              // hist[k]: C before step k (T x T), k = 0..T-1
-  double* inner = hist + TT * T;    // per task i: g_i' . g_j of the current step
-  double* coef_bar = inner + T;
-  double* norm2_bar = coef_bar + T;
-  std::vector<double> C(static_cast<size_t>(TT), 0.0), cbar(static_cast<size_t>(TT)), gbar(static_cast<size_t>(TT), 0.0);
+  double* hist = work;                  // hist[k]: C before step k (T x T)
+  double* inner = hist + TT * T;        // inner[k * T + i]: g_i' . g_j at step k
+  double* C = inner + TT;
+  double* cbar = C + TT;                // dL/dC
+  double* gbar = cbar + TT;             // dL/dG
+  double* norm2_bar = gbar + TT;        // per task, the step's dL/dG[j, j]
+  for (int64_t q = 0; q < TT; ++q) C[q] = gbar[q] = 0.0;
   for (int i = 0; i < T; ++i) C[static_cast<int64_t>(i) * T + i] = 1.0;
-  auto visit = [&](int i, int k, bool& in_range) {
-    const int64_t j = order[static_cast<int64_t>(i) * T + k];
-    in_range = j >= 0 && j < T;
-    return in_range ? j : int64_t{0};
-  };
-  // Forward, steps outer (as torch): record C before every step.
+  // Forward, steps outer (as torch): record C and the inner products of every step.
   for (int k = 0; k < T; ++k) {
     double* h = hist + k * TT;
     for (int64_t q = 0; q < TT; ++q) h[q] = C[q];
     for (int i = 0; i < T; ++i) {
       bool in_range;
-      const int64_t j = visit(i, k, in_range);
+      const int64_t j = visit(order, T, i, k, in_range);
       const double* row = h + static_cast<int64_t>(i) * T;
       const double* gj = G + j * T;
       double acc = 0.0;
       for (int m = 0; m < T; ++m) acc += row[m] * gj[m];
+      inner[k * T + i] = acc;
       const double norm2 = G[j * T + j];
       const bool valid = in_range && j != i && norm2 > 0.0;
       if (valid && (acc < 0.0 || acc != acc)) C[static_cast<int64_t>(i) * T + j] -= acc / norm2;
     }
   }
-  weights_one(C.data(), T, reduction, W);
+  weights_one(C, T, reduction, W);
   // dL/dC from dL/dW (the adjoint of weights_one).
   for (int i = 0; i < T; ++i) {
     for (int m = 0; m < T; ++m) {
@@ -96,36 +105,27 @@ inline void solve_vjp_one(const double* G, const int64_t* order, const double* V
   }
   for (int k = T - 1; k >= 0; --k) {
     const double* h = hist + k * TT;
-    for (int i = 0; i < T; ++i) {    // all of step k's quantities read cbar before it changes
-      bool in_range;
-      const int64_t j = visit(i, k, in_range);
-      const double* row = h + static_cast<int64_t>(i) * T;
-      const double* gj = G + j * T;
-      double acc = 0.0;
-      for (int m = 0; m < T; ++m) acc += row[m] * gj[m];
-      inner[i] = acc;
-      coef_bar[i] = -cbar[static_cast<int64_t>(i) * T + j];
-    }
     for (int i = 0; i < T; ++i) {
       bool in_range;
-      const int64_t j = visit(i, k, in_range);
+      const int64_t j = visit(order, T, i, k, in_range);
+      const double in = inner[k * T + i];
       const double norm2 = G[j * T + j];
       const bool valid = in_range && j != i && norm2 > 0.0;
       const double safe = valid ? norm2 : 1.0;
-      const bool active = valid && inner[i] < 0.0;     // where coef = inner / norm2
-      const double inner_bar = active ? coef_bar[i] / safe : 0.0;
-      norm2_bar[i] = active ? -coef_bar[i] * inner[i] / (safe * safe) : 0.0;
+      const bool active = valid && in < 0.0;          // where coef = inner / norm2
+      double* cb = cbar + static_cast<int64_t>(i) * T;
+      const double coef_bar = -cb[j];
+      const double inner_bar = active ? coef_bar / safe : 0.0;
+      norm2_bar[i] = active ? -coef_bar * in / (safe * safe) : 0.0;
       const double* gj = G + j * T;
       const double* row = h + static_cast<int64_t>(i) * T;
-      double* cb = cbar.data() + static_cast<int64_t>(i) * T;
-      double* gb = gbar.data() + j * T;
+      double* gb = gbar + j * T;
       for (int m = 0; m < T; ++m) cb[m] += inner_bar * gj[m];
       for (int m = 0; m < T; ++m) gb[m] += inner_bar * row[m];
     }
     for (int i = 0; i < T; ++i) {    // the diagonal after the rows, as torch's two scatter_adds
       bool in_range;
-      const int64_t j = visit(i, k, in_range);
-      gbar[j * T + j] += norm2_bar[i];
+      gbar[visit(order, T, i, k, in_range) * (T + 1)] += norm2_bar[i];
     }
   }
   for (int a = 0; a < T; ++a) {

@@ -172,12 +172,9 @@ def test_solve_vjp_kernel_is_the_gradient_of_its_weights(reduction):
     seg._device_cache.clear()
 
 
-@interpreter
-@pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_backward_with_and_without_the_fused_reverse_solve_agree(monkeypatch, reduction):
-    """dX through the op: fused kernel vs the torch ops it replaces, same inputs."""
+def _assert_backward_with_and_without_fused_vjp_agree(monkeypatch, impl, backend, reduction):
+    """dX through the op with ``impl._FUSED_VJP`` on and off (the torch ops), same inputs."""
     import ortholora_kernels as ok
-    impl = _impl()
     x = make_grads(7, 500, seed=12, shared=-0.6)
     segs = [0, 3, 200, 500]
     order = random_order(7, 3, seed=13)
@@ -186,9 +183,16 @@ def test_backward_with_and_without_the_fused_reverse_solve_agree(monkeypatch, re
     for fused in (True, False):
         monkeypatch.setattr(impl, "_FUSED_VJP", fused)
         xx = x.clone().requires_grad_()
-        (gx,) = torch.autograd.grad(ok.project(xx, segs, order=order, reduction=reduction, backend="triton"), xx, dy)
+        (gx,) = torch.autograd.grad(ok.project(xx, segs, order=order, reduction=reduction, backend=backend), xx, dy)
         grads.append(gx)
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-5 * float(grads[1].abs().max()))
+
+
+@interpreter
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_backward_with_and_without_the_fused_reverse_solve_agree(monkeypatch, reduction):
+    """dX through the op: fused kernel vs the torch ops it replaces, same inputs."""
+    _assert_backward_with_and_without_fused_vjp_agree(monkeypatch, _impl(), "triton", reduction)
 
 
 @pytest.mark.parametrize("backend", ["torch", "native"])
@@ -324,19 +328,7 @@ def test_native_solve_vjp_rejects_bad_shapes():
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_native_backward_with_and_without_the_compiled_reverse_solve_agree(monkeypatch, reduction):
     """dX through the op on native CPU: the compiled reverse solve vs the torch ops it replaces."""
-    import ortholora_kernels as ok
-    impl = _native()
-    x = make_grads(7, 500, seed=12, shared=-0.6)
-    segs = [0, 3, 200, 500]
-    order = random_order(7, 3, seed=13)
-    dy = torch.randn((7, 500) if reduction == "none" else (500,), generator=torch.Generator().manual_seed(14))
-    grads = []
-    for fused in (True, False):
-        monkeypatch.setattr(impl, "_FUSED_VJP", fused)
-        xx = x.clone().requires_grad_()
-        (gx,) = torch.autograd.grad(ok.project(xx, segs, order=order, reduction=reduction, backend="native"), xx, dy)
-        grads.append(gx)
-    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-5 * float(grads[1].abs().max()))
+    _assert_backward_with_and_without_fused_vjp_agree(monkeypatch, _native(), "native", reduction)
 
 
 @pytest.mark.parametrize("reduction", ["sum", "none"])
