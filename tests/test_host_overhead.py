@@ -5,7 +5,9 @@ solve (``triton_impl._solve_vjp_kernel``) against the torch reference.
 Launch and op counts run the triton backend's host code with the kernels *recorded*, not
 run (the way benchmarks/compile_gpu.py does), under a ``TorchDispatchMode`` that counts
 every aten op: on a GPU each launch and each op that does work is a kernel on the stream.
-The kernel itself runs through the interpreter (``-m interpreter``).
+The kernel itself runs through the interpreter (``-m interpreter``). The native backend's
+compiled CPU reverse solve (``ortholora_C::solve_vjp``) is checked the same way: against
+the torch ops, and its backward's op list independent of T.
 """
 import pytest
 import torch

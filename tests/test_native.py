@@ -255,6 +255,9 @@ def test_ops_opcheck_and_compile():
     torch.library.opcheck(_ops().cross.default, (x[:2], x, [0, 10, 40]))
     w, m = torch.randn(2, 2, 4, dtype=torch.float64), torch.randn(2, 4, 4, dtype=torch.float64)
     torch.library.opcheck(_ops().backward_combine.default, (x[:2], x, w, m, [0, 10, 40]))
+    for reduction, rows in (("mean", 1), ("none", 4)):   # the fake's shapes for both R
+        torch.library.opcheck(_ops().solve_vjp.default,
+                              (m, order, reduction, torch.randn(2, rows, 4, dtype=torch.float64)))
     torch._dynamo.reset()
     fn = torch.compile(lambda v: _ops().project(v, [0, 10, 40], order, "sum")[0] * 2, fullgraph=True)
     torch.testing.assert_close(fn(x), _run(x, [0, 10, 40], order, "sum")[0] * 2)

@@ -9,7 +9,8 @@ compiled for baseline, AVX2+FMA and AVX-512 and chosen at run time
 (``torch.ops.ortholora_C.cpu_isa()``; force one with ``$ORTHOLORA_CPU_ISA`` or
 ``torch.ops.ortholora_C.set_cpu_isa``). The Gram of fp32 (and fp16/bf16, widened once)
 input uses fp32 products summed per L1 tile and flushed to float64, with an exact float64
-fallback per tile at extreme scales; float64 input is float64 throughout.
+fallback per tile at extreme scales; float64 input is float64 throughout. The backward's
+solve and reverse solve are one compiled call too (``ortholora_C::solve_vjp``, CPU only).
 CUDA (when built): per-piece Gram partials, one block per segment for the solve, combine;
 T <= 32.
 
