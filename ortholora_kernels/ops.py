@@ -125,6 +125,7 @@ class _EagerProject(torch.autograd.Function):
         return out, gram, coeffs, nproj
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # as the custom op: a second derivative raises, never silently 0
     def backward(ctx, dout, *_):
         grads, gram, order = ctx.saved_tensors
         dx = backward(grads.contiguous(), dout.contiguous(), gram, order, ctx.seg, ctx.reduction, ctx.backend,

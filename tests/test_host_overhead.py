@@ -224,6 +224,24 @@ def test_eager_fast_path_equals_the_custom_op(monkeypatch, backend, reduction):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("backend", ["torch", "native"])
+@pytest.mark.parametrize("fast", [True, False])
+def test_second_derivative_raises_on_both_paths(monkeypatch, backend, fast):
+    """The op is once differentiable: a second derivative raises on the fast path as through
+    the custom op (the native kernels have no autograd; a silent zero would lose it)."""
+    import ortholora_kernels as ok
+    from ortholora_kernels import backends
+    reason = backends.availability(backend, "cpu")
+    if reason is not None:
+        pytest.skip(reason)
+    monkeypatch.setattr(ops, "_EAGER_FAST_PATH", fast)
+    x = make_grads(3, 50, seed=6).double().requires_grad_()
+    y = ok.project(x, order=random_order(3, 1, seed=7), backend=backend)
+    (g,) = torch.autograd.grad((y ** 2).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice|no autograd formula"):
+        g.sum().backward()
+
+
 def test_eager_fast_path_only_where_it_cannot_differ():
     """Tensor subclasses (parameters, fake or distributed tensors), meta tensors, dispatch
     modes, functorch transforms and torch.compile keep the custom op."""
