@@ -47,7 +47,7 @@ def test_ortholora_ema_state_round_trips():
     assert state["aggregator"]["step"] == 2 and state["aggregator"]["ema_gram"].shape == (2, T, T)
     other = OrthoLoRA(_model(), T, ema=0.9, method="gradvac")
     other.load_state_dict(state)
-    assert other._aggregator.step == 2 and torch.equal(other._aggregator._phi_hat, ortho._aggregator._phi_hat)
+    assert other.aggregator.step == 2 and torch.equal(other.aggregator.state_dict()["phi_hat"], ortho.aggregator.state_dict()["phi_hat"])
     ortho.remove()
     other.remove()
     with pytest.raises(ValueError, match="method"):

@@ -49,6 +49,7 @@ from torch import nn
 from transformers import Trainer
 from transformers.data.data_collator import default_data_collator
 
+from ..aggregate import Aggregator
 from ..collect import per_task_mean_loss
 from ..projector import OrthoLoRA
 
@@ -118,6 +119,8 @@ class OrthoLoRATrainer(Trainer):
             ``ortholora_kernels.solvers.METHODS`` ("upgrad", "cagrad", "gradvac", ...).
         ortho_method_options: its options (e.g. ``{"c": 0.5}``); ortho_ema / ortho_every /
             ortho_start: smoothed conflict detection and schedule (see ``OrthoLoRA``).
+        ortho_aggregator: instead of the five above, an ``ortholora_kernels.Aggregator``
+            (method, options, EMA, schedule and state in one object).
 
     Attributes:
         ortho: the :class:`~ortholora_kernels.OrthoLoRA` (``ortho.last_stats`` per step).
@@ -128,7 +131,7 @@ class OrthoLoRATrainer(Trainer):
                  adapter_name: str = "default", task_ids_key: str = "task_ids", pass_task_ids: bool = False,
                  log_ortho_stats: bool | str = True, ortho_method: str = "pcgrad",
                  ortho_method_options: dict | None = None, ortho_ema: float | None = None, ortho_every: int = 1,
-                 ortho_start: int = 0, **kwargs):
+                 ortho_start: int = 0, ortho_aggregator=None, **kwargs):
         super().__init__(*args, **kwargs)
         if not self.label_names:  # a model whose forward takes no labels (e.g. per-task heads): the loss needs them
             self.label_names = ["labels"]
@@ -141,8 +144,9 @@ class OrthoLoRATrainer(Trainer):
         seed = self.args.seed if ortho_seed is None else ortho_seed
         self.ortho = OrthoLoRA(self.model, num_tasks, granularity=ortho_granularity, collect=ortho_collect,
                                reduction=ortho_reduction, seed=seed, backend=ortho_backend, adapter_name=adapter_name,
-                               method=ortho_method, method_options=ortho_method_options, ema=ortho_ema,
-                               every=ortho_every, start=ortho_start)
+                               aggregator=ortho_aggregator if ortho_aggregator is not None else Aggregator(
+                                   ortho_method, ema=ortho_ema, every=ortho_every, start=ortho_start,
+                                   **(ortho_method_options or {})))
         # The loss is ours (per-task means): let the Trainer divide it by the accumulation steps.
         self.model_accepts_loss_kwargs = False
         # an override written as per_example_loss(outputs, labels, task_ids) gets the task ids
