@@ -178,9 +178,15 @@ def method_weights(method: str, gram: torch.Tensor, present: torch.Tensor | None
 def _gradvac_step(st: GramStage, order, phi_hat, options):
     step = solvers.module("gradvac").step
     kw = dict(beta=float(options["beta"]), eps=float(options["eps"]))
-    if st.present is not None and "present" in inspect.signature(step).parameters:
-        kw["present"] = st.present
-    return step(st.gram, order, phi_hat, **kw)
+    if st.present is None:
+        return step(st.gram, order, phi_hat, **kw)
+    if "present" in inspect.signature(step).parameters:
+        return step(st.gram, order, phi_hat, present=st.present, **kw)
+    # An absent task's row is zero, so it changes no other task's gradient; it gives no
+    # evidence either: the targets of its pairs keep their value.
+    w, new = step(st.gram, order, phi_hat, **kw)
+    pair = st.present.unsqueeze(-1) & st.present.unsqueeze(-2)
+    return w, torch.where(pair, new, phi_hat)
 
 
 def solve_method(method: str, options: dict, st: GramStage, order: torch.Tensor | None, reduction: str,

@@ -87,6 +87,9 @@ def test_gradvac_with_an_absent_task_gives_it_no_weight():
     res = agg(x, [0, 40], present=torch.tensor([True, False, True]), return_stats=True,
               order=torch.tensor([[0, 1, 2], [1, 0, 2], [2, 1, 0]]))
     assert res.weights[0, 1] == 0 and torch.isfinite(res.output).all()
+    phi = agg.state_dict()["phi_hat"]
+    assert (phi[0, 1] == 0).all() and (phi[0, :, 1] == 0).all()   # no evidence from the absent task
+    assert phi[0, 0, 2] != 0 and phi[0, 2, 0] != 0
 
 
 # ---- NaN / Inf ----------------------------------------------------------------------------------
