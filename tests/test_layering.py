@@ -261,5 +261,5 @@ def test_the_distributed_checker_sees_them():
            "    gen = ortho._get_generator(buf.device)\n"
            "    plan = o._shard_plan\n")
     assert _distributed_reach(where, privates, src) == sorted({
-        "import ortholora_kernels.projector", "import ortholora_kernels.projector.OrthoLoRA", "OrthoLoRA", "ortho",
+        "import ortholora_kernels.projector", "import ortholora_kernels.projector.OrthoLoRA", "ortho",
         "ortho._get_generator", "o._shard_plan"})
