@@ -73,6 +73,13 @@ def test_trainer_accepts_every_method(tmp_path):
     assert trainer.ortho.last_stats.method == "dualproj"
     assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters() if n in before)
     trainer.ortho.remove()
+    # the aggregator object passes through as it is (its state is the one the Trainer's OrthoLoRA runs)
+    agg = Aggregator("upgrad", ema=0.9)
+    trainer = OrthoLoRATrainer(model=model, args=args, train_dataset=rows, data_collator=MultiTaskCollator(num_tasks=T),
+                               num_tasks=T, ortho_aggregator=agg)
+    trainer.train()
+    assert trainer.ortho.aggregator is agg and agg.step == 2 and trainer.ortho.last_stats.method == "upgrad"
+    trainer.ortho.remove()
 
 
 @pytest.fixture(scope="module")
