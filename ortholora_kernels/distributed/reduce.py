@@ -3,7 +3,8 @@
 Each rank records its local per-task gradients ``g_t^(r)`` (of its local loss
 ``sum_t mean_{i in rank r, task t} loss_i``). :func:`all_reduce_task_grads` sums them over the
 ranks and divides by the world size W, exactly as DDP averages ordinary gradients, so every
-rank projects ``(1/W) sum_r g_t^(r)`` and applies the same update.
+rank projects ``(1/W) sum_r g_t^(r)`` and applies the same update. These functions take
+tensors and layouts (never the ``OrthoLoRA`` object, which composes them in ``project_``).
 
 Normalisation: ``(1/W) sum_r mean_{rank r, task t}`` equals the per-task mean over the union
 batch only when every rank holds the same number of examples of task t (for every t). With
