@@ -216,27 +216,27 @@ def solve_method(method: str, options: dict, st: GramStage, order: torch.Tensor 
 
 # ---- the composition ----------------------------------------------------------------------------
 
-def _compose(impl_name: str, x: torch.Tensor, offsets, order, reduction: str, solve_fn, fusable: bool,
+def _compose(backend: str, x: torch.Tensor, offsets, order, reduction: str, solve_fn, fusable: bool,
              hooks: Sequence[Hook] = ()):
-    """``(out [R, N], GramStage, Solution)``; the backend's fusions of the built-in PCGrad solve
-    replace stages 1-3 (or 1-2) when nothing stands between the Gram and the solve."""
-    impl = backends.get(impl_name)
+    """``(out [R, N] or [N], gram, Solution, GramStage or None)``: stages 1-4. The backend's
+    fusions of the built-in PCGrad solve replace stages 1-4 (``fused_forward``) or 1-3
+    (``gram_solve``) when nothing stands between the Gram and the solve (no hook)."""
+    impl = backends.get(backend)
     if fusable and not hooks:
-        seg = offsets
-        fused = impl.fused_forward(x, seg, order, reduction)
+        fused = impl.fused_forward(x, offsets, order, reduction)
         if fused is not None:
             out, g, coeffs, nproj = fused
-            return out, GramStage(g, g), Solution(None, coeffs, nproj)
-        staged = impl.gram_solve(x, seg, order, reduction)
+            return out, g, Solution(None, coeffs, nproj), None
+        staged = impl.gram_solve(x, offsets, order, reduction)
         if staged is not None:
             g, coeffs, w, nproj = staged
-            return impl.combine(seg, x, w), GramStage(g, g), Solution(w, coeffs, nproj)
-    g = gram(x, offsets, impl_name)
+            return impl.combine(offsets, x, w), g, Solution(w, coeffs, nproj), None
+    g = gram(x, offsets, backend)
     st = GramStage(g, g)
     for hook in hooks:
         st = hook(st)
     sol = solve_fn(st)
-    return combine(x, offsets, sol.weights, impl_name), st, sol
+    return combine(x, offsets, sol.weights, backend), st.gram, sol, st
 
 
 def forward(x: torch.Tensor, seg: Segments, order: torch.Tensor, reduction: str, backend: str,
@@ -244,14 +244,14 @@ def forward(x: torch.Tensor, seg: Segments, order: torch.Tensor, reduction: str,
     """The differentiable op's forward: ``(out, G, C, nproj)`` for the registered ``solve``.
 
     ``x`` must be contiguous. Backends may fuse the built-in PCGrad solve (``fused_forward``:
-    stages 1-3 in one call; ``gram_solve``: stages 1-2 in one launch).
+    the whole forward in one call; ``gram_solve``: Gram and solve in one launch).
     """
     sol = get_solve(solve)
-    out, st, res = _compose(backend, x, seg, order, reduction, lambda s: sol.forward(s.gram, order, reduction),
-                            sol.fusable)
-    if out.dim() == 2 and reduction != "none":
+    out, g, res, _ = _compose(backend, x, seg, order, reduction, lambda st: sol.forward(st.gram, order, reduction),
+                              sol.fusable)
+    if reduction != "none" and out.dim() == 2:
         out = out.view(-1)
-    return out, st.gram, res.coeffs, res.num_projections
+    return out, g, res.coeffs, res.num_projections
 
 
 def backward(x: torch.Tensor, dout: torch.Tensor, gram: torch.Tensor, order: torch.Tensor, seg: Segments,
@@ -293,7 +293,7 @@ def run(x: torch.Tensor, offsets, *, method: str, options: dict, reduction: str,
         sol, state["phi_hat"] = solve_method(method, options, st, order, reduction, phi_hat)
         return sol
 
-    out, st, sol = _compose(backend, x, offsets, order, reduction, solve_fn, False, hooks)
+    out, _, sol, st = _compose(backend, x, offsets, order, reduction, solve_fn, False, hooks)
     return out, st, sol, state.get("phi_hat")
 
 
