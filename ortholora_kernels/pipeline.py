@@ -21,6 +21,7 @@ backend's ``gram``/``cross``/``combine`` and its fusions (``tests/test_layering.
 """
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass, replace
 from typing import Callable, Sequence
@@ -138,8 +139,9 @@ def ema(beta: float, previous: torch.Tensor | None, step: int) -> Hook:
 
 # ---- stage 2: the solve ---------------------------------------------------------------------------
 
-def _solvers_take_present() -> bool:
-    return "present" in inspect.signature(solvers.weights).parameters
+@functools.lru_cache(maxsize=None)
+def _takes_present(fn) -> bool:
+    return "present" in inspect.signature(fn).parameters
 
 
 def _sub_options(options: dict, cols: torch.Tensor, t: int) -> dict:
@@ -156,7 +158,7 @@ def method_weights(method: str, gram: torch.Tensor, present: torch.Tensor | None
     """
     if present is None:
         return solvers.weights(method, gram, **options)
-    if _solvers_take_present():
+    if _takes_present(solvers.weights):
         return solvers.weights(method, gram, present=present, **options)
     s, t, _ = gram.shape
     pres = present.cpu()
@@ -180,7 +182,7 @@ def _gradvac_step(st: GramStage, order, phi_hat, options):
     kw = dict(beta=float(options["beta"]), eps=float(options["eps"]))
     if st.present is None:
         return step(st.gram, order, phi_hat, **kw)
-    if "present" in inspect.signature(step).parameters:
+    if _takes_present(step):
         return step(st.gram, order, phi_hat, present=st.present, **kw)
     # An absent task's row is zero, so it changes no other task's gradient; it gives no
     # evidence either: the targets of its pairs keep their value.
