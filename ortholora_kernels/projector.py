@@ -127,7 +127,7 @@ class OrthoLoRA:
             method name (default "pcgrad", the paper's; any of
             :data:`ortholora_kernels.solvers.METHODS`), applied per segment in every mode (one
             process, DDP, ``comm="sharded"``, FSDP2). Its ``reduction``/``backend``/``generator``
-            are OrthoLoRA's. A task with no example in a step (counted in ``record``/``task``,
+            are OrthoLoRA's; it holds the state, so give each OrthoLoRA its own. A task with no example in a step (counted in ``record``/``task``,
             over all ranks) is left out of the method's solve (weight 0; the others get what
             the method gives on the present tasks alone). ``method=`` is the same as
             ``aggregator=`` with a name; ``method_options``, ``ema``, ``every`` and ``start``
