@@ -60,6 +60,7 @@ SCENARIOS = {
     "fsdp_nashmtl": dict(wrap="fsdp", agg=("nashmtl", {}), case="absent"),
     "fsdp_gradvac": dict(wrap="fsdp", agg=("gradvac", dict(every=2))),
     "fsdp_bf16_upgrad": dict(wrap="fsdp", mp=True, agg=("upgrad", {})),
+    "fsdp_resume_ema": dict(wrap="fsdp", when="before", resume=True, agg=("upgrad", dict(ema=0.9))),
 }
 # bf16 parameters in the forward/backward (fp32 master weights, buffer and reduction): bf16 rounding
 LOOSE = {"fsdp_bf16": 3e-2, "fsdp_bf16_upgrad": 3e-2}
