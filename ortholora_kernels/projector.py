@@ -24,6 +24,7 @@ Under ``torch.distributed`` that part is averaged over the ranks as DDP would av
 from __future__ import annotations
 
 import contextlib
+import weakref
 from typing import Sequence
 
 import torch
@@ -54,9 +55,10 @@ def _compiled_backward_nodes(roots) -> set:
     return found
 
 
-def _shared_compiled_backward(losses) -> tuple[int, int] | None:
-    """``(i, j)``, the first two of ``losses`` whose backward passes both run one compiled
-    region's backward, or None. One walk of the whole graph when nothing is compiled (eager)."""
+def _shared_compiled_backward(losses) -> tuple[int, int, set] | None:
+    """``(i, j, regions)``: the first two of ``losses`` whose backward passes both run one
+    compiled region's backward, and the regions they share; or None. One walk of the whole
+    graph when nothing is compiled (eager)."""
     if len(losses) < 2 or not _compiled_backward_nodes([l.grad_fn for l in losses]):
         return None
     owner: dict = {}
@@ -64,7 +66,8 @@ def _shared_compiled_backward(losses) -> tuple[int, int] | None:
         for fn in _compiled_backward_nodes([loss.grad_fn]):
             i = owner.setdefault(fn, j)
             if i != j:
-                return i, j
+                shared = {f for f, k in owner.items() if k == i} & _compiled_backward_nodes([loss.grad_fn])
+                return i, j, shared
     return None
 
 
@@ -99,6 +102,70 @@ def _aggregator_from(aggregator, legacy: dict):
         return Aggregator(aggregator)
     raise TypeError(f"aggregator: expected an ortholora_kernels.Aggregator or a method name, "
                     f"got {type(aggregator).__name__}")
+
+
+# Verdict of the retained-pass probe per compiled region (the class AOTAutograd makes for each
+# compiled graph), for this process: True when repeated backward passes over one forward agree.
+_RETAINED_OK: "weakref.WeakKeyDictionary[type, bool]" = weakref.WeakKeyDictionary()
+# A repeated pass differs from the first by rounding at most (the same kernels on the same
+# inputs); the in-place buffer fault seen with torch 2.13's inductor moves gradients by ~1e-3.
+_PROBE_RTOL = 1e-6
+
+
+def _leaves(loss) -> list[torch.Tensor]:
+    """The leaf tensors ``loss.backward()`` would accumulate into (AccumulateGrad nodes)."""
+    seen, out, stack = set(), [], [loss.grad_fn]
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        var = getattr(fn, "variable", None)
+        if var is not None:
+            out.append(var)
+        stack.extend(f for f, _ in fn.next_functions)
+    return out
+
+
+def _retained_passes_agree(loss) -> tuple[bool, float]:
+    """Two backward passes of ``loss`` with ``retain_graph`` (``autograd.grad``: no ``.grad`` is
+    written): whether the second equals the first, and their largest relative difference.
+
+    A compiled backward that reuses, in place, a buffer the next pass still reads gives a
+    second pass different from the first; a correct one repeats it."""
+    leaves = _leaves(loss)
+    first = torch.autograd.grad(loss, leaves, retain_graph=True, allow_unused=True)
+    second = torch.autograd.grad(loss, leaves, retain_graph=True, allow_unused=True)
+    worst = 0.0
+    for a, b in zip(first, second):
+        if a is None or b is None:
+            if (a is None) != (b is None):
+                return False, float("inf")
+            continue
+        a, b = a.detach().double(), b.detach().double()
+        if not bool(torch.isfinite(a).all()) or not bool(torch.isfinite(b).all()):
+            if not torch.equal(a.isnan(), b.isnan()) or not bool(((a == b) | a.isnan()).all()):
+                return False, float("inf")
+            continue
+        scale = float(a.abs().max()) if a.numel() else 0.0
+        diff = float((a - b).abs().max()) if a.numel() else 0.0
+        worst = max(worst, diff / scale if scale > 0 else (0.0 if diff == 0 else float("inf")))
+    return worst <= _PROBE_RTOL, worst
+
+
+def retained_passes_ok(loss, regions) -> bool:
+    """Whether T backward passes with ``retain_graph`` over the compiled ``regions`` reached by
+    ``loss`` give the gradients eager would: probed on this loss the first time a region is
+    seen (two passes through :func:`torch.autograd.grad`, no ``.grad`` written), then cached
+    for the process. The probe measures what the running torch does on this machine: the
+    inductor fault it looks for shows on some CPUs and thread counts and not on others."""
+    kinds = {type(fn) for fn in regions}
+    if all(k in _RETAINED_OK for k in kinds):
+        return all(_RETAINED_OK[k] for k in kinds)
+    ok, _ = _retained_passes_agree(loss)
+    for k in kinds:
+        _RETAINED_OK[k] = ok
+    return ok
 
 
 class OrthoLoRA:
@@ -365,17 +432,22 @@ class OrthoLoRA:
                 raise ValueError(f"task_losses: entry {t} must be a scalar tensor")
         shared = _shared_compiled_backward([task_losses[t] for t in present])
         if shared is not None:
-            import torch._inductor.config as inductor_config
-            if inductor_config.inplace_buffers:
-                i, j = present[shared[0]], present[shared[1]]
+            i, j = present[shared[0]], present[shared[1]]
+            try:
+                ok = retained_passes_ok(task_losses[i], shared[2])
+            except RuntimeError as e:
+                if "donated buffers" not in str(e):
+                    raise
+                ok = True  # the loop below raises the donated-buffer error with its way out
+            if not ok:
                 raise RuntimeError(
                     f"task_losses: the losses of tasks {i} and {j} come from ONE torch.compile'd forward, whose "
-                    "compiled backward would run once per task with retain_graph: torch 2.13's inductor reuses "
-                    "buffers the later passes still read, and gives them wrong gradients (tests/test_compile.py, "
-                    "test_retained_backward_over_one_compiled_forward_torch_bug). On a compiled model use "
-                    "collect='grouped' with record(task_ids) (one backward for all tasks), or one forward and "
-                    "backward per task inside `with ortho.task(t)`, or set "
-                    "torch._inductor.config.inplace_buffers = False before the first backward")
+                    "compiled backward would run once per task with retain_graph; on this machine a probe found "
+                    "that the running torch's compiled backward gives a second pass different from the first "
+                    "(inductor reuses, in place, buffers the later passes still read), so the later tasks would "
+                    "get wrong gradients. On a compiled model use collect='grouped' with record(task_ids) (one "
+                    "backward for all tasks), or one forward and backward per task inside `with ortho.task(t)`, "
+                    "or set torch._inductor.config.inplace_buffers = False before the first backward")
         for k, t in enumerate(present):
             loss = task_losses[t]
             with self.task(t):
