@@ -11,7 +11,7 @@ from typing import Literal, Sequence
 import torch
 
 from . import backends
-from ._args import (Segments, check_grads, check_order, check_order_values, check_reduction, draw_orders,
+from ._args import (check_grads, check_order, check_order_values, check_reduction, draw_orders,
                     segments_for)
 from .backends.base import empty_outputs
 from .pipeline import backward, forward
