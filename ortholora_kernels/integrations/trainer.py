@@ -322,6 +322,9 @@ class OrthoLoRATrainer(Trainer):
         model_inputs, labels, task_ids = self._split_inputs(inputs)
         if labels is None:
             raise ValueError("inputs: OrthoLoRATrainer needs 'labels' in the batch")
+        if task_ids.dim() == 2 and "position_ids" in model_inputs:
+            # transformers separates packed documents by their position ids only without a KV cache
+            model_inputs.setdefault("use_cache", False)
         outputs = model(**model_inputs)
         counts = getattr(self, "_ortho_counts", None)  # global counts, set by training_step
         if task_ids.dim() == 2:
