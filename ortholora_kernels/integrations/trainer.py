@@ -85,8 +85,10 @@ def documents_mix_tasks(task_ids: torch.Tensor, position_ids: torch.Tensor | Non
     """Whether tokens of different tasks can attend to each other in this batch.
 
     A row is one attention span, except in the padding-free form (``position_ids`` and no
-    2-D ``attention_mask``), where a span ends where the position ids restart at 0. A 4-D
-    ``attention_mask`` is the caller's own (block-diagonal) mask: trusted. Ids -1 are ignored."""
+    2-D ``attention_mask``), where a span ends where the position ids restart at 0, and for a
+    2-D mask of document indices (values above 1, axolotl's sample packing), where a span is
+    one index. A 4-D ``attention_mask`` is the caller's own (block-diagonal) mask: trusted.
+    Ids -1 are ignored."""
     if task_ids.dim() != 2 or (attention_mask is not None and attention_mask.dim() == 4):
         return False
     ids = task_ids.detach().cpu().long()
@@ -95,6 +97,8 @@ def documents_mix_tasks(task_ids: torch.Tensor, position_ids: torch.Tensor | Non
         pos = position_ids.detach().cpu().long().expand_as(ids)
         span = (pos == 0).long().cumsum(1)
         key = rows * (ids.shape[1] + 1) + span
+    elif attention_mask is not None and attention_mask.dim() == 2 and bool((attention_mask > 1).any()):
+        key = rows * (ids.shape[1] + 1) + attention_mask.detach().cpu().long()
     else:
         key = rows
     keep = ids >= 0
@@ -149,7 +153,7 @@ class MultiTaskCollator:
         return batch
 
 
-class PackedCausalLMCollator:
+class PackedCausalLMCollator(MultiTaskCollator):
     """Pack documents (rows with ``input_ids``, optional ``labels`` and a task id) into one
     padding-free row for a causal LM, with per-token task ids.
 
@@ -167,12 +171,11 @@ class PackedCausalLMCollator:
 
     def __init__(self, task_key: str = "task_id", out_key: str = "task_ids", num_tasks: int | None = None):
         from transformers import DataCollatorWithFlattening
-        self._ids = MultiTaskCollator(task_key=task_key, num_tasks=num_tasks)
-        self.task_key, self.out_key = task_key, out_key
-        self.base = DataCollatorWithFlattening(return_position_ids=True, separator_id=-100)
+        super().__init__(DataCollatorWithFlattening(return_position_ids=True, separator_id=-100), task_key=task_key,
+                         out_key=out_key, sort_by_task=False, num_tasks=num_tasks)
 
     def __call__(self, features: Sequence[dict[str, Any]]) -> dict[str, Any]:
-        tasks = [self._ids._task_of(i, f) for i, f in enumerate(features)]
+        tasks = [self._task_of(i, f) for i, f in enumerate(features)]
         drop = {self.task_key, "task_id", "task_ids"}
         rows = [{k: v for k, v in f.items() if k not in drop} for f in features]
         batch = dict(self.base(rows, return_tensors="pt"))
