@@ -303,3 +303,18 @@ def test_ortholoratrainer_packed_collator_per_token(tmp_path):
         tr.ortho.remove()
     torch.testing.assert_close(got["grouped"], want, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(got["loop"], want, rtol=1e-4, atol=1e-6)
+
+
+def test_docs_page_runs_as_written(tmp_path, monkeypatch):
+    """The python blocks of docs/trl.md, in order, in one namespace."""
+    import os
+    import re
+    monkeypatch.chdir(tmp_path)
+    page = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "trl.md")).read()
+    blocks = re.findall(r"```python\n(.*?)```", page, flags=re.S)
+    assert len(blocks) == 2
+    ns = {}
+    for b in blocks:
+        exec(compile(b, "docs/trl.md", "exec"), ns)
+    assert ns["trainer"].task_names == ["sentiment", "paraphrase"]
+    assert ns["trainer"].state.global_step == 2
