@@ -117,3 +117,17 @@ def test_config_keys_and_errors():
         coll([[{"input_ids": [3, 4], "task": "rte"}]])
     with pytest.raises(KeyError, match="ortholora_task_field"):
         coll([[{"input_ids": [3, 4]}]])
+
+
+def test_docs_page_runs_as_written():
+    import os
+    import re
+    page = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "axolotl.md")).read()
+    blocks = re.findall(r"```python\n(.*?)```", page, flags=re.S)
+    assert len(blocks) == 1
+    ns = {}
+    exec(compile(blocks[0], "docs/axolotl.md", "exec"), ns)
+    assert issubclass(ns["MyTrainer"], OrthoLoRATrainer)
+    yaml = re.findall(r"```yaml\n(.*?)```", page, flags=re.S)[0]
+    keys = {line.split(":")[0] for line in yaml.splitlines() if line.startswith("ortholora_")}
+    assert keys <= set(OrthoLoRAArgs.model_fields)     # every documented key exists
