@@ -35,7 +35,9 @@ other tasks' tokens and per-task gradients are ill-defined: the trainer warns at
 such batch.
 
 Not supported (a clear error): ``compute_loss_func``, label smoothing, MoE auxiliary losses,
-vision datasets. All keyword arguments of :class:`~.trainer.OrthoLoRATrainer` (``ortho_method``,
+vision datasets, ``IterableDataset``. Under ``torch.distributed`` the per-task means divide by
+the global per-task token counts (as ``OrthoLoRATrainer``); the logged per-task losses are
+the local process's. All keyword arguments of :class:`~.trainer.OrthoLoRATrainer` (``ortho_method``,
 ``ortho_collect``, ``ortho_granularity``, ...) are accepted.
 """
 from __future__ import annotations
@@ -157,6 +159,10 @@ class OrthoLoRASFTTrainer(OrthoLoRATrainer, SFTTrainer):
             eval_dataset, _ = _combine(eval_dataset, task_field, "eval_dataset")
         if train_dataset is None:
             raise ValueError("train_dataset: required")
+        from datasets import Dataset
+        if not isinstance(train_dataset, Dataset):
+            raise TypeError(f"train_dataset: expected a datasets.Dataset (or a dict/list of them), got "
+                            f"{type(train_dataset).__name__} (IterableDataset is not supported)")
         if task_field not in train_dataset.column_names:
             raise KeyError(f"task_field: the train dataset has no {task_field!r} column "
                            f"(columns: {train_dataset.column_names}); name it with task_field=")
