@@ -101,16 +101,19 @@ def make_trainer_cls(base: type, keep_columns: Sequence[str] = (), **ortho_kwarg
 
     keep = list(keep_columns)
 
-    def __init__(self, *args, **kwargs):
-        OrthoLoRATrainer.__init__(self, *args, **{**bound, **kwargs})
+    class _Bound(*bases):
+        ortho_defaults = bound
 
-    def _set_signature_columns_if_needed(self):
-        OrthoLoRATrainer._set_signature_columns_if_needed(self)
-        self._signature_columns.extend(k for k in keep if k not in self._signature_columns)
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **{**bound, **kwargs})
 
-    return type(f"OrthoLoRA{base.__name__}", bases,
-                {"__init__": __init__, "_set_signature_columns_if_needed": _set_signature_columns_if_needed,
-                 "ortho_defaults": bound, "__doc__": f"{base.__name__} with Ortho-LoRA."})
+        def _set_signature_columns_if_needed(self):
+            super()._set_signature_columns_if_needed()
+            self._signature_columns.extend(k for k in keep if k not in self._signature_columns)
+
+    _Bound.__name__ = _Bound.__qualname__ = f"OrthoLoRA{base.__name__}"
+    _Bound.__doc__ = f"{base.__name__} with Ortho-LoRA."
+    return _Bound
 
 
 class TaskIdsCollator:
