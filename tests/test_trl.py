@@ -246,8 +246,18 @@ def test_datasets_by_source_int_tasks_eval_losses_and_errors(tmp_path):
     assert tr.task_names == ["sst", "rte"]
     tr.train()
     ev = tr.evaluate()
-    assert {"eval_loss/sst", "eval_loss/rte"} <= set(ev) and ev["eval_loss/sst"] > 0
-    # per-task eval losses: token-weighted means; their token-weighted mix is the plain mean loss
+    assert {"eval_loss/sst", "eval_loss/rte"} <= set(ev)
+    # per-task eval loss = the mean next-token loss over the task's tokens, each document alone
+    tok, m_eval = tokenizer(), tr.model.eval()
+    for name, d in (("sst", a.select(range(3))), ("rte", b)):
+        tot, n = 0.0, 0
+        with torch.no_grad():
+            for text in d["text"]:
+                ids = torch.tensor([tok(text + tok.eos_token)["input_ids"]])
+                logits = m_eval(input_ids=ids).logits
+                tot += float(torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:], reduction="sum"))
+                n += ids.shape[1] - 1
+        assert ev[f"eval_loss/{name}"] == pytest.approx(tot / n, rel=1e-5)
     tr.ortho.remove()
     ints = datasets.Dataset.from_list([{**r, "task": TASKS.index(r["task"])} for r in rows(8)])
     tr2 = OrthoLoRASFTTrainer(model=model(), args=config(tmp_path / "i", max_steps=1), train_dataset=ints,
