@@ -535,7 +535,8 @@ def main_sft(args, device):
     """``--sft``: the trainer path (see the module docstring)."""
     dtype = getattr(torch, args.dtype)
     print(f"sft: TRL trainers, {args.rows} sequences x {args.seq_len} tokens packed padding-free ('bfd'), "
-          f"{args.docs_per_row} documents each; {args.dtype} on {device}, {torch.get_num_threads()} threads", flush=True)
+          f"{args.docs_per_row} documents each; {args.dtype} on {device}, {torch.get_num_threads()} threads",
+          flush=True)
     rows = []
     for t in args.tasks:
         rows.extend(run_sft(args, t, device, dtype))

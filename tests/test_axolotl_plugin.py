@@ -4,7 +4,8 @@ STAND-IN: axolotl 0.19 pins older transformers/peft/trl than the dev stack (its 
 here: transformers 5.16.1, peft 0.20.0, trl 1.9.0, accelerate 1.13.0, datasets 4.8.4; the dev
 stack has 5.25 / 0.22 / 1.16), so it cannot share the dev environment, and an install into a
 virtual environment of its own (238 packages) did not finish within a 15-minute budget on
-the shared 2-core machine; CI does not install it. ``drive_like_axolotl`` below is a stand-in of axolotl's documented plugin
+the shared 2-core machine; CI does not install it.
+``drive_like_axolotl`` below is a stand-in of axolotl's documented plugin
 flow (``axolotl.integrations.base``: ``load_plugin`` imports "module.Class" and
 instantiates it; ``get_input_args`` names the pydantic model of the config keys; the
 causal trainer builder calls ``get_trainer_cls(cfg)`` and instantiates the class with the

@@ -152,8 +152,8 @@ CASES = {
 def test_per_task_gradients_equal_one_backward_per_task(tmp_path, case):
     m = model()
     names = ["mrpc", "sst", "unused"]   # "unused": a task absent from every batch
-    tr = OrthoLoRASFTTrainer(model=m, args=config(tmp_path, **CASES[case]), train_dataset=datasets.Dataset.from_list(rows()),
-                             processing_class=tokenizer(), task_names=names, ortho_seed=3)
+    tr = OrthoLoRASFTTrainer(model=m, args=config(tmp_path, **CASES[case]), processing_class=tokenizer(),
+                             train_dataset=datasets.Dataset.from_list(rows()), task_names=names, ortho_seed=3)
     assert tr.num_tasks == 3 and tr.task_names == names
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)   # no cross-document warning here

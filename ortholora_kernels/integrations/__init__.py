@@ -1,4 +1,5 @@
-"""Integrations: Hugging Face ``Trainer``, TRL's ``SFTTrainer``, axolotl, PyTorch Lightning; the ``torch.distributed`` helpers.
+"""Integrations: Hugging Face ``Trainer``, TRL's ``SFTTrainer``, axolotl, PyTorch Lightning; the
+``torch.distributed`` helpers.
 
 Names are imported lazily so that ``import ortholora_kernels`` needs neither transformers
 nor lightning:
