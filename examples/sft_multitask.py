@@ -15,9 +15,10 @@ A word-level tokenizer is built from the training text and a Llama from a ``Llam
 (random weights, nothing downloaded), with peft LoRA on the attention and MLP projections.
 Both runs train the same initial model on the same packed data (``packing=True``, "bfd":
 padding-free, documents kept apart; completion-only loss): ``joint`` with TRL's
-``SFTTrainer`` (the plain sum of the tasks' tokens), ``ortho`` with
+``SFTTrainer`` (the mean over all tasks' answer tokens), ``ortho`` with
 :class:`~ortholora_kernels.integrations.OrthoLoRASFTTrainer` (one class changed, the task
-column named). Evaluation (the same function for both): per-task loss of the answer tokens
+column named; ``ortho_reduction="mean"``: the mean of the projected per-task gradients, the
+scale of the joint loss's gradient). Evaluation (the same function for both): per-task loss of the answer tokens
 and answer accuracy (the answer with the higher log-likelihood given the prompt). Output:
 a table, ``<out>/sft_multitask.json`` and a plot ``<out>/sft_multitask.png``.
 
@@ -89,7 +90,8 @@ def build_model(vocab: int, args):
     torch.manual_seed(args.seed)
     cfg = LlamaConfig(vocab_size=vocab, hidden_size=args.hidden, intermediate_size=2 * args.hidden,
                       num_hidden_layers=args.layers, num_attention_heads=4, num_key_value_heads=2,
-                      max_position_embeddings=args.max_length, pad_token_id=0, eos_token_id=1, bos_token_id=1)
+                      max_position_embeddings=args.max_length, pad_token_id=0, eos_token_id=1, bos_token_id=1,
+                      initializer_range=0.1)  # logits with some range: the frozen LM head lets LoRA move them
     base = LlamaForCausalLM(cfg)
     return get_peft_model(base, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, task_type="CAUSAL_LM",
                                            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
@@ -137,7 +139,9 @@ def train(method: str, tok, train_rows, args, out_dir):
         trainer = SFTTrainer(model=model, args=cfg, train_dataset=ds.remove_columns("task"), processing_class=tok)
     else:
         trainer = OrthoLoRASFTTrainer(model=model, args=cfg, train_dataset=ds, processing_class=tok,
-                                      task_field="task", ortho_method=args.ortho_method)
+                                      task_field="task", ortho_method=args.ortho_method,
+                                      ortho_reduction="mean")  # the mean of the projected task gradients:
+        # the scale of joint's mean token loss (the default "sum" adds T of them)
     trainer.train()
     if method != "joint":
         trainer.ortho.remove()
@@ -174,7 +178,7 @@ def main(argv=None):
     ap.add_argument("--hidden", type=int, default=64)
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--vocab", type=int, default=3000)
-    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--lr", type=float, default=1e-2)
     ap.add_argument("--ortho-method", default="pcgrad")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--smoke", action="store_true", help="the smallest setting (seconds)")
