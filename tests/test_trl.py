@@ -172,9 +172,15 @@ def test_per_task_gradients_equal_one_backward_per_task(tmp_path, case):
 
 def test_wrapped_packing_warns_documents_attend_across(tmp_path):
     m = model()
-    tr = OrthoLoRASFTTrainer(model=m, args=config(tmp_path, packing_strategy="wrapped", max_length=16),
-                             train_dataset=datasets.Dataset.from_list(rows()), processing_class=tokenizer())
-    with pytest.warns(UserWarning, match="ill-defined"):
+    with pytest.warns(UserWarning, match="wrapped.*ill-defined"):   # at configuration
+        tr = OrthoLoRASFTTrainer(model=m, args=config(tmp_path, packing_strategy="wrapped", max_length=16),
+                                 train_dataset=datasets.Dataset.from_list(rows()), processing_class=tokenizer())
+    batch = next(iter(tr.get_train_dataloader()))
+    # and the batches show it: documents of both tasks in one attention span
+    from ortholora_kernels.integrations.trainer import documents_mix_tasks
+    assert documents_mix_tasks(batch["task_ids"], batch.get("position_ids"), batch.get("attention_mask"))
+    tr._mixed_warned = False
+    with pytest.warns(UserWarning, match="ill-defined"):              # at the first such batch
         captured_step(tr)
     tr.ortho.remove()
 

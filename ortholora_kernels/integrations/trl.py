@@ -31,8 +31,8 @@ Documents must not attend across their boundaries: padding-free packing ("bfd", 
 default) restarts the position ids per document, and Hugging Face attention keeps the
 documents apart (block-diagonal). ``packing_strategy="wrapped"`` without ``padding_free``
 lets a document attend to the ones before it in its row; a task's loss then depends on
-other tasks' tokens and per-task gradients are ill-defined: the trainer warns at the first
-such batch.
+other tasks' tokens and per-task gradients are ill-defined: the trainer warns when it is
+configured so and at the first batch where tokens of different tasks share an attention span.
 
 Not supported (a clear error): ``compute_loss_func``, label smoothing, MoE auxiliary losses,
 vision datasets, ``IterableDataset``. Under ``torch.distributed`` the per-task means divide by
@@ -183,6 +183,13 @@ class OrthoLoRASFTTrainer(OrthoLoRATrainer, SFTTrainer):
         if self._is_vision_dataset:
             raise ValueError("train_dataset: vision datasets are not supported by OrthoLoRASFTTrainer")
         self.data_collator = TokenTaskCollator(self.data_collator)
+        if self.args.packing and self.args.packing_strategy == "wrapped":
+            # seen at configuration: "wrapped" keeps no document boundaries (no per-document positions)
+            import warnings
+
+            from .trainer import _MIXED_WARNING
+            self._mixed_warned = True
+            warnings.warn("packing_strategy='wrapped': " + _MIXED_WARNING, stacklevel=2)
 
     # ------------------------------------------------------------------ datasets
     def _infer_names(self, ds, num_tasks):
