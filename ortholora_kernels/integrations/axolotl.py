@@ -42,10 +42,7 @@ try:  # the real interface when axolotl is installed
 except ImportError:  # pragma: no cover - depends on the environment
     _PluginBase = object
 
-try:
-    from pydantic import BaseModel, Field
-except ImportError:  # pragma: no cover - pydantic comes with transformers' dependencies
-    BaseModel, Field = object, None
+from pydantic import BaseModel, Field  # axolotl's config schema is pydantic
 
 #: config key -> OrthoLoRATrainer keyword
 _KEYS = {"ortholora_method": "ortho_method", "ortholora_method_options": "ortho_method_options",
