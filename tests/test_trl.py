@@ -334,3 +334,16 @@ def test_docs_page_runs_as_written(tmp_path, monkeypatch):
         exec(compile(b, "docs/trl.md", "exec"), ns)
     assert ns["trainer"].task_names == ["sentiment", "paraphrase"]
     assert ns["trainer"].state.global_step == 2
+
+
+def test_refused_configurations(tmp_path):
+    ds = datasets.Dataset.from_list(rows(4))
+    with pytest.raises(ValueError, match="compute_loss_func"):
+        OrthoLoRASFTTrainer(model=model(), args=config(tmp_path), train_dataset=ds, processing_class=tokenizer(),
+                            compute_loss_func=lambda *a, **k: 0)
+    with pytest.raises(TypeError, match="IterableDataset"):
+        OrthoLoRASFTTrainer(model=model(), args=config(tmp_path), train_dataset=ds.to_iterable_dataset(),
+                            processing_class=tokenizer())
+    with pytest.raises(ValueError, match="task_names"):
+        OrthoLoRASFTTrainer(model=model(), args=config(tmp_path), train_dataset=ds, processing_class=tokenizer(),
+                            task_names=["sst", "mrpc", "sst"])

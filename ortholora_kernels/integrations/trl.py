@@ -147,9 +147,9 @@ class OrthoLoRASFTTrainer(OrthoLoRATrainer, SFTTrainer):
     def __init__(self, model, args=None, data_collator=None, train_dataset=None, eval_dataset=None, *,
                  task_field: str = "task", task_names: Sequence[str] | None = None, num_tasks: int | None = None,
                  **kwargs):
-        for bad in ("compute_loss_func",):
-            if kwargs.get(bad) is not None:
-                raise ValueError(f"{bad}: not supported by OrthoLoRASFTTrainer (the loss is the sum of per-task means)")
+        if kwargs.get("compute_loss_func") is not None:
+            raise ValueError("compute_loss_func: not supported by OrthoLoRASFTTrainer (the loss is the sum of the "
+                             "per-task means)")
         self.task_field = task_field
         names = None
         if isinstance(train_dataset, (dict, list, tuple)):
