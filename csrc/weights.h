@@ -1,0 +1,215 @@
+// Stage 2 of the weighting methods on the host: the iterative kernels of
+// ortholora_kernels/solvers/_lcp.py, one small problem at a time, float64, pure C++.
+//
+// Each function is the same arithmetic as its torch twin in _lcp.py (which runs on any
+// device, batched, with a fixed number of iterations). Here an active-set loop stops as
+// soon as the active set repeats: the next iterate would solve the same linear system
+// again, so stopping there gives exactly what the fixed number of iterations gives.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+
+namespace ortholora {
+namespace weights {
+
+// Solves A x = b in place (A: n x n row-major, overwritten; b: n, overwritten by x) by
+// Gaussian elimination with partial pivoting. A zero pivot divides by zero (Inf/NaN),
+// like an unchecked LU; the callers keep their matrices nonsingular.
+inline void lu_solve(double* A, double* b, int n) {
+  for (int k = 0; k < n; ++k) {
+    int p = k;
+    double best = std::fabs(A[k * n + k]);
+    for (int i = k + 1; i < n; ++i) {
+      const double v = std::fabs(A[i * n + k]);
+      if (v > best) best = v, p = i;
+    }
+    if (p != k) {
+      for (int j = 0; j < n; ++j) std::swap(A[k * n + j], A[p * n + j]);
+      std::swap(b[k], b[p]);
+    }
+    const double piv = A[k * n + k];
+    for (int i = k + 1; i < n; ++i) {
+      const double l = A[i * n + k] / piv;
+      if (l == 0.0) continue;
+      for (int j = k + 1; j < n; ++j) A[i * n + j] -= l * A[k * n + j];
+      b[i] -= l * b[k];
+    }
+  }
+  for (int k = n - 1; k >= 0; --k) {
+    double s = b[k];
+    for (int j = k + 1; j < n; ++j) s -= A[k * n + j] * b[j];
+    b[k] = s / A[k * n + k];
+  }
+}
+
+inline void matvec(const double* H, const double* x, int n, double* y) {
+  for (int i = 0; i < n; ++i) {
+    double s = 0.0;
+    for (int j = 0; j < n; ++j) s += H[i * n + j] * x[j];
+    y[i] = s;
+  }
+}
+
+// Doubles of work the functions below need for n = T.
+inline int64_t work_size(int n) { return 2 * static_cast<int64_t>(n + 1) * (n + 1) + 8 * (n + 1); }
+
+// box_qp: argmin 1/2 s^T H s + q^T s, s >= lower (H positive definite); see _lcp.box_qp.
+inline void box_qp(const double* H, const double* q0, const double* lower, int n, int iters, double* out,
+                   double* work) {
+  double* K = work;
+  double* q = K + n * n;
+  double* s = q + n;
+  double* z = s + n;
+  unsigned char* act = reinterpret_cast<unsigned char*>(z + n);      // n bytes (room: 2n doubles)
+  unsigned char* prev = act + n;
+  matvec(H, lower, n, q);
+  for (int i = 0; i < n; ++i) q[i] += q0[i], s[i] = 0.0, z[i] = q[i];
+  for (int it = 0; it < iters; ++it) {
+    bool same = it > 0;
+    for (int i = 0; i < n; ++i) {
+      act[i] = z[i] > s[i];
+      same = same && act[i] == prev[i];
+      prev[i] = act[i];
+    }
+    if (same) break;
+    for (int i = 0; i < n; ++i) {
+      for (int j = 0; j < n; ++j) K[i * n + j] = act[i] ? (i == j ? 1.0 : 0.0) : H[i * n + j];
+      s[i] = act[i] ? 0.0 : -q[i];
+    }
+    lu_solve(K, s, n);
+    matvec(H, s, n, z);
+    for (int i = 0; i < n; ++i) z[i] += q[i];
+  }
+  for (int i = 0; i < n; ++i) out[i] = std::max(s[i], 0.0) + lower[i];
+}
+
+// simplex_qp: argmin w^T G w over {w >= 0, sum w = 1, w_i = 0 where !mask_i}; see
+// _lcp.simplex_qp (primal-dual active set on the bordered KKT system).
+inline void simplex_qp(const double* G, const unsigned char* mask, int n, int iters, double* out, double* work) {
+  const int m = n + 1;
+  double* K = work;
+  double* w = K + m * m;            // n + 1 (the last: -lambda)
+  double* mu = w + m;
+  unsigned char* act = reinterpret_cast<unsigned char*>(mu + m);
+  unsigned char* prev = act + m;
+  int np = 0;
+  for (int i = 0; i < n; ++i) np += mask[i] ? 1 : 0;
+  for (int i = 0; i < n; ++i) w[i] = mask[i] ? 1.0 / std::max(np, 1) : 0.0, mu[i] = 0.0;
+  for (int it = 0; it < iters; ++it) {
+    bool same = it > 0;
+    for (int i = 0; i < n; ++i) {
+      act[i] = !mask[i] || mu[i] > w[i];
+      same = same && act[i] == prev[i];
+      prev[i] = act[i];
+    }
+    if (same) break;
+    for (int i = 0; i < n; ++i) {
+      for (int j = 0; j < n; ++j) K[i * m + j] = act[i] ? (i == j ? 1.0 : 0.0) : G[i * n + j];
+      K[i * m + n] = act[i] ? 0.0 : 1.0;
+      K[n * m + i] = act[i] ? 0.0 : 1.0;
+      w[i] = 0.0;
+    }
+    K[n * m + n] = 0.0;
+    w[n] = 1.0;
+    lu_solve(K, w, m);
+    matvec(G, w, n, mu);
+    for (int i = 0; i < n; ++i) mu[i] += w[n];                         // G w - lambda
+  }
+  for (int i = 0; i < n; ++i) out[i] = mask[i] ? std::max(w[i], 0.0) : 0.0;
+}
+
+// cagrad_kkt: the CAGrad correction s >= 0 (v = ubar + s) on a positive definite G; see
+// _lcp.cagrad_kkt. b = G ubar, phi2 = phi^2.
+inline void cagrad_kkt(const double* G, const double* b, double phi2, const unsigned char* mask, int n, int iters,
+                       double* out, double* work) {
+  double* K = work;
+  double* Kc = K + n * n;
+  double* sb = Kc + n * n;
+  double* p = sb + n;
+  double* s = p + n;
+  double* z = s + n;
+  double* t1 = z + n;
+  unsigned char* act = reinterpret_cast<unsigned char*>(t1 + n);     // 2n bytes (room: n + 1 doubles)
+  unsigned char* prev = act + n;
+  // Start: only the task(s) with the smallest b = (G ubar)_i free (the vertex the
+  // correction leans to first); the active-set steps free the others as needed.
+  double bmin = std::numeric_limits<double>::infinity();
+  for (int i = 0; i < n; ++i) {
+    if (mask[i]) bmin = std::min(bmin, b[i]);
+  }
+  for (int i = 0; i < n; ++i) s[i] = 0.0, z[i] = b[i] - bmin;
+  double lam = 0.0;
+  auto quad = [&](const double* u, const double* v) {
+    matvec(G, v, n, t1);
+    double acc = 0.0;
+    for (int i = 0; i < n; ++i) acc += u[i] * t1[i];
+    return acc;
+  };
+  for (int it = 0; it < iters; ++it) {
+    bool same = it > 0;
+    for (int i = 0; i < n; ++i) {
+      act[i] = !mask[i] || z[i] > s[i];
+      same = same && act[i] == prev[i];
+      prev[i] = act[i];
+    }
+    if (same) break;
+    for (int i = 0; i < n; ++i) {
+      for (int j = 0; j < n; ++j) K[i * n + j] = act[i] ? (i == j ? 1.0 : 0.0) : G[i * n + j];
+      sb[i] = act[i] ? 0.0 : -b[i];
+      p[i] = act[i] ? 0.0 : 1.0;
+    }
+    std::memcpy(Kc, K, sizeof(double) * n * n);
+    lu_solve(K, sb, n);
+    lu_solve(Kc, p, n);
+    const double a = quad(p, p), bb = quad(p, sb), c0 = quad(sb, sb);
+    const double disc = std::max(bb * bb - a * (c0 - phi2), 0.0);
+    if (a > 1e-300) lam = (std::sqrt(disc) - bb) / a;
+    for (int i = 0; i < n; ++i) s[i] = sb[i] + lam * p[i];
+    matvec(G, s, n, z);
+    for (int i = 0; i < n; ++i) z[i] += b[i] - lam;
+  }
+  for (int i = 0; i < n; ++i) out[i] = mask[i] ? std::max(s[i], 0.0) : 0.0;
+}
+
+// power_root: the positive root x of G x = x^(-1/alpha) on the masked coordinates (0 on
+// the others); see _lcp.power_root. Fixed iterations (Newton converges, it never cycles).
+inline void power_root(const double* G, const unsigned char* mask, double alpha, int n, int iters, double* out,
+                       double* work) {
+  const double p = -1.0 / alpha;
+  double* J = work;
+  double* x = J + n * n;
+  double* f = x + n;
+  double* xp = f + n;
+  const double tiny = std::numeric_limits<double>::min();
+  for (int i = 0; i < n; ++i) x[i] = std::pow(std::max(G[i * n + i], tiny), -alpha / (1 + alpha));
+  for (int it = 0; it < iters; ++it) {
+    for (int i = 0; i < n; ++i) xp[i] = std::pow(x[i], p);
+    for (int i = 0; i < n; ++i) {
+      double acc = 0.0;
+      for (int j = 0; j < n; ++j) acc += mask[j] ? G[i * n + j] * x[j] : 0.0;
+      f[i] = acc;
+    }
+    for (int i = 0; i < n; ++i) {
+      for (int j = 0; j < n; ++j) {
+        const bool both = mask[i] && mask[j];
+        J[i * n + j] = both ? G[i * n + j] : (i == j ? 1.0 : 0.0);
+      }
+      if (mask[i]) J[i * n + i] -= p * (xp[i] / x[i]);
+      f[i] = mask[i] ? -(f[i] - xp[i]) : 0.0;
+    }
+    lu_solve(J, f, n);                                                 // f: the step
+    double t = 1.0;
+    for (int i = 0; i < n; ++i) {
+      if (f[i] < 0) t = std::min(t, -0.9 * x[i] / f[i]);
+    }
+    for (int i = 0; i < n; ++i) x[i] += t * f[i];
+  }
+  for (int i = 0; i < n; ++i) out[i] = mask[i] ? x[i] : 0.0;
+}
+
+}  // namespace weights
+}  // namespace ortholora
