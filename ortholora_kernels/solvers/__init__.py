@@ -25,6 +25,8 @@ import inspect
 
 import torch
 
+from ._common import check_present
+
 #: methods whose solve is ``weights(gram, **options) -> [S, T]``.
 WEIGHTINGS = ("upgrad", "dualproj", "mgda", "cagrad", "imtlg", "alignedmtl", "config", "nashmtl",
               "fairgrad", "sum", "mean")
@@ -32,11 +34,23 @@ WEIGHTINGS = ("upgrad", "dualproj", "mgda", "cagrad", "imtlg", "alignedmtl", "co
 METHODS = ("pcgrad",) + WEIGHTINGS + ("gradvac",)
 
 
+def _key(name: str) -> str:
+    return name.lower().replace("-", "").replace("_", "").replace(" ", "")
+
+
+#: accepted spellings: any case, "-", "_" and spaces ignored ("IMTL-G", "Nash-MTL", "nash_mtl").
+ALIASES = {_key(m): m for m in METHODS}
+
+
 def check_method(method) -> str:
-    """Validate ``method`` and return it."""
-    if method not in METHODS:
-        raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
-    return method
+    """The canonical name of ``method`` (e.g. "IMTL-G", "imtl_g" -> "imtlg"; "Nash-MTL" ->
+    "nashmtl"): case, "-", "_" and spaces are ignored. Else a ValueError listing the names."""
+    if method in METHODS:
+        return method
+    canonical = ALIASES.get(_key(method)) if isinstance(method, str) else None
+    if canonical is None:
+        raise ValueError(f"method: expected one of {METHODS} (any case; '-' and '_' ignored), got {method!r}")
+    return canonical
 
 
 @functools.lru_cache(maxsize=None)
@@ -52,12 +66,14 @@ def option_names(method: str) -> tuple[str, ...]:
         return ()
     if method == "gradvac":
         return ("beta", "eps")
+    method = check_method(method)
     params = inspect.signature(module(method).weights).parameters
     return tuple(n for n, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY)
 
 
 def check_options(method: str, options: dict) -> dict:
     """Raise a TypeError naming any option ``method`` does not take; return ``options``."""
+    method = check_method(method)
     allowed = option_names(method)
     unknown = sorted(set(options) - set(allowed))
     if unknown:
@@ -65,10 +81,21 @@ def check_options(method: str, options: dict) -> dict:
     return options
 
 
-def weights(method: str, gram: torch.Tensor, **options) -> torch.Tensor:
-    """``[S, T]`` weights of a weighting ``method`` for float64 Gram matrices ``[S, T, T]``."""
+def weights(method: str, gram: torch.Tensor, present: torch.Tensor | None = None, **options) -> torch.Tensor:
+    """``[S, T]`` weights of a weighting ``method`` for float64 Gram matrices ``[S, T, T]``.
+
+    ``present``: None (every task present) or a bool ``[S, T]`` tensor. An absent task
+    gets weight exactly 0 and the present ones exactly what the method gives on the
+    present rows of G alone (per segment, batched, on the device, no host sync; its
+    gradient row is not read). A segment with no present task gets zero weights.
+    """
+    method = check_method(method)
     if method not in WEIGHTINGS:
         raise ValueError(f"method: {method!r} has no stateless weighting; expected one of {WEIGHTINGS}")
     if options:
         check_options(method, options)
-    return module(method).weights(gram.to(torch.float64), **options)
+    gram = gram.to(torch.float64)
+    if present is None:
+        return module(method).weights(gram, **options)
+    present = check_present(present, gram)
+    return module(method).weights(gram, present, **options)

@@ -1,35 +1,77 @@
-"""Shared pieces of the solve stage: Gram normalisation and a batched box-constrained QP.
+"""Shared pieces of the solve stage: Gram normalisation and the iterative kernels.
 
 Every function takes float64 Gram matrices ``[S, T, T]`` (any leading batch shape) and
 runs a FIXED amount of work: no ``.item()``, no data-dependent Python control flow, no
 host synchronisation (linear solves use ``torch.linalg.solve_ex``, which does not check
 its info on the host).
+
+The four iterative kernels (:func:`box_qp`, :func:`simplex_qp`, :func:`cagrad_kkt`,
+:func:`power_root`) have a compiled twin in the native extension (``csrc/weights.h``):
+on a CPU tensor, outside ``torch.compile``, with the extension built, one call runs
+every problem of the batch (the torch version costs ~6 small ops per iteration, the
+compiled one a single call whose cost does not grow with the op count). The compiled
+active-set loops stop when the active set repeats, which gives exactly what the fixed
+number of iterations gives (the next iterate would solve the same system again).
+:data:`NATIVE` = False forces the torch version (tests compare the two).
 """
 from __future__ import annotations
 
 import torch
 
+#: Use the compiled kernels on CPU when the native extension is built.
+NATIVE = True
+
+
+def _native_ops(t: torch.Tensor):
+    """``torch.ops.ortholora_C`` when the compiled kernels can run on ``t``, else None."""
+    if not NATIVE or t.device.type != "cpu" or torch.compiler.is_compiling():
+        return None
+    from ..backends import native_impl
+    return torch.ops.ortholora_C if native_impl._load() is not None else None
+
+
+def trace(gram: torch.Tensor) -> torch.Tensor:
+    """``[..., 1, 1]`` traces of the Gram matrices."""
+    return torch.diagonal(gram, dim1=-2, dim2=-1).sum(-1)[..., None, None]
+
 
 def normalize(gram: torch.Tensor, eps: float) -> torch.Tensor:
-    """``G / trace(G)``, or zeros where ``trace(G) < eps`` (TorchJD's ``normalize``).
+    """``G / trace(G)``, or zeros where ``trace(G) < eps`` or ``trace(G) <= 0``.
 
-    ``eps`` is an ABSOLUTE threshold on the squared Frobenius norm of the gradients, as
-    in TorchJD; pass 0 for a purely scale-invariant solve (zeros only where the trace is 0).
+    ``eps`` is an ABSOLUTE threshold on the squared Frobenius norm of the gradients (as
+    TorchJD's ``normalize``); 0 gives a purely scale-invariant solve (zeros only where
+    every gradient is zero).
     """
-    tr = torch.diagonal(gram, dim1=-2, dim2=-1).sum(-1)[..., None, None]
+    tr = trace(gram)
     small = (tr < eps) | (tr <= 0)
     return torch.where(small, torch.zeros_like(gram), gram / torch.where(small, torch.ones_like(tr), tr))
 
 
 def regularize(gram: torch.Tensor, eps: float) -> torch.Tensor:
     """``G + eps I`` (TorchJD's ``regularize``: makes the normalised Gram positive definite)."""
-    t = gram.shape[-1]
-    return gram + eps * torch.eye(t, dtype=gram.dtype, device=gram.device)
+    return gram + eps * eye_like(gram)
 
 
 def eye_like(gram: torch.Tensor) -> torch.Tensor:
     """The ``T x T`` identity in the dtype and on the device of ``gram``."""
     return torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
+
+
+def mask_gram(gram: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """``G`` with the rows and columns of absent tasks (``mask`` False) zeroed."""
+    if mask is None:
+        return gram
+    m = mask.to(gram.dtype)
+    return gram * (m.unsqueeze(-1) * m.unsqueeze(-2))
+
+
+def decouple(gram: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """``G`` (absent rows and columns zero) with 1 added on the absent diagonal entries:
+    an absent coordinate is then its own 1 x 1 block, so a linear solve on it neither
+    fails nor touches the present ones."""
+    if mask is None:
+        return gram
+    return gram + torch.diag_embed((~mask).to(gram.dtype))
 
 
 def newton_iters(t: int) -> int:
@@ -56,8 +98,8 @@ def default_iters(t: int) -> int:
 def box_qp(h: torch.Tensor, q: torch.Tensor, lower: torch.Tensor, iters: int) -> torch.Tensor:
     """``argmin_v 1/2 v^T H v + q^T v  s.t.  v >= lower`` for positive definite ``H``.
 
-    Shapes: ``h [..., T, T]``, ``q`` and ``lower`` ``[..., T]`` (broadcast against each
-    other; ``h`` broadcasts over the extra leading problem dimensions of ``q``).
+    Shapes: ``h [S, T, T]``, ``q`` and ``lower`` ``[S, P, T]`` (P problems per matrix)
+    or ``[S, T]`` (one).
 
     Written as the linear complementarity problem ``s = v - lower >= 0``,
     ``z = H s + q' >= 0``, ``s . z = 0`` (``q' = q + H lower``) and solved by the
@@ -67,40 +109,136 @@ def box_qp(h: torch.Tensor, q: torch.Tensor, lower: torch.Tensor, iters: int) ->
     is right the iterate is the exact solution (to rounding) and a fixed point of the
     iteration, so a fixed ``iters`` needs no convergence test. See :func:`default_iters`.
     """
-    q = q + (h @ lower.unsqueeze(-1)).squeeze(-1)
-    h = h.expand(*q.shape[:-1], *h.shape[-2:])
-    eye = eye_like(h)
-    zeros = torch.zeros_like(q)
-    s, z = zeros, q
+    single = q.dim() == h.dim() - 1
+    if single:
+        q, lower = q.unsqueeze(-2), lower.unsqueeze(-2)
+    q, lower = torch.broadcast_tensors(q, lower)
+    ops = _native_ops(h)
+    if ops is not None and h.dim() == 3:
+        out = ops.box_qp(h, q, lower, iters)
+    else:
+        hh = h.unsqueeze(-3)
+        q2 = q + (hh @ lower.unsqueeze(-1)).squeeze(-1)
+        hh = hh.expand(*q2.shape[:-1], *h.shape[-2:])
+        eye = eye_like(h)
+        zeros = torch.zeros_like(q2)
+        s, z = zeros, q2
+        for _ in range(iters):
+            active = z > s                                                 # s_i = 0 there
+            k = torch.where(active.unsqueeze(-1), eye, hh)
+            s, _ = torch.linalg.solve_ex(k, torch.where(active, zeros, -q2))
+            z = (hh @ s.unsqueeze(-1)).squeeze(-1) + q2
+        out = s.clamp_min(0) + lower
+    return out.squeeze(-2) if single else out
+
+
+def simplex_qp(g: torch.Tensor, mask: torch.Tensor, iters: int) -> torch.Tensor:
+    """``argmin_w w^T G w  s.t.  w >= 0, sum(w) = 1, w_i = 0 where not mask_i`` (``[S, T]``).
+
+    Primal-dual active-set method on the KKT system ``G w = lam 1 + mu``, ``mu >= 0``,
+    ``mu . w = 0``: each iteration fixes ``w_i = 0`` where ``mu_i > w_i`` and solves the
+    bordered system ``[G_FF 1; 1^T 0] [w_F; -lam] = [0; 1]`` on the free set, from every
+    task free. The bordered system is nonsingular when 0 lies in the hull (where the
+    equivalent box QP of MGDA is unbounded), so the answer is exact at any mix of scales.
+    ``g`` must be positive definite on the free sets (callers add a tiny ridge).
+    """
+    mask = mask.expand(g.shape[:-1])
+    ops = _native_ops(g)
+    if ops is not None and g.dim() == 3:
+        return ops.simplex_qp(g, mask, iters)
+    t = g.shape[-1]
+    mf = mask.to(g.dtype)
+    w = mf / mf.sum(-1, keepdim=True).clamp_min(1)
+    mu = torch.zeros_like(w)
+    eye = eye_like(g)
+    rhs = torch.cat([torch.zeros_like(w), torch.ones_like(w[..., :1])], -1)
+    corner = torch.zeros_like(w[..., :1, None])
     for _ in range(iters):
-        active = z > s                                                 # s_i = 0 there
-        k = torch.where(active.unsqueeze(-1), eye, h)
-        s, _ = torch.linalg.solve_ex(k, torch.where(active, zeros, -q))
-        z = (h @ s.unsqueeze(-1)).squeeze(-1) + q
-    return s.clamp_min(0) + lower
+        active = ~mask | (mu > w)
+        free = (~active).to(g.dtype)
+        top = torch.cat([torch.where(active.unsqueeze(-1), eye, g), free.unsqueeze(-1)], -1)
+        k = torch.cat([top, torch.cat([free.unsqueeze(-2), corner], -1)], -2)
+        sol, _ = torch.linalg.solve_ex(k, rhs)
+        w = sol[..., :t]
+        mu = (g @ w.unsqueeze(-1)).squeeze(-1) + sol[..., t:]
+    return torch.where(mask, w.clamp_min(0), torch.zeros_like(w))
 
 
-def power_root(gram: torch.Tensor, alpha: float, iters: int) -> torch.Tensor:
-    """The positive root ``x`` of ``G x = x^(-1/alpha)`` (FairGrad; Nash-MTL is alpha = 1).
+def cagrad_kkt(g: torch.Tensor, b: torch.Tensor, phi2: torch.Tensor, mask: torch.Tensor, iters: int) -> torch.Tensor:
+    """CAGrad's correction ``s >= 0`` (``[S, T]``; see :mod:`.cagrad`): ``G (ubar + s) = lam 1 + mu``,
+    ``mu >= 0`` complementary to ``s``, ``s^T G s = phi^2``, ``s_i = 0`` where not ``mask_i``.
+
+    ``b = G ubar``, ``phi2 [S, 1]``. Each iteration takes one active-set step and solves
+    the quadratic in ``lam`` exactly (one solve, two right-hand sides). Starts with only
+    the task(s) of the smallest ``b_i`` free (the vertex the correction leans to first), so
+    that a singular block (colinear gradients) is never solved before the active set is
+    right. ``g`` must be positive definite on the free sets.
+    """
+    mask = mask.expand(g.shape[:-1])
+    ops = _native_ops(g)
+    if ops is not None and g.dim() == 3:
+        return ops.cagrad_kkt(g, b, phi2, mask, iters)
+    eye = eye_like(g)
+    bmin = torch.where(mask, b, torch.full_like(b, float("inf"))).amin(-1, keepdim=True)
+    s = torch.zeros_like(b)
+    z = b - bmin
+    lam = torch.zeros_like(bmin)
+    zeros, ones = torch.zeros_like(b), torch.ones_like(b)
+
+    def quad(u, v):
+        return (u * (g @ v.unsqueeze(-1)).squeeze(-1)).sum(-1, keepdim=True)
+
+    for _ in range(iters):
+        active = ~mask | (z > s)
+        k = torch.where(active.unsqueeze(-1), eye, g)
+        rhs = torch.stack([torch.where(active, zeros, -b), torch.where(active, zeros, ones)], dim=-1)
+        sol, _ = torch.linalg.solve_ex(k, rhs)
+        sb, p = sol[..., 0], sol[..., 1]
+        a, bb, c0 = quad(p, p), quad(p, sb), quad(sb, sb)
+        disc = (bb * bb - a * (c0 - phi2)).clamp_min(0)
+        ok = a > 1e-300
+        lam = torch.where(ok, (disc.sqrt() - bb) / torch.where(ok, a, torch.ones_like(a)), lam)
+        s = sb + lam * p
+        z = (g @ s.unsqueeze(-1)).squeeze(-1) + b - lam
+    return torch.where(mask, s.clamp_min(0), zeros)
+
+
+def power_root(gram: torch.Tensor, alpha: float, iters: int, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The positive root ``x`` of ``G x = x^(-1/alpha)`` (FairGrad; Nash-MTL is alpha = 1),
+    on the coordinates where ``mask`` is True (0 elsewhere; None: all).
 
     It is the minimiser of the strictly convex ``1/2 x^T G x - sum_i h(x_i)`` with
     ``h' = x^(-1/alpha)`` (a barrier at 0), found by Newton's method with a
     fraction-to-the-boundary step (x stays positive) from ``x_i = G_ii^(-alpha/(1+alpha))``,
     the root when the gradients are orthogonal (right scale for any gradient magnitude).
-    Fixed ``iters``; quadratic convergence near the root.
+    Fixed ``iters``; quadratic convergence near the root. Where no positive root exists
+    (no direction improves every task: antiparallel or colinear opposed gradients) the
+    iterate grows along the null direction of G (about doubling per step, finite) and
+    ``G x`` tends to 0.
     """
+    if mask is None:
+        mask = torch.ones(gram.shape[:-1], dtype=torch.bool, device=gram.device)
+    mask = mask.expand(gram.shape[:-1])
+    ops = _native_ops(gram)
+    if ops is not None and gram.dim() == 3:
+        return ops.power_root(gram, mask, float(alpha), iters)
     p = -1.0 / alpha
+    mf = mask.to(gram.dtype)
+    mm = mf.unsqueeze(-1) * mf.unsqueeze(-2)
+    gm = gram * mm
+    eye = eye_like(gram)
     d = torch.diagonal(gram, dim1=-2, dim2=-1)
     tiny = torch.finfo(gram.dtype).tiny
     x = d.clamp_min(tiny).pow(-alpha / (1 + alpha))
+    zeros = torch.zeros_like(x)
     for _ in range(iters):
         xp = x.pow(p)
-        f = (gram @ x.unsqueeze(-1)).squeeze(-1) - xp
-        jac = gram - p * torch.diag_embed(xp / x)
+        f = torch.where(mask, (gm @ x.unsqueeze(-1)).squeeze(-1) - xp, zeros)
+        jac = torch.where(mm > 0, gm, eye) - p * torch.diag_embed(torch.where(mask, xp / x, zeros))
         step, _ = torch.linalg.solve_ex(jac, -f)
         # Largest step in (0, 1] keeping x >= x / 10 (x positive).
         ratio = torch.where(step < 0, -0.9 * x / torch.where(step < 0, step, -torch.ones_like(step)),
                             torch.full_like(x, float("inf")))
         t = ratio.amin(-1, keepdim=True).clamp(max=1.0)
         x = x + t * step
-    return x
+    return torch.where(mask, x, zeros)
