@@ -88,38 +88,68 @@ inline void box_qp(const double* H, const double* q0, const double* lower, int n
 }
 
 // simplex_qp: argmin w^T G w over {w >= 0, sum w = 1, w_i = 0 where !mask_i}; see
-// _lcp.simplex_qp (primal-dual active set on the bordered KKT system).
+// _lcp.simplex_qp (a primal active-set method: one add or one drop per step).
 inline void simplex_qp(const double* G, const unsigned char* mask, int n, int iters, double* out, double* work) {
   const int m = n + 1;
   double* K = work;
-  double* w = K + m * m;            // n + 1 (the last: -lambda)
+  double* z = K + m * m;            // n + 1 (the last: -lambda)
+  double* w = z + m;
   double* mu = w + m;
-  unsigned char* act = reinterpret_cast<unsigned char*>(mu + m);
-  unsigned char* prev = act + m;
-  int np = 0;
-  for (int i = 0; i < n; ++i) np += mask[i] ? 1 : 0;
-  for (int i = 0; i < n; ++i) w[i] = mask[i] ? 1.0 / std::max(np, 1) : 0.0, mu[i] = 0.0;
+  unsigned char* F = reinterpret_cast<unsigned char*>(mu + m);
+  double dmax = 0.0;
+  int k0 = -1;
+  for (int i = 0; i < n; ++i) {
+    F[i] = 0, w[i] = 0.0;
+    if (!mask[i]) continue;
+    dmax = std::max(dmax, G[i * n + i]);
+    if (k0 < 0 || G[i * n + i] < G[k0 * n + k0]) k0 = i;
+  }
+  if (k0 < 0) {
+    for (int i = 0; i < n; ++i) out[i] = 0.0;
+    return;
+  }
+  F[k0] = 1, w[k0] = 1.0;
+  const double tol = 1e-15 * dmax;
   for (int it = 0; it < iters; ++it) {
-    bool same = it > 0;
+    // The minimiser on the affine hull of the free set: [G_FF 1; 1^T 0] [z; -lam] = [0; 1].
     for (int i = 0; i < n; ++i) {
-      act[i] = !mask[i] || mu[i] > w[i];
-      same = same && act[i] == prev[i];
-      prev[i] = act[i];
-    }
-    if (same) break;
-    for (int i = 0; i < n; ++i) {
-      for (int j = 0; j < n; ++j) K[i * m + j] = act[i] ? (i == j ? 1.0 : 0.0) : G[i * n + j];
-      K[i * m + n] = act[i] ? 0.0 : 1.0;
-      K[n * m + i] = act[i] ? 0.0 : 1.0;
-      w[i] = 0.0;
+      for (int j = 0; j < n; ++j) K[i * m + j] = F[i] ? G[i * n + j] : (i == j ? 1.0 : 0.0);
+      K[i * m + n] = F[i] ? 1.0 : 0.0;
+      K[n * m + i] = F[i] ? 1.0 : 0.0;
+      z[i] = 0.0;
     }
     K[n * m + n] = 0.0;
-    w[n] = 1.0;
-    lu_solve(K, w, m);
-    matvec(G, w, n, mu);
-    for (int i = 0; i < n; ++i) mu[i] += w[n];                         // G w - lambda
+    z[n] = 1.0;
+    lu_solve(K, z, m);
+    bool feasible = true;
+    for (int i = 0; i < n; ++i) feasible = feasible && (!F[i] || z[i] > 0.0);
+    if (feasible) {
+      for (int i = 0; i < n; ++i) w[i] = F[i] ? z[i] : 0.0;
+      matvec(G, w, n, mu);
+      int j = -1;
+      for (int i = 0; i < n; ++i) {
+        mu[i] += z[n];                                       // G w - lambda
+        if (mask[i] && !F[i] && mu[i] < -tol && (j < 0 || mu[i] < mu[j])) j = i;
+      }
+      if (j < 0) break;                                      // KKT hold: optimal
+      F[j] = 1;
+    } else {
+      // Step from w towards z until the first free weight reaches 0; drop it.
+      double alpha = 1.0;
+      int drop = -1;
+      for (int i = 0; i < n; ++i) {
+        if (F[i] && z[i] <= 0.0) {
+          const double r = w[i] - z[i] > 0.0 ? w[i] / (w[i] - z[i]) : 0.0;
+          if (drop < 0 || r < alpha) alpha = r, drop = i;
+        }
+      }
+      for (int i = 0; i < n; ++i) {
+        if (F[i]) w[i] += alpha * (z[i] - w[i]);
+      }
+      F[drop] = 0, w[drop] = 0.0;
+    }
   }
-  for (int i = 0; i < n; ++i) out[i] = mask[i] ? std::max(w[i], 0.0) : 0.0;
+  for (int i = 0; i < n; ++i) out[i] = F[i] ? std::max(w[i], 0.0) : 0.0;
 }
 
 // cagrad_kkt: the CAGrad correction s >= 0 (v = ubar + s) on a positive definite G; see
@@ -172,7 +202,10 @@ inline void cagrad_kkt(const double* G, const double* b, double phi2, const unsi
     matvec(G, s, n, z);
     for (int i = 0; i < n; ++i) z[i] += b[i] - lam;
   }
-  for (int i = 0; i < n; ++i) out[i] = mask[i] ? std::max(s[i], 0.0) : 0.0;
+  // A non-finite iterate (0 in the hull of the free tasks) drops the correction.
+  bool finite = true;
+  for (int i = 0; i < n; ++i) finite = finite && std::isfinite(s[i]);
+  for (int i = 0; i < n; ++i) out[i] = mask[i] && finite ? std::max(s[i], 0.0) : 0.0;
 }
 
 // power_root: the positive root x of G x = x^(-1/alpha) on the masked coordinates (0 on

@@ -57,12 +57,33 @@ def eye_like(gram: torch.Tensor) -> torch.Tensor:
     return torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
 
 
+def ridge(gram: torch.Tensor, rel: float = 1e-13, floor: float = 1e-30) -> torch.Tensor:
+    """``G + diag(rel * G_ii + floor)``: each task's own scale times ``rel`` (duplicate
+    rows become a distinct, well-posed tie: equal weights), ``floor`` keeps zero rows from
+    a zero pivot. Changes the solution by about ``rel`` relative at any mix of scales."""
+    d = torch.diagonal(gram, dim1=-2, dim2=-1)
+    return gram + torch.diag_embed(rel * d.clamp_min(0) + floor)
+
+
+def split_finite(gram: torch.Tensor):
+    """``(G with non-finite matrices replaced by 0, [S, 1] bool finite)``: an
+    eigendecomposition raises on NaN/Inf, so those methods solve on the zeroed copy and
+    put NaN back (:func:`nan_where`): NaN/Inf input propagates, never raises, never vanishes."""
+    finite = torch.isfinite(gram).flatten(-2).all(-1, keepdim=True)
+    return torch.where(finite.unsqueeze(-1), gram, torch.zeros_like(gram)), finite
+
+
+def nan_where(w: torch.Tensor, finite: torch.Tensor) -> torch.Tensor:
+    """``w`` with NaN on the segments whose Gram was not finite."""
+    return torch.where(finite, w, torch.full_like(w, float("nan")))
+
+
 def mask_gram(gram: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """``G`` with the rows and columns of absent tasks (``mask`` False) zeroed."""
     if mask is None:
         return gram
-    m = mask.to(gram.dtype)
-    return gram * (m.unsqueeze(-1) * m.unsqueeze(-2))
+    both = mask.unsqueeze(-1) & mask.unsqueeze(-2)
+    return torch.where(both, gram, torch.zeros_like(gram))       # an absent row is never read
 
 
 def decouple(gram: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -132,36 +153,68 @@ def box_qp(h: torch.Tensor, q: torch.Tensor, lower: torch.Tensor, iters: int) ->
     return out.squeeze(-2) if single else out
 
 
+def simplex_iters(t: int) -> int:
+    """Steps of :func:`simplex_qp` for T tasks: ``2 T + 4`` (each step adds or drops one
+    task; the compiled kernel stops at the optimum)."""
+    return 2 * t + 4
+
+
 def simplex_qp(g: torch.Tensor, mask: torch.Tensor, iters: int) -> torch.Tensor:
     """``argmin_w w^T G w  s.t.  w >= 0, sum(w) = 1, w_i = 0 where not mask_i`` (``[S, T]``).
 
-    Primal-dual active-set method on the KKT system ``G w = lam 1 + mu``, ``mu >= 0``,
-    ``mu . w = 0``: each iteration fixes ``w_i = 0`` where ``mu_i > w_i`` and solves the
-    bordered system ``[G_FF 1; 1^T 0] [w_F; -lam] = [0; 1]`` on the free set, from every
-    task free. The bordered system is nonsingular when 0 lies in the hull (where the
-    equivalent box QP of MGDA is unbounded), so the answer is exact at any mix of scales.
-    ``g`` must be positive definite on the free sets (callers add a tiny ridge).
+    A primal active-set method (as Lawson-Hanson's NNLS, on the simplex): from the vertex
+    of the smallest ``G_ii``, each step solves the bordered system
+    ``[G_FF 1; 1^T 0] [z_F; -lam] = [0; 1]`` on the free set F; if ``z_F > 0`` it moves to z
+    and frees the task of the most negative multiplier ``(G w)_i - lam`` (below
+    ``-1e-15 max G_ii``; none: optimal, every later step is a no-op), else it steps towards
+    z until a weight reaches 0 and drops that task. Exact at any mix of scales and when 0
+    lies in the hull; never cycles (the objective decreases). ``g`` must be positive
+    definite on the free sets' affine hulls (callers add a tiny ridge).
     """
     mask = mask.expand(g.shape[:-1])
     ops = _native_ops(g)
     if ops is not None and g.dim() == 3:
         return ops.simplex_qp(g, mask, iters)
     t = g.shape[-1]
-    mf = mask.to(g.dtype)
-    w = mf / mf.sum(-1, keepdim=True).clamp_min(1)
-    mu = torch.zeros_like(w)
+    d = torch.diagonal(g, dim1=-2, dim2=-1)
+    inf = torch.full_like(d, float("inf"))
+    dm = torch.where(mask, d, inf)
+    k0 = dm.argmin(-1, keepdim=True)
+    any_present = mask.any(-1, keepdim=True)
+    free = torch.zeros_like(mask).scatter(-1, k0, True) & any_present
+    w = free.to(g.dtype)
+    tol = 1e-15 * torch.where(mask, d, torch.zeros_like(d)).amax(-1, keepdim=True)
     eye = eye_like(g)
     rhs = torch.cat([torch.zeros_like(w), torch.ones_like(w[..., :1])], -1)
     corner = torch.zeros_like(w[..., :1, None])
+    done = ~any_present
+    zeros = torch.zeros_like(w)
     for _ in range(iters):
-        active = ~mask | (mu > w)
-        free = (~active).to(g.dtype)
-        top = torch.cat([torch.where(active.unsqueeze(-1), eye, g), free.unsqueeze(-1)], -1)
-        k = torch.cat([top, torch.cat([free.unsqueeze(-2), corner], -1)], -2)
+        ff = free.to(g.dtype)
+        top = torch.cat([torch.where(free.unsqueeze(-1), g, eye), ff.unsqueeze(-1)], -1)
+        k = torch.cat([top, torch.cat([ff.unsqueeze(-2), corner], -1)], -2)
         sol, _ = torch.linalg.solve_ex(k, rhs)
-        w = sol[..., :t]
-        mu = (g @ w.unsqueeze(-1)).squeeze(-1) + sol[..., t:]
-    return torch.where(mask, w.clamp_min(0), torch.zeros_like(w))
+        z = torch.where(free, sol[..., :t], zeros)
+        feasible = (~free | (z > 0)).all(-1, keepdim=True)
+        # Feasible: move to z, free the most negative multiplier (or stop).
+        mu = (g @ z.unsqueeze(-1)).squeeze(-1) + sol[..., t:]
+        cand = torch.where(mask & ~free, mu, inf)
+        j = cand.argmin(-1, keepdim=True)
+        add = cand.gather(-1, j) < -tol
+        # Infeasible: step towards z until the first free weight reaches 0, drop it.
+        neg = free & (z <= 0)
+        gap = w - z
+        ratio = torch.where(neg, torch.where(gap > 0, w / torch.where(gap > 0, gap, torch.ones_like(w)), zeros), inf)
+        alpha = ratio.amin(-1, keepdim=True)
+        drop = ratio.argmin(-1, keepdim=True)
+        w_step = torch.where(free, w + alpha * (z - w), zeros).scatter(-1, drop, 0.0)
+        go = ~done
+        w = torch.where(go, torch.where(feasible, z, w_step), w)
+        free_add = free | (torch.zeros_like(free).scatter(-1, j, True) & add)
+        free_drop = free & ~torch.zeros_like(free).scatter(-1, drop, True)
+        free = torch.where(go, torch.where(feasible, free_add, free_drop), free)
+        done = done | (feasible & ~add)
+    return torch.where(free, w.clamp_min(0), zeros)
 
 
 def cagrad_kkt(g: torch.Tensor, b: torch.Tensor, phi2: torch.Tensor, mask: torch.Tensor, iters: int) -> torch.Tensor:
@@ -172,7 +225,8 @@ def cagrad_kkt(g: torch.Tensor, b: torch.Tensor, phi2: torch.Tensor, mask: torch
     the quadratic in ``lam`` exactly (one solve, two right-hand sides). Starts with only
     the task(s) of the smallest ``b_i`` free (the vertex the correction leans to first), so
     that a singular block (colinear gradients) is never solved before the active set is
-    right. ``g`` must be positive definite on the free sets.
+    right. ``g`` must be positive definite on the free sets. A non-finite iterate (0 in
+    the hull of the free tasks: the correction's direction is undefined) gives ``s = 0``.
     """
     mask = mask.expand(g.shape[:-1])
     ops = _native_ops(g)
@@ -200,6 +254,9 @@ def cagrad_kkt(g: torch.Tensor, b: torch.Tensor, phi2: torch.Tensor, mask: torch
         lam = torch.where(ok, (disc.sqrt() - bb) / torch.where(ok, a, torch.ones_like(a)), lam)
         s = sb + lam * p
         z = (g @ s.unsqueeze(-1)).squeeze(-1) + b - lam
+    # A blow-up (0 in the hull of the free tasks: the correction's direction is undefined)
+    # drops the correction, as the compiled kernel does.
+    s = torch.where(torch.isfinite(s).all(-1, keepdim=True), s, zeros)
     return torch.where(mask, s.clamp_min(0), zeros)
 
 
@@ -213,8 +270,8 @@ def power_root(gram: torch.Tensor, alpha: float, iters: int, mask: torch.Tensor 
     the root when the gradients are orthogonal (right scale for any gradient magnitude).
     Fixed ``iters``; quadratic convergence near the root. Where no positive root exists
     (no direction improves every task: antiparallel or colinear opposed gradients) the
-    iterate grows along the null direction of G (about doubling per step, finite) and
-    ``G x`` tends to 0.
+    iterate grows along the null direction of G (about doubling per step, finite) while
+    the other coordinates converge.
     """
     if mask is None:
         mask = torch.ones(gram.shape[:-1], dtype=torch.bool, device=gram.device)

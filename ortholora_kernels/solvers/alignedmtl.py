@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from ._common import count, masked, pref
-from ._lcp import mask_gram, normalize
+from ._lcp import mask_gram, nan_where, normalize, split_finite
 
 SCALE_MODES = ("min", "median", "rmse")
 
@@ -24,7 +24,7 @@ def weights(gram: torch.Tensor, present=None, *, pref_vector=None, scale_mode: s
         raise ValueError(f"alignedmtl: option scale_mode must be one of {SCALE_MODES}, got {scale_mode!r}")
     t = gram.shape[-1]
     u = pref(pref_vector, gram, "mean", "alignedmtl", present)
-    g = normalize(mask_gram(gram, present), 0.0)
+    g, finite = split_finite(normalize(mask_gram(gram, present), 0.0))
     lam, vec = torch.linalg.eigh(g)                                     # ascending
     tol = lam[..., -1:] * count(present, g) * torch.finfo(gram.dtype).eps
     keep = lam > tol
@@ -39,4 +39,4 @@ def weights(gram: torch.Tensor, present=None, *, pref_vector=None, scale_mode: s
         scale = lam.gather(-1, idx)
     b = (vec * (inv_sqrt * scale.clamp_min(0).sqrt()).unsqueeze(-2)) @ vec.transpose(-1, -2)
     w = (b @ u.unsqueeze(-1)).squeeze(-1)
-    return masked(torch.where(rank > 0, w, u.expand_as(w)), present)
+    return nan_where(masked(torch.where(rank > 0, w, u.expand_as(w)), present), finite)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from ._common import check_iters, check_nonneg, count, masked, nonzero
-from ._lcp import cagrad_kkt, decouple, default_iters, mask_gram, normalize
+from ._lcp import cagrad_kkt, decouple, default_iters, mask_gram, normalize, ridge
 
 
 def weights(gram: torch.Tensor, present=None, *, c: float = 0.5, norm_eps: float = 1e-4,
@@ -42,10 +42,9 @@ def weights(gram: torch.Tensor, present=None, *, c: float = 0.5, norm_eps: float
     if c == 0:
         return ubar
     live = nonzero(g, present)
-    # Zero and absent tasks are 1 x 1 blocks of their own; 1e-30 only keeps exact
-    # duplicates (a singular block with a consistent right-hand side) from a 0 pivot.
-    gk = decouple(g * (live.to(g.dtype).unsqueeze(-1) * live.to(g.dtype).unsqueeze(-2)), live)
-    gk = gk + 1e-30 * torch.eye(t, dtype=g.dtype, device=g.device)
+    # Zero and absent tasks are 1 x 1 blocks of their own; the ridge (1e-13 of each task's
+    # own scale) makes duplicate rows a well-posed tie instead of a zero pivot.
+    gk = ridge(decouple(g * (live.to(g.dtype).unsqueeze(-1) * live.to(g.dtype).unsqueeze(-2)), live))
     b = (gk @ ubar.unsqueeze(-1)).squeeze(-1)        # G ubar (zero on zero and absent tasks)
     phi2 = c * c * (ubar * (g @ ubar.unsqueeze(-1)).squeeze(-1)).sum(-1, keepdim=True)
     s = cagrad_kkt(gk, b, phi2, live, iters)

@@ -16,13 +16,13 @@ from __future__ import annotations
 import torch
 
 from ._common import count, masked, pref
-from ._lcp import mask_gram, normalize
+from ._lcp import mask_gram, nan_where, normalize, split_finite
 
 
 def weights(gram: torch.Tensor, present=None, *, pref_vector=None) -> torch.Tensor:
     """``[S, T]`` ConFIG weights from float64 Gram matrices ``[S, T, T]``."""
     u = pref(pref_vector, gram, "sum", "config", present)
-    g = normalize(mask_gram(gram, present), 0.0)
+    g, finite = split_finite(normalize(mask_gram(gram, present), 0.0))
     norm = torch.diagonal(g, dim1=-2, dim2=-1).clamp_min(0).sqrt()
     inv = torch.where(norm > 0, 1 / torch.where(norm > 0, norm, torch.ones_like(norm)), torch.zeros_like(norm))
     k = g * inv.unsqueeze(-1) * inv.unsqueeze(-2)
@@ -31,4 +31,4 @@ def weights(gram: torch.Tensor, present=None, *, pref_vector=None) -> torch.Tens
     a = inv * (torch.linalg.pinv(k, rtol=rtol, hermitian=True) @ u.unsqueeze(-1)).squeeze(-1)
     ga = (g @ a.unsqueeze(-1)).squeeze(-1)
     norm2 = (a * ga).sum(-1, keepdim=True).clamp_min(0).clamp_min(1e-24)       # max(||X^T a||, 1e-12)^2
-    return masked(a * ga.sum(-1, keepdim=True) / norm2, present)
+    return nan_where(masked(a * ga.sum(-1, keepdim=True) / norm2, present), finite)

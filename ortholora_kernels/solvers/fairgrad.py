@@ -6,7 +6,8 @@ uniform vector; here a fixed number of Newton steps on the device (:func:`._lcp.
 on G scaled to unit trace; the root scales as ``trace^(-alpha / (1 + alpha))``).
 ``alpha = 0`` gives the uniform weights 1/T, as in TorchJD. Degenerate cases as Nash-MTL
 (:mod:`.nashmtl`): a zero gradient gets weight 0, no positive root gives finite weights
-whose update tends to 0, every gradient zero gives zero weights.
+(the opposed tasks' weights grow while their contributions cancel), every gradient zero
+gives zero weights.
 """
 from __future__ import annotations
 

@@ -11,17 +11,17 @@ from __future__ import annotations
 import torch
 
 from ._common import count, masked
-from ._lcp import mask_gram, normalize
+from ._lcp import mask_gram, nan_where, normalize, split_finite
 
 
 def weights(gram: torch.Tensor, present=None) -> torch.Tensor:
     """``[S, T]`` IMTL-G weights from float64 Gram matrices ``[S, T, T]``."""
-    g = normalize(mask_gram(gram, present), 0.0)
+    g, finite = split_finite(normalize(mask_gram(gram, present), 0.0))
     d = torch.diagonal(g, dim1=-2, dim2=-1).clamp_min(0).sqrt()
     rtol = torch.finfo(g.dtype).eps * count(present, g)
     rtol = rtol.squeeze(-1) if isinstance(rtol, torch.Tensor) else rtol
     v = (torch.linalg.pinv(g, rtol=rtol, hermitian=True) @ d.unsqueeze(-1)).squeeze(-1)
     total = v.sum(-1, keepdim=True)
     small = total.abs() < 1e-12
-    return masked(torch.where(small, torch.zeros_like(v), v / torch.where(small, torch.ones_like(total), total)),
-                  present)
+    w = torch.where(small, torch.zeros_like(v), v / torch.where(small, torch.ones_like(total), total))
+    return nan_where(masked(w, present), finite)

@@ -15,8 +15,9 @@ Degenerate cases (the rules chosen here; the bargaining problem has no solution 
   for any ``w_i``: it gets weight 0 and the others the Nash weights among themselves
   (as if it were absent; its contribution is zero whatever its weight);
 * no direction improves every task (e.g. antiparallel or opposed colinear gradients): no
-  positive root exists; the fixed Newton steps return finite weights whose update
-  ``X^T w`` tends to 0 (the disagreement point);
+  positive root exists; the fixed Newton steps return finite weights: those of the
+  opposed tasks grow (about 2x per step) while their contributions cancel, so the update
+  tends to the Nash update of the other tasks (0 when all are opposed, ``[v, v, -v/2]``);
 * every gradient zero: zero weights.
 """
 from __future__ import annotations
