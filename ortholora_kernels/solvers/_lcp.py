@@ -40,16 +40,23 @@ def normalize(gram: torch.Tensor, eps: float) -> torch.Tensor:
 
     ``eps`` is an ABSOLUTE threshold on the squared Frobenius norm of the gradients (as
     TorchJD's ``normalize``); 0 gives a purely scale-invariant solve (zeros only where
-    every gradient is zero).
+    every gradient is zero). NaN/Inf propagate. A new tensor (callers may write into it).
     """
     tr = trace(gram)
-    small = (tr < eps) | (tr <= 0)
-    return torch.where(small, torch.zeros_like(gram), gram / torch.where(small, torch.ones_like(tr), tr))
+    live = tr > 0 if eps == 0 else (tr > 0) & (tr >= eps)
+    return gram / torch.where(live, tr, torch.full_like(tr, float("inf")))   # x / inf = 0
 
 
-def regularize(gram: torch.Tensor, eps: float) -> torch.Tensor:
-    """``G + eps I`` (TorchJD's ``regularize``: makes the normalised Gram positive definite)."""
-    return gram + eps * eye_like(gram)
+def regularize(gram: torch.Tensor, eps: float, dead_eye: bool = False) -> torch.Tensor:
+    """``G + eps I`` (TorchJD's ``regularize``: makes the normalised Gram positive definite),
+    in place on ``gram`` (a fresh tensor from :func:`normalize`). ``dead_eye``: also add
+    ``I`` where the whole matrix is 0 (every gradient zero; needed when ``eps`` is 0)."""
+    diag = torch.diagonal(gram, dim1=-2, dim2=-1)
+    if dead_eye:
+        diag.add_((diag.sum(-1, keepdim=True) == 0).to(gram.dtype))
+    if eps:
+        diag.add_(eps)
+    return gram
 
 
 def eye_like(gram: torch.Tensor) -> torch.Tensor:

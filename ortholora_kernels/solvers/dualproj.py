@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from ._common import check_iters, check_nonneg, pref
-from ._lcp import box_qp, decouple, default_iters, eye_like, mask_gram, normalize, regularize, trace
+from ._lcp import box_qp, decouple, default_iters, mask_gram, normalize, regularize
 
 
 def weights(gram: torch.Tensor, present=None, *, pref_vector=None, norm_eps: float = 0.0, reg_eps: float = 1e-4,
@@ -23,6 +23,5 @@ def weights(gram: torch.Tensor, present=None, *, pref_vector=None, norm_eps: flo
     iters = check_iters(iters, "dualproj") or default_iters(gram.shape[-1])
     u = pref(pref_vector, gram, "mean", "dualproj", present).expand(*gram.shape[:-1])
     g = normalize(mask_gram(gram, present), norm_eps)
-    g = decouple(regularize(g, reg_eps), present)
-    g = torch.where(trace(g) > 0, g, eye_like(g))
+    g = decouple(regularize(g, reg_eps, dead_eye=reg_eps == 0), present)
     return box_qp(g, torch.zeros_like(u), u, iters)

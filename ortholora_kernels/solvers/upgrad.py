@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from ._common import check_iters, check_nonneg, pref
-from ._lcp import box_qp, decouple, default_iters, eye_like, mask_gram, normalize, regularize, trace
+from ._lcp import box_qp, decouple, default_iters, mask_gram, normalize, regularize
 
 
 def weights(gram: torch.Tensor, present=None, *, pref_vector=None, norm_eps: float = 0.0, reg_eps: float = 1e-4,
@@ -30,8 +30,7 @@ def weights(gram: torch.Tensor, present=None, *, pref_vector=None, norm_eps: flo
     iters = check_iters(iters, "upgrad") or default_iters(gram.shape[-1])
     u = pref(pref_vector, gram, "mean", "upgrad", present)
     g = normalize(mask_gram(gram, present), norm_eps)
-    g = decouple(regularize(g, reg_eps), present)
-    g = torch.where(trace(g) > 0, g, eye_like(g))             # reg_eps = 0 and every gradient zero
+    g = decouple(regularize(g, reg_eps, dead_eye=reg_eps == 0), present)
     lower = torch.diag_embed(u.expand(*gram.shape[:-1]))    # problem i: u_i e_i
     v = box_qp(g, torch.zeros_like(lower), lower, iters)    # [S, T, T]
     return v.sum(-2)
