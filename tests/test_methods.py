@@ -320,3 +320,15 @@ def test_compiled_kernels_equal_the_torch_kernels(method, cond, monkeypatch):
         assert (diff <= 1e-7 * size + 1e-12 * gram.diagonal(dim1=-2, dim2=-1).amax().sqrt()).all()
     else:
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12 * b.abs().max().item())
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("method", ("mgda", "cagrad", "nashmtl"))
+@pytest.mark.parametrize("cond", ("one_zero", "duplicate", "colinear"))
+def test_triton_backend_on_degenerate_rows(method, cond):
+    # The Triton Gram and combine (TRITON_INTERPRET=1) around the same solve, fp32.
+    x = _cond(cond).float()
+    a = ok.aggregate(x, method=method, backend="triton", **OPTIONS.get(method, {}))
+    b = ok.aggregate(x, method=method, backend="torch", **OPTIONS.get(method, {}))
+    assert torch.isfinite(a).all()
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * float(x.norm(dim=1).max()))

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from ._common import check_iters, check_nonneg, count, masked, nonzero
-from ._lcp import cagrad_kkt, decouple, default_iters, mask_gram, normalize, ridge
+from ._lcp import cagrad_kkt, default_iters, eye_like, mask_gram, normalize
 
 
 def weights(gram: torch.Tensor, present=None, *, c: float = 0.5, norm_eps: float = 1e-4,
@@ -44,9 +44,10 @@ def weights(gram: torch.Tensor, present=None, *, c: float = 0.5, norm_eps: float
     live = nonzero(g, present)
     # Zero and absent tasks are 1 x 1 blocks of their own; the ridge (1e-13 of each task's
     # own scale) makes duplicate rows a well-posed tie instead of a zero pivot.
-    gk = ridge(decouple(g * (live.to(g.dtype).unsqueeze(-1) * live.to(g.dtype).unsqueeze(-2)), live))
-    b = (gk @ ubar.unsqueeze(-1)).squeeze(-1)        # G ubar (zero on zero and absent tasks)
-    phi2 = c * c * (ubar * (g @ ubar.unsqueeze(-1)).squeeze(-1)).sum(-1, keepdim=True)
+    gk = torch.where(live.unsqueeze(-1) & live.unsqueeze(-2), g, eye_like(g))
+    torch.diagonal(gk, dim1=-2, dim2=-1).mul_(1 + 1e-13).add_(1e-30)
+    b = (g @ ubar.unsqueeze(-1)).squeeze(-1)          # G ubar (zero on zero and absent tasks)
+    phi2 = c * c * (ubar * b).sum(-1, keepdim=True)
     s = cagrad_kkt(gk, b, phi2, live, iters)
     total = s.sum(-1, keepdim=True)
     gs = (s * (g @ s.unsqueeze(-1)).squeeze(-1)).sum(-1, keepdim=True).clamp_min(0).sqrt()
