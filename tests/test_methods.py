@@ -332,3 +332,18 @@ def test_triton_backend_on_degenerate_rows(method, cond):
     b = ok.aggregate(x, method=method, backend="torch", **OPTIONS.get(method, {}))
     assert torch.isfinite(a).all()
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * float(x.norm(dim=1).max()))
+
+
+@pytest.mark.parametrize("method", ("mgda", "cagrad", "nashmtl"))   # the three kernel kinds (compiles are slow)
+def test_weights_with_absent_tasks_compile_fullgraph(method):
+    # One graph (no graph break, no data-dependent Python control flow); the torch kernels.
+    x = _conflicting(3)
+    t = x.shape[0]
+    gram = (x @ x.T)[None].expand(2, t, t).contiguous()
+    present = torch.ones(2, t, dtype=torch.bool)
+    present[1, 1] = False
+    opts = OPTIONS.get(method, {})
+    torch._dynamo.reset()
+    fn = torch.compile(lambda g, p: solvers.weights(method, g, p, **opts), fullgraph=True, dynamic=False)
+    torch.testing.assert_close(fn(gram, present), solvers.weights(method, gram, present, **opts),
+                               rtol=1e-9, atol=1e-12)

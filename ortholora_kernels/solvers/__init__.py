@@ -53,10 +53,12 @@ def check_method(method) -> str:
     return canonical
 
 
-@functools.lru_cache(maxsize=None)
+_MODULES = {m: importlib.import_module(f"{__name__}.{m}") for m in WEIGHTINGS + ("gradvac",)}
+
+
 def module(method: str):
-    """The solve module of ``method``."""
-    return importlib.import_module(f"{__name__}.{check_method(method)}")
+    """The solve module of ``method`` (a plain dict lookup: torch.compile traces it)."""
+    return _MODULES[check_method(method)]
 
 
 @functools.lru_cache(maxsize=None)
