@@ -43,8 +43,10 @@ def normalize(gram: torch.Tensor, eps: float) -> torch.Tensor:
     every gradient is zero). NaN/Inf propagate. A new tensor (callers may write into it).
     """
     tr = trace(gram)
-    live = tr > 0 if eps == 0 else (tr > 0) & (tr >= eps)
-    return gram / torch.where(live, tr, torch.full_like(tr, float("inf")))   # x / inf = 0
+    if eps == 0:   # a Gram's trace is >= 0: G / max(tr, tiny) is 0 where tr = 0, NaN stays NaN
+        return gram / tr.clamp_min(torch.finfo(gram.dtype).tiny)
+    live = (tr > 0) & (tr >= eps)
+    return gram / torch.where(live, tr, float("inf"))                       # x / inf = 0
 
 
 def regularize(gram: torch.Tensor, eps: float, dead_eye: bool = False) -> torch.Tensor:
@@ -73,16 +75,28 @@ def ridge(gram: torch.Tensor, rel: float = 1e-13, floor: float = 1e-30) -> torch
 
 
 def split_finite(gram: torch.Tensor):
-    """``(G with non-finite matrices replaced by 0, [S, 1] bool finite)``: an
-    eigendecomposition raises on NaN/Inf, so those methods solve on the zeroed copy and
-    put NaN back (:func:`nan_where`): NaN/Inf input propagates, never raises, never vanishes."""
-    finite = torch.isfinite(gram).flatten(-2).all(-1, keepdim=True)
-    return torch.where(finite.unsqueeze(-1), gram, torch.zeros_like(gram)), finite
+    """``(G with NaN/Inf replaced by 0, [S, 1] zeros or NaN)``: an eigendecomposition
+    raises on NaN/Inf, so those methods solve on the cleaned copy and add the second value
+    back to their weights (:func:`nan_where`): NaN/Inf input propagates, never raises,
+    never vanishes. (A non-finite gradient makes the Gram's trace non-finite.)"""
+    flag = trace(gram).squeeze(-1) * 0.0                                     # 0, or NaN
+    return torch.nan_to_num(gram, nan=0.0, posinf=0.0, neginf=0.0), flag
 
 
-def nan_where(w: torch.Tensor, finite: torch.Tensor) -> torch.Tensor:
-    """``w`` with NaN on the segments whose Gram was not finite."""
-    return torch.where(finite, w, torch.full_like(w, float("nan")))
+def nan_where(w: torch.Tensor, flag: torch.Tensor) -> torch.Tensor:
+    """``w`` with NaN on the segments whose Gram was not finite (``flag`` from :func:`split_finite`)."""
+    return w + flag
+
+
+def pinv_apply(g: torch.Tensor, b: torch.Tensor, rtol) -> torch.Tensor:
+    """``pinv(G) b`` for symmetric ``g [S, T, T]``, ``b [S, T]``: as
+    ``torch.linalg.pinv(g, rtol=rtol, hermitian=True) @ b`` (eigenvalues with
+    ``|lam| <= rtol max|lam|`` dropped; ``rtol`` a float or ``[S, 1]``), in a third of its
+    ops (one ``eigh``, no pseudo-inverse matrix)."""
+    lam, vec = torch.linalg.eigh(g)
+    mag = lam.abs()
+    inv = torch.where(mag > rtol * mag.amax(-1, keepdim=True), lam.reciprocal(), 0.0)
+    return (vec @ ((vec.mT @ b.unsqueeze(-1)) * inv.unsqueeze(-1))).squeeze(-1)
 
 
 def mask_gram(gram: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:

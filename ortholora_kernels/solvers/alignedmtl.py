@@ -29,14 +29,15 @@ def weights(gram: torch.Tensor, present=None, *, pref_vector=None, scale_mode: s
     tol = lam[..., -1:] * count(present, g) * torch.finfo(gram.dtype).eps
     keep = lam > tol
     rank = keep.sum(-1, keepdim=True)
-    inv_sqrt = torch.where(keep, lam.clamp_min(torch.finfo(gram.dtype).tiny).rsqrt(), torch.zeros_like(lam))
+    inv_sqrt = torch.where(keep, lam.clamp_min(torch.finfo(gram.dtype).tiny).rsqrt(), 0.0)
     if scale_mode == "min":
-        scale = torch.where(keep, lam, torch.full_like(lam, float("inf"))).amin(-1, keepdim=True)
+        scale = torch.where(keep, lam, float("inf")).amin(-1, keepdim=True)
     elif scale_mode == "rmse":
-        scale = torch.where(keep, lam, torch.zeros_like(lam)).sum(-1, keepdim=True) / rank.clamp_min(1)
+        scale = torch.where(keep, lam, 0.0).sum(-1, keepdim=True) / rank.clamp_min(1)
     else:  # lower median of the kept eigenvalues: ascending, kept ones are the last `rank`
         idx = (t - rank) + (rank - 1).clamp_min(0) // 2
         scale = lam.gather(-1, idx)
-    b = (vec * (inv_sqrt * scale.clamp_min(0).sqrt()).unsqueeze(-2)) @ vec.transpose(-1, -2)
-    w = (b @ u.unsqueeze(-1)).squeeze(-1)
-    return nan_where(masked(torch.where(rank > 0, w, u.expand_as(w)), present), finite)
+    coef = inv_sqrt * scale.clamp_min(0).sqrt()                          # V diag(coef) V^T u
+    uu = u.expand(*gram.shape[:-1])
+    w = (vec @ ((vec.mT @ uu.unsqueeze(-1)) * coef.unsqueeze(-1))).squeeze(-1)
+    return nan_where(masked(torch.where(rank > 0, w, uu), present), finite)

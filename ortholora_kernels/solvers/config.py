@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from ._common import count, masked, pref
-from ._lcp import mask_gram, nan_where, normalize, split_finite
+from ._lcp import mask_gram, nan_where, normalize, pinv_apply, split_finite
 
 
 def weights(gram: torch.Tensor, present=None, *, pref_vector=None) -> torch.Tensor:
@@ -24,11 +24,9 @@ def weights(gram: torch.Tensor, present=None, *, pref_vector=None) -> torch.Tens
     u = pref(pref_vector, gram, "sum", "config", present)
     g, finite = split_finite(normalize(mask_gram(gram, present), 0.0))
     norm = torch.diagonal(g, dim1=-2, dim2=-1).clamp_min(0).sqrt()
-    inv = torch.where(norm > 0, 1 / torch.where(norm > 0, norm, torch.ones_like(norm)), torch.zeros_like(norm))
-    k = g * inv.unsqueeze(-1) * inv.unsqueeze(-2)
-    rtol = torch.finfo(g.dtype).eps * count(present, g)
-    rtol = rtol.squeeze(-1) if isinstance(rtol, torch.Tensor) else rtol
-    a = inv * (torch.linalg.pinv(k, rtol=rtol, hermitian=True) @ u.unsqueeze(-1)).squeeze(-1)
+    inv = torch.where(norm > 0, norm.reciprocal(), 0.0)
+    k = g * (inv.unsqueeze(-1) * inv.unsqueeze(-2))
+    a = inv * pinv_apply(k, u.expand_as(inv), torch.finfo(g.dtype).eps * count(present, g))
     ga = (g @ a.unsqueeze(-1)).squeeze(-1)
-    norm2 = (a * ga).sum(-1, keepdim=True).clamp_min(0).clamp_min(1e-24)       # max(||X^T a||, 1e-12)^2
+    norm2 = (a * ga).sum(-1, keepdim=True).clamp_min(1e-24)            # max(||X^T a||, 1e-12)^2
     return nan_where(masked(a * ga.sum(-1, keepdim=True) / norm2, present), finite)
