@@ -224,6 +224,9 @@ def test_absent_rows_equal_the_method_on_the_present_rows(method, cond, backend)
             continue
         ref = solvers.weights(method, _sub(gram[s:s + 1], keep), **opts)[0]
         torch.testing.assert_close(w[s, keep], ref, rtol=1e-10, atol=1e-12 * ref.abs().max().clamp_min(1e-300))
+    # No task present: zero weights.
+    none = solvers.weights(method, gram, torch.zeros(3, t, dtype=torch.bool), **opts)
+    assert (none == 0).all()
     # All present: the same as no mask at all.
     full = solvers.weights(method, gram, torch.ones(3, t, dtype=torch.bool), **opts)
     torch.testing.assert_close(full, solvers.weights(method, gram, **opts), rtol=1e-12, atol=0)
