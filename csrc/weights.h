@@ -155,7 +155,7 @@ inline void simplex_qp(const double* G, const unsigned char* mask, int n, int it
 // cagrad_kkt: the CAGrad correction s >= 0 (v = ubar + s) on a positive definite G; see
 // _lcp.cagrad_kkt. b = G ubar, phi2 = phi^2.
 inline void cagrad_kkt(const double* G, const double* b, double phi2, const unsigned char* mask, int n, int iters,
-                       double* out, double* work) {
+                       double norm_eps, double* out, double* work) {
   double* K = work;
   double* Kc = K + n * n;
   double* sb = Kc + n * n;
@@ -202,10 +202,20 @@ inline void cagrad_kkt(const double* G, const double* b, double phi2, const unsi
     matvec(G, s, n, z);
     for (int i = 0; i < n; ++i) z[i] += b[i] - lam;
   }
-  // A non-finite iterate (0 in the hull of the free tasks) drops the correction.
+  // A non-finite iterate (0 in the hull of the free tasks) drops the correction; so does
+  // ||g_w|| < norm_eps for w = s / sum(s) (its direction is undefined).
   bool finite = true;
   for (int i = 0; i < n; ++i) finite = finite && std::isfinite(s[i]);
-  for (int i = 0; i < n; ++i) out[i] = mask[i] && finite ? std::max(s[i], 0.0) : 0.0;
+  double total = 0.0;
+  for (int i = 0; i < n; ++i) {
+    out[i] = mask[i] && finite ? std::max(s[i], 0.0) : 0.0;
+    total += out[i];
+  }
+  const double gs = std::sqrt(std::max(quad(out, out), 0.0));
+  const double rho = gs / (total > 0.0 ? total : 1.0);
+  if (rho < norm_eps) {
+    for (int i = 0; i < n; ++i) out[i] = 0.0;
+  }
 }
 
 // power_root: the positive root x of G x = x^(-1/alpha) on the masked coordinates (0 on

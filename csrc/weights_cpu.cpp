@@ -75,7 +75,7 @@ at::Tensor simplex_qp_cpu(const at::Tensor& g, const at::Tensor& mask, int64_t i
 }
 
 at::Tensor cagrad_kkt_cpu(const at::Tensor& g, const at::Tensor& b, const at::Tensor& phi2, const at::Tensor& mask,
-                          int64_t iters) {
+                          int64_t iters, double norm_eps) {
   const int64_t T = check_square(g, "g");
   const int64_t B = g.size(0);
   TORCH_CHECK_VALUE(b.dim() == 2 && b.size(0) == B && b.size(1) == T, "b: expected [B, T], got ", b.sizes());
@@ -92,7 +92,7 @@ at::Tensor cagrad_kkt_cpu(const at::Tensor& g, const at::Tensor& b, const at::Te
     std::vector<double> work(static_cast<size_t>(weights::work_size(static_cast<int>(T))));
     for (int64_t k = b0; k < e0; ++k) {
       weights::cagrad_kkt(gp + k * T * T, bp + k * T, pp[k], mp + k * T, static_cast<int>(T),
-                          static_cast<int>(iters), op + k * T, work.data());
+                          static_cast<int>(iters), norm_eps, op + k * T, work.data());
     }
   });
   return out;
@@ -123,7 +123,7 @@ at::Tensor power_root_cpu(const at::Tensor& g, const at::Tensor& mask, double al
 TORCH_LIBRARY_FRAGMENT(ortholora_C, m) {
   m.def("box_qp(Tensor h, Tensor q, Tensor lower, int iters) -> Tensor");
   m.def("simplex_qp(Tensor g, Tensor mask, int iters) -> Tensor");
-  m.def("cagrad_kkt(Tensor g, Tensor b, Tensor phi2, Tensor mask, int iters) -> Tensor");
+  m.def("cagrad_kkt(Tensor g, Tensor b, Tensor phi2, Tensor mask, int iters, float norm_eps) -> Tensor");
   m.def("power_root(Tensor g, Tensor mask, float alpha, int iters) -> Tensor");
 }
 

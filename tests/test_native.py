@@ -489,7 +489,7 @@ def test_weighting_passes_opcheck_and_errors():
                                                   torch.eye(4, dtype=torch.float64).expand(2, 4, 4).contiguous(), 5))
     torch.library.opcheck(_ops().simplex_qp.default, (g, mask, 12))
     torch.library.opcheck(_ops().cagrad_kkt.default, (g, g.sum(-1) / 4, torch.full((2, 1), 0.1, dtype=torch.float64),
-                                                      mask, 6))
+                                                      mask, 6, 1e-4))
     torch.library.opcheck(_ops().power_root.default, (g, mask, 1.0, 8))
     with pytest.raises(ValueError, match="w: expected"):
         _ops().combine(x, torch.zeros(2, 1, 3, dtype=torch.float64), [0, 10, 40])

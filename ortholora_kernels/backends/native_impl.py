@@ -137,7 +137,7 @@ def _register_fakes():
         return g.new_empty(g.shape[:-1], dtype=torch.float64)
 
     @torch.library.register_fake("ortholora_C::cagrad_kkt")
-    def _(g, b, phi2, mask, iters):
+    def _(g, b, phi2, mask, iters, norm_eps):
         return g.new_empty(g.shape[:-1], dtype=torch.float64)
 
     @torch.library.register_fake("ortholora_C::power_root")

@@ -238,7 +238,8 @@ def simplex_qp(g: torch.Tensor, mask: torch.Tensor, iters: int) -> torch.Tensor:
     return torch.where(free, w.clamp_min(0), zeros)
 
 
-def cagrad_kkt(g: torch.Tensor, b: torch.Tensor, phi2: torch.Tensor, mask: torch.Tensor, iters: int) -> torch.Tensor:
+def cagrad_kkt(g: torch.Tensor, b: torch.Tensor, phi2: torch.Tensor, mask: torch.Tensor, iters: int,
+               norm_eps: float = 0.0) -> torch.Tensor:
     """CAGrad's correction ``s >= 0`` (``[S, T]``; see :mod:`.cagrad`): ``G (ubar + s) = lam 1 + mu``,
     ``mu >= 0`` complementary to ``s``, ``s^T G s = phi^2``, ``s_i = 0`` where not ``mask_i``.
 
@@ -247,12 +248,13 @@ def cagrad_kkt(g: torch.Tensor, b: torch.Tensor, phi2: torch.Tensor, mask: torch
     the task(s) of the smallest ``b_i`` free (the vertex the correction leans to first), so
     that a singular block (colinear gradients) is never solved before the active set is
     right. ``g`` must be positive definite on the free sets. A non-finite iterate (0 in
-    the hull of the free tasks: the correction's direction is undefined) gives ``s = 0``.
+    the hull of the free tasks: the correction's direction is undefined) gives ``s = 0``,
+    and so does ``||g_w|| < norm_eps`` for ``w = s / sum(s)``.
     """
     mask = mask.expand(g.shape[:-1])
     ops = _native_ops(g)
     if ops is not None and g.dim() == 3:
-        return ops.cagrad_kkt(g, b, phi2, mask, iters)
+        return ops.cagrad_kkt(g, b, phi2, mask, iters, float(norm_eps))
     eye = eye_like(g)
     bmin = torch.where(mask, b, torch.full_like(b, float("inf"))).amin(-1, keepdim=True)
     s = torch.zeros_like(b)
@@ -278,7 +280,10 @@ def cagrad_kkt(g: torch.Tensor, b: torch.Tensor, phi2: torch.Tensor, mask: torch
     # A blow-up (0 in the hull of the free tasks: the correction's direction is undefined)
     # drops the correction, as the compiled kernel does.
     s = torch.where(torch.isfinite(s).all(-1, keepdim=True), s, zeros)
-    return torch.where(mask, s.clamp_min(0), zeros)
+    s = torch.where(mask, s.clamp_min(0), zeros)
+    total = s.sum(-1, keepdim=True)
+    rho = quad(s, s).clamp_min(0).sqrt() / torch.where(total > 0, total, 1.0)   # ||g_w|| of w = s / sum(s)
+    return torch.where(rho < norm_eps, zeros, s)
 
 
 def power_root(gram: torch.Tensor, alpha: float, iters: int, mask: torch.Tensor | None = None) -> torch.Tensor:
