@@ -256,3 +256,161 @@ inline void power_root(const double* G, const unsigned char* mask, double alpha,
 
 }  // namespace weights
 }  // namespace ortholora
+
+namespace ortholora {
+namespace weights {
+
+// Eigen-decomposition of a symmetric n x n matrix by cyclic Jacobi rotations: A (row
+// major, destroyed) -> eigenvalues lam (ascending) and eigenvectors as the COLUMNS of V
+// (row major). Converges quadratically; stops when the off-diagonal mass is below
+// 1e-30 of the diagonal's (at most 60 sweeps).
+inline void jacobi_eigh(double* A, int n, double* lam, double* V) {
+  for (int i = 0; i < n; ++i) {
+    for (int j = 0; j < n; ++j) V[i * n + j] = i == j ? 1.0 : 0.0;
+  }
+  for (int sweep = 0; sweep < 60; ++sweep) {
+    double off = 0.0, diag = 0.0;
+    for (int i = 0; i < n; ++i) {
+      diag += A[i * n + i] * A[i * n + i];
+      for (int j = i + 1; j < n; ++j) off += A[i * n + j] * A[i * n + j];
+    }
+    if (!(off > 1e-30 * diag)) break;                                 // also stops on NaN
+    for (int p = 0; p < n; ++p) {
+      for (int q = p + 1; q < n; ++q) {
+        const double apq = A[p * n + q];
+        if (apq == 0.0) continue;
+        const double theta = (A[q * n + q] - A[p * n + p]) / (2.0 * apq);
+        const double t = (theta >= 0 ? 1.0 : -1.0) / (std::fabs(theta) + std::sqrt(theta * theta + 1.0));
+        const double c = 1.0 / std::sqrt(t * t + 1.0), s = t * c;
+        for (int k = 0; k < n; ++k) {                                  // A <- A J (columns p, q)
+          const double akp = A[k * n + p], akq = A[k * n + q];
+          A[k * n + p] = c * akp - s * akq;
+          A[k * n + q] = s * akp + c * akq;
+        }
+        for (int k = 0; k < n; ++k) {                                  // A <- J^T A (rows p, q)
+          const double apk = A[p * n + k], aqk = A[q * n + k];
+          A[p * n + k] = c * apk - s * aqk;
+          A[q * n + k] = s * apk + c * aqk;
+        }
+        for (int k = 0; k < n; ++k) {                                  // V <- V J
+          const double vkp = V[k * n + p], vkq = V[k * n + q];
+          V[k * n + p] = c * vkp - s * vkq;
+          V[k * n + q] = s * vkp + c * vkq;
+        }
+      }
+    }
+  }
+  for (int i = 0; i < n; ++i) lam[i] = A[i * n + i];
+  // Ascending order (selection sort of the eigenpairs; n is small).
+  for (int i = 0; i < n; ++i) {
+    int m = i;
+    for (int j = i + 1; j < n; ++j) {
+      if (lam[j] < lam[m]) m = j;
+    }
+    if (m != i) {
+      std::swap(lam[i], lam[m]);
+      for (int k = 0; k < n; ++k) std::swap(V[k * n + i], V[k * n + m]);
+    }
+  }
+}
+
+// Doubles of work spectral() needs.
+inline int64_t spectral_work(int n) { return 3 * static_cast<int64_t>(n) * n + 6 * n; }
+
+// out = sum_k f(lam_k) (V_k . b) V_k over the eigenpairs of S (n x n), f(lam) = coef[k].
+inline void spectral_apply(const double* V, const double* coef, const double* b, int n, double* out) {
+  for (int i = 0; i < n; ++i) out[i] = 0.0;
+  for (int k = 0; k < n; ++k) {
+    if (coef[k] == 0.0) continue;
+    double dot = 0.0;
+    for (int i = 0; i < n; ++i) dot += V[i * n + k] * b[i];
+    const double f = coef[k] * dot;
+    for (int i = 0; i < n; ++i) out[i] += f * V[i * n + k];
+  }
+}
+
+// The eigendecomposition-based weights on the unit-trace Gram G with absent rows zeroed:
+// mode 0 IMTL-G, 1 Aligned-MTL (scale 0 min, 1 median, 2 rmse), 2 ConFIG; u: the
+// preference vector (zeros on absent tasks). See solvers/imtlg.py, alignedmtl.py,
+// config.py (the torch twins, the same formulas). A non-finite G gives NaN weights.
+inline void spectral(const double* G, const unsigned char* mask, const double* u, int n, int mode, int scale,
+                     double* out, double* work) {
+  const double eps = std::numeric_limits<double>::epsilon();
+  double* A = work;
+  double* V = A + n * n;
+  double* lam = V + n * n;
+  double* coef = lam + n;
+  double* b = coef + n;
+  double* inv = b + n;
+  double* ga = inv + n;
+  int np = 0;
+  bool finite = true;
+  for (int i = 0; i < n; ++i) np += mask[i] ? 1 : 0;
+  for (int q = 0; q < n * n; ++q) finite = finite && std::isfinite(G[q]);
+  if (!finite) {
+    for (int i = 0; i < n; ++i) out[i] = std::numeric_limits<double>::quiet_NaN();
+    return;
+  }
+  if (mode == 2) {                                                    // cosine matrix K
+    for (int i = 0; i < n; ++i) {
+      const double nrm = std::sqrt(std::max(G[i * n + i], 0.0));
+      inv[i] = nrm > 0 ? 1.0 / nrm : 0.0;
+    }
+    for (int i = 0; i < n; ++i) {
+      for (int j = 0; j < n; ++j) A[i * n + j] = G[i * n + j] * (inv[i] * inv[j]);
+    }
+  } else {
+    std::memcpy(A, G, sizeof(double) * n * n);
+  }
+  jacobi_eigh(A, n, lam, V);
+  if (mode == 0 || mode == 2) {                                       // pinv(.) b, cut np * eps relative
+    double mx = 0.0;
+    for (int k = 0; k < n; ++k) mx = std::max(mx, std::fabs(lam[k]));
+    for (int k = 0; k < n; ++k) coef[k] = std::fabs(lam[k]) > np * eps * mx ? 1.0 / lam[k] : 0.0;
+    if (mode == 0) {
+      for (int i = 0; i < n; ++i) b[i] = std::sqrt(std::max(G[i * n + i], 0.0));
+      spectral_apply(V, coef, b, n, out);
+      double total = 0.0;
+      for (int i = 0; i < n; ++i) total += out[i];
+      for (int i = 0; i < n; ++i) out[i] = std::fabs(total) < 1e-12 ? 0.0 : out[i] / total;
+    } else {
+      spectral_apply(V, coef, u, n, b);
+      for (int i = 0; i < n; ++i) b[i] *= inv[i];                       // a
+      matvec(G, b, n, ga);
+      double aga = 0.0, sga = 0.0;
+      for (int i = 0; i < n; ++i) aga += b[i] * ga[i], sga += ga[i];
+      aga = std::max(aga, 1e-24);
+      for (int i = 0; i < n; ++i) out[i] = b[i] * sga / aga;
+    }
+  } else {                                                            // Aligned-MTL
+    const double tol = lam[n - 1] * np * eps;
+    int rank = 0;
+    for (int k = 0; k < n; ++k) rank += lam[k] > tol ? 1 : 0;
+    if (rank == 0) {
+      for (int i = 0; i < n; ++i) out[i] = u[i];
+    } else {
+      double sc;
+      if (scale == 0) {
+        sc = std::numeric_limits<double>::infinity();
+        for (int k = 0; k < n; ++k) {
+          if (lam[k] > tol) sc = std::min(sc, lam[k]);
+        }
+      } else if (scale == 2) {
+        sc = 0.0;
+        for (int k = 0; k < n; ++k) sc += lam[k] > tol ? lam[k] : 0.0;
+        sc /= rank;
+      } else {
+        sc = lam[(n - rank) + (rank - 1) / 2];
+      }
+      const double root = std::sqrt(std::max(sc, 0.0));
+      for (int k = 0; k < n; ++k) {
+        coef[k] = lam[k] > tol ? root / std::sqrt(std::max(lam[k], std::numeric_limits<double>::min())) : 0.0;
+      }
+      spectral_apply(V, coef, u, n, out);
+    }
+  }
+  for (int i = 0; i < n; ++i) out[i] = mask[i] ? out[i] : 0.0;
+}
+
+}  // namespace weights
+}  // namespace ortholora

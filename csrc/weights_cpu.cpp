@@ -117,6 +117,29 @@ at::Tensor power_root_cpu(const at::Tensor& g, const at::Tensor& mask, double al
   return out;
 }
 
+at::Tensor spectral_cpu(const at::Tensor& g, const at::Tensor& mask, const at::Tensor& u, int64_t mode,
+                        int64_t scale) {
+  const int64_t T = check_square(g, "g");
+  const int64_t B = g.size(0);
+  TORCH_CHECK_VALUE(mode >= 0 && mode <= 2 && scale >= 0 && scale <= 2, "mode, scale: expected 0..2, got ", mode,
+                    ", ", scale);
+  TORCH_CHECK_VALUE(u.dim() == 2 && u.size(0) == B && u.size(1) == T, "u: expected [B, T], got ", u.sizes());
+  const at::Tensor G = f64(g, "g"), U = f64(u, "u"), M = check_mask(mask, B, T);
+  at::Tensor out = at::empty({B, T}, G.options());
+  const double* gp = G.data_ptr<double>();
+  const double* up = U.data_ptr<double>();
+  const uint8_t* mp = M.data_ptr<uint8_t>();
+  double* op = out.data_ptr<double>();
+  at::parallel_for(0, B, grain_for(T), [&](int64_t b0, int64_t e0) {
+    std::vector<double> work(static_cast<size_t>(weights::spectral_work(static_cast<int>(T))));
+    for (int64_t k = b0; k < e0; ++k) {
+      weights::spectral(gp + k * T * T, mp + k * T, up + k * T, static_cast<int>(T), static_cast<int>(mode),
+                        static_cast<int>(scale), op + k * T, work.data());
+    }
+  });
+  return out;
+}
+
 }  // namespace
 }  // namespace ortholora
 
@@ -125,6 +148,7 @@ TORCH_LIBRARY_FRAGMENT(ortholora_C, m) {
   m.def("simplex_qp(Tensor g, Tensor mask, int iters) -> Tensor");
   m.def("cagrad_kkt(Tensor g, Tensor b, Tensor phi2, Tensor mask, int iters, float norm_eps) -> Tensor");
   m.def("power_root(Tensor g, Tensor mask, float alpha, int iters) -> Tensor");
+  m.def("spectral(Tensor g, Tensor mask, Tensor u, int mode, int scale) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(ortholora_C, CPU, m) {
@@ -132,4 +156,5 @@ TORCH_LIBRARY_IMPL(ortholora_C, CPU, m) {
   m.impl("simplex_qp", &ortholora::simplex_qp_cpu);
   m.impl("cagrad_kkt", &ortholora::cagrad_kkt_cpu);
   m.impl("power_root", &ortholora::power_root_cpu);
+  m.impl("spectral", &ortholora::spectral_cpu);
 }

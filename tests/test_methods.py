@@ -299,7 +299,8 @@ def test_method_aliases():
         ok.aggregate(x, method="nash")
 
 
-@pytest.mark.parametrize("method", ("upgrad", "dualproj", "mgda", "cagrad", "nashmtl", "fairgrad"))
+@pytest.mark.parametrize("method", ("upgrad", "dualproj", "mgda", "cagrad", "nashmtl", "fairgrad", "imtlg",
+                                    "alignedmtl", "config"))
 @pytest.mark.parametrize("cond", ("random", "one_zero", "duplicate", "colinear", "norms_1e6", "t64"))
 def test_compiled_kernels_equal_the_torch_kernels(method, cond, monkeypatch):
     from ortholora_kernels.backends import native_impl
@@ -322,7 +323,10 @@ def test_compiled_kernels_equal_the_torch_kernels(method, cond, monkeypatch):
         size = torch.einsum("si,sij,sj->s", b, gram, b).clamp_min(0).sqrt()
         assert (diff <= 1e-7 * size + 1e-12 * gram.diagonal(dim1=-2, dim2=-1).amax().sqrt()).all()
     else:
-        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12 * b.abs().max().item())
+        # LAPACK's eigh and the compiled Jacobi differ by the rounding the conditioning
+        # amplifies: norms 1e6 apart give unit-trace eigenvalues ~1e-12 (~1e-4 relative).
+        rtol = 1e-3 if cond == "norms_1e6" and method in ("imtlg", "alignedmtl", "config") else 1e-9
+        torch.testing.assert_close(a, b, rtol=rtol, atol=rtol * 1e-3 * b.abs().max().item())
 
 
 @pytest.mark.interpreter

@@ -491,6 +491,9 @@ def test_weighting_passes_opcheck_and_errors():
     torch.library.opcheck(_ops().cagrad_kkt.default, (g, g.sum(-1) / 4, torch.full((2, 1), 0.1, dtype=torch.float64),
                                                       mask, 6, 1e-4))
     torch.library.opcheck(_ops().power_root.default, (g, mask, 1.0, 8))
+    u = torch.rand(2, 4, dtype=torch.float64)
+    for mode, scale in ((0, 0), (1, 0), (1, 1), (1, 2), (2, 0)):
+        torch.library.opcheck(_ops().spectral.default, (g / 10, mask, u, mode, scale))
     with pytest.raises(ValueError, match="w: expected"):
         _ops().combine(x, torch.zeros(2, 1, 3, dtype=torch.float64), [0, 10, 40])
     with pytest.raises(ValueError, match="mask: expected"):

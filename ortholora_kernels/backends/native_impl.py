@@ -140,6 +140,10 @@ def _register_fakes():
     def _(g, b, phi2, mask, iters, norm_eps):
         return g.new_empty(g.shape[:-1], dtype=torch.float64)
 
+    @torch.library.register_fake("ortholora_C::spectral")
+    def _(g, mask, u, mode, scale):
+        return g.new_empty(g.shape[:-1], dtype=torch.float64)
+
     @torch.library.register_fake("ortholora_C::power_root")
     def _(g, mask, alpha, iters):
         return g.new_empty(g.shape[:-1], dtype=torch.float64)

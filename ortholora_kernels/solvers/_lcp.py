@@ -99,6 +99,26 @@ def pinv_apply(g: torch.Tensor, b: torch.Tensor, rtol) -> torch.Tensor:
     return (vec @ ((vec.mT @ b.unsqueeze(-1)) * inv.unsqueeze(-1))).squeeze(-1)
 
 
+SPECTRAL_MODES = {"imtlg": 0, "alignedmtl": 1, "config": 2}
+SCALE_CODES = {"min": 0, "median": 1, "rmse": 2}
+
+
+def spectral(method: str, g: torch.Tensor, mask: torch.Tensor | None, u: torch.Tensor | None,
+             scale_mode: str = "min") -> torch.Tensor | None:
+    """The compiled weights of an eigendecomposition-based method (imtlg, alignedmtl,
+    config) on the unit-trace Gram ``g [S, T, T]`` (absent rows zeroed), or None where the
+    compiled kernel cannot run (the module then runs its torch formulas). One call for all
+    segments (a Jacobi eigensolver per segment, csrc/weights.h ``spectral``); NaN/Inf
+    give NaN weights."""
+    ops = _native_ops(g)
+    if ops is None or g.dim() != 3:
+        return None
+    if mask is None:
+        mask = torch.ones(g.shape[:-1], dtype=torch.bool, device=g.device)
+    u = torch.zeros(g.shape[:-1], dtype=g.dtype, device=g.device) if u is None else u.expand(g.shape[:-1])
+    return ops.spectral(g, mask, u, SPECTRAL_MODES[method], SCALE_CODES[scale_mode])
+
+
 def mask_gram(gram: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """``G`` with the rows and columns of absent tasks (``mask`` False) zeroed."""
     if mask is None:

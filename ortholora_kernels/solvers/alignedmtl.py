@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from ._common import count, masked, pref
-from ._lcp import mask_gram, nan_where, normalize, split_finite
+from ._lcp import mask_gram, nan_where, normalize, spectral, split_finite
 
 SCALE_MODES = ("min", "median", "rmse")
 
@@ -24,7 +24,11 @@ def weights(gram: torch.Tensor, present=None, *, pref_vector=None, scale_mode: s
         raise ValueError(f"alignedmtl: option scale_mode must be one of {SCALE_MODES}, got {scale_mode!r}")
     t = gram.shape[-1]
     u = pref(pref_vector, gram, "mean", "alignedmtl", present)
-    g, finite = split_finite(normalize(mask_gram(gram, present), 0.0))
+    g = normalize(mask_gram(gram, present), 0.0)
+    w = spectral("alignedmtl", g, present, u, scale_mode)
+    if w is not None:
+        return w
+    g, finite = split_finite(g)
     lam, vec = torch.linalg.eigh(g)                                     # ascending
     tol = lam[..., -1:] * count(present, g) * torch.finfo(gram.dtype).eps
     keep = lam > tol

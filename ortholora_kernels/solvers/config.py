@@ -16,13 +16,17 @@ from __future__ import annotations
 import torch
 
 from ._common import count, masked, pref
-from ._lcp import mask_gram, nan_where, normalize, pinv_apply, split_finite
+from ._lcp import mask_gram, nan_where, normalize, pinv_apply, spectral, split_finite
 
 
 def weights(gram: torch.Tensor, present=None, *, pref_vector=None) -> torch.Tensor:
     """``[S, T]`` ConFIG weights from float64 Gram matrices ``[S, T, T]``."""
     u = pref(pref_vector, gram, "sum", "config", present)
-    g, finite = split_finite(normalize(mask_gram(gram, present), 0.0))
+    g = normalize(mask_gram(gram, present), 0.0)
+    w = spectral("config", g, present, u)
+    if w is not None:
+        return w
+    g, finite = split_finite(g)
     norm = torch.diagonal(g, dim1=-2, dim2=-1).clamp_min(0).sqrt()
     inv = torch.where(norm > 0, norm.reciprocal(), 0.0)
     k = g * (inv.unsqueeze(-1) * inv.unsqueeze(-2))

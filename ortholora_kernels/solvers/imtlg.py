@@ -12,12 +12,16 @@ from __future__ import annotations
 import torch
 
 from ._common import count, masked
-from ._lcp import mask_gram, nan_where, normalize, pinv_apply, split_finite
+from ._lcp import mask_gram, nan_where, normalize, pinv_apply, spectral, split_finite
 
 
 def weights(gram: torch.Tensor, present=None) -> torch.Tensor:
     """``[S, T]`` IMTL-G weights from float64 Gram matrices ``[S, T, T]``."""
-    g, finite = split_finite(normalize(mask_gram(gram, present), 0.0))
+    g = normalize(mask_gram(gram, present), 0.0)
+    w = spectral("imtlg", g, present, None)
+    if w is not None:
+        return w
+    g, finite = split_finite(g)
     d = torch.diagonal(g, dim1=-2, dim2=-1).clamp_min(0).sqrt()
     v = pinv_apply(g, d, torch.finfo(g.dtype).eps * count(present, g))
     total = v.sum(-1, keepdim=True)
