@@ -64,8 +64,10 @@ inline void box_qp(const double* H, const double* q0, const double* lower, int n
   double* q = K + n * n;
   double* s = q + n;
   double* z = s + n;
-  unsigned char* act = reinterpret_cast<unsigned char*>(z + n);      // n bytes (room: 2n doubles)
+  unsigned char* act = reinterpret_cast<unsigned char*>(z + n);      // 2n bytes (room: n doubles)
   unsigned char* prev = act + n;
+  double* rf = z + 2 * n;
+  int* idx = reinterpret_cast<int*>(rf + n);                          // n ints (room: n doubles)
   matvec(H, lower, n, q);
   for (int i = 0; i < n; ++i) q[i] += q0[i], s[i] = 0.0, z[i] = q[i];
   for (int it = 0; it < iters; ++it) {
@@ -76,11 +78,48 @@ inline void box_qp(const double* H, const double* q0, const double* lower, int n
       prev[i] = act[i];
     }
     if (same) break;
+    // The free block H_FF s_F = -q_F (symmetric positive definite) by Cholesky; the LU of
+    // the bordered-by-identity system (the torch twin's) where Cholesky meets a pivot <= 0.
+    int nf = 0;
     for (int i = 0; i < n; ++i) {
-      for (int j = 0; j < n; ++j) K[i * n + j] = act[i] ? (i == j ? 1.0 : 0.0) : H[i * n + j];
-      s[i] = act[i] ? 0.0 : -q[i];
+      if (!act[i]) idx[nf++] = i;
     }
-    lu_solve(K, s, n);
+    bool chol = true;
+    for (int a = 0; a < nf && chol; ++a) {
+      for (int b = 0; b <= a; ++b) {
+        double v = H[idx[a] * n + idx[b]];
+        for (int k = 0; k < b; ++k) v -= K[a * nf + k] * K[b * nf + k];
+        if (a == b) {
+          if (!(v > 0.0)) {
+            chol = false;
+            break;
+          }
+          K[a * nf + a] = std::sqrt(v);
+        } else {
+          K[a * nf + b] = v / K[b * nf + b];
+        }
+      }
+    }
+    if (chol) {
+      for (int a = 0; a < nf; ++a) {                                     // L y = -q_F
+        double v = -q[idx[a]];
+        for (int k = 0; k < a; ++k) v -= K[a * nf + k] * rf[k];
+        rf[a] = v / K[a * nf + a];
+      }
+      for (int a = nf - 1; a >= 0; --a) {                                // L^T x = y
+        double v = rf[a];
+        for (int k = a + 1; k < nf; ++k) v -= K[k * nf + a] * rf[k];
+        rf[a] = v / K[a * nf + a];
+      }
+      for (int i = 0; i < n; ++i) s[i] = 0.0;
+      for (int a = 0; a < nf; ++a) s[idx[a]] = rf[a];
+    } else {
+      for (int i = 0; i < n; ++i) {
+        for (int j = 0; j < n; ++j) K[i * n + j] = act[i] ? (i == j ? 1.0 : 0.0) : H[i * n + j];
+        s[i] = act[i] ? 0.0 : -q[i];
+      }
+      lu_solve(K, s, n);
+    }
     matvec(H, s, n, z);
     for (int i = 0; i < n; ++i) z[i] += q[i];
   }
