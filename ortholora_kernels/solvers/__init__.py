@@ -2,20 +2,28 @@
 
 One small module per method, each a pure torch function batched over segments, on the
 device of the Gram, with a fixed amount of work (no ``.item()``, no data-dependent Python
-control flow): closed forms where they exist (sum, mean, imtlg, alignedmtl, config),
-fixed-iteration exact active-set solvers for the quadratic programs (upgrad, dualproj,
-mgda, cagrad), fixed-iteration Newton for the root problems (nashmtl, fairgrad). pcgrad
-is the projection op itself (:func:`ortholora_kernels.project`); gradvac needs state across steps
-(:mod:`.gradvac`, used by :class:`ortholora_kernels.GradVac`).
+control flow; :func:`weights` runs under ``torch.compile(fullgraph=True)``): closed forms
+where they exist (sum, mean, imtlg, alignedmtl, config), exact active-set solvers for the
+quadratic programs (upgrad, dualproj, mgda, cagrad), Newton for the root problems
+(nashmtl, fairgrad). On CPU, with the native extension built and outside
+``torch.compile``, the iterative kernels and the eigendecomposition-based methods are one
+compiled call each (``csrc/weights.h``; :mod:`._lcp` has their torch twins, which the
+tests compare). pcgrad is the projection op itself (:func:`ortholora_kernels.project`);
+gradvac needs state across steps (:mod:`.gradvac`, used by :class:`ortholora_kernels.GradVac`).
+
+Absent tasks: ``weights(method, gram, present)`` with a bool ``[S, T]`` mask gives an
+absent task weight 0 and the others exactly the method's weights on the present rows.
+Degenerate geometry (zero, duplicate, colinear rows, extreme scales) gives finite
+weights; the rules where a definition breaks down are in each module's docstring.
 
 Host syncs: none in this code (checked under FakeTensorMode in tests/test_aggregate.py);
 linear solves use ``torch.linalg.solve_ex`` (its info is not checked on the host). But
-torch's ``eigh`` (behind imtlg's and config's ``pinv`` and alignedmtl) checks its info on
-the host on CUDA (one sync per call, per torch's documentation), so those three are not
-CUDA-graph capturable on GPUs; the others are fixed sequences of device ops.
+torch's ``eigh`` (imtlg, alignedmtl, config on CUDA) checks its info on the host on CUDA
+(one sync per call, per torch's documentation), so those three are not CUDA-graph
+capturable on GPUs; the others are fixed sequences of device ops.
 
 Each definition follows TorchJD 0.18's aggregator of the same name (see each module for
-the differences in the solver, never in the definition).
+the differences in the solver or in a threshold, never in the definition).
 """
 from __future__ import annotations
 
