@@ -213,7 +213,7 @@ class NativeBackend(Backend):
         """``[S, T, T]`` float64 Gram matrices: on CPU the Gram-only compiled pass
         (``ortholora_C::gram``: the fused call's chunks and kernels, bitwise its Gram); on
         CUDA the Gram of the fused call (its solve and combine unused)."""
-        if x.device.type == "cpu":
+        if x.device.type == "cpu" and hasattr(_ops(), "gram"):   # (absent from builds before it)
             return _ops().gram(x, list(seg.offsets))
         s, t = seg.num_segments, x.shape[0]
         order = torch.arange(t, device=x.device).expand(s, t, t)
@@ -228,7 +228,7 @@ class NativeBackend(Backend):
         combine of every solve but the fused PCGrad) the compiled one-pass ``W_s X_s``
         (``ortholora_C::combine``) on CPU, the torch backend's combine on CUDA."""
         if y is None:
-            if x.device.type == "cpu":
+            if x.device.type == "cpu" and hasattr(_ops(), "combine"):
                 out = _ops().combine(x, a, list(seg.offsets))
                 return out if out_dtype is None else out.to(out_dtype)
             from .torch_impl import BACKEND as torch_backend

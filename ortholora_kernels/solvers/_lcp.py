@@ -22,12 +22,21 @@ import torch
 NATIVE = True
 
 
+_HAS_KERNELS: list = []
+
+
 def _native_ops(t: torch.Tensor):
-    """``torch.ops.ortholora_C`` when the compiled kernels can run on ``t``, else None."""
+    """``torch.ops.ortholora_C`` when the compiled kernels can run on ``t``, else None
+    (also None with an extension built before these kernels existed)."""
     if not NATIVE or t.device.type != "cpu" or torch.compiler.is_compiling():
         return None
-    from ..backends import native_impl
-    return torch.ops.ortholora_C if native_impl._load() is not None else None
+    if not _HAS_KERNELS:
+        from ..backends import native_impl
+        ok = native_impl._load() is not None and all(
+            hasattr(torch.ops.ortholora_C, name) for name in ("box_qp", "simplex_qp", "cagrad_kkt", "power_root",
+                                                             "spectral"))
+        _HAS_KERNELS.append(ok)
+    return torch.ops.ortholora_C if _HAS_KERNELS[0] else None
 
 
 def trace(gram: torch.Tensor) -> torch.Tensor:
