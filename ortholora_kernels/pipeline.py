@@ -21,8 +21,6 @@ backend's ``gram``/``cross``/``combine`` and its fusions (``tests/test_layering.
 """
 from __future__ import annotations
 
-import functools
-import inspect
 from dataclasses import dataclass, replace
 from typing import Callable, Sequence
 
@@ -139,56 +137,17 @@ def ema(beta: float, previous: torch.Tensor | None, step: int) -> Hook:
 
 # ---- stage 2: the solve ---------------------------------------------------------------------------
 
-@functools.lru_cache(maxsize=None)
-def _takes_present(fn) -> bool:
-    return "present" in inspect.signature(fn).parameters
-
-
-def _sub_options(options: dict, cols: torch.Tensor, t: int) -> dict:
-    # per-task options (a preference vector [T]) restricted to the present tasks
-    return {k: (v[cols] if isinstance(v, torch.Tensor) and v.shape == (t,) else v) for k, v in options.items()}
-
-
 def method_weights(method: str, gram: torch.Tensor, present: torch.Tensor | None, options: dict) -> torch.Tensor:
     """``[S, T]`` weights of a weighting ``method``; with ``present`` (bool ``[S, T]``), 0 for the
-    absent tasks and, for the others, the method on the present rows alone.
-
-    Through ``solvers.weights(method, gram, present=...)`` where the solvers take it; otherwise
-    the method runs on each segment's present sub-Gram (exact; reads ``present`` on the host).
-    """
-    if present is None:
-        return solvers.weights(method, gram, **options)
-    if _takes_present(solvers.weights):
-        return solvers.weights(method, gram, present=present, **options)
-    s, t, _ = gram.shape
-    pres = present.cpu()
-    if bool(pres.all()):
-        return solvers.weights(method, gram, **options)
-    w = torch.zeros(s, t, dtype=torch.float64, device=gram.device)
-    for pattern in torch.unique(pres, dim=0):
-        cols = pattern.nonzero().squeeze(1)
-        if cols.numel() == 0:
-            continue
-        rows = (pres == pattern).all(-1).nonzero().squeeze(1)
-        cd, rd = cols.to(gram.device), rows.to(gram.device)
-        sub = gram.index_select(0, rd).index_select(1, cd).index_select(2, cd)
-        ws = solvers.weights(method, sub, **_sub_options(options, cd, t))
-        w[rd.unsqueeze(1), cd.unsqueeze(0)] = ws.to(w.dtype)
-    return w
+    absent tasks and, for the others, the method on the present rows alone
+    (``solvers.weights(method, gram, present=...)``: on the device, no host read)."""
+    return solvers.weights(method, gram, present=present, **options)
 
 
 def _gradvac_step(st: GramStage, order, phi_hat, options):
-    step = solvers.module("gradvac").step
-    kw = dict(beta=float(options["beta"]), eps=float(options["eps"]))
-    if st.present is None:
-        return step(st.gram, order, phi_hat, **kw)
-    if _takes_present(step):
-        return step(st.gram, order, phi_hat, present=st.present, **kw)
-    # An absent task's row is zero, so it changes no other task's gradient; it gives no
-    # evidence either: the targets of its pairs keep their value.
-    w, new = step(st.gram, order, phi_hat, **kw)
-    pair = st.present.unsqueeze(-1) & st.present.unsqueeze(-2)
-    return w, torch.where(pair, new, phi_hat)
+    # An absent task's row is zero and gives no evidence: its pairs keep their targets.
+    return solvers.module("gradvac").step(st.gram, order, phi_hat, present=st.present,
+                                          beta=float(options["beta"]), eps=float(options["eps"]))
 
 
 def solve_method(method: str, options: dict, st: GramStage, order: torch.Tensor | None, reduction: str,
