@@ -211,7 +211,9 @@ class Joint(Method):
         for param, v in zip(p.layout.params, p.layout.views(total)):
             param.grad = v if v.dtype == param.dtype else v.to(param.dtype)
         p.zero_grad()
-        return stats
+        # the conflicts only: joint projects nothing, so no fraction projected is logged
+        return {"conflict_fraction": stats.conflict_fraction, "mean_cosine": stats.mean_cosine,
+                "cosine": stats.cosine}
 
     def teardown(self):
         if self.projector is not None:
