@@ -45,7 +45,7 @@ def main(argv=None):
     loader = torch.utils.data.DataLoader(rows, batch_size=12, sampler=sampler,
                                          collate_fn=MultiTaskCollator(num_tasks=NUM_TASKS))
 
-    for step, batch in zip(range(1, a.steps + 1), itertools.cycle(loader)):
+    for _, batch in zip(range(a.steps), itertools.cycle(loader)):
         batch = {k: v.to(device) for k, v in batch.items()}
         task_ids = batch["task_ids"]
         counts = global_task_counts(task_ids, NUM_TASKS)               # [T], summed over ranks / W

@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from docs_blocks import ROOT, RUN, SHOWN, blocks, page_script, pages
 
 #: seconds one page may take (its blocks run at their smallest settings)
@@ -26,7 +25,8 @@ def run_page(page: Path, tmp: Path, text: str | None = None) -> subprocess.Compl
     """Run the page's runnable blocks in a fresh interpreter from a sandbox in ``tmp``."""
     script = tmp / "_page.py"
     script.write_text(page_script(page, text), encoding="utf-8")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+    pythonpath = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env = {**os.environ, "PYTHONPATH": pythonpath,
            "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "MPLBACKEND": "Agg",
            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error", "TOKENIZERS_PARALLELISM": "false"}

@@ -25,7 +25,8 @@ def _free_port() -> int:
 
 
 def _run(args, tmp_path, timeout=300):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+    pythonpath = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env = {**os.environ, "PYTHONPATH": pythonpath,
            "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
     r = subprocess.run([sys.executable, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
     assert r.returncode == 0, f"{args}\n{r.stdout[-3000:]}\n{r.stderr[-6000:]}"

@@ -63,16 +63,18 @@ def add_train_options(p, demo=False) -> list:
                             "(default: %(default)s)")
         src = g.add_mutually_exclusive_group()
         src.add_argument("--data-dir", default=None,
-                         help="local directory in the original GLUE layout (CoLA/train.tsv, MNLI/dev_matched.tsv, ...); "
-                              "default: download nyu-mll/glue from the Hugging Face hub through `datasets`")
+                         help="local directory in the original GLUE layout (CoLA/train.tsv, "
+                              "MNLI/dev_matched.tsv, ...); default: download nyu-mll/glue from the Hugging Face hub "
+                              "through `datasets`")
         src.add_argument("--synthetic", action="store_true",
                          help="generate the offline synthetic suite (GLUE TSV format) in OUT/data and train on it")
     g.add_argument("--max-train-samples", type=_int_or_none, default=None,
                    help="keep a seeded random subset of N training examples per task (default: all)")
     g.add_argument("--max-eval-samples", type=_int_or_none, default=None,
                    help="keep a seeded random subset of N examples per evaluation split (default: all)")
-    g.add_argument("--max-length", type=int, default=64 if demo else 128, help="max tokens per (pair) example; longer ones are "
-                   "truncated, batches are padded dynamically to their longest (default: %(default)s)")
+    g.add_argument("--max-length", type=int, default=64 if demo else 128,
+                   help="max tokens per (pair) example; longer ones are truncated, batches are padded dynamically "
+                        "to their longest (default: %(default)s)")
     g.add_argument("--cache-dir", default=None, help="datasets cache directory for hub downloads")
 
     g = group("model")
@@ -122,7 +124,8 @@ def add_train_options(p, demo=False) -> list:
                             "upgrad, dualproj, mgda, cagrad, imtlg, alignedmtl, config, nashmtl, fairgrad, sum, mean, "
                             "gradvac")
         g.add_argument("--aggregator-options", default=None,
-                       help="its options as key=value,... (TorchJD's names, e.g. c=0.5 for cagrad, alpha=1 for fairgrad)")
+                       help="its options as key=value,... (TorchJD's names, e.g. c=0.5 for cagrad, alpha=1 for "
+                            "fairgrad)")
         g.add_argument("--aggregator-ema", type=float, default=None,
                        help="detect conflicts on EMA-smoothed Gram entries with this beta (e.g. 0.9; default: off)")
         g.add_argument("--mtl-num-b", type=int, default=None,
@@ -227,8 +230,8 @@ def config_from_args(a, **over):
     cfg = TrainConfig(
         tasks=[x.strip() for x in a.tasks.split(",") if x.strip()], method=getattr(a, "method", "ortho"),
         out=a.out, data_dir=getattr(a, "data_dir", None), synthetic=getattr(a, "synthetic", False), model=model,
-        tiny_hidden=a.tiny_hidden, tiny_layers=a.tiny_layers, pooling=a.pooling, max_length=a.max_length, lora_r=a.lora_r,
-        lora_alpha=a.lora_alpha, lora_dropout=a.lora_dropout,
+        tiny_hidden=a.tiny_hidden, tiny_layers=a.tiny_layers, pooling=a.pooling, max_length=a.max_length,
+        lora_r=a.lora_r, lora_alpha=a.lora_alpha, lora_dropout=a.lora_dropout,
         lora_target_modules=[x.strip() for x in a.lora_target_modules.split(",") if x.strip()],
         batch_size=a.batch_size, eval_batch_size=a.eval_batch_size, lr=a.lr, weight_decay=a.weight_decay,
         warmup_ratio=a.warmup_ratio, max_steps=a.max_steps, epochs=getattr(a, "epochs", None),
