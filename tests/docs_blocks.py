@@ -5,8 +5,10 @@ Rules (docs/contributing.md, "Code blocks in the docs"):
 * every fenced block names its language; ```` ```python ```` and ```` ```bash ```` blocks are
   run, every other language (``text`` for output and trees, ``toml``, ``yaml``) is shown only;
 * the blocks of one page run in order, in one fresh Python process and one namespace, from
-  a scratch directory that links the repository's top-level entries (``examples/``,
-  ``benchmarks/``, ...), so relative paths work and outputs stay out of the checkout; a
+  a scratch directory that links ``examples/``, ``benchmarks/``, ``docs/`` and
+  ``requirements/`` of the checkout (not the package, ``setup.py`` or ``scripts/``: nothing run
+  there can rebuild or reinstall the checkout), so relative paths work and outputs stay out
+  of the checkout; a
   ``bash`` block runs with ``bash -euo pipefail`` there, with the tests' Python first on
   ``PATH`` and the checkout on ``PYTHONPATH``;
 * a block that cannot run on a CPU-only test machine (``torchrun``, a GPU, an install, a

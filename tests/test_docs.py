@@ -13,11 +13,17 @@ from docs_blocks import ROOT, RUN, SHOWN, blocks, page_script, pages
 PAGE_TIMEOUT = 300
 
 
+#: what a page's scratch directory links from the checkout: the paths its commands read. Not the
+#: package, setup.py or scripts/ (the package comes from PYTHONPATH): a command that would build or
+#: install into the checkout (scripts/env.sh, pip install -e .) fails instead of touching it.
+SANDBOX_LINKS = ("examples", "benchmarks", "docs", "requirements")
+
+
 def _sandbox(tmp: Path) -> Path:
-    """A scratch directory with links to the checkout's top-level entries (outputs stay here)."""
-    for entry in ROOT.iterdir():
-        if entry.name not in (".git", "runs", "site", ".venv") and not (tmp / entry.name).exists():
-            (tmp / entry.name).symlink_to(entry)
+    """A scratch directory with links to :data:`SANDBOX_LINKS` (outputs stay here)."""
+    for name in SANDBOX_LINKS:
+        if (ROOT / name).exists() and not (tmp / name).exists():
+            (tmp / name).symlink_to(ROOT / name)
     return tmp
 
 
