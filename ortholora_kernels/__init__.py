@@ -3,7 +3,8 @@
 Public names:
     project            the projection op (Ortho-LoRA / PCGrad through the Gram matrix)
     aggregate          every Gram-based multi-task aggregator (UPGrad, MGDA, CAGrad, ...)
-    Aggregator         a stateful aggregate (EMA conflict detection, schedule); GradVac
+    Aggregator         the method, its options, EMA, schedule and state as one object
+                       (what OrthoLoRA(aggregator=...) takes); GradVac
     ProjectionResult   what ``project(..., return_stats=True)`` returns
     OrderGenerator     counter-based order generator that compiles and CUDA-graph captures
     backends_available which backends can run on a device, and why not
@@ -16,7 +17,9 @@ Public names:
 The reduction over ``torch.distributed`` ranks is ``ortholora_kernels.distributed`` (used by
 ``OrthoLoRA`` when there is more than one rank); the integrations (HF Trainer, Lightning)
 live in ``ortholora_kernels.integrations`` and the GLUE harness in ``ortholora_kernels.glue``;
-none of them is imported here. The map of the package is ARCHITECTURE.md.
+none of them is imported here. Every one of them runs the one composition of
+``ortholora_kernels.pipeline`` (Gram -> Gram stage -> solve -> combine; docs/pipeline.md).
+The map of the package is ARCHITECTURE.md.
 """
 from . import reference
 from .backends import backends_available

@@ -15,14 +15,14 @@ from dataclasses import dataclass
 
 import torch
 
-from . import backends, solvers
-from ._args import check_grads, check_order, check_reduction, draw_orders, segments_for
+from . import backends, pipeline, solvers
+from ._args import check_grads, check_order, check_order_values, check_reduction, draw_orders, segments_for
 from .ops import _project_op, project
 from .result import ProjectionResult
-from .solve import Solve, register_solve, solve, weighting_solution, weights as reduce_weights
+from .solve import Solve, register_solve, weighting_solution
 
 
-@dataclass
+@dataclass(repr=False)
 class AggregationResult(ProjectionResult):
     """:class:`ProjectionResult` of ``aggregate`` / :class:`Aggregator` (same lazy statistics).
 
@@ -43,18 +43,6 @@ class AggregationResult(ProjectionResult):
     weights: torch.Tensor | None = None
     detected: torch.Tensor | None = None
     smoothed_gram: torch.Tensor | None = None
-
-
-# ---- the backends' two memory passes (Gram, combine) --------------------------------------
-
-def _gram(name: str, x: torch.Tensor, seg) -> torch.Tensor:
-    """``[S, T, T]`` float64 Gram matrices: the backend's stage 1."""
-    return backends.get(name).gram(x, seg)
-
-
-def _combine(name: str, w: torch.Tensor, x: torch.Tensor, seg) -> torch.Tensor:
-    """``[R, N]`` = per segment ``W_s X_s`` for ``w [S, R, T]``: the backend's stage 3."""
-    return backends.get(name).combine(seg, x, w)
 
 
 class WeightingSolve(Solve):
@@ -115,19 +103,8 @@ def _prepare(grads, segments, reduction, backend, check_finite, method, differen
     return x.contiguous(), reduction, seg, name
 
 
-def _finish(name, x, seg, gram, coeffs, nproj, order, reduction, method, return_stats, **extra):
-    w_red = reduce_weights(coeffs, reduction)                    # [S, R, T]
-    out = _combine(name, w_red, x, seg)
-    if reduction != "none":
-        out = out[0]
-    if not return_stats:
-        return out
-    return AggregationResult(out, gram, coeffs, nproj, order, seg.offsets, reduction, method=method,
-                             weights=coeffs.sum(-2), **extra)
-
-
 def aggregate(grads, segments=None, *, method="pcgrad", reduction="sum", order=None, generator=None,
-              backend=None, return_stats=False, check_finite=False, **options):
+              backend=None, return_stats=False, check_finite=False, present=None, **options):
     """Aggregate per-task gradients with a Gram-based multi-task method, per segment.
 
     Every method computes combine weights from the float64 Gram ``G_s = X_s X_s^T`` of
@@ -148,6 +125,12 @@ def aggregate(grads, segments=None, *, method="pcgrad", reduction="sum", order=N
         return_stats: return an :class:`AggregationResult`.
         check_finite: raise ``FloatingPointError`` on NaN/Inf (one host sync); by default
             they propagate to the output, never dropped.
+        present: None (every row takes part) or a bool ``[T]`` / ``[S, T]`` tensor: the
+            tasks absent from the step (False) get weight 0 and the others exactly what the
+            method gives on the present rows alone. A zero row is NOT absent by default: it
+            is a task whose gradient is zero (``mean`` still divides by T, as TorchJD);
+            pass ``present=grads.ne(0).any(1)`` to leave zero rows out. pcgrad needs
+            no flag: a zero row changes nothing in it.
         **options: the method's options (TorchJD's names and defaults), e.g. ``c`` for
             cagrad, ``alpha`` for fairgrad, ``pref_vector``, ``scale_mode``, ``max_norm``,
             ``norm_eps``/``reg_eps`` and ``iters`` (solver iterations). An unknown option
@@ -163,20 +146,17 @@ def aggregate(grads, segments=None, *, method="pcgrad", reduction="sum", order=N
         raise ValueError("method='gradvac' keeps cosine targets across steps: use "
                          "ortholora_kernels.GradVac(beta=..., eps=...) (a stateful aggregator)")
     solvers.check_options(method, options)
-    if method == "pcgrad":
+    if method == "pcgrad" and present is None:
         return project(grads, segments, order=order, generator=generator, reduction=reduction,
                        backend=backend, return_stats=return_stats, check_finite=check_finite)
+    if present is not None or method in ("sum", "mean"):
+        # No state, but the pipeline's Gram stage (presence) or fixed weights (no Gram pass).
+        agg = Aggregator(method, reduction=reduction, backend=backend, generator=generator, **options)
+        return agg(grads, segments, order=order, present=present, return_stats=return_stats,
+                   check_finite=check_finite)
     x, reduction, seg, name = _prepare(grads, segments, reduction, backend, check_finite, method)
-    if method in ("sum", "mean") and not return_stats:
-        # Fixed weights: no Gram pass (one pass over grads, like a plain sum).
-        t = x.shape[0]
-        w = torch.full((seg.num_segments, 1, t), 1.0 if method == "sum" else 1.0 / t,
-                       dtype=torch.float64, device=x.device)
-        w = reduce_weights(torch.diag_embed(w[:, 0]), reduction)
-        out = _combine(name, w, x, seg)
-        return out if reduction == "none" else out[0]
     # The op of `project` with this method's solve: the same custom op, dispatch and
-    # backend passes; the solve runs between the backend's Gram and combine passes.
+    # composition (pipeline.forward); the solve runs between the backend's Gram and combine passes.
     out, gram, coeffs, nproj = _project_op(x, list(seg.offsets), _unused_order(seg.num_segments, x.shape[0], x.device),
                                            reduction, name, weighting_solve(method, options))
     if not return_stats:
@@ -186,7 +166,13 @@ def aggregate(grads, segments=None, *, method="pcgrad", reduction="sum", order=N
 
 
 class Aggregator:
-    """A stateful ``aggregate``: EMA-smoothed conflict detection, a schedule, GradVac's state.
+    """A method, its options and its state: what ``OrthoLoRA(aggregator=...)`` takes.
+
+    ``Aggregator("upgrad")``, ``Aggregator("pcgrad", ema=0.9)``, ``Aggregator("cagrad", c=0.5,
+    every=2)``, :class:`GradVac` (``Aggregator("gradvac", beta=..., eps=...)``). Called like
+    :func:`aggregate` (``agg(grads, segments)``), or given to :class:`~ortholora_kernels.OrthoLoRA`,
+    whose every mode (one process, DDP, ``comm="sharded"``, FSDP2) runs its :meth:`step_`.
+    Every call is one step of the composition in :mod:`ortholora_kernels.pipeline`.
 
     Args:
         method: any of :data:`ortholora_kernels.solvers.METHODS` (gradvac included).
@@ -198,12 +184,16 @@ class Aggregator:
             weights from the smoothed Gram (combined with the current gradients).
         every, start: aggregate on steps ``start, start + every, ...`` (steps count from 0,
             one per call); on other steps the plain sum (or mean, or the rows unchanged, by
-            ``reduction``) is returned. The EMA is updated on every step.
-        reduction, backend, generator: as :func:`aggregate`.
+            ``reduction``) is returned, without a Gram pass unless the EMA or the statistics
+            need one. The EMA is updated on every step.
+        reduction, backend, generator: as :func:`aggregate` (used by direct calls; OrthoLoRA
+            passes its own).
         **options: the method's options (gradvac: ``beta`` = 0.5, ``eps`` = 1e-8).
 
-    Call it like ``aggregate`` (``agg(grads, segments)``); the state follows one segment
-    layout and number of tasks, and is reset when they change. ``reset()`` clears it.
+    The state follows one segment layout and number of tasks, and is reset when they change.
+    ``reset()`` clears it; ``state_dict()``/``load_state_dict()`` save and restore it.
+    (There is no class per method, as in TorchJD, because ``ortholora_kernels.PCGrad`` is
+    already Pytorch-PCGrad's optimizer wrapper; the method is the first argument.)
     """
 
     def __init__(self, method="pcgrad", *, ema=None, every=1, start=0, reduction="sum", backend=None,
@@ -225,6 +215,18 @@ class Aggregator:
         self.reduction = check_reduction(reduction)
         self.backend, self.generator = backend, generator
         self.reset()
+
+    @property
+    def plain(self) -> bool:
+        """True for the paper's stateless projection (pcgrad, no EMA, every step): the fused,
+        differentiable op of :func:`~ortholora_kernels.project`."""
+        return (self.method, self.ema, self.every, self.start) == ("pcgrad", None, 1, 0)
+
+    def __repr__(self) -> str:
+        extra = "".join(f", {k}={v!r}" for k, v in (("ema", self.ema), ("every", self.every), ("start", self.start))
+                        if v != {"ema": None, "every": 1, "start": 0}[k])
+        opts = "".join(f", {k}={v!r}" for k, v in self.options.items())
+        return f"Aggregator({self.method!r}{opts}{extra})"
 
     def reset(self) -> None:
         """Forget the smoothed Gram, GradVac's targets and the step count."""
@@ -254,65 +256,89 @@ class Aggregator:
         step = self.step if step is None else step
         return step >= self.start and (step - self.start) % self.every == 0
 
-    def __call__(self, grads, segments=None, *, order=None, return_stats=False, check_finite=False):
-        """Aggregate ``grads [T, N]`` for this step (see :func:`aggregate`)."""
+    def _orders(self, order, s, t, device, generator):
+        if order is None:
+            return draw_orders(s, t, device, generator)
+        order = check_order(order, t, s, device)
+        if order.device.type == "cpu" and not torch.compiler.is_compiling():
+            check_order_values(order)   # as project(): a CPU order must hold permutations
+        return order
+
+    def __call__(self, grads, segments=None, *, order=None, present=None, return_stats=False, check_finite=False):
+        """Aggregate ``grads [T, N]`` for this step (see :func:`aggregate`; ``present`` as there)."""
         x, reduction, seg, name = _prepare(grads, segments, self.reduction, self.backend, check_finite,
-                                           self.method, differentiable=self.method == "pcgrad" and self.ema is None)
-        t = x.shape[0]
-        key = (seg.offsets, t, x.device)
+                                           self.method, differentiable=self.plain and present is None)
+        return self.step_(x, seg.offsets, reduction=reduction, backend=name, generator=self.generator, order=order,
+                          present=present, return_stats=return_stats)
+
+    def step_(self, x, offsets, *, reduction, backend, generator=None, order=None, present=None, hooks=(),
+              result_offsets=None, return_stats=True):
+        """One step on the checked, contiguous ``x [T, N]`` (advances the state).
+
+        ``offsets``: the segment offsets of ``x`` (a rank's shard may have empty segments);
+        ``backend``: a selected backend name; ``hooks``: Gram-stage hooks that run first
+        (:func:`ortholora_kernels.pipeline.sum_over_ranks`); ``present``: as :func:`aggregate`;
+        ``result_offsets``: the offsets the result reports and the state is keyed on
+        (default ``offsets``). Returns the output ``[N]``/``[T, N]``, or the
+        :class:`AggregationResult` with ``return_stats``.
+        """
+        offsets = tuple(offsets)
+        key_offsets = tuple(result_offsets) if result_offsets is not None else offsets
+        t, s = x.shape[0], len(offsets) - 1
+        key = (key_offsets, t, x.device)
         if key != self._key:
             self._key, self._ema_gram, self._phi_hat = key, None, None
         step, active = self.step, self.active()
         self.step += 1
         method = self.method if active else "sum"
-        plain_pcgrad = method == "pcgrad" and self.ema is None
-        if plain_pcgrad or (method == "sum" and self.ema is None):
-            # No state to update: the fused op (pcgrad) or a plain sum.
-            if method == "pcgrad":
-                out = project(x, seg, order=order, generator=self.generator, reduction=reduction,
-                              backend=self.backend, return_stats=return_stats)
-                if not return_stats:
-                    return out
-                return AggregationResult(*(getattr(out, f) for f in ProjectionResult.__dataclass_fields__),
-                                         method="pcgrad", weights=out.coeffs.sum(-2))
-            gram = _gram(name, x, seg)
-            w = solvers.weights("sum", gram)
-            nproj = torch.zeros(seg.num_segments, dtype=torch.int32, device=x.device)
-            return _finish(name, x, seg, gram, torch.diag_embed(w), nproj, None, reduction, "sum", return_stats)
-
-        gram = _gram(name, x, seg)
-        smoothed = detected = None
-        decide = gram
+        if method == "pcgrad" and self.ema is None and not hooks:
+            # The plain projection (an absent task's zero row changes nothing in it): the op.
+            res = project(x, offsets, order=order, generator=generator, reduction=reduction, backend=backend,
+                          return_stats=return_stats)
+            if not return_stats:
+                return res
+            w = res.coeffs.sum(-2)
+            if present is not None:
+                w = torch.where(present.to(device=w.device, dtype=torch.bool).expand_as(w), w, torch.zeros_like(w))
+            return AggregationResult(*(getattr(res, f) for f in ProjectionResult.__dataclass_fields__),
+                                     method="pcgrad", weights=w)
+        hooks = list(hooks)
+        if present is not None:
+            hooks.append(pipeline.presence(present))
         if self.ema is not None:
-            beta = float(self.ema)
-            prev = self._ema_gram if self._ema_gram is not None else torch.zeros_like(gram)
-            self._ema_gram = beta * prev + (1 - beta) * gram
-            smoothed = self._ema_gram
-            decide = smoothed / (1 - beta ** (step + 1))          # bias correction
-            detected = decide < 0
-        s = seg.num_segments
-        nproj = torch.zeros(s, dtype=torch.int32, device=x.device)
-        if method in ("pcgrad", "gradvac"):
-            if order is None:
-                order = draw_orders(s, t, x.device, self.generator)
-            else:
-                order = check_order(order, t, s, x.device)
-        else:
-            order = None
-        if method == "pcgrad":
-            coeffs, nproj = solve(gram, order, allowed=detected)
-        elif method == "gradvac":
-            if self._phi_hat is None:
-                self._phi_hat = torch.zeros_like(gram)
-            w, self._phi_hat = solvers.module("gradvac").step(gram, order, self._phi_hat,
-                                                              beta=float(self.options["beta"]),
-                                                              eps=float(self.options["eps"]))
-            coeffs = torch.diag_embed(w)
-        else:
-            opts = self.options if method == self.method else {}
-            coeffs = torch.diag_embed(solvers.weights(method, decide, **opts))
-        return _finish(name, x, seg, gram, coeffs, nproj, order, reduction, method, return_stats,
-                       detected=detected, smoothed_gram=smoothed)
+            hooks.append(pipeline.ema(float(self.ema), self._ema_gram, step))
+        ordered = method in ("pcgrad", "gradvac")
+        if method in _FIXED and not return_stats and self.ema is None:
+            # Fixed weights (sum, mean; a step the schedule skips): no Gram pass.
+            w = _fixed(method, s, t, x.device, present)
+            out = pipeline.fixed_weights(x, offsets, w, reduction, backend)
+            return out if reduction == "none" else out[0]
+        order = self._orders(order, s, t, x.device, generator) if ordered else None
+        out, st, sol, phi_hat = pipeline.run(x, offsets, method=method, options=self.options if active else {},
+                                             reduction=reduction, backend=backend, order=order, hooks=hooks,
+                                             phi_hat=self._phi_hat)
+        if method == "gradvac":
+            self._phi_hat = phi_hat
+        if self.ema is not None:
+            self._ema_gram = st.smoothed
+        if reduction != "none":
+            out = out[0]
+        if not return_stats:
+            return out
+        return AggregationResult(out, st.gram, sol.coeffs, sol.num_projections, order, key_offsets, reduction,
+                                 method=method, weights=sol.coeffs.sum(-2), detected=st.detected,
+                                 smoothed_gram=st.smoothed, task_present=st.present)
+
+
+_FIXED = ("sum", "mean")
+
+
+def _fixed(method, s, t, device, present):
+    """``[S, T]`` weights of sum/mean (mean over the present tasks when ``present`` is given)."""
+    if present is None:
+        return torch.full((s, t), 1.0 if method == "sum" else 1.0 / t, dtype=torch.float64, device=device)
+    p = present.to(device=device, dtype=torch.float64).expand(s, t)
+    return p if method == "sum" else p / p.sum(-1, keepdim=True).clamp_min(1)
 
 
 class GradVac(Aggregator):

@@ -66,11 +66,7 @@ def check_task_ids(task_ids, num_tasks: int) -> torch.Tensor:
     if task_ids.numel() == 0:
         raise ValueError("task_ids: empty batch")
     ids = task_ids.detach().to("cpu", torch.int64)
-    lo, hi = int(ids.min()), int(ids.max())
-    if lo < -1 or hi >= num_tasks:
-        bad = lo if lo < -1 else hi
-        raise ValueError(f"task_ids: task id {bad} out of range [0, {num_tasks}) (num_tasks={num_tasks}; "
-                         "-1 marks an example or token of no task)")
+    _check_id_range(ids, num_tasks)
     return ids
 
 
@@ -80,6 +76,15 @@ def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     if t.device.type == "cpu" and device.type == "cuda":
         return t.pin_memory().to(device, non_blocking=True)
     return t.to(device)
+
+
+def _check_id_range(task_ids: torch.Tensor, num_tasks: int) -> None:
+    if task_ids.numel():
+        lo, hi = int(task_ids.min()), int(task_ids.max())
+        if lo < -1 or hi >= num_tasks:
+            bad = lo if lo < -1 else hi
+            raise ValueError(f"task_ids: task id {bad} out of range [0, {num_tasks}) (num_tasks={num_tasks}; "
+                             "-1 marks an example or token of no task)")
 
 
 def per_task_mean_loss(per_example_loss: torch.Tensor, task_ids: torch.Tensor, num_tasks: int,
@@ -94,7 +99,9 @@ def per_task_mean_loss(per_example_loss: torch.Tensor, task_ids: torch.Tensor, n
     optional) replaces the local per-task counts as denominators, e.g.
     :func:`ortholora_kernels.distributed.global_task_counts` so that
     data-parallel ranks with unequal per-task counts reproduce the union-batch mean.
-    No host sync.
+    No host sync: ids on the CPU are checked on the host (a ValueError naming an id outside
+    ``[0, T)`` and not -1, as :meth:`OrthoLoRA.record`); device ids by an asynchronous
+    device assert.
     """
     if not isinstance(per_example_loss, torch.Tensor) or per_example_loss.dim() not in (1, 2) \
             or per_example_loss.shape != task_ids.shape:
@@ -102,6 +109,12 @@ def per_task_mean_loss(per_example_loss: torch.Tensor, task_ids: torch.Tensor, n
         raise ValueError(f"per_example_loss: expected the shape of task_ids ([batch] or [batch, seq]) = "
                          f"{tuple(task_ids.shape)}, got {got}")
     loss = per_example_loss.reshape(-1)
+    if not torch.compiler.is_compiling():
+        if task_ids.device.type == "cpu":
+            _check_id_range(task_ids, num_tasks)
+        else:
+            torch._assert_async(((task_ids >= -1) & (task_ids < num_tasks)).all(),
+                                f"task_ids: a task id out of range [0, {num_tasks}) and not -1")
     ids = _to_device(task_ids, per_example_loss.device).long().reshape(-1)
     # id -1 goes to an extra bin T that is dropped (no boolean indexing: no host sync)
     ids = torch.where(ids < 0, torch.full_like(ids, num_tasks), ids)

@@ -1,8 +1,8 @@
 """The public op ``project``: validation, order drawing, dispatch, custom op, autograd.
 
-The forward and the backward are composed here, once, from a backend's passes over
-memory (:class:`ortholora_kernels.backends.base.Backend`) and a solve
-(:class:`ortholora_kernels.solve.Solve`).
+The op's forward and backward are :func:`ortholora_kernels.pipeline.forward` /
+:func:`~ortholora_kernels.pipeline.backward` (the one composition of Gram, solve and
+combine); ``forward``/``backward`` are re-exported here under their old names.
 """
 from __future__ import annotations
 
@@ -11,60 +11,12 @@ from typing import Literal, Sequence
 import torch
 
 from . import backends
-from ._args import (Segments, check_grads, check_order, check_order_values, check_reduction, draw_orders,
+from ._args import (check_grads, check_order, check_order_values, check_reduction, draw_orders,
                     segments_for)
 from .backends.base import empty_outputs
+from .pipeline import backward, forward
 from .result import ProjectionResult
 from .solve import get_solve
-
-
-def forward(x: torch.Tensor, seg: Segments, order: torch.Tensor, reduction: str, backend: str,
-            solve: str = "pcgrad"):
-    """The forward, composed once for every backend: ``(out, G, C, nproj)``.
-
-    Gram (stage 1) and combine (stage 3) are the backend's passes over ``x``; the solve
-    (stage 2) is :mod:`ortholora_kernels.solve`'s, unless the backend fuses the built-in
-    one into its kernels. ``x`` must be contiguous.
-    """
-    impl = backends.get(backend)
-    sol = get_solve(solve)
-    if sol.fusable:
-        fused = impl.fused_forward(x, seg, order, reduction)
-        if fused is not None:
-            return fused
-        staged = impl.gram_solve(x, seg, order, reduction)
-    else:
-        staged = None
-    if staged is None:
-        gram = impl.gram(x, seg)
-        w, coeffs, nproj = sol.forward(gram, order, reduction)
-    else:
-        gram, coeffs, w, nproj = staged
-    out = impl.combine(seg, x, w)
-    return (out if reduction == "none" else out.view(-1)), gram, coeffs, nproj
-
-
-def backward(x: torch.Tensor, dout: torch.Tensor, gram: torch.Tensor, order: torch.Tensor, seg: Segments,
-             reduction: str, backend: str, solve: str = "pcgrad") -> torch.Tensor:
-    """The backward, composed once: ``dX = W^T dY + (Gbar + Gbar^T) X``.
-
-    ``v = dY X^T`` (the backend's cross product) is ``dL/dW``; the solve's reverse mode
-    turns it into ``Gbar = dL/dG``; one combine pass with two operands gives ``dX``.
-    """
-    impl = backends.get(backend)
-    sol = get_solve(solve)
-    dy = dout if reduction == "none" else dout.reshape(1, -1)
-    g64 = gram.to(torch.float64)
-    v = impl.cross(dy, x, seg)                                       # dL/dW, [S, R, T]
-    fused = impl.solve_vjp(g64, order, reduction, v, seg) if sol.fusable else None
-    if fused is None:
-        w = sol.forward(g64, order, reduction).weights              # [S, R, T]
-        gbar = sol.vjp(g64, order, reduction, v)
-        m = gbar + gbar.transpose(-1, -2)
-    else:  # the backend runs the solve and its reverse mode in one launch
-        m, w = fused
-    # out[t] = sum_k M[s, t, k] X[k] + sum_r W[s, r, t] dY[r]: W^T as a strided view.
-    return impl.combine(seg, x, m, dy, w.transpose(-1, -2), out_dtype=x.dtype)
 
 
 @torch.library.custom_op("ortholora::project", mutates_args=())
@@ -148,7 +100,8 @@ def _eager_fast_path(x: torch.Tensor) -> bool:
 def project(grads: torch.Tensor, segments: Sequence[int] | torch.Tensor | None = None, *,
             order: torch.Tensor | None = None, generator: torch.Generator | None = None,
             reduction: Literal["sum", "mean", "none"] = "sum", backend: str | None = None,
-            return_stats: bool = False, check_finite: bool = False) -> torch.Tensor | ProjectionResult:
+            return_stats: bool = False, check_finite: bool = False,
+            solve: str = "pcgrad") -> torch.Tensor | ProjectionResult:
     """Project conflicting task gradients (Ortho-LoRA / PCGrad) and reduce them.
 
     For each segment and each task i, ``g_i`` is projected, in the order ``order[s, i]``,
@@ -168,7 +121,6 @@ def project(grads: torch.Tensor, segments: Sequence[int] | torch.Tensor | None =
             (ValueError otherwise); a device order (or one under torch.compile) is not
             read on the host: every backend skips an entry outside ``[0, T)`` like a
             self-visit and computes in-range repeats as written.
-            device from ``generator``.
         generator: a ``torch.Generator`` on the device of ``grads`` for drawn orders, or an
             :class:`~ortholora_kernels.OrderGenerator` (the kind that ``torch.compile``
             traces and CUDA graphs replay; a torch.Generator cannot be traced).
@@ -181,6 +133,11 @@ def project(grads: torch.Tensor, segments: Sequence[int] | torch.Tensor | None =
         check_finite: raise ``FloatingPointError`` if ``grads`` holds NaN/Inf (a host
             sync). By default NaN/Inf propagate to the output, so AMP's GradScaler sees
             them and skips the step; they are never zeroed.
+        solve: the name of a registered :class:`~ortholora_kernels.solve.Solve` (stage 2;
+            default the built-in PCGrad). A custom solve: subclass ``Solve`` (``forward``
+            and ``vjp``, batched over segments, no host sync), ``register_solve(MySolve(),
+            "mine")``, then ``project(grads, segs, solve="mine")``: the same op, backends,
+            autograd and torch.compile support (docs/pipeline.md).
 
     Returns:
         ``[N]`` (sum/mean) or ``[T, N]`` (none) in the dtype of ``grads``, or a
@@ -200,10 +157,11 @@ def project(grads: torch.Tensor, segments: Sequence[int] | torch.Tensor | None =
             check_order_values(order)
     if check_finite and not bool(torch.isfinite(x).all()):
         raise FloatingPointError("grads: contains NaN or Inf (check_finite=True)")
+    get_solve(solve)   # a clear error for an unknown name, before dispatch
     if _eager_fast_path(x):
-        out, gram, coeffs, nproj = _EagerProject.apply(x, seg, order, reduction, name, "pcgrad")
+        out, gram, coeffs, nproj = _EagerProject.apply(x, seg, order, reduction, name, solve)
     else:
-        out, gram, coeffs, nproj = _project_op(x, list(seg.offsets), order, reduction, name)
+        out, gram, coeffs, nproj = _project_op(x, list(seg.offsets), order, reduction, name, solve)
     if not return_stats:
         return out
     return ProjectionResult(out, gram, coeffs, nproj, order, seg.offsets, reduction)

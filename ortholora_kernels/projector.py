@@ -24,6 +24,7 @@ Under ``torch.distributed`` that part is averaged over the ranks as DDP would av
 from __future__ import annotations
 
 import contextlib
+import weakref
 from typing import Sequence
 
 import torch
@@ -54,9 +55,10 @@ def _compiled_backward_nodes(roots) -> set:
     return found
 
 
-def _shared_compiled_backward(losses) -> tuple[int, int] | None:
-    """``(i, j)``, the first two of ``losses`` whose backward passes both run one compiled
-    region's backward, or None. One walk of the whole graph when nothing is compiled (eager)."""
+def _shared_compiled_backward(losses) -> tuple[int, int, set] | None:
+    """``(i, j, regions)``: the first two of ``losses`` whose backward passes both run one
+    compiled region's backward, and the regions they share; or None. One walk of the whole
+    graph when nothing is compiled (eager)."""
     if len(losses) < 2 or not _compiled_backward_nodes([l.grad_fn for l in losses]):
         return None
     owner: dict = {}
@@ -64,8 +66,106 @@ def _shared_compiled_backward(losses) -> tuple[int, int] | None:
         for fn in _compiled_backward_nodes([loss.grad_fn]):
             i = owner.setdefault(fn, j)
             if i != j:
-                return i, j
+                shared = {f for f, k in owner.items() if k == i} & _compiled_backward_nodes([loss.grad_fn])
+                return i, j, shared
     return None
+
+
+_LEGACY = ("method", "method_options", "ema", "every", "start")
+
+
+def _aggregator_from(aggregator, legacy: dict):
+    """The :class:`~ortholora_kernels.Aggregator` of ``OrthoLoRA(aggregator=..., **legacy)``."""
+    from .aggregate import Aggregator
+    unknown = sorted(set(legacy) - set(_LEGACY))
+    if unknown:
+        raise TypeError(f"OrthoLoRA() got an unexpected keyword argument {unknown[0]!r}")
+    defaults = {"method_options": None, "ema": None, "every": 1, "start": 0}
+    legacy = {k: v for k, v in legacy.items() if k not in defaults or not (v == defaults[k] or v == {})}
+    method = legacy.pop("method", None)
+    if method is not None:
+        if isinstance(aggregator, Aggregator) or aggregator != "pcgrad":
+            raise TypeError("method: give the method once, as aggregator= (method= is its old name)")
+        aggregator = method
+    if legacy:
+        import warnings
+        warnings.warn(f"OrthoLoRA({', '.join(sorted(legacy))}=...): pass them to the aggregator instead, "
+                      "e.g. aggregator=ortholora_kernels.Aggregator('upgrad', ema=0.9, every=2, c=0.5)",
+                      DeprecationWarning, stacklevel=3)
+        if isinstance(aggregator, Aggregator):
+            raise TypeError(f"{sorted(legacy)[0]}: an Aggregator object carries its own options, EMA and schedule")
+        opts = dict(legacy.pop("method_options", None) or {})
+        return Aggregator(aggregator, **legacy, **opts)
+    if isinstance(aggregator, Aggregator):
+        return aggregator
+    if isinstance(aggregator, str):
+        return Aggregator(aggregator)
+    raise TypeError(f"aggregator: expected an ortholora_kernels.Aggregator or a method name, "
+                    f"got {type(aggregator).__name__}")
+
+
+# Verdict of the retained-pass probe per compiled region (the class AOTAutograd makes for each
+# compiled graph), for this process: True when repeated backward passes over one forward agree.
+_RETAINED_OK: "weakref.WeakKeyDictionary[type, bool]" = weakref.WeakKeyDictionary()
+# A repeated pass differs from the first by rounding at most (the same kernels on the same
+# inputs); the in-place buffer fault seen with torch 2.13's inductor moves gradients by ~1e-3.
+_PROBE_RTOL = 1e-6
+
+
+def _leaves(loss) -> list[torch.Tensor]:
+    """The leaf tensors ``loss.backward()`` would accumulate into (AccumulateGrad nodes)."""
+    seen, out, stack = set(), [], [loss.grad_fn]
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        var = getattr(fn, "variable", None)
+        if var is not None:
+            out.append(var)
+        stack.extend(f for f, _ in fn.next_functions)
+    return out
+
+
+def _retained_passes_agree(loss) -> tuple[bool, float]:
+    """Two backward passes of ``loss`` with ``retain_graph`` (``autograd.grad``: no ``.grad`` is
+    written): whether the second equals the first, and their largest relative difference.
+
+    A compiled backward that reuses, in place, a buffer the next pass still reads gives a
+    second pass different from the first; a correct one repeats it."""
+    leaves = _leaves(loss)
+    first = torch.autograd.grad(loss, leaves, retain_graph=True, allow_unused=True)
+    second = torch.autograd.grad(loss, leaves, retain_graph=True, allow_unused=True)
+    worst = 0.0
+    for a, b in zip(first, second):
+        if a is None or b is None:
+            if (a is None) != (b is None):
+                return False, float("inf")
+            continue
+        a, b = a.detach().double(), b.detach().double()
+        if not bool(torch.isfinite(a).all()) or not bool(torch.isfinite(b).all()):
+            if not torch.equal(a.isnan(), b.isnan()) or not bool(((a == b) | a.isnan()).all()):
+                return False, float("inf")
+            continue
+        scale = float(a.abs().max()) if a.numel() else 0.0
+        diff = float((a - b).abs().max()) if a.numel() else 0.0
+        worst = max(worst, diff / scale if scale > 0 else (0.0 if diff == 0 else float("inf")))
+    return worst <= _PROBE_RTOL, worst
+
+
+def retained_passes_ok(loss, regions) -> bool:
+    """Whether T backward passes with ``retain_graph`` over the compiled ``regions`` reached by
+    ``loss`` give the gradients eager would: probed on this loss the first time a region is
+    seen (two passes through :func:`torch.autograd.grad`, no ``.grad`` written), then cached
+    for the process. The probe measures what the running torch does on this machine: the
+    inductor fault it looks for shows on some CPUs and thread counts and not on others."""
+    kinds = {type(fn) for fn in regions}
+    if all(k in _RETAINED_OK for k in kinds):
+        return all(_RETAINED_OK[k] for k in kinds)
+    ok, _ = _retained_passes_agree(loss)
+    for k in kinds:
+        _RETAINED_OK[k] = ok
+    return ok
 
 
 class OrthoLoRA:
@@ -88,12 +188,17 @@ class OrthoLoRA:
         distributed: "auto" (reduce the buffer when ``torch.distributed`` is initialised
             with more than one rank), True (require it), or False.
         process_group: the group to reduce over (default: the world).
-        method: the aggregator ("pcgrad", the paper's, by default; any of
-            :data:`ortholora_kernels.solvers.METHODS`: "upgrad", "cagrad", "gradvac", ...),
-            applied per segment (see :func:`ortholora_kernels.aggregate`).
-        method_options: that method's options (e.g. ``{"c": 0.5}`` for cagrad).
-        ema, every, start: EMA-smoothed conflict detection and the schedule of
-            :class:`ortholora_kernels.Aggregator` (defaults: off, every step, from step 0).
+        aggregator: the method, its options and its state: an
+            :class:`~ortholora_kernels.Aggregator` (``Aggregator("upgrad", ema=0.9)``,
+            ``Aggregator("cagrad", c=0.5, every=2)``, :class:`~ortholora_kernels.GradVac`), or a
+            method name (default "pcgrad", the paper's; any of
+            :data:`ortholora_kernels.solvers.METHODS`), applied per segment in every mode (one
+            process, DDP, ``comm="sharded"``, FSDP2). Its ``reduction``/``backend``/``generator``
+            are OrthoLoRA's; it holds the state, so give each OrthoLoRA its own. A task with no example in a step (counted in ``record``/``task``,
+            over all ranks) is left out of the method's solve (weight 0; the others get what
+            the method gives on the present tasks alone). ``method=`` is the same as
+            ``aggregator=`` with a name; ``method_options``, ``ema``, ``every`` and ``start``
+            still work (a DeprecationWarning: pass them to ``Aggregator``).
         rng: "torch" (a ``torch.Generator`` seeded with ``seed``) or "counter" (an
             :class:`~ortholora_kernels.OrderGenerator`: the orders then compile with
             :meth:`project_` under ``torch.compile(fullgraph=True)`` and replay in CUDA graphs).
@@ -113,9 +218,8 @@ class OrthoLoRA:
     def __init__(self, model: nn.Module | LoRALayout, num_tasks: int, *, granularity: str = "ab",
                  collect: str = "grouped", reduction: str = "sum", seed: int | None = 0, backend: str | None = None,
                  adapter_name: str = "default", buffer_dtype: torch.dtype | None = None, distributed="auto",
-                 process_group=None, method: str = "pcgrad", method_options: dict | None = None,
-                 ema: float | None = None, every: int = 1, start: int = 0, rng: str = "torch",
-                 comm: str | None = None):
+                 process_group=None, aggregator="pcgrad", rng: str = "torch", comm: str | None = None,
+                 check_finite: bool = False, **legacy):
         if not isinstance(num_tasks, int) or isinstance(num_tasks, bool) or num_tasks < 1:
             raise ValueError(f"num_tasks: expected an int >= 1, got {num_tasks!r}")
         if granularity not in GRANULARITIES:
@@ -152,14 +256,13 @@ class OrthoLoRA:
         self.buffer_dtype = buffer_dtype
         self.distributed = distributed
         self.process_group = process_group
-        self.method = method
-        # Plain pcgrad keeps the fused, differentiable op; anything else (another method,
-        # smoothing, a schedule) goes through a stateful Aggregator.
-        self._aggregator = None
-        if (method, ema, every, start) != ("pcgrad", None, 1, 0) or method_options:
-            from .aggregate import Aggregator
-            self._aggregator = Aggregator(method, ema=ema, every=every, start=start, reduction=reduction,
-                                          backend=backend, **dict(method_options or {}))
+        self.aggregator = _aggregator_from(aggregator, legacy)
+        self.method = self.aggregator.method
+        if not isinstance(check_finite, bool):
+            raise TypeError(f"check_finite: expected a bool, got {type(check_finite).__name__}")
+        self.check_finite = check_finite
+        # Per-task example counts of the step (only for the methods that leave absent tasks out).
+        self._counts: torch.Tensor | None = None
         self.rng = rng
         self.comm = comm
         self._dist_ready = False
@@ -209,7 +312,7 @@ class OrthoLoRA:
         self._dist_hooks = []
         if self.world_size() > 1:
             from .distributed.reduce import prepare_distributed
-            prepare_distributed(self)
+            prepare_distributed(self.layout, collect=self.collect, comm=self.comm, group=self.process_group)
 
     @property
     def num_steps(self) -> int:
@@ -245,6 +348,7 @@ class OrthoLoRA:
         if self._buffer is not None:
             self._buffer.zero_()
         self._pending = False
+        self._counts = None
 
     def _check_live(self, what: str) -> None:
         if self._removed:
@@ -285,6 +389,7 @@ class OrthoLoRA:
             raise RuntimeError("record: needs collect='grouped'; with collect='loop' use task(t) or backward(task_losses)")
         self._prepare_distributed()
         with self._collector.grouped(task_ids):
+            self._count_tasks(task_ids)
             # Set on entry, not on exit: a step compiled as one graph runs project_() in here
             # (which leaves nothing pending).
             self._pending = True
@@ -305,6 +410,7 @@ class OrthoLoRA:
         self._prepare_distributed()
         with self._collector.task(t):
             yield self
+        self._count_tasks(torch.tensor([t]))
         self._pending = True
 
     def backward(self, task_losses: Sequence[torch.Tensor], retain_graph: bool = False) -> None:
@@ -326,17 +432,22 @@ class OrthoLoRA:
                 raise ValueError(f"task_losses: entry {t} must be a scalar tensor")
         shared = _shared_compiled_backward([task_losses[t] for t in present])
         if shared is not None:
-            import torch._inductor.config as inductor_config
-            if inductor_config.inplace_buffers:
-                i, j = present[shared[0]], present[shared[1]]
+            i, j = present[shared[0]], present[shared[1]]
+            try:
+                ok = retained_passes_ok(task_losses[i], shared[2])
+            except RuntimeError as e:
+                if "donated buffers" not in str(e):
+                    raise
+                ok = True  # the loop below raises the donated-buffer error with its way out
+            if not ok:
                 raise RuntimeError(
                     f"task_losses: the losses of tasks {i} and {j} come from ONE torch.compile'd forward, whose "
-                    "compiled backward would run once per task with retain_graph: torch 2.13's inductor reuses "
-                    "buffers the later passes still read, and gives them wrong gradients (tests/test_compile.py, "
-                    "test_retained_backward_over_one_compiled_forward_torch_bug). On a compiled model use "
-                    "collect='grouped' with record(task_ids) (one backward for all tasks), or one forward and "
-                    "backward per task inside `with ortho.task(t)`, or set "
-                    "torch._inductor.config.inplace_buffers = False before the first backward")
+                    "compiled backward would run once per task with retain_graph; on this machine a probe found "
+                    "that the running torch's compiled backward gives a second pass different from the first "
+                    "(inductor reuses, in place, buffers the later passes still read), so the later tasks would "
+                    "get wrong gradients. On a compiled model use collect='grouped' with record(task_ids) (one "
+                    "backward for all tasks), or one forward and backward per task inside `with ortho.task(t)`, "
+                    "or set torch._inductor.config.inplace_buffers = False before the first backward")
         for k, t in enumerate(present):
             loss = task_losses[t]
             with self.task(t):
@@ -376,6 +487,25 @@ class OrthoLoRA:
                 self._generator.manual_seed(self.seed)
         return self._generator
 
+    def _count_tasks(self, task_ids) -> None:
+        """Add the step's per-task example counts (only where the method leaves absent tasks out:
+        pcgrad needs none, an absent task's zero row changes nothing in it)."""
+        if self.aggregator.method == "pcgrad":
+            return
+        ids = torch.as_tensor(task_ids).reshape(-1)
+        c = (ids.unsqueeze(1) == torch.arange(self.num_tasks, device=ids.device)).sum(0).to(torch.float64)
+        self._counts = c if self._counts is None else self._counts + c.to(self._counts.device)
+
+    def _present(self, device, group=None) -> torch.Tensor | None:
+        """``[T]`` bool: the tasks with an example in the step on any rank (None: not counted)."""
+        if self._counts is None:
+            return None
+        counts = self._counts.to(device)
+        if group is not False:
+            from .distributed.reduce import all_reduce_counts
+            all_reduce_counts(counts, group)
+        return counts > 0
+
     def project_(self) -> ProjectionResult:
         """Project the accumulated per-task gradients, write them to the LoRA ``.grad``, reset.
 
@@ -386,7 +516,7 @@ class OrthoLoRA:
         there (the non-per-task part collected inside ``record``, a backward outside any
         context) is kept, unprojected (under torch.distributed averaged over the ranks). Other
         parameters are untouched. NaN/Inf in the buffer propagate into ``.grad`` (so
-        ``GradScaler`` skips the step).
+        ``GradScaler`` skips the step) unless ``check_finite``.
 
         Returns the :class:`ProjectionResult` (device tensors, no host sync), also kept in
         :attr:`last_stats`.
@@ -399,13 +529,14 @@ class OrthoLoRA:
         if self.world_size() > 1:
             if self.seed is None:
                 raise ValueError("seed: must be an int under torch.distributed so every rank draws the same orders")
-            from .distributed.reduce import distributed_project_
-            res = distributed_project_(self, buf)  # reduces, projects, adds to the (sharded) .grad
+            res = self._project_distributed(buf)
         else:
-            res = self._project_buffer(buf)
+            res = self._aggregate(buf, self._present(buf.device, group=False))
+            self._check_finite(res)
             self._set_grads(self.layout.params, res.output)
         buf.zero_()
         self._pending = False
+        self._counts = None
         self.last_stats = res
         if torch.compiler.is_compiling():
             self._graph_steps.add_(1)
@@ -413,13 +544,64 @@ class OrthoLoRA:
             self._num_steps += 1
         return res
 
-    def _project_buffer(self, buf: torch.Tensor) -> ProjectionResult:
-        """The (reduced) ``[T, N]`` buffer through the projection or the configured aggregator."""
-        if self._aggregator is None:
-            return project(buf, self.offsets, reduction=self.reduction, generator=self._get_generator(buf.device),
-                           backend=self.backend, return_stats=True)
-        self._aggregator.generator = self._get_generator(buf.device)
-        return self._aggregator(buf, self.offsets, return_stats=True)
+    def _check_finite(self, res) -> None:
+        """With ``check_finite``: raise naming the tasks whose gradient holds NaN/Inf (from the
+        Gram's diagonal, the same on every rank), before any ``.grad`` is written."""
+        if not self.check_finite:
+            return
+        diag = torch.diagonal(res.gram, dim1=-2, dim2=-1)
+        bad = (~torch.isfinite(diag)).any(0).nonzero().flatten().tolist()
+        if bad:
+            self.zero_grad()
+            raise FloatingPointError(f"check_finite: the gradient of task(s) {bad} holds NaN or Inf "
+                                     "(nothing was written to .grad; this step's task gradients are dropped)")
+
+    def _aggregate(self, buf: torch.Tensor, present) -> ProjectionResult:
+        """The (reduced) ``[T, N]`` buffer through the aggregator: the plain projection as the
+        fused, differentiable op (a compiled step traces it), anything else as its step."""
+        gen = self._get_generator(buf.device)
+        if self.aggregator.plain:
+            return project(buf, self.offsets, reduction=self.reduction, generator=gen, backend=self.backend,
+                           return_stats=True)
+        from .backends import select
+        name = select(self.backend, buf.device, self.num_tasks)
+        return self.aggregator.step_(buf, self.offsets, reduction=self.reduction, backend=name, generator=gen,
+                                     present=present)
+
+    def _project_distributed(self, buf: torch.Tensor) -> ProjectionResult:
+        """More than one rank: reduce (all-reduce of ``[T, N]``, or the sharded way: reduce-scatter,
+        Gram all-reduce, own-shard combine, all-gather; FSDP2: the shard is the sharded ``.grad``),
+        aggregate, write ``.grad``. The pieces are :mod:`ortholora_kernels.distributed`'s."""
+        from .distributed import reduce as dr
+        from .distributed import sharded as ds
+        group = self.process_group
+        params = dr.current_params(self.layout)
+        fsdp = dr.fsdp_sharded(self.layout, params)
+        if fsdp:
+            dr.fsdp_check(self.layout, params, collect=self.collect, comm=self.comm, group=group)
+        else:  # FSDP2 reduce-scatters an ordinary LoRA .grad itself; DDP leaves it to us
+            dr.reduce_leftover_grads(self.layout, params, group, buf.device)
+        present = self._present(buf.device, group)
+        if not fsdp and self.comm in (None, "all_reduce"):
+            dr.all_reduce_task_grads(buf, group, average=True)
+            res = self._aggregate(buf, present)
+            self._check_finite(res)
+            self._set_grads(params, res.output)
+            return res
+        import torch.distributed as dist
+        world, rank = dist.get_world_size(group), dist.get_rank(group)
+        plan = self._shard_plan
+        if plan is None or (plan.world, plan.rank) != (world, rank):
+            plan = self._shard_plan = ds.ShardPlan(self.layout, self.offsets, world, rank)
+        res, _ = ds.sharded_project(buf, plan, self.offsets, reduction=self.reduction,
+                                    generator=self._get_generator(buf.device), group=group, gather=not fsdp,
+                                    backend=self.backend, aggregator=self.aggregator, present=present)
+        self._check_finite(res)
+        if fsdp:
+            ds.write_sharded_grads(params, plan, res.output, [e.name for e in self.layout.entries])
+        else:
+            self._set_grads(params, res.output)
+        return res
 
     def _set_grads(self, params, flat: torch.Tensor) -> None:
         """Add the views of ``flat`` to ``params``' ``.grad`` (set when None)."""
@@ -443,8 +625,8 @@ class OrthoLoRA:
         gen = self._generator
         state = {"num_steps": self.num_steps, "seed": self.seed,
                  "generator": gen.get_state() if gen is not None else None, "signature": self.signature()}
-        if self._aggregator is not None:
-            state["aggregator"] = self._aggregator.state_dict()
+        if not self.aggregator.plain:
+            state["aggregator"] = self.aggregator.state_dict()
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -475,8 +657,8 @@ class OrthoLoRA:
             if a != b:
                 raise ValueError(f"state: parameter {n} had shape {a}, here {b} (another LoRA rank?)")
         self.num_steps = int(state["num_steps"])
-        if self._aggregator is not None and state.get("aggregator") is not None:
-            self._aggregator.load_state_dict(state["aggregator"])
+        if not self.aggregator.plain and state.get("aggregator") is not None:
+            self.aggregator.load_state_dict(state["aggregator"])
         if state.get("generator") is not None:
             if self.seed is None:
                 raise ValueError("state: carries an order generator but this OrthoLoRA has seed=None")
@@ -539,5 +721,6 @@ class OrthoLoRA:
         self.remove()
 
     def __repr__(self) -> str:
+        agg = "" if self.aggregator.plain else f", aggregator={self.aggregator!r}"
         return (f"OrthoLoRA(num_tasks={self.num_tasks}, granularity={self.granularity!r}, collect={self.collect!r}, "
-                f"reduction={self.reduction!r}, {self.layout!r})")
+                f"reduction={self.reduction!r}{agg}, {self.layout!r})")

@@ -47,7 +47,7 @@ def test_ortholora_ema_state_round_trips():
     assert state["aggregator"]["step"] == 2 and state["aggregator"]["ema_gram"].shape == (2, T, T)
     other = OrthoLoRA(_model(), T, ema=0.9, method="gradvac")
     other.load_state_dict(state)
-    assert other._aggregator.step == 2 and torch.equal(other._aggregator._phi_hat, ortho._aggregator._phi_hat)
+    assert other.aggregator.step == 2 and torch.equal(other.aggregator.state_dict()["phi_hat"], ortho.aggregator.state_dict()["phi_hat"])
     ortho.remove()
     other.remove()
     with pytest.raises(ValueError, match="method"):
@@ -72,6 +72,13 @@ def test_trainer_accepts_every_method(tmp_path):
     trainer.train()
     assert trainer.ortho.last_stats.method == "dualproj"
     assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters() if n in before)
+    trainer.ortho.remove()
+    # the aggregator object passes through as it is (its state is the one the Trainer's OrthoLoRA runs)
+    agg = Aggregator("upgrad", ema=0.9)
+    trainer = OrthoLoRATrainer(model=model, args=args, train_dataset=rows, data_collator=MultiTaskCollator(num_tasks=T),
+                               num_tasks=T, ortho_aggregator=agg)
+    trainer.train()
+    assert trainer.ortho.aggregator is agg and agg.step == 2 and trainer.ortho.last_stats.method == "upgrad"
     trainer.ortho.remove()
 
 

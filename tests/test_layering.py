@@ -62,7 +62,7 @@ def _upper(name: str) -> bool:
 def test_the_core_list_is_what_it_should_be():
     names = {_module_name(p) for p in _core_modules()}
     for expected in ("ops", "backends", "backends.base", "solve", "solvers", "aggregate", "layout", "collect",
-                     "projector", "result", "reference", "pcgrad", "adapters", "adapters.common",
+                     "projector", "result", "reference", "pcgrad", "pipeline", "rng", "adapters", "adapters.common",
                      "adapters.mtl_lora", "adapters.lori", "distributed", "distributed.reduce",
                      "distributed.sharded"):
         assert f"{PKG}.{expected}" in names
@@ -172,6 +172,97 @@ def test_integrations_do_not_import_the_glue_harness(path):
     glue = f"{PKG}.glue"
     bad = sorted(n for n in _imports(path) if n == glue or n.startswith(glue + "."))
     assert not bad, f"{_module_name(path)} imports the GLUE harness: {bad}"
+
+
+# ---- the one composition ------------------------------------------------------------------------
+
+#: a backend's passes over memory and its fusions: only the pipeline puts them together
+BACKEND_PASSES = {"gram", "cross", "combine", "gram_solve", "fused_forward", "solve_vjp"}
+
+
+def _backend_pass_calls(path: Path, source: str | None = None) -> list[str]:
+    """Calls ``<obj>.<pass>(...)`` of a backend pass on anything but a module we know is not a
+    backend (``torch``, ``np``) in ``path``."""
+    text = path.read_text() if source is None else source
+    out = []
+    for node in ast.walk(ast.parse(text, filename=str(path))):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in BACKEND_PASSES:
+            base = node.func.value
+            if isinstance(base, ast.Name) and base.id in ("torch", "np", "pipeline", "self"):
+                continue
+            out.append(ast.unparse(node.func))
+    return sorted(out)
+
+
+def _outside_pipeline() -> list[Path]:
+    return [p for p in sorted(PKG_DIR.rglob("*.py"))
+            if p.name != "pipeline.py" and PKG_DIR / "backends" not in p.parents]
+
+
+@pytest.mark.parametrize("path", _outside_pipeline(), ids=lambda p: _module_name(p))
+def test_only_the_pipeline_calls_the_backend_passes(path):
+    """Gram -> Gram stage -> solve -> combine is composed once (ortholora_kernels/pipeline.py):
+    no other module calls a backend's gram/cross/combine or a fusion of them."""
+    bad = _backend_pass_calls(path)
+    assert not bad, f"{_module_name(path)} calls backend passes itself: {bad}"
+
+
+def test_the_backend_pass_checker_sees_them():
+    where = PKG_DIR / "aggregate.py"
+    src = ("from . import backends, pipeline\n"
+           "def f(x, seg, w):\n"
+           "    impl = backends.get('torch')\n"
+           "    g = impl.gram(x, seg)\n"
+           "    backends.get('native').fused_forward(x, seg, None, 'sum')\n"
+           "    pipeline.combine(x, seg, w, 'torch')\n"
+           "    torch.combine = 1\n")
+    assert _backend_pass_calls(where, src) == ["backends.get('native').fused_forward", "impl.gram"]
+    # and the pipeline itself does call them (the checker is not vacuous)
+    assert _backend_pass_calls(PKG_DIR / "pipeline.py")
+
+
+def _projector_privates() -> set[str]:
+    from ortholora_kernels import OrthoLoRA
+    names = {n for n in vars(OrthoLoRA) if _is_private(n)}
+    src = (PKG_DIR / "projector.py").read_text()
+    for node in ast.walk(ast.parse(src)):   # attributes set on self in its methods
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "self" \
+                and _is_private(node.attr):
+            names.add(node.attr)
+    return names
+
+
+def _distributed_reach(path: Path, privates: set[str], source: str | None = None) -> list[str]:
+    text = path.read_text() if source is None else source
+    out = [f"import {n}" for n in _imports(path, text)
+           if n == f"{PKG}.projector" or n.startswith(f"{PKG}.projector.") or n.endswith(".OrthoLoRA")]
+    for node in ast.walk(ast.parse(text, filename=str(path))):
+        if isinstance(node, ast.Attribute) and node.attr in privates:
+            out.append(ast.unparse(node))
+        elif isinstance(node, ast.Name) and node.id in ("ortho", "OrthoLoRA"):
+            out.append(node.id)
+    return sorted(set(out))
+
+
+@pytest.mark.parametrize("path", sorted((PKG_DIR / "distributed").rglob("*.py")), ids=lambda p: _module_name(p))
+def test_distributed_takes_tensors_and_plans_not_the_projector(path):
+    """distributed/ gets buffers, partial Grams, layouts and shard plans, never the OrthoLoRA
+    object: it imports no projector and reaches none of OrthoLoRA's private attributes."""
+    bad = _distributed_reach(path, _projector_privates())
+    assert not bad, f"{_module_name(path)} drives OrthoLoRA: {bad}"
+
+
+def test_the_distributed_checker_sees_them():
+    privates = _projector_privates()
+    assert {"_get_generator", "_set_grads", "_shard_plan", "_aggregate"} <= privates
+    where = PKG_DIR / "distributed" / "reduce.py"
+    src = ("from ..projector import OrthoLoRA\n"
+           "def f(ortho, buf):\n"
+           "    gen = ortho._get_generator(buf.device)\n"
+           "    plan = o._shard_plan\n")
+    assert _distributed_reach(where, privates, src) == sorted({
+        "import ortholora_kernels.projector", "import ortholora_kernels.projector.OrthoLoRA", "ortho",
+        "ortho._get_generator", "o._shard_plan"})
 
 
 # ----------------------------------------------------------------------------- no import circle

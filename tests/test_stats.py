@@ -81,3 +81,30 @@ def test_stats_stay_on_device_as_tensors(target):
     r = target.project(target.grads(3, 50, seed=32), return_stats=True)
     for value in (r.gram, r.coeffs, r.num_projections, r.order, r.cosine, r.conflict_fraction, r.mean_cosine):
         assert isinstance(value, torch.Tensor) and value.device.type == target.device
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nonfinite_gradients_show_in_the_statistics(bad):
+    """A NaN/Inf task gradient makes its segment's statistics NaN (never a plausible 0.0);
+    the other segments keep their numbers."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 40, dtype=torch.float64, generator=g)
+    clean = ok.project(x, [0, 20, 40], return_stats=True)
+    x[1, 25] = bad                                   # segment 1 only
+    res = ok.project(x, [0, 20, 40], return_stats=True)
+    for name in ("conflict_fraction", "projection_fraction", "mean_cosine"):
+        v = getattr(res, name)
+        assert torch.isnan(v[1]), name
+        torch.testing.assert_close(v[0], getattr(clean, name)[0])
+    assert torch.isnan(res.cosine[1, 1, 0]) and torch.isnan(res.cosine[1, 0, 1])
+    assert torch.isfinite(res.cosine[1, 0, 2]) and res.present[1].all()
+    assert not torch.isfinite(res.grad_norm[1, 1]) and torch.isfinite(res.grad_norm[1, 0])
+
+
+def test_explicit_presence_drives_the_pair_statistics():
+    x = torch.randn(3, 30, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    res = ok.aggregate(x, method="upgrad", present=torch.tensor([True, False, True]), return_stats=True)
+    assert res.present.tolist() == [[True, False, True]]
+    cos = res.cosine[0, 0, 2]
+    torch.testing.assert_close(res.mean_cosine[0], cos)        # one pair of present tasks
+    assert res.conflict_fraction[0] == float(res.gram[0, 0, 2] < 0)

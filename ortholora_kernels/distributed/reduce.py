@@ -3,7 +3,8 @@
 Each rank records its local per-task gradients ``g_t^(r)`` (of its local loss
 ``sum_t mean_{i in rank r, task t} loss_i``). :func:`all_reduce_task_grads` sums them over the
 ranks and divides by the world size W, exactly as DDP averages ordinary gradients, so every
-rank projects ``(1/W) sum_r g_t^(r)`` and applies the same update.
+rank projects ``(1/W) sum_r g_t^(r)`` and applies the same update. These functions take
+tensors and layouts (never the ``OrthoLoRA`` object, which composes them in ``project_``).
 
 Normalisation: ``(1/W) sum_r mean_{rank r, task t}`` equals the per-task mean over the union
 batch only when every rank holds the same number of examples of task t (for every t). With
@@ -201,34 +202,41 @@ def current_params(layout) -> list[torch.Tensor]:
     return out
 
 
-def prepare_distributed(ortho) -> None:
-    """OrthoLoRA's first step under ``torch.distributed``: release the LoRA parameters from
-    every DDP instance that would reduce them (whatever module DDP was given, before or after
-    OrthoLoRA was built); see :func:`release_from_ddp`."""
+def fsdp_sharded(layout, params) -> bool:
+    """Whether the layout's current ``params`` are FSDP2 DTensors (all or none; raises when mixed)."""
     from .sharded import is_dtensor
-    params = current_params(ortho.layout)
-    fsdp = any(is_dtensor(p) for p in params)
-    if fsdp:  # FSDP2: say what is unsupported before any backward
-        _fsdp_check(ortho, params)
-    if (fsdp or ortho.comm == "sharded") and getattr(ortho, "_aggregator", None) is not None:
-        raise NotImplementedError(
-            "method: the sharded projection (comm='sharded', and FSDP2) implements the default PCGrad "
-            f"projection only, not method={ortho.method!r} or an ema/every/start schedule; use DDP with "
-            "comm='all_reduce'")
-    for ddp in find_ddp_wrappers(ortho.layout):
-        release_from_ddp(ddp, ortho.layout)
+    fsdp = [is_dtensor(p) for p in params]
+    if any(fsdp) and not all(fsdp):
+        names = [e.name for e, f in zip(layout.entries, fsdp) if not f]
+        raise NotImplementedError(f"FSDP2: some LoRA parameters are sharded and some are not ({names[:3]}); "
+                                  "apply fully_shard to modules covering all of them")
+    return any(fsdp)
 
 
-def _fsdp_check(ortho, params) -> None:
+def prepare_distributed(layout, *, collect: str, comm: str | None, group=None) -> None:
+    """The first step under ``torch.distributed``: check what FSDP2 needs (before any backward)
+    and release the layout's parameters from every DDP instance that would reduce them
+    (whatever module DDP was given, before or after OrthoLoRA was built); see
+    :func:`release_from_ddp`."""
+    params = current_params(layout)
+    if fsdp_sharded(layout, params):
+        fsdp_check(layout, params, collect=collect, comm=comm, group=group)
+    for ddp in find_ddp_wrappers(layout):
+        release_from_ddp(ddp, layout)
+
+
+def fsdp_check(layout, params, *, collect: str, comm: str | None, group=None) -> None:
+    """Raise what OrthoLoRA cannot do right under FSDP2 (the loop collector, the all-reduce
+    mode, other placements than a 1-D mesh with ``Shard(0)``)."""
     from torch.distributed.tensor import Shard
-    if ortho.collect != "grouped":
+    if collect != "grouped":
         raise RuntimeError("collect: under FSDP2 (fully_shard) OrthoLoRA needs collect='grouped' (the loop "
                            "collector would read gradients FSDP has already reduce-scattered and averaged)")
-    if ortho.comm == "all_reduce":
+    if comm == "all_reduce":
         raise ValueError("comm: under FSDP2 (fully_shard) the per-task gradients are reduce-scattered; "
                          "use comm=None or 'sharded'")
-    world = dist.get_world_size(ortho.process_group)
-    for e, p in zip(ortho.layout.entries, params):
+    world = dist.get_world_size(group)
+    for e, p in zip(layout.entries, params):
         if p.device_mesh.ndim != 1 or tuple(p.placements) != (Shard(0),) or p.device_mesh.size() != world:
             raise NotImplementedError(
                 f"{e.name}: OrthoLoRA under FSDP2 supports a 1-D mesh over process_group with Shard(0) "
@@ -236,7 +244,7 @@ def _fsdp_check(ortho, params) -> None:
                 f"shape {tuple(p.device_mesh.shape)}")
 
 
-def _reduce_leftover_grads(layout, params, group, device) -> None:
+def reduce_leftover_grads(layout, params, group, device) -> None:
     """Average the ordinary ``.grad`` the LoRA parameters already hold (the non-per-task part:
     a backward outside ``record``, rows of task id -1), as DDP would have: DDP was told to leave
     them alone. One ``[1]`` all-reduce (and a host read of it) says whether any rank has one;
@@ -254,54 +262,10 @@ def _reduce_leftover_grads(layout, params, group, device) -> None:
         p.grad = v.to(p.dtype).clone() if v.dtype != p.dtype else v
 
 
-def distributed_project_(ortho, buf: torch.Tensor):
-    """The reduction and projection step of :meth:`OrthoLoRA.project_` with more than one rank.
-
-    DDP / plain process group: ``comm="all_reduce"`` (default) all-reduces the ``[T, N]``
-    buffer then projects; ``comm="sharded"`` runs :func:`.sharded.sharded_project`. FSDP2
-    (DTensor LoRA parameters): the sharded projection, and each rank's shard becomes the local
-    part of the sharded ``.grad``. Returns the :class:`ProjectionResult`.
-    """
-    from .sharded import ShardPlan, is_dtensor, sharded_project
-    group = ortho.process_group
-    params = current_params(ortho.layout)
-    fsdp = [is_dtensor(p) for p in params]
-    if any(fsdp) and not all(fsdp):
-        names = [e.name for e, f in zip(ortho.layout.entries, fsdp) if not f]
-        raise NotImplementedError(f"FSDP2: some LoRA parameters are sharded and some are not ({names[:3]}); "
-                                  "apply fully_shard to modules covering all of them")
-    gen = ortho._get_generator(buf.device)
-    if not any(fsdp):  # FSDP2 reduce-scatters an ordinary LoRA .grad itself; DDP leaves it to us
-        _reduce_leftover_grads(ortho.layout, params, group, buf.device)
-    if not any(fsdp) and ortho.comm in (None, "all_reduce"):
-        all_reduce_task_grads(buf, group, average=True)
-        res = ortho._project_buffer(buf)
-        ortho._set_grads(params, res.output)
-        return res
-
-    if any(fsdp):
-        _fsdp_check(ortho, params)
-    world, rank = dist.get_world_size(group), dist.get_rank(group)
-    plan = ortho._shard_plan
-    if plan is None or (plan.world, plan.rank) != (world, rank):
-        plan = ortho._shard_plan = ShardPlan(ortho.layout, ortho.offsets, world, rank)
-    res, _ = sharded_project(buf, plan, ortho.offsets, reduction=ortho.reduction, generator=gen, group=group,
-                             gather=not any(fsdp), backend=ortho.backend)
-    if not any(fsdp):
-        ortho._set_grads(params, res.output)
-        return res
-    from torch.distributed.tensor import DTensor
-    out = res.output
-    for i, _, rows, at, n in plan.local_pieces():
-        p = params[i]
-        local = out[at:at + n].view(rows, *p.shape[1:])
-        if tuple(p.to_local().shape) != tuple(local.shape):
-            raise NotImplementedError(f"{ortho.layout.entries[i].name}: FSDP2 local shard of shape "
-                                      f"{tuple(p.to_local().shape)}, expected torch.chunk rows {tuple(local.shape)}")
-        g = DTensor.from_local(local.to(p.dtype), p.device_mesh, p.placements, run_check=False,
-                               shape=p.shape, stride=p.stride())
-        if p.grad is None:
-            p.grad = g
-        else:  # kept, as without FSDP: the non-per-task part already there
-            p.grad.add_(g)
-    return res
+def all_reduce_counts(counts: torch.Tensor, group=None) -> torch.Tensor:
+    """The ``[T]`` per-task example counts summed over the ranks (in place; returned): a task
+    with no example on any rank is absent from the step."""
+    if _world(group) > 1:
+        from .sharded import all_reduce
+        all_reduce(counts, group)
+    return counts

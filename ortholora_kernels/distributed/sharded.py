@@ -32,12 +32,10 @@ import math
 import torch
 import torch.distributed as dist
 
-from .. import backends
-from .._args import draw_orders, segments_for
-from ..result import ProjectionResult
-from ..solve import get_solve
+from .. import backends, pipeline
 
-__all__ = ["ShardPlan", "sharded_project", "CommCounter", "is_dtensor"]
+__all__ = ["ShardPlan", "sharded_project", "reduce_scatter_buffer", "gram_sum_hook", "gather_output",
+           "write_sharded_grads", "CommCounter", "is_dtensor"]
 
 
 def is_dtensor(t) -> bool:
@@ -167,23 +165,12 @@ class ShardPlan:
             at += n
 
 
-def sharded_project(buf: torch.Tensor, plan: ShardPlan, offsets, *, reduction: str, generator,
-                    group=None, average: bool = True, gather: bool = True, backend: str | None = None):
-    """Steps 1-5 of the module docstring for the local ``[T, N]`` buffer ``buf``.
-
-    Returns ``(result, shard)``: a :class:`ProjectionResult` whose ``output`` is the full
-    ``[N]`` projected gradient when ``gather`` (DDP) or this rank's ``[L_r]`` shard otherwise
-    (FSDP2), and the ``[T, L_r]`` reduced shard of the buffer. The orders are drawn exactly
-    as :func:`ortholora_kernels.project` draws them, so every rank, and a one-process run,
-    uses the same ones. The Gram, solve and combine are the op's own (the ``backend``'s
-    passes, :func:`ortholora_kernels.backends.select` semantics, and the registered PCGrad
-    solve); only the reduce-scatter, the all-reduce of the Gram and the gather are added.
-    """
-    if reduction == "none":
-        raise ValueError("reduction: the sharded projection needs 'sum' or 'mean'")
-    t, n = buf.shape
+def reduce_scatter_buffer(buf: torch.Tensor, plan: ShardPlan, group=None, average: bool = True) -> torch.Tensor:
+    """Step 1: the ``[T, L_r]`` shard of the ranks' summed (``/ R`` if ``average``) ``[T, N]`` buffers
+    that this rank owns (contiguous)."""
+    t = buf.shape[0]
     r, big_l = plan.world, plan.shard_len
-    # 1. shard-major copy [R, T, L] (one concatenation per rank; padding 0), reduce-scatter.
+    # shard-major copy [R, T, L] (one concatenation per rank; padding 0), reduce-scatter.
     send = buf.new_empty(r, t, big_l)
     for q, slices in enumerate(plan.send_slices):
         parts = [buf[:, c:c + k] for c, k in slices]
@@ -197,31 +184,68 @@ def sharded_project(buf: torch.Tensor, plan: ShardPlan, offsets, *, reduction: s
     shard = shard.view(t, big_l)[:, :plan.local_len]
     if average:
         shard = shard / r
-    # 2. partial Gram per segment (the backend's pass over the shard), all-reduced. A rank's
-    # shard may hold no column of a segment: the op's segments are non-empty, so the
-    # passes run over the non-empty ones and the others keep a zero Gram and no output.
-    lo = plan.local_offsets
-    s = plan.num_segments
-    present = [k for k in range(s) if lo[k + 1] > lo[k]]
-    shard = shard.contiguous()
-    impl = backends.get(backends.select(backend, shard.device, t))
-    seg = segments_for(sorted(set(lo)), plan.local_len) if present else None
-    gram = torch.zeros(s, t, t, dtype=torch.float64, device=buf.device)
-    if present:
-        gram[present] = impl.gram(shard, seg)
-    all_reduce(gram, group)
-    # 3. the same solve everywhere (orders drawn like ops.project does).
-    order = draw_orders(s, t, buf.device, generator)
-    w, coeffs, nproj = get_solve("pcgrad").forward(gram, order, reduction)  # w [S, 1, T]
-    # 4. combine the own shard (the backend's pass; fp32 accumulation or better).
-    out = torch.zeros(big_l, dtype=buf.dtype, device=buf.device)
-    if present:
-        out[:plan.local_len] = impl.combine(seg, shard, w[present]).view(-1)
-    if gather:  # 5. DDP: every rank needs the whole [N]
-        full = buf.new_empty(r * big_l)
-        _all_gather(full, out, group)
-        output = torch.cat([full[a:a + k] for a, k in plan.gather_slices])
-    else:
-        output = out[:plan.local_len]
-    res = ProjectionResult(output, gram, coeffs, nproj, order, tuple(offsets), reduction)
+    return shard.contiguous()
+
+
+def gram_sum_hook(group=None):
+    """Step 2's collective as a Gram-stage hook of :mod:`ortholora_kernels.pipeline`: the
+    partial Gram matrices of the shards, all-reduced (``S x T x T`` float64 numbers)."""
+    return pipeline.sum_over_ranks(lambda g: all_reduce(g, group))
+
+
+def gather_output(out: torch.Tensor, plan: ShardPlan, group=None) -> torch.Tensor:
+    """Step 5 (DDP): the full ``[N]`` from every rank's ``[L_r]`` piece of the output."""
+    padded = out.new_zeros(plan.shard_len)
+    padded[:plan.local_len] = out
+    full = out.new_empty(plan.world * plan.shard_len)
+    _all_gather(full, padded, group)
+    return torch.cat([full[a:a + k] for a, k in plan.gather_slices])
+
+
+def write_sharded_grads(params, plan: ShardPlan, out: torch.Tensor, names=None) -> None:
+    """Step 5 (FSDP2): add this rank's ``[L_r]`` output to the ``Shard(0)`` DTensor ``.grad``
+    of ``params`` (the layout's parameters as the modules hold them; set when None)."""
+    from torch.distributed.tensor import DTensor
+    for i, _, rows, at, n in plan.local_pieces():
+        p = params[i]
+        local = out[at:at + n].view(rows, *p.shape[1:])
+        if tuple(p.to_local().shape) != tuple(local.shape):
+            name = names[i] if names is not None else f"parameter {i}"
+            raise NotImplementedError(f"{name}: FSDP2 local shard of shape {tuple(p.to_local().shape)}, "
+                                      f"expected torch.chunk rows {tuple(local.shape)}")
+        g = DTensor.from_local(local.to(p.dtype), p.device_mesh, p.placements, run_check=False,
+                               shape=p.shape, stride=p.stride())
+        if p.grad is None:
+            p.grad = g
+        else:  # kept, as without FSDP: the non-per-task part already there
+            p.grad.add_(g)
+
+
+def sharded_project(buf: torch.Tensor, plan: ShardPlan, offsets, *, reduction: str, generator,
+                    group=None, average: bool = True, gather: bool = True, backend: str | None = None,
+                    aggregator=None, present: torch.Tensor | None = None):
+    """Steps 1-5 of the module docstring for the local ``[T, N]`` buffer ``buf``.
+
+    Returns ``(result, shard)``: the :class:`~ortholora_kernels.AggregationResult` of one step
+    of ``aggregator`` (an :class:`~ortholora_kernels.Aggregator`; default the plain PCGrad
+    projection) whose ``output`` is the full ``[N]`` when ``gather`` (DDP) or this rank's
+    ``[L_r]`` shard otherwise (FSDP2), and the ``[T, L_r]`` reduced shard of the buffer.
+    The composition is the pipeline's (:meth:`Aggregator.step_`: the backend's Gram over the
+    shard, the Gram all-reduce as a Gram-stage hook, then ``present`` (bool ``[T]``, global),
+    the EMA, the method's solve and the combine of the own shard); the orders are drawn as
+    :func:`ortholora_kernels.project` draws them, so every rank and a one-process run agree.
+    """
+    if reduction == "none":
+        raise ValueError("reduction: the sharded projection needs 'sum' or 'mean'")
+    if aggregator is None:
+        from ..aggregate import Aggregator
+        aggregator = Aggregator("pcgrad")
+    t = buf.shape[0]
+    shard = reduce_scatter_buffer(buf, plan, group, average)
+    name = backends.select(backend, shard.device, t)
+    res = aggregator.step_(shard, plan.local_offsets, reduction=reduction, backend=name, generator=generator,
+                           present=present, hooks=[gram_sum_hook(group)], result_offsets=tuple(offsets),
+                           return_stats=True)
+    if gather:
+        res.output = gather_output(res.output, plan, group)
     return res, shard

@@ -1,6 +1,7 @@
 """PyTorch Lightning integration: a ``Callback`` that runs Ortho-LoRA inside ``Trainer.fit``.
 
     ortho = OrthoLoRA(peft_model, num_tasks=3, seed=0)         # built once, before fit
+    # any method: OrthoLoRA(peft_model, 3, seed=0, aggregator=Aggregator("upgrad", ema=0.9))
     trainer = lightning.Trainer(callbacks=[OrthoLoRACallback(ortho)], ...)
     trainer.fit(module)     # training_step returns sum_t mean-loss_t; batches carry "task_ids"
 

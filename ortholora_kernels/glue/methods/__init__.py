@@ -261,7 +261,7 @@ class Ortho(Method):
 def make_projector(model, num_tasks, granularity, collect, seed, backend, **aggregator):
     """The package's :class:`ortholora_kernels.OrthoLoRA` over the model's shared peft adapter.
 
-    ``aggregator``: :func:`aggregator_kwargs` (method, method_options, ema).
+    ``aggregator``: :func:`aggregator_kwargs` (the ``aggregator`` object).
     """
     from ortholora_kernels import OrthoLoRA
 
@@ -345,10 +345,12 @@ def check_aggregator(cfg) -> None:
 
 
 def aggregator_kwargs(cfg) -> dict:
-    """OrthoLoRA's ``method``/``method_options``/``ema`` from the config (defaults: PCGrad)."""
-    return {"method": getattr(cfg, "aggregator", None) or "pcgrad",
-            "method_options": parse_aggregator_options(getattr(cfg, "aggregator_options", None)),
-            "ema": getattr(cfg, "aggregator_ema", None)}
+    """OrthoLoRA's ``aggregator`` (method, options, EMA) from the config (default: PCGrad)."""
+    from ortholora_kernels import Aggregator
+
+    return {"aggregator": Aggregator(getattr(cfg, "aggregator", None) or "pcgrad",
+                                     ema=getattr(cfg, "aggregator_ema", None),
+                                     **parse_aggregator_options(getattr(cfg, "aggregator_options", None)))}
 
 
 def _generators(p):

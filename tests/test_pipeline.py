@@ -1,0 +1,241 @@
+"""The one composition (ortholora_kernels/pipeline.py) as OrthoLoRA, aggregate and Aggregator use it:
+absent tasks, NaN, the schedule's skipped steps, the aggregator object, the custom-solve name."""
+import math
+import warnings
+from unittest import mock
+
+import pytest
+import torch
+
+from models import make_batch, task_losses, tiny_multitask
+from ortholora_kernels import Aggregator, GradVac, OrthoLoRA, aggregate, per_task_mean_loss, pipeline, project
+
+T = 3
+
+
+def _model(seed=0):
+    m = tiny_multitask("roberta", T, seed=seed, lora_dropout=0.0)
+    m.train()
+    return m
+
+
+def _grad(ortho):
+    return torch.cat([p.grad.reshape(-1) for p in ortho.layout.params])
+
+
+def _on_present_rows(x, offsets, present, method, **options):
+    """The independent reference: the method on each segment's present rows alone (weight 0 elsewhere)."""
+    out = torch.zeros(x.shape[1], dtype=x.dtype)
+    for s in range(len(offsets) - 1):
+        a, b = offsets[s], offsets[s + 1]
+        rows = present[s].nonzero().squeeze(1) if present.dim() == 2 else present.nonzero().squeeze(1)
+        if rows.numel():
+            out[a:b] = aggregate(x[rows, a:b].contiguous(), method=method, **options)
+    return out
+
+
+# ---- absent tasks ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("method,options", [("nashmtl", {}), ("cagrad", {"c": 0.5}), ("mgda", {}), ("upgrad", {}),
+                                            ("fairgrad", {}), ("mean", {}), ("imtlg", {})])
+def test_ortholora_leaves_an_absent_task_out_of_the_solve(method, options):
+    """Task 2 has no example: every LoRA .grad equals the method on tasks 0 and 1 alone (finite,
+    not zero), where nashmtl/fairgrad once wrote NaN and cagrad/mgda (almost) 0."""
+    m = _model()
+    ortho = OrthoLoRA(m, T, aggregator=Aggregator(method, **options))
+    b = make_batch([3, 2, 0], seed=1)
+    with ortho.record(b["task_ids"]):
+        task_losses(m, b).sum().backward()
+    buf = ortho.buffer.clone()
+    assert buf[2].abs().max() == 0
+    res = ortho.project_()
+    got = _grad(ortho)
+    offsets = ortho.layout.segments("ab")
+    want = _on_present_rows(buf, offsets, torch.tensor([True, True, False]), method, **options)
+    assert torch.isfinite(got).all() and got.norm() > 0
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-9)
+    assert (res.weights[:, 2] == 0).all() and res.task_present.tolist() == [[True, True, False]] * 2
+    ortho.remove()
+
+
+def test_aggregate_present_matches_the_present_rows_per_segment():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 60, dtype=torch.float64, generator=g)
+    offsets = [0, 25, 60]
+    present = torch.tensor([[True, False, True, True], [True, True, True, False]])
+    for method in ("upgrad", "nashmtl", "dualproj", "alignedmtl", "sum", "mean"):
+        got = aggregate(x, offsets, method=method, present=present)
+        torch.testing.assert_close(got, _on_present_rows(x, offsets, present, method), rtol=1e-9, atol=1e-12)
+        res = aggregate(x, offsets, method=method, present=present, return_stats=True)
+        assert (res.weights[~present] == 0).all(), method
+    # all present: exactly the plain call; pcgrad: an absent task's zero row needs no flag
+    torch.testing.assert_close(aggregate(x, offsets, method="upgrad", present=torch.ones(4, dtype=torch.bool)),
+                               aggregate(x, offsets, method="upgrad"), rtol=0, atol=0)
+    z = x.clone()
+    z[1] = 0
+    order = torch.stack([torch.randperm(4, generator=g) for _ in range(4)])
+    torch.testing.assert_close(aggregate(z, offsets, order=order, present=torch.tensor([True, False, True, True])),
+                               project(z, offsets, order=order), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="present"):
+        aggregate(x, offsets, method="upgrad", present=torch.ones(3, dtype=torch.bool))
+
+
+def test_gradvac_with_an_absent_task_gives_it_no_weight():
+    x = torch.randn(3, 40, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    x[1] = 0
+    agg = GradVac(beta=0.5)
+    res = agg(x, [0, 40], present=torch.tensor([True, False, True]), return_stats=True,
+              order=torch.tensor([[0, 1, 2], [1, 0, 2], [2, 1, 0]]))
+    assert res.weights[0, 1] == 0 and torch.isfinite(res.output).all()
+    phi = agg.state_dict()["phi_hat"]
+    assert (phi[0, 1] == 0).all() and (phi[0, :, 1] == 0).all()   # no evidence from the absent task
+    assert phi[0, 0, 2] != 0 and phi[0, 2, 0] != 0
+
+
+# ---- NaN / Inf ----------------------------------------------------------------------------------
+
+def _nan_step(ortho, m):
+    b = make_batch([2, 2, 2], seed=3)
+    with ortho.record(b["task_ids"]):
+        task_losses(m, b).sum().backward()
+    ortho.buffer[1, 5] = float("nan")
+
+
+@pytest.mark.parametrize("aggregator", ["pcgrad", "upgrad"])
+def test_nan_propagates_and_the_statistics_show_it(aggregator):
+    m = _model()
+    ortho = OrthoLoRA(m, T, aggregator=aggregator)
+    _nan_step(ortho, m)
+    ortho.project_()
+    assert torch.isnan(_grad(ortho)).any()
+    stats = ortho.stats_dict()
+    seg0 = ortho.segment_names[0]
+    assert math.isnan(stats[f"ortho/conflict_fraction/{seg0}"]) and math.isnan(stats[f"ortho/mean_cosine/{seg0}"])
+    assert math.isnan(stats[f"ortho/grad_norm/{seg0}/task1"]) and not math.isnan(stats[f"ortho/grad_norm/{seg0}/task0"])
+    ortho.remove()
+
+
+def test_check_finite_names_the_task_and_writes_no_grad():
+    m = _model()
+    ortho = OrthoLoRA(m, T, check_finite=True)
+    _nan_step(ortho, m)
+    with pytest.raises(FloatingPointError, match=r"task\(s\) \[1\]"):
+        ortho.project_()
+    assert all(p.grad is None for p in ortho.layout.params) and not ortho.pending
+    b = make_batch([2, 2, 2], seed=4)   # the next step runs normally
+    with ortho.record(b["task_ids"]):
+        task_losses(m, b).sum().backward()
+    ortho.project_()
+    assert torch.isfinite(_grad(ortho)).all()
+    with pytest.raises(TypeError, match="check_finite"):
+        OrthoLoRA(_model(), T, check_finite="yes")
+    ortho.remove()
+
+
+def test_per_task_mean_loss_names_a_bad_task_id():
+    loss = torch.ones(4)
+    for bad in (3, 7, -2):
+        with pytest.raises(ValueError, match=f"task id {bad} out of range"):
+            per_task_mean_loss(loss, torch.tensor([0, 1, bad, 2]), 3)
+    assert per_task_mean_loss(loss, torch.tensor([0, -1, 2, 2]), 3).tolist() == [1.0, 0.0, 1.0]
+
+
+# ---- the Aggregator: orders, skipped steps, the object ---------------------------------------------
+
+def test_aggregator_checks_orders_like_project():
+    x = torch.randn(3, 20)
+    bad = torch.tensor([[0, 0, 2], [1, 0, 2], [2, 1, 0]])
+    with pytest.raises(ValueError, match="permutation"):
+        project(x, order=bad)
+    for agg in (Aggregator("pcgrad", ema=0.9), GradVac()):
+        with pytest.raises(ValueError, match="permutation"):
+            agg(x, order=bad)
+
+
+def test_a_skipped_step_makes_no_gram_pass_unless_needed():
+    x = torch.randn(3, 50)
+    with mock.patch.object(pipeline, "gram", wraps=pipeline.gram) as spy:
+        agg = Aggregator("upgrad", every=2)
+        agg(x)                                       # step 0: aggregates
+        assert spy.call_count == 1
+        out = agg(x)                                 # step 1: skipped, the plain sum
+        assert spy.call_count == 1
+        torch.testing.assert_close(out, x.sum(0))
+        agg(x)
+        agg(x, return_stats=True)                    # skipped, but the statistics need the Gram
+        assert spy.call_count == 3
+        ema = Aggregator("upgrad", every=2, ema=0.9)
+        ema(x)
+        ema(x)                                       # skipped, but the EMA is updated
+        assert spy.call_count == 5
+
+
+def test_ortholora_takes_one_aggregator_object_and_the_old_kwargs_still_work():
+    def run(**kw):
+        m = _model()
+        ortho = OrthoLoRA(m, T, seed=2, **kw)
+        for seed in range(3):
+            b = make_batch([2, 1, 2], seed=seed)
+            with ortho.record(b["task_ids"]):
+                task_losses(m, b).sum().backward()
+            ortho.project_()
+        ortho.remove()
+        return ortho, [p.detach().clone() for p in ortho.layout.params], _grad(ortho)
+
+    new, _, g_new = run(aggregator=Aggregator("cagrad", c=0.4, ema=0.9, every=2))
+    with pytest.warns(DeprecationWarning, match="ema, every, method_options"):
+        old, _, g_old = run(method="cagrad", method_options={"c": 0.4}, ema=0.9, every=2)
+    torch.testing.assert_close(g_new, g_old, rtol=0, atol=0)
+    assert new.aggregator.step == 3 and new.method == "cagrad"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")               # the string and the defaults warn nothing
+        OrthoLoRA(_model(), T, method="upgrad").remove()
+        OrthoLoRA(_model(), T, aggregator="upgrad", ema=None, every=1).remove()
+    # state round trip; a checkpoint without the aggregator's state (old, plain pcgrad) loads
+    state = new.state_dict()
+    other = OrthoLoRA(_model(), T, seed=2, aggregator=Aggregator("cagrad", c=0.4, ema=0.9, every=2))
+    other.load_state_dict(state)
+    assert other.aggregator.step == 3
+    assert torch.equal(other.aggregator.state_dict()["ema_gram"], new.aggregator.state_dict()["ema_gram"])
+    old_state = {k: v for k, v in OrthoLoRA(_model(), T).state_dict().items() if k != "aggregator"}
+    OrthoLoRA(_model(), T).load_state_dict(old_state)
+    for bad, err in ((dict(aggregator=3), TypeError), (dict(aggregator="nope"), ValueError),
+                     (dict(aggregator=Aggregator("upgrad"), ema=0.5), TypeError),
+                     (dict(aggregator="upgrad", method="mgda"), TypeError), (dict(emma=0.5), TypeError)):
+        with pytest.raises(err), warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            OrthoLoRA(_model(), T, **bad)
+    assert "cagrad" in repr(new) and "Aggregator('cagrad', c=0.4, ema=0.9, every=2)" == repr(new.aggregator)
+
+
+# ---- reprs; the custom-solve name ------------------------------------------------------------------
+
+def test_result_reprs_are_short_and_hold_no_values():
+    x = torch.randn(3, 5000, dtype=torch.float64)
+    for res in (project(x, [0, 1000, 5000], return_stats=True), aggregate(x, method="upgrad", return_stats=True)):
+        text = repr(res)
+        assert len(text) < 600 and "tensor([5000], float64)" in text and "num_tasks=3" in text
+        assert "e-" not in text and "..." not in text.replace("(0, 1000, 5000)", "")   # no printed values
+
+
+def test_project_takes_a_registered_solve_by_name():
+    from ortholora_kernels.solve import Solve, register_solve, weighting_solution
+
+    class Half(Solve):
+        name = "test-pipeline-half"
+
+        def forward(self, gram, order, reduction):
+            return weighting_solution(torch.full(gram.shape[:2], 0.5, dtype=gram.dtype, device=gram.device),
+                                      reduction)
+
+        def vjp(self, gram, order, reduction, weights_grad):
+            return torch.zeros_like(gram)
+
+    register_solve(Half())
+    x = torch.randn(3, 40, dtype=torch.float64, requires_grad=True)
+    out = project(x, [0, 10, 40], solve="test-pipeline-half")
+    torch.testing.assert_close(out, 0.5 * x.detach().sum(0))
+    (g,) = torch.autograd.grad(out.sum(), x)
+    torch.testing.assert_close(g, torch.full_like(x, 0.5))
+    with pytest.raises(ValueError, match="solve"):
+        project(x.detach(), solve="nope")
