@@ -33,7 +33,10 @@ if [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ] || [ setup.py -nt "$STAM
     python -m pip install -q --upgrade pip
     python -m pip install -q -c requirements/constraints.txt torch==2.13.0
     python -m pip install -q -c requirements/constraints.txt triton
-    # --no-build-isolation: build the extension against the torch just installed.
-    python -m pip install -q -c requirements/constraints.txt --no-build-isolation -e ".[dev,glue,bench]"
+    # --no-build-isolation builds the extension in THIS environment, so its build requirements
+    # come first: a setuptools that reads the SPDX license (pyproject's build-system), wheel,
+    # and numpy (torch's headers import it; without it the build prints "Failed to initialize NumPy").
+    python -m pip install -q -c requirements/constraints.txt "setuptools>=77" wheel numpy
+    python -m pip install -q -c requirements/constraints.txt --no-build-isolation -e ".[dev,glue,bench,docs]"
     touch "$STAMP"
 fi

@@ -16,8 +16,12 @@ import torch
 
 from cases import Target
 
-# The registry (ortholora_kernels.backends.BACKENDS) x the devices tests can reach.
-PAIRS = [Target(backend, device) for device in ("cpu", "cuda") for backend in ("torch", "native", "triton")]
+from ortholora_kernels.backends import BACKENDS
+
+#: the devices tests can reach: the CPU, and a CUDA GPU when there is one
+DEVICES = ("cpu", "cuda")
+#: every registered backend (a new one in the registry joins the matrix by itself) x DEVICES
+PAIRS = [Target(backend, device) for device in DEVICES for backend in BACKENDS]
 
 
 def _param(target: Target):

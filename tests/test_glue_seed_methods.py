@@ -176,7 +176,8 @@ def test_compare_lists_every_method_with_parameter_counts(runs, capsys):
     for name in ("| single |", "| joint |", "| ortho (ab) |", "| mtl-lora |", "| mtl-lora+ortho (ab, grouped) |",
                  "| lori |", "| lori-joint+ortho (ab, grouped) |"):
         assert any(ln.startswith(name) for ln in lines), (name, out)
-    assert len(lines) == 2 + len(labels)
+    table = lines[:lines.index("")] if "" in lines else lines   # the score table, then the conflicts table
+    assert len(table) == 2 + len(labels)
     assert f"| {_res(runs['mtl-lora'])['params']['adapter']:,} |" in out
 
 
@@ -275,7 +276,7 @@ def test_lori_stage_schedules():
     """LoRI-D: --max-steps at --lr with warm-up and linear decay; LoRI-S: as many steps at
     10 x --lr, constant (the authors' LambdaLR with warmup_steps = 0); --lori-s-schedule linear
     and --lori-s-steps change only the LoRI-S phase."""
-    from ortholora_kernels.glue.method_lori import LoRI
+    from ortholora_kernels.glue.methods.lori import LoRI
     from ortholora_kernels.glue.tasks import parse_tasks
     from ortholora_kernels.glue.train import TrainConfig, _linear_schedule, validate
 

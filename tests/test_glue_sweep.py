@@ -70,6 +70,42 @@ def test_compare_groups_seeds_and_pairs_only_common_seeds(tmp_path, capsys):
     assert (tmp_path / "cmp_seeds.png").stat().st_size > 0 and (tmp_path / "cmp_curves.png").stat().st_size > 0
 
 
+def _conflict_log(d, rows):
+    """conflicts.jsonl rows: (step, segment, conflict_fraction, projection_fraction)."""
+    with open(d / "conflicts.jsonl", "w", encoding="utf-8") as f:
+        for step, seg, cf, pf in rows:
+            f.write(json.dumps({"step": step, "segment": seg, "conflict_fraction": cf, "mean_cosine": 0.0,
+                                "projection_fraction": pf}) + "\n")
+
+
+def test_compare_conflict_table_shows_the_share_projected(tmp_path, capsys):
+    """The conflicts table has the fraction of conflicting pairs AND the fraction the method
+    projected: they differ when conflicts are detected on a smoothed Gram (EMA), and a joint
+    run that only logs its conflicts projects nothing ('-', its NaN never averaged in)."""
+    joint = tmp_path / "joint"
+    ortho = tmp_path / "ortho_ema"
+    _fake_run(joint, "joint", 0, (80, 40))
+    _fake_run(ortho, "ortho", 0, (81, 41), gran="ab")
+    _conflict_log(joint, [(1, 0, 0.5, float("nan")), (1, 1, 0.25, float("nan")), (2, 0, 0.75, float("nan"))])
+    _conflict_log(ortho, [(1, 0, 0.5, 0.25), (1, 1, 0.5, 0.5), (2, 0, 0.5, 0.0)])
+    assert main(["compare", str(joint), str(ortho)]) == 0
+    out = capsys.readouterr().out
+    assert "| method | n | conflicting pairs | projected pairs |" in out
+    assert "| joint | 1 | 0.500 | - |" in out
+    assert "| ortho (ab) | 1 | 0.500 | 0.250 |" in out
+    # over seeds: mean ± t half-width of both columns
+    dirs = []
+    for s, (cf, pf) in enumerate([(0.5, 0.25), (0.5, 0.35)]):
+        d = tmp_path / f"o{s}"
+        _fake_run(d, "ortho", s, (80 + s, 40), gran="ab")
+        _conflict_log(d, [(1, 0, cf, pf)])
+        dirs.append(str(d))
+    assert main(["compare", *dirs]) == 0
+    out = capsys.readouterr().out
+    half = t_interval([0.25, 0.35])[1]
+    assert f"| ortho (ab) | 2 | 0.500 ± 0.000 | 0.300 ± {half:.3f} |" in out
+
+
 def test_labels_tell_configurations_apart(tmp_path, capsys):
     """Configurations the run label does not separate get the method options that differ."""
     a = _fake_run(tmp_path / "a", "ortho", 0, (80, 40), gran="ab")

@@ -129,6 +129,9 @@ def test_methods_and_reports(tmp_path, synth, capsys):
     assert {r["segment"] for r in rows} == {0, 1, 2, 3}           # A/B x 2 layers
     assert all(0 <= r["conflict_fraction"] <= 1 and -1 <= r["mean_cosine"] <= 1 and 0 <= r["projection_fraction"] <= 1
                for r in rows)
+    joint = [json.loads(x) for x in (Path(runs[0]) / "conflicts.jsonl").read_text().splitlines()]
+    assert joint and all(0 <= r["conflict_fraction"] <= 1 for r in joint)
+    assert all(r["projection_fraction"] != r["projection_fraction"] for r in joint)   # NaN: joint projects nothing
     cos = json.loads((o / "cosine.json").read_text())["mean_cosine"]
     assert torch.tensor(cos).shape == (4, 3, 3)
     assert (o / "plots" / "conflicts.png").stat().st_size > 0 and (o / "plots" / "cosine_heatmap.png").exists()

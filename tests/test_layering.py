@@ -263,3 +263,76 @@ def test_the_distributed_checker_sees_them():
     assert _distributed_reach(where, privates, src) == sorted({
         "import ortholora_kernels.projector", "import ortholora_kernels.projector.OrthoLoRA", "ortho",
         "ortho._get_generator", "o._shard_plan"})
+
+
+# ----------------------------------------------------------------------------- no import circle
+
+def _package_import_graph(sources: dict | None = None):
+    """The package's import graph: an edge ``a -> b`` when module ``a`` imports module ``b``
+    (at the top or inside a function; ``from pkg import name`` counts as importing ``pkg.name``
+    when that is a module, else ``pkg``). ``sources``: ``{module name: text}`` overriding or
+    adding modules (for the checker's own test)."""
+    import networkx as nx
+
+    files = {_module_name(p): p for p in PKG_DIR.rglob("*.py")}
+    texts = {m: None for m in files} | dict(sources or {})
+
+    def owner(name):
+        while name not in texts and "." in name:
+            name = name.rsplit(".", 1)[0]
+        return name if name in texts else None
+
+    graph = nx.DiGraph()
+    for mod, text in texts.items():
+        path = files.get(mod) or PKG_DIR.parent.joinpath(*mod.split(".")).with_suffix(".py")
+        source = path.read_text() if text is None else text
+        package = mod if path.name == "__init__.py" else mod.rsplit(".", 1)[0]
+        graph.add_node(mod)
+        for node in ast.walk(ast.parse(source, filename=str(path))):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:
+                    parts = package.split(".")
+                    base = ".".join(parts[: len(parts) - (node.level - 1)] + ([node.module] if node.module else []))
+                else:
+                    base = node.module or ""
+                names = [f"{base}.{a.name}" if f"{base}.{a.name}" in texts else base for a in node.names]
+            else:
+                continue
+            for name in names:
+                target = owner(name) if name == PKG or name.startswith(PKG + ".") else None
+                if target is not None and target != mod:
+                    graph.add_edge(mod, target)
+    return graph
+
+
+def _circles(graph) -> list:
+    import networkx as nx
+
+    return sorted(sorted(c) for c in nx.strongly_connected_components(graph) if len(c) > 1)
+
+
+def test_the_package_import_graph_has_no_circle():
+    """No two modules import each other, directly or through others, not even lazily: every
+    module can be read (and imported) after the ones it uses. Shared pieces go into a module
+    of their own (e.g. the harness's ``options`` for the CLI and the sweep)."""
+    circles = _circles(_package_import_graph())
+    assert not circles, f"import circles (each set imports itself through the others): {circles}"
+
+
+def test_the_circle_checker_sees_lazy_and_relative_circles():
+    a, b = f"{PKG}.glue.cli", f"{PKG}.glue.sweep"
+    graph = _package_import_graph({
+        a: "def f():\n    from .sweep import plan\n",
+        b: "def g():\n    from . import cli\n",
+        f"{PKG}.glue.report": "from .intervals import t_interval\n",
+        f"{PKG}.glue.intervals": "import math\n",
+    })
+    assert graph.has_edge(a, b) and graph.has_edge(b, a)
+    assert [a, b] in _circles(graph)
+    assert graph.has_edge(f"{PKG}.glue.report", f"{PKG}.glue.intervals")
+    assert not graph.has_edge(f"{PKG}.glue.intervals", f"{PKG}.glue.report")
+    # `from . import name` of a plain name (not a module) is an edge to the package itself
+    graph = _package_import_graph({b: "from . import parse_tasks\n"})
+    assert graph.has_edge(b, f"{PKG}.glue")

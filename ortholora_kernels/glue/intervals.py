@@ -1,4 +1,6 @@
-"""Runs grouped over seeds: mean and 95% Student-t interval, paired differences, plots.
+"""Runs grouped over seeds: mean and 95% Student-t interval, paired differences.
+
+Statistics only: reading run directories, tables and plots live in :mod:`.report`.
 
 Two runs belong to one *configuration* when their ``config.json`` differ only in the seed
 (and in fields that do not change what is trained: output paths, progress bars, logging and
@@ -17,7 +19,6 @@ two separate ones. An interval that excludes 0 is marked ``*``.
 from __future__ import annotations
 
 import math
-import os
 
 import numpy as np
 
@@ -169,7 +170,7 @@ def paired_differences(groups) -> list:
                 continue
             a, b = (gj, gi) if _baseline_rank(gi) <= _baseline_rank(gj) else (gi, gj)
             cells = {}
-            for task in _tasks(groups) + [None]:
+            for task in tasks_of(groups) + [None]:
                 va, vb = a.values(task), b.values(task)
                 common = [s for s in va if s in vb]
                 if common:
@@ -185,7 +186,8 @@ def paired_differences(groups) -> list:
     return out
 
 
-def _tasks(groups):
+def tasks_of(groups) -> list:
+    """The tasks of every run of ``groups``, in order of first appearance."""
     tasks = []
     for g in groups:
         for _, res, _ in g.runs:
@@ -195,82 +197,6 @@ def _tasks(groups):
     return tasks
 
 
-def _cell(mean, half, n, signed=False, star=False):
-    if n == 0:
-        return "-"
-    if mean != mean:   # a NaN score (e.g. a constant prediction's correlation) stays visible
-        return "nan"
-    m = f"{mean:+.1f}" if signed else f"{mean:.1f}"
-    if n < 2 or half != half:
-        return m
-    s = f"{m} ± {half:.1f}"
-    if star and abs(mean) > half:
-        s += " *"
-    return s
-
-
-def seed_table(groups) -> str:
-    """Markdown: per configuration, mean ± 95% t half-width over seeds (n shown), then the
-    paired differences."""
-    from .report import _task_header
-
-    tasks = _tasks(groups)
-    counts = any(r.get("params") for g in groups for _, r, _ in g.runs)
-    head = ["method", "n", "seeds"] + [_task_header(t) for t in tasks] + ["avg"]
-    if counts:
-        head += ["adapter params", "head params"]
-    lines = ["Task scores (mean of the task's metrics x100): mean ± half-width of the 95% Student-t interval "
-             "over n seeds.", "", "| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
-    for g in groups:
-        cells = [g.label, str(len(g.runs)), ",".join(map(str, g.seeds))]
-        for t in tasks + [None]:
-            cells.append(_cell(*t_interval(list(g.values(t).values()))))
-        if counts:
-            p = g.runs[0][1].get("params") or {}
-            cells += [f"{p['adapter']:,}" if "adapter" in p else "-", f"{p['heads']:,}" if "heads" in p else "-"]
-        lines.append("| " + " | ".join(cells) + " |")
-    pairs = paired_differences(groups)
-    if pairs:
-        head = ["A − B", "n"] + [_task_header(t) for t in tasks] + ["avg"]
-        lines += ["", "Paired differences over the seeds both have (A − B per seed): mean ± half-width of the 95% "
-                  "Student-t interval; * the interval excludes 0.", "",
-                  "| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
-        for a, b, cells in pairs:
-            n = max(c[2] for c in cells.values())
-            row = [f"{a.label} − {b.label}", str(n)]
-            for t in tasks + [None]:
-                row.append(_cell(*cells[t], signed=True, star=True) if t in cells else "-")
-            lines.append("| " + " | ".join(row) + " |")
-    dup = [f"{d} (same configuration and seed as a run of {g.label})" for g in groups for d in g.duplicates]
-    if dup:
-        lines += ["", "Left out: " + "; ".join(dup)]
-    conf = conflict_rows(groups)
-    if conf:
-        lines += ["", "Task-gradient conflicts (runs that log them: ortho, joint --log-conflicts): fraction of "
-                  "task pairs with a negative inner product per step, mean over steps and segments, then mean ± "
-                  "95% t half-width over seeds.", "", "| method | n | conflicting pairs |", "|---|---|---|"]
-        for g, (m, h, n) in conf:
-            lines.append(f"| {g.label} | {n} | {m:.3f}" + (f" ± {h:.3f}" if n > 1 else "") + " |")
-    return "\n".join(lines) + "\n"
-
-
-def conflict_rows(groups) -> list:
-    """``[(group, (mean, half, n))]``: per configuration, the mean fraction of conflicting task
-    pairs per step (over steps and segments of each run's conflicts.jsonl), over the seeds."""
-    from .report import CONFLICTS, read_conflicts
-
-    out = []
-    for g in groups:
-        vals = []
-        for _, _, d in g.runs:
-            rows = read_conflicts(os.path.join(d, CONFLICTS)) if d else []
-            if rows:
-                vals.append(float(np.mean([r["conflict_fraction"] for r in rows])))
-        if vals:
-            out.append((g, t_interval(vals)))
-    return out
-
-
 def mean_curves(group) -> dict:
     """A results-like dict whose evals are the per-(task, step) mean score over the seeds."""
     acc = {}
@@ -278,46 +204,3 @@ def mean_curves(group) -> dict:
         for e in res.get("evals", []):
             acc.setdefault((e["task"], e["step"]), []).append(e["score"])
     return {"evals": [{"task": t, "step": s, "score": float(np.mean(v))} for (t, s), v in acc.items()]}
-
-
-def plot_seed_intervals(groups, path: str) -> None:
-    """Error-bar plot: per task and for the average, every configuration's mean with its 95%
-    t interval; below, the paired differences with theirs (and the zero line)."""
-    from .report import _plt, _task_header
-
-    plt = _plt()
-    tasks = _tasks(groups) + [None]
-    pairs = paired_differences(groups)
-    nrow = 2 if pairs else 1
-    ncol = len(tasks)
-    sizes = [len(groups)] + ([len(pairs)] if pairs else [])
-    fig, axes = plt.subplots(nrow, ncol, figsize=(max(2.6 * ncol, 6), 1.2 * nrow + 0.28 * sum(sizes) + 0.6),
-                             squeeze=False, gridspec_kw={"height_ratios": [max(n, 1.5) for n in sizes]})
-
-    def panel(ax, rows, title, zero):
-        y = np.arange(len(rows))
-        for k, (label, (mean, half, n)) in enumerate(rows):
-            ax.errorbar([mean], [k], xerr=None if half != half else [[half], [half]], fmt="o", capsize=3)
-        ax.set_yticks(y, [label for label, _ in rows], fontsize=7)
-        ax.invert_yaxis()
-        ax.set_title(title, fontsize=9)
-        ax.grid(alpha=0.3, axis="x")
-        if zero:
-            ax.axvline(0, color="k", lw=0.8)
-
-    for c, t in enumerate(tasks):
-        title = "avg" if t is None else _task_header(t)
-        panel(axes[0][c], [(f"{g.label} (n={len(g.runs)})", t_interval(list(g.values(t).values())))
-                           for g in groups], title, False)
-        if c:
-            axes[0][c].set_yticklabels([])
-        if pairs:
-            panel(axes[1][c], [(f"{a.label} − {b.label}", cells.get(t, (float("nan"), float("nan"), 0)))
-                               for a, b, cells in pairs], title + ": A − B", True)
-            if c:
-                axes[1][c].set_yticklabels([])
-    fig.suptitle("mean and 95% Student-t interval over seeds", fontsize=10)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)

@@ -27,6 +27,7 @@ import torch
 
 from .checkpoint import atomic_write_json, atomic_write_text
 from .data import DataError
+from .intervals import group_runs, mean_curves, paired_differences, t_interval, tasks_of
 from .metrics import glue_score, task_score
 from .tasks import get_task
 
@@ -244,8 +245,6 @@ def load_config(run_dir):
 def load_groups(run_dirs) -> list:
     """The finished runs in ``run_dirs`` grouped by configuration (runs differing only in seed
     form one :class:`~.intervals.Group`)."""
-    from .intervals import group_runs
-
     runs, seen = [], set()
     for d in run_dirs:
         if os.path.realpath(d) in seen:   # the same directory twice is one run
@@ -260,10 +259,8 @@ def load_groups(run_dirs) -> list:
 def comparison_table(groups) -> str:
     """One row per run when every configuration has one run (seeds not repeated); otherwise
     mean ± 95% t interval over seeds per configuration and the paired differences."""
-    from .intervals import seed_table
-
     if all(len(g.runs) == 1 for g in groups):
-        return markdown_table([(g.label, g.runs[0][1]) for g in groups])
+        return markdown_table([(g.label, g.runs[0][1]) for g in groups]) + conflict_table(groups)
     return seed_table(groups)
 
 
@@ -280,8 +277,6 @@ def write_comparison_plots(groups, base: str) -> list:
     """``<base>_curves.png`` (learning curves; the mean over seeds per configuration) and,
     when some configuration has several seeds, ``<base>_seeds.png`` (means and paired
     differences with 95% error bars). Returns the paths."""
-    from .intervals import mean_curves, plot_seed_intervals
-
     seeded = any(len(g.runs) > 1 for g in groups)
     runs = [(g.label + (f" (mean of {len(g.runs)})" if len(g.runs) > 1 else ""),
              mean_curves(g) if len(g.runs) > 1 else g.runs[0][1]) for g in groups]
@@ -291,6 +286,107 @@ def write_comparison_plots(groups, base: str) -> list:
         paths.append(base + "_seeds.png")
         plot_seed_intervals(groups, paths[1])
     return paths
+
+
+# ----------------------------------------------------------------------------- over seeds
+
+def _cell(mean, half, n, signed=False, star=False):
+    if n == 0:
+        return "-"
+    if mean != mean:   # a NaN score (e.g. a constant prediction's correlation) stays visible
+        return "nan"
+    m = f"{mean:+.1f}" if signed else f"{mean:.1f}"
+    if n < 2 or half != half:
+        return m
+    s = f"{m} ± {half:.1f}"
+    if star and abs(mean) > half:
+        s += " *"
+    return s
+
+
+def seed_table(groups) -> str:
+    """Markdown: per configuration, mean ± 95% t half-width over seeds (n shown), then the
+    paired differences."""
+    tasks = tasks_of(groups)
+    counts = any(r.get("params") for g in groups for _, r, _ in g.runs)
+    head = ["method", "n", "seeds"] + [_task_header(t) for t in tasks] + ["avg"]
+    if counts:
+        head += ["adapter params", "head params"]
+    lines = ["Task scores (mean of the task's metrics x100): mean ± half-width of the 95% Student-t interval "
+             "over n seeds.", "", "| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    for g in groups:
+        cells = [g.label, str(len(g.runs)), ",".join(map(str, g.seeds))]
+        for t in tasks + [None]:
+            cells.append(_cell(*t_interval(list(g.values(t).values()))))
+        if counts:
+            p = g.runs[0][1].get("params") or {}
+            cells += [f"{p['adapter']:,}" if "adapter" in p else "-", f"{p['heads']:,}" if "heads" in p else "-"]
+        lines.append("| " + " | ".join(cells) + " |")
+    pairs = paired_differences(groups)
+    if pairs:
+        head = ["A − B", "n"] + [_task_header(t) for t in tasks] + ["avg"]
+        lines += ["", "Paired differences over the seeds both have (A − B per seed): mean ± half-width of the 95% "
+                  "Student-t interval; * the interval excludes 0.", "",
+                  "| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+        for a, b, cells in pairs:
+            n = max(c[2] for c in cells.values())
+            row = [f"{a.label} − {b.label}", str(n)]
+            for t in tasks + [None]:
+                row.append(_cell(*cells[t], signed=True, star=True) if t in cells else "-")
+            lines.append("| " + " | ".join(row) + " |")
+    dup = [f"{d} (same configuration and seed as a run of {g.label})" for g in groups for d in g.duplicates]
+    if dup:
+        lines += ["", "Left out: " + "; ".join(dup)]
+    return "\n".join(lines) + "\n" + conflict_table(groups)
+
+
+def conflict_rows(groups) -> list:
+    """``[(group, conflicting, projected)]``: per configuration, the mean fraction of task pairs
+    whose gradients conflict per step, and the mean fraction of ordered pairs the method
+    projected per step (over the steps and segments of each run's conflicts.jsonl), each as
+    ``(mean, half, n)`` over the seeds. ``projected`` is None when no run logged it (joint
+    ``--log-conflicts`` projects nothing). The two differ when conflicts are detected on a
+    smoothed Gram (``--aggregator-ema``) or by a method other than PCGrad."""
+    out = []
+    for g in groups:
+        conflicting, projected = [], []
+        for _, _, d in g.runs:
+            rows = read_conflicts(os.path.join(d, CONFLICTS)) if d else []
+            if rows:
+                conflicting.append(float(np.mean([r["conflict_fraction"] for r in rows])))
+                pf = [r["projection_fraction"] for r in rows if r.get("projection_fraction") is not None
+                      and r["projection_fraction"] == r["projection_fraction"]]
+                if pf:
+                    projected.append(float(np.mean(pf)))
+        if conflicting:
+            out.append((g, t_interval(conflicting), t_interval(projected) if projected else None))
+    return out
+
+
+
+
+def _share(cell) -> str:
+    if cell is None:
+        return "-"
+    m, h, n = cell
+    return f"{m:.3f}" + (f" ± {h:.3f}" if n > 1 and h == h else "")
+
+
+def conflict_table(groups) -> str:
+    """Markdown (with a blank line before it), or "" when no run logged its conflicts: per
+    configuration the share of task pairs that conflict and the share the method projected."""
+    conf = conflict_rows(groups)
+    if not conf:
+        return ""
+    lines = ["", "Task-gradient conflicts (runs that log them: ortho, joint --log-conflicts, the seed methods with "
+             "--projection), per step, mean over steps and segments (then mean ± 95% t half-width over seeds): "
+             "conflicting = fraction of task pairs with a negative inner product; projected = fraction of "
+             "ordered pairs the method projected (fewer than the conflicting ones when conflicts are detected "
+             "on a smoothed Gram, --aggregator-ema; '-' for runs that project nothing).", "",
+             "| method | n | conflicting pairs | projected pairs |", "|---|---|---|---|"]
+    for g, conflicting, projected in conf:
+        lines.append(f"| {g.label} | {conflicting[2]} | {_share(conflicting)} | {_share(projected)} |")
+    return "\n".join(lines) + "\n"
 
 
 # ----------------------------------------------------------------------------- plots
@@ -437,3 +533,44 @@ def write_run_plots(run_dir: str, res: dict, cfg: dict) -> list:
             plot_cosine_heatmap(cos, cfg["tasks"], p, labels)
             out.append(p)
     return out
+
+
+def plot_seed_intervals(groups, path: str) -> None:
+    """Error-bar plot: per task and for the average, every configuration's mean with its 95%
+    t interval; below, the paired differences with theirs (and the zero line)."""
+    plt = _plt()
+    tasks = tasks_of(groups) + [None]
+    pairs = paired_differences(groups)
+    nrow = 2 if pairs else 1
+    ncol = len(tasks)
+    sizes = [len(groups)] + ([len(pairs)] if pairs else [])
+    fig, axes = plt.subplots(nrow, ncol, figsize=(max(2.6 * ncol, 6), 1.2 * nrow + 0.28 * sum(sizes) + 0.6),
+                             squeeze=False, gridspec_kw={"height_ratios": [max(n, 1.5) for n in sizes]})
+
+    def panel(ax, rows, title, zero):
+        y = np.arange(len(rows))
+        for k, (label, (mean, half, n)) in enumerate(rows):
+            ax.errorbar([mean], [k], xerr=None if half != half else [[half], [half]], fmt="o", capsize=3)
+        ax.set_yticks(y, [label for label, _ in rows], fontsize=7)
+        ax.invert_yaxis()
+        ax.set_title(title, fontsize=9)
+        ax.grid(alpha=0.3, axis="x")
+        if zero:
+            ax.axvline(0, color="k", lw=0.8)
+
+    for c, t in enumerate(tasks):
+        title = "avg" if t is None else _task_header(t)
+        panel(axes[0][c], [(f"{g.label} (n={len(g.runs)})", t_interval(list(g.values(t).values())))
+                           for g in groups], title, False)
+        if c:
+            axes[0][c].set_yticklabels([])
+        if pairs:
+            panel(axes[1][c], [(f"{a.label} − {b.label}", cells.get(t, (float("nan"), float("nan"), 0)))
+                               for a, b, cells in pairs], title + ": A − B", True)
+            if c:
+                axes[1][c].set_yticklabels([])
+    fig.suptitle("mean and 95% Student-t interval over seeds", fontsize=10)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)

@@ -29,13 +29,14 @@ on one GPU.
 from __future__ import annotations
 
 import concurrent.futures
-import functools
 import json
 import os
 import shlex
 import subprocess
 import sys
 import time
+
+from .options import CliError, config_from_args, train_option_strings, train_parser
 
 PRESETS = {
     "paper-checks": dict(methods="single,joint,ortho", seeds="0,1,2", ranks="4,8,16", granularities="ab,global"),
@@ -101,20 +102,9 @@ def _csv(s, what, cast=str):
         raise ValueError(f"--{what}: expected comma-separated {cast.__name__} values, got {s!r}") from None
 
 
-@functools.lru_cache(maxsize=1)
-def _parser():
-    from .cli import build_parser
-
-    return build_parser()
-
-
-def _train_subparser():
-    return _parser()._subparsers._group_actions[0].choices["train"]
-
-
 def train_has_option(flag: str) -> bool:
     """Does the installed ``train`` subcommand take ``flag`` (e.g. ``--aggregator``)?"""
-    return any(flag in a.option_strings for a in _train_subparser()._actions)
+    return flag in train_option_strings()
 
 
 class Run:
@@ -125,16 +115,15 @@ class Run:
 
     def config(self):
         """The resolved :class:`TrainConfig` of this run (options checked; ValueError if bad)."""
-        from .cli import CliError, _config_from_args
         from .train import validate
 
         try:
-            a = _parser().parse_args(["train", *self.argv])
+            a = train_parser().parse_args(self.argv)
         except CliError as e:
             raise ValueError(f"{self.name}: train {e}") from None
         except SystemExit:
             raise ValueError(f"{self.name}: bad train options") from None
-        cfg = _config_from_args(a)
+        cfg = config_from_args(a)
         validate(cfg)
         return cfg
 
@@ -223,12 +212,11 @@ def _state(run, cfg) -> str:
 
 
 def _run_inline(run, resume):
-    from .cli import _config_from_args
     from .train import Stopped, train
 
-    a = _parser().parse_args(["train", *run.argv, *(["--resume"] if resume else [])])
+    a = train_parser().parse_args([*run.argv, *(["--resume"] if resume else [])])
     try:
-        train(_config_from_args(a))
+        train(config_from_args(a))
     except Stopped as e:
         return f"stopped after step {e.args[0]}"
     return "done"
@@ -250,7 +238,6 @@ def _run_child(run, resume):
 
 def cmd_sweep(a, extra):
     """``sweep``: plan the grid, check every run's options, run what is not finished, compare."""
-    from .cli import CliError
     from .report import comparison_table, load_groups, write_comparison_plots
 
     extra = list(extra)

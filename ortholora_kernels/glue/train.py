@@ -69,7 +69,7 @@ class TrainConfig:
     backend: str | None = None            # ortho: projection backend (default automatic)
     log_conflicts: bool = False           # joint: collect per-task gradients to log their conflicts
     projection: str | None = None         # mtl-lora, lori (joint): Ortho-LoRA on top: none|global|ab|layer|matrix
-    aggregator: str | None = None         # ortho / --projection: pcgrad (default), upgrad, cagrad, ... (issue 16)
+    aggregator: str | None = None         # ortho / --projection: pcgrad (default), upgrad, cagrad, ...
     aggregator_options: str | None = None  # its options, "c=0.5,iters=8"
     aggregator_ema: float | None = None   # EMA-smoothed conflict detection (beta)
     mtl_num_b: int | None = None          # mtl-lora: number of shared up-projections B_k (default 3)

@@ -22,11 +22,11 @@ and ``--backend`` apply as for ortho.
 """
 from __future__ import annotations
 
-from ..adapters import count_trainable
-from ..adapters.mtl_lora import apply_mtl_lora, mtl_lora_parameters, mtl_task_ids, route_task_slices
-from .methods import (Method, check_projection, load_projector_state, make_seed_projector, projected_backward,
+from ...adapters import count_trainable
+from ...adapters.mtl_lora import apply_mtl_lora, mtl_lora_parameters, mtl_task_ids, route_task_slices
+from . import (Method, check_projection, load_projector_state, make_seed_projector, projected_backward,
                       projector_state, register_method)
-from .model import MultiTaskModel
+from ..model import MultiTaskModel
 
 @register_method
 class MTLLoRA(Method):

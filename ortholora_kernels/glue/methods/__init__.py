@@ -25,7 +25,7 @@ hold whatever an exact resume needs beyond the trainable parameters (LoRI: its m
 
 A method defined in another module is found when that module is imported; list it in
 :data:`LAZY_METHODS` (name -> module) so the CLI imports it on demand (``mtl-lora``:
-:mod:`.method_mtl_lora`, ``lori``: :mod:`.method_lori`). The training loop
+:mod:`.mtl_lora`, ``lori``: :mod:`.lori`). The training loop
 passes ``model(input_ids, attention_mask, task_slices)`` (task_slices: the rows of each
 task in the concatenated batch) and ``task_ids`` (CPU LongTensor) to ``backward``.
 """
@@ -36,12 +36,12 @@ import importlib
 
 import torch
 
-from .model import MultiTaskModel, add_lora
+from ..model import MultiTaskModel, add_lora
 
 METHODS: dict = {}
 
 #: methods living in modules that are imported on first use (name -> module)
-LAZY_METHODS = {"mtl-lora": "ortholora_kernels.glue.method_mtl_lora", "lori": "ortholora_kernels.glue.method_lori"}
+LAZY_METHODS = {"mtl-lora": "ortholora_kernels.glue.methods.mtl_lora", "lori": "ortholora_kernels.glue.methods.lori"}
 
 #: method-specific CLI options (dest names); a method lists those it accepts in ``options``
 METHOD_OPTIONS = ("granularity", "collect", "backend", "log_conflicts", "projection", "mtl_num_b",
@@ -211,7 +211,9 @@ class Joint(Method):
         for param, v in zip(p.layout.params, p.layout.views(total)):
             param.grad = v if v.dtype == param.dtype else v.to(param.dtype)
         p.zero_grad()
-        return stats
+        # the conflicts only: joint projects nothing, so no fraction projected is logged
+        return {"conflict_fraction": stats.conflict_fraction, "mean_cosine": stats.mean_cosine,
+                "cosine": stats.cosine}
 
     def teardown(self):
         if self.projector is not None:

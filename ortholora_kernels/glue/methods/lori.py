@@ -62,14 +62,14 @@ import types
 import torch.nn.functional as F
 from torch import nn
 
-from . import checkpoint as ckpt
-from ..adapters import count_trainable
-from ..adapters.lori import (apply_lori, apply_lori_mask, default_merge_weights, enforce_lori_mask, load_lori, lori_mask,
+from .. import checkpoint as ckpt
+from ...adapters import count_trainable
+from ...adapters.lori import (apply_lori, apply_lori_mask, default_merge_weights, enforce_lori_mask, load_lori, lori_mask,
                              lori_modules, lori_parameters, lori_state_dict, mask_lori_grads, merge_lori,
                              stack_lori_task)
-from .methods import (Method, check_projection, load_projector_state, make_seed_projector, projected_backward,
+from . import (Method, check_projection, load_projector_state, make_seed_projector, projected_backward,
                       projector_state, register_method)
-from .model import MultiTaskModel
+from ..model import MultiTaskModel
 
 MODES = ("merge", "joint", "continual")
 SCHEDULES = ("constant", "linear")
@@ -78,7 +78,7 @@ S_LR_FACTOR = 10.0
 
 
 def _task_index(cfg, task_name: str) -> int:
-    from .tasks import parse_tasks
+    from ..tasks import parse_tasks
 
     return [t.name for t in parse_tasks(cfg.tasks)].index(task_name)
 
@@ -141,7 +141,7 @@ class LoRI(Method):
 
     @classmethod
     def check_config(cls, cfg):
-        from .tasks import parse_tasks
+        from ..tasks import parse_tasks
 
         mode = cfg.lori_mode or "merge"
         if mode not in MODES:
@@ -211,7 +211,7 @@ class LoRI(Method):
         i = _task_index(self.cfg, self.tasks[0].name)
         if i == 0:
             return None
-        from .tasks import parse_tasks
+        from ..tasks import parse_tasks
 
         prev = parse_tasks(self.cfg.tasks)[i - 1].name
         return ckpt.load(_continual_file(self.cfg.out, prev))
@@ -315,7 +315,7 @@ class LoRI(Method):
 
     @classmethod
     def post_train(cls, cfg, tasks, datas, tokenizer, device, evals):
-        from .train import _num_steps
+        from ..train import _num_steps
 
         mode = cfg.lori_mode or "merge"
         units = [[d] for d in datas] if mode != "joint" else [datas]
@@ -342,9 +342,9 @@ class LoRI(Method):
 
 def _evaluate_adapter(cfg, tasks, datas, tokenizer, device, adapter, heads, step, **extra) -> list:
     """Evaluations (as ``evaluate_tasks`` writes them) of ``adapter`` with ``heads`` {task: state} on ``tasks``."""
-    from .data import encode
-    from .model import load_encoder
-    from .train import evaluate_tasks
+    from ..data import encode
+    from ..model import load_encoder
+    from ..train import evaluate_tasks
 
     encoder = load_encoder(cfg.model, tokenizer, cfg.max_length, cfg.seed, cfg.tiny_hidden, cfg.tiny_layers)
     load_lori(encoder, adapter, keep_trainable=())
@@ -362,8 +362,8 @@ def _evaluate_adapter(cfg, tasks, datas, tokenizer, device, adapter, heads, step
 def _merge_and_evaluate(cfg, tasks, datas, tokenizer, device, evals, sparse: bool) -> dict:
     """Merge the per-task adapters of the final stage (and, after a LoRI-S stage, the LoRI-D
     ones), evaluate the merged adapters; the final stage's evaluations join ``evals``."""
-    from .metrics import glue_score, task_score
-    from .report import final_metrics
+    from ..metrics import glue_score, task_score
+    from ..report import final_metrics
 
     unmerged = final_metrics(evals)
     saved = [ckpt.load(os.path.join(cfg.out, f"lori_adapter_{t.name}.pt")) for t in tasks]
