@@ -233,23 +233,30 @@ class Aggregator:
         self.step = 0
         self._key = None
         self._ema_gram = None
+        self._ema_norm = None
         self._phi_hat = None
 
     def state_dict(self) -> dict:
-        """Step count, smoothed Gram and GradVac targets (tensors; plain types otherwise)."""
-        return {"step": self.step, "ema_gram": self._ema_gram, "phi_hat": self._phi_hat,
+        """Step count, smoothed Gram (and its bias correction ``1 - beta^k``) and GradVac targets
+        (tensors; plain types otherwise)."""
+        return {"step": self.step, "ema_gram": self._ema_gram, "ema_norm": self._ema_norm, "phi_hat": self._phi_hat,
                 "offsets": None if self._key is None else list(self._key[0]),
                 "tasks": None if self._key is None else self._key[1]}
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore :meth:`state_dict` (the tensors stay on the device they were saved from)."""
+        """Restore :meth:`state_dict` (the tensors move to the device of the next step's
+        gradients; a state saved before ``ema_norm`` existed gets ``1 - beta^step``)."""
         self.step = int(state["step"])
         self._ema_gram, self._phi_hat = state.get("ema_gram"), state.get("phi_hat")
+        self._ema_norm = state.get("ema_norm")
+        if self._ema_gram is not None and self._ema_norm is None:
+            # the old format: the EMA ran from step 0 on every step
+            beta = float(self.ema) if self.ema is not None else 0.0
+            self._ema_norm = torch.full(self._ema_gram.shape[:1], 1 - beta ** self.step, dtype=torch.float64,
+                                        device=self._ema_gram.device)
         self._key = None
         if state.get("offsets") is not None:
-            ref = self._ema_gram if self._ema_gram is not None else self._phi_hat
-            device = ref.device if ref is not None else torch.device("cpu")
-            self._key = (tuple(state["offsets"]), int(state["tasks"]), device)
+            self._key = (tuple(state["offsets"]), int(state["tasks"]))
 
     def active(self, step: int | None = None) -> bool:
         """Whether the schedule aggregates on ``step`` (default: the next call's step)."""
@@ -285,10 +292,14 @@ class Aggregator:
         offsets = tuple(offsets)
         key_offsets = tuple(result_offsets) if result_offsets is not None else offsets
         t, s = x.shape[0], len(offsets) - 1
-        key = (key_offsets, t, x.device)
+        key = (key_offsets, t)
         if key != self._key:
-            self._key, self._ema_gram, self._phi_hat = key, None, None
-        step, active = self.step, self.active()
+            self._key, self._ema_gram, self._ema_norm, self._phi_hat = key, None, None, None
+        elif any(v is not None and v.device != x.device for v in (self._ema_gram, self._phi_hat)):
+            # the same layout on another device (a checkpoint loaded with map_location="cpu"): keep the state
+            self._ema_gram, self._ema_norm, self._phi_hat = (
+                None if v is None else v.to(x.device) for v in (self._ema_gram, self._ema_norm, self._phi_hat))
+        active = self.active()
         self.step += 1
         method = self.method if active else "sum"
         if method == "pcgrad" and self.ema is None and not hooks:
@@ -306,7 +317,7 @@ class Aggregator:
         if present is not None:
             hooks.append(pipeline.presence(present))
         if self.ema is not None:
-            hooks.append(pipeline.ema(float(self.ema), self._ema_gram, step))
+            hooks.append(pipeline.ema(float(self.ema), self._ema_gram, self._ema_norm))
         ordered = method in ("pcgrad", "gradvac")
         if method in _FIXED and not return_stats and self.ema is None:
             # Fixed weights (sum, mean; a step the schedule skips): no Gram pass.
@@ -320,7 +331,7 @@ class Aggregator:
         if method == "gradvac":
             self._phi_hat = phi_hat
         if self.ema is not None:
-            self._ema_gram = st.smoothed
+            self._ema_gram, self._ema_norm = st.smoothed, st.smoothed_norm
         if reduction != "none":
             out = out[0]
         if not return_stats:

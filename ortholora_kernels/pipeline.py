@@ -87,6 +87,7 @@ class GramStage:
         decide: the Gram the method decides on (``gram``, or the bias-corrected EMA).
         present: ``[S, T]`` bool, the tasks that took part in the step (None: all).
         smoothed: the EMA of the Gram after this step (the new state), or None.
+        smoothed_norm: ``[S]`` float64, ``1 - beta^k`` of ``smoothed`` (its bias correction), or None.
         detected: ``[S, T, T]`` bool, the pairs the smoothed Gram flags as conflicting, or None.
     """
 
@@ -94,6 +95,7 @@ class GramStage:
     decide: torch.Tensor
     present: torch.Tensor | None = None
     smoothed: torch.Tensor | None = None
+    smoothed_norm: torch.Tensor | None = None
     detected: torch.Tensor | None = None
 
 
@@ -125,15 +127,28 @@ def presence(present: torch.Tensor | None) -> Hook:
     return hook
 
 
-def ema(beta: float, previous: torch.Tensor | None, step: int) -> Hook:
-    """Gram-stage hook: ``E <- beta E + (1 - beta) G`` from ``previous`` (None: zeros) at ``step``
-    (counted from 0); the method decides on ``E / (1 - beta^(step+1))`` (Adam's bias correction)
-    and ``detected = decide < 0``. The new ``E`` is ``GramStage.smoothed`` (the caller keeps it)."""
+def ema(beta: float, previous: torch.Tensor | None, norm: torch.Tensor | None = None) -> Hook:
+    """Gram-stage hook: ``E <- beta E + (1 - beta) G`` from ``previous`` (None: zeros); the method
+    decides on ``E / (1 - beta^k)`` (Adam's bias correction, k the steps in ``E``) and
+    ``detected = decide < 0``.
+
+    ``norm``: ``[S]`` float64, ``1 - beta^k`` of ``previous`` (None: 0, no step yet). The new
+    ``E`` and ``1 - beta^k`` are ``GramStage.smoothed`` / ``GramStage.smoothed_norm`` (the caller
+    keeps them). A segment whose Gram holds NaN/Inf decides on it (the NaN reaches the output)
+    but leaves its ``E`` and ``k`` as they were, on the device: one bad step (an AMP overflow
+    that GradScaler skips) does not turn every later step's weights into NaN.
+    """
     def hook(st: GramStage) -> GramStage:
+        s = st.gram.shape[0]
         prev = previous if previous is not None else torch.zeros_like(st.gram)
-        smoothed = beta * prev + (1 - beta) * st.gram
-        decide = smoothed / (1 - beta ** (step + 1))
-        return replace(st, smoothed=smoothed, decide=decide, detected=decide < 0)
+        prev_norm = norm if norm is not None else torch.zeros(s, dtype=torch.float64, device=st.gram.device)
+        cand = beta * prev + (1 - beta) * st.gram
+        cand_norm = beta * prev_norm + (1 - beta)
+        decide = cand / cand_norm.view(s, 1, 1)
+        finite = torch.isfinite(st.gram).flatten(1).all(1)
+        smoothed = torch.where(finite.view(s, 1, 1), cand, prev)
+        new_norm = torch.where(finite, cand_norm, prev_norm)
+        return replace(st, smoothed=smoothed, smoothed_norm=new_norm, decide=decide, detected=decide < 0)
     return hook
 
 

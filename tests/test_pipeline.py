@@ -239,3 +239,81 @@ def test_project_takes_a_registered_solve_by_name():
     torch.testing.assert_close(g, torch.full_like(x, 0.5))
     with pytest.raises(ValueError, match="solve"):
         project(x.detach(), solve="nope")
+
+
+# ---- the EMA's state: NaN steps, resets, old checkpoints ---------------------------------------
+
+@pytest.mark.parametrize("method", ["upgrad", "pcgrad"])
+def test_a_nan_step_shows_nan_but_leaves_the_ema_state_as_it_was(method):
+    """A NaN step's output is NaN (GradScaler skips it), and the next finite step gives what an
+    aggregator that never saw it gives: the NaN does not stay in the smoothed Gram for ever."""
+    torch.manual_seed(0)
+    g1, g2 = torch.randn(3, 40, dtype=torch.float64), torch.randn(3, 40, dtype=torch.float64)
+    g2[0] = -g1[1]
+    bad = g1.clone()
+    bad[1, 3] = float("nan")
+    a, b = Aggregator(method, ema=0.9), Aggregator(method, ema=0.9)
+    gen_a, gen_b = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    a.generator, b.generator = gen_a, gen_b
+    a(g1), b(g1)
+    assert torch.isnan(a(bad)).any()
+    b.generator = torch.Generator().manual_seed(1)   # a's next order is the same draw as b's
+    a.generator = torch.Generator().manual_seed(1)
+    got, want = a(g2, return_stats=True), b(g2, return_stats=True)
+    assert torch.isfinite(got.output).all() and torch.isfinite(got.smoothed_gram).all()
+    torch.testing.assert_close(got.output, want.output, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got.smoothed_gram, want.smoothed_gram, rtol=1e-12, atol=1e-12)
+
+
+def test_check_finite_with_an_ema_recovers_on_the_next_step():
+    m = _model()
+    ortho = OrthoLoRA(m, T, check_finite=True, aggregator=Aggregator("upgrad", ema=0.9))
+    _nan_step(ortho, m)
+    with pytest.raises(FloatingPointError):
+        ortho.project_()
+    b = make_batch([2, 2, 2], seed=4)
+    with ortho.record(b["task_ids"]):
+        task_losses(m, b).sum().backward()
+    ortho.project_()
+    assert torch.isfinite(_grad(ortho)).all()
+    ortho.remove()
+
+
+def test_ema_bias_correction_restarts_with_the_state():
+    """A new segment layout resets the EMA: its first step decides on G itself, as a fresh one
+    (Nash-MTL's weights scale with the Gram, so a stale correction changes them)."""
+    torch.manual_seed(0)
+    g = torch.randn(3, 40, dtype=torch.float64)
+    a = Aggregator("nashmtl", ema=0.9)
+    for _ in range(5):
+        a(g, [0, 20, 40])
+    got = a(g, [0, 10, 40], return_stats=True)
+    want = Aggregator("nashmtl", ema=0.9)(g, [0, 10, 40], return_stats=True)
+    torch.testing.assert_close(got.output, want.output, rtol=1e-9, atol=1e-12)
+
+
+def test_an_old_ema_checkpoint_without_its_norm_loads_with_the_step_count():
+    torch.manual_seed(0)
+    gs = [torch.randn(3, 30, dtype=torch.float64) for _ in range(4)]
+    a = Aggregator("upgrad", ema=0.8)
+    for g in gs[:3]:
+        a(g)
+    state = a.state_dict()
+    old = {k: v for k, v in state.items() if k != "ema_norm"}   # the format before it was kept
+    b = Aggregator("upgrad", ema=0.8)
+    b.load_state_dict(old)
+    torch.testing.assert_close(b.state_dict()["ema_norm"], state["ema_norm"], rtol=1e-15, atol=0)
+    torch.testing.assert_close(b(gs[3]), a(gs[3]), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (CPU twin: the test above)")
+def test_an_ema_state_loaded_on_the_cpu_follows_the_gradients_to_cuda():
+    torch.manual_seed(0)
+    gs = [torch.randn(3, 30, dtype=torch.float64) for _ in range(3)]
+    a = Aggregator("upgrad", ema=0.8)
+    for g in gs[:2]:
+        a(g)
+    b = Aggregator("upgrad", ema=0.8)
+    b.load_state_dict(a.state_dict())
+    torch.testing.assert_close(b(gs[2].cuda()).cpu(), a(gs[2]), rtol=1e-9, atol=1e-12)
+    assert b.state_dict()["ema_gram"].is_cuda
