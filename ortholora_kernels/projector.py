@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from ._args import segments_for
-from .collect import GroupedCollector, LoopCollector, check_task_ids
+from .collect import GroupedCollector, LoopCollector, _to_device, check_task_ids
 from .layout import GRANULARITIES, LoRALayout
 from .ops import project
 from .result import ProjectionResult
@@ -497,10 +497,17 @@ class OrthoLoRA:
         self._counts = c if self._counts is None else self._counts + c.to(self._counts.device)
 
     def _present(self, device, group=None) -> torch.Tensor | None:
-        """``[T]`` bool: the tasks with an example in the step on any rank (None: not counted)."""
+        """``[T]`` bool: the tasks with an example in the step on any rank (None: not counted).
+
+        ``group`` False: this process alone. Otherwise every rank joins the counts' all-reduce,
+        one that recorded nothing with zeros (skipping it would leave the others waiting).
+        Counts on the CPU reach a GPU through pinned memory, without blocking (no host sync)."""
         if self._counts is None:
-            return None
-        counts = self._counts.to(device)
+            if group is False or self.aggregator.method == "pcgrad":
+                return None
+            counts = torch.zeros(self.num_tasks, dtype=torch.float64, device=device)
+        else:
+            counts = _to_device(self._counts, device)
         if group is not False:
             from .distributed.reduce import all_reduce_counts
             all_reduce_counts(counts, group)

@@ -317,3 +317,49 @@ def test_an_ema_state_loaded_on_the_cpu_follows_the_gradients_to_cuda():
     b.load_state_dict(a.state_dict())
     torch.testing.assert_close(b(gs[2].cuda()).cpu(), a(gs[2]), rtol=1e-9, atol=1e-12)
     assert b.state_dict()["ema_gram"].is_cuda
+
+
+# ---- the step's task counts: every rank joins their all-reduce; no host sync ---------------------
+
+def test_every_rank_joins_the_count_all_reduce_even_with_nothing_recorded():
+    """A rank with no example in the step still joins the counts' all-reduce (with zeros):
+    were it to skip the collective, the other ranks would wait for ever."""
+    ortho = OrthoLoRA(_model(), T, aggregator="upgrad")
+    others = torch.tensor([1.0, 0.0, 2.0], dtype=torch.float64)   # what the other ranks counted
+    with mock.patch("ortholora_kernels.distributed.reduce.all_reduce_counts",
+                    side_effect=lambda c, group=None: c.add_(others)) as reduce:
+        present = ortho._present(torch.device("cpu"), group=None)
+    reduce.assert_called_once()
+    assert present.tolist() == [True, False, True]
+    assert ortho._present(torch.device("cpu"), group=False) is None   # one process: nothing counted
+    ortho.remove()
+
+
+def test_the_step_counts_reach_the_buffer_device_through_pinned_memory():
+    """CPU twin of the CUDA test below: the counts of CPU task ids go to the buffer's device
+    through the collector's non-blocking copy (a plain .to() from pageable memory syncs)."""
+    import ortholora_kernels.projector as projector
+    m = _model()
+    ortho = OrthoLoRA(m, T, aggregator="upgrad")
+    b = make_batch([2, 0, 1], seed=3)
+    with ortho.record(b["task_ids"]):
+        task_losses(m, b).sum().backward()
+    with mock.patch.object(projector, "_to_device", wraps=projector._to_device) as copy:
+        res = ortho.project_()
+    assert copy.call_count == 1 and copy.call_args.args[0].tolist() == [2.0, 0.0, 1.0]
+    assert res.task_present.tolist() == [[True, False, True]] * res.gram.shape[0]
+    ortho.remove()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (CPU twin: the test above)")
+def test_the_step_counts_reach_cuda_without_a_host_sync():
+    ortho = OrthoLoRA(_model(), T, aggregator="upgrad")
+    ortho._count_tasks(torch.tensor([0, 0, 2]))
+    prev = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        present = ortho._present(torch.device("cuda"), group=False)
+    finally:
+        torch.cuda.set_sync_debug_mode(prev)
+    assert present.tolist() == [True, False, True]
+    ortho.remove()
