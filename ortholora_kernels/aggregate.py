@@ -125,7 +125,8 @@ def aggregate(grads, segments=None, *, method="pcgrad", reduction="sum", order=N
         return_stats: return an :class:`AggregationResult`.
         check_finite: raise ``FloatingPointError`` on NaN/Inf (one host sync); by default
             they propagate to the output, never dropped.
-        present: None (every row takes part) or a bool ``[T]`` / ``[S, T]`` tensor: the
+        present: None (every row takes part) or a bool ``[T]`` / ``[S, T]`` tensor (or a list
+            of T bools): the
             tasks absent from the step (False) get weight 0 and the others exactly what the
             method gives on the present rows alone. A zero row is NOT absent by default: it
             is a task whose gradient is zero (``mean`` still divides by T, as TorchJD);
@@ -292,6 +293,8 @@ class Aggregator:
         offsets = tuple(offsets)
         key_offsets = tuple(result_offsets) if result_offsets is not None else offsets
         t, s = x.shape[0], len(offsets) - 1
+        if present is not None:
+            present = pipeline.check_present(present, s, t, x.device)
         key = (key_offsets, t)
         if key != self._key:
             self._key, self._ema_gram, self._ema_norm, self._phi_hat = key, None, None, None
@@ -310,7 +313,7 @@ class Aggregator:
                 return res
             w = res.coeffs.sum(-2)
             if present is not None:
-                w = torch.where(present.to(device=w.device, dtype=torch.bool).expand_as(w), w, torch.zeros_like(w))
+                w = torch.where(present, w, torch.zeros_like(w))
             return AggregationResult(*(getattr(res, f) for f in ProjectionResult.__dataclass_fields__),
                                      method="pcgrad", weights=w)
         hooks = list(hooks)
@@ -348,7 +351,7 @@ def _fixed(method, s, t, device, present):
     """``[S, T]`` weights of sum/mean (mean over the present tasks when ``present`` is given)."""
     if present is None:
         return torch.full((s, t), 1.0 if method == "sum" else 1.0 / t, dtype=torch.float64, device=device)
-    p = present.to(device=device, dtype=torch.float64).expand(s, t)
+    p = present.to(torch.float64)
     return p if method == "sum" else p / p.sum(-1, keepdim=True).clamp_min(1)
 
 

@@ -32,7 +32,7 @@ from . import backends, solvers
 from ._args import Segments, segments_for
 from .solve import Solution, get_solve, solve as pcgrad_solve, weighting_solution, weights as reduce_weights
 
-__all__ = ["GramStage", "forward", "backward", "run", "gram", "combine", "sum_over_ranks", "presence", "ema",
+__all__ = ["GramStage", "forward", "backward", "run", "gram", "combine", "sum_over_ranks", "presence", "check_present", "ema",
            "solve_method", "method_weights", "fixed_weights"]
 
 
@@ -119,12 +119,24 @@ def presence(present: torch.Tensor | None) -> Hook:
         if present is None:
             return st
         s, t, _ = st.gram.shape
-        p = present.to(device=st.gram.device, dtype=torch.bool)
-        if p.shape not in ((t,), (s, t)):
-            raise ValueError(f"present: expected a bool tensor of shape [T] = [{t}] or [S, T] = [{s}, {t}], "
-                             f"got {tuple(p.shape)}")
-        return replace(st, present=p.expand(s, t))
+        return replace(st, present=check_present(present, s, t, st.gram.device))
     return hook
+
+
+def check_present(present, s: int, t: int, device) -> torch.Tensor:
+    """``present`` (a bool tensor ``[T]`` or ``[S, T]``, or a sequence of bools ``[T]``) as a bool
+    ``[S, T]`` tensor on ``device``; a TypeError/ValueError naming ``present`` otherwise."""
+    if not isinstance(present, torch.Tensor):
+        if not isinstance(present, (list, tuple)) or not all(isinstance(v, bool) for v in present):
+            raise TypeError(f"present: expected a bool tensor [T] or [S, T] (or a list of bools), "
+                            f"got {type(present).__name__}")
+        present = torch.tensor(present, dtype=torch.bool)
+    if present.dtype != torch.bool:
+        raise TypeError(f"present: expected a bool tensor, got {present.dtype} (e.g. counts > 0)")
+    if tuple(present.shape) not in ((t,), (s, t)):
+        raise ValueError(f"present: expected a bool tensor of shape [T] = [{t}] or [S, T] = [{s}, {t}], "
+                         f"got {tuple(present.shape)}")
+    return present.to(device).expand(s, t)
 
 
 def ema(beta: float, previous: torch.Tensor | None, norm: torch.Tensor | None = None) -> Hook:

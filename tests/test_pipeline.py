@@ -363,3 +363,17 @@ def test_the_step_counts_reach_cuda_without_a_host_sync():
         torch.cuda.set_sync_debug_mode(prev)
     assert present.tolist() == [True, False, True]
     ortho.remove()
+
+
+@pytest.mark.parametrize("method", ["sum", "mean", "pcgrad", "upgrad"])
+def test_a_bad_present_is_named_on_every_path(method):
+    """The fixed-weight path (sum/mean), the plain projection and the solve check ``present`` alike."""
+    x = torch.randn(3, 20, dtype=torch.float64)
+    for bad, err in ((torch.ones(5, dtype=torch.bool), ValueError), (torch.ones(2, 2, dtype=torch.bool), ValueError),
+                     (torch.tensor([1, 0, 1]), TypeError), ("all", TypeError)):
+        with pytest.raises(err, match="present"):
+            aggregate(x, [0, 10, 20], method=method, present=bad)
+    # a list of bools is a [T] mask; task 1 is left out
+    def run(present):   # pcgrad: the same drawn orders for both
+        return aggregate(x, [0, 10, 20], method=method, present=present, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(run([True, False, True]), run(torch.tensor([True, False, True])))
