@@ -305,17 +305,15 @@ class Aggregator:
         active = self.active()
         self.step += 1
         method = self.method if active else "sum"
-        if method == "pcgrad" and self.ema is None and not hooks:
-            # The plain projection (an absent task's zero row changes nothing in it): the op.
+        if method == "pcgrad" and self.ema is None and not hooks and present is None:
+            # The plain projection: the op. (OrthoLoRA passes no presence for pcgrad: an absent
+            # task's row is zero there, which changes nothing in it.)
             res = project(x, offsets, order=order, generator=generator, reduction=reduction, backend=backend,
                           return_stats=return_stats)
             if not return_stats:
                 return res
-            w = res.coeffs.sum(-2)
-            if present is not None:
-                w = torch.where(present, w, torch.zeros_like(w))
             return AggregationResult(*(getattr(res, f) for f in ProjectionResult.__dataclass_fields__),
-                                     method="pcgrad", weights=w)
+                                     method="pcgrad", weights=res.coeffs.sum(-2))
         hooks = list(hooks)
         if present is not None:
             hooks.append(pipeline.presence(present))

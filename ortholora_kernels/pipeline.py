@@ -224,12 +224,18 @@ def solve_method(method: str, options: dict, st: GramStage, order: torch.Tensor 
     stage ``st``: ``(Solution, GradVac's new targets or None)``. A pure function of its arguments.
 
     pcgrad projects on the current Gram, only where ``st.detected`` allows (EMA); an absent
-    task's row is zero there, which pcgrad skips exactly. The weighting methods decide on
+    task's Gram row and column are taken as zero, which pcgrad skips exactly. The weighting methods decide on
     ``st.decide`` and leave absent tasks out (:func:`method_weights`).
     """
     if method == "pcgrad":
-        coeffs, nproj = pcgrad_solve(st.gram, order, allowed=st.detected)
-        if st.present is not None:   # weight 0 for absent tasks (their rows are zero anyway)
+        g = st.gram
+        if st.present is not None:
+            # An absent task's Gram row and column as zeros: pcgrad then skips it exactly as a
+            # zero gradient (its row need not be zero: aggregate(present=) takes any rows).
+            pair = st.present.unsqueeze(-1) & st.present.unsqueeze(-2)
+            g = torch.where(pair, g, torch.zeros_like(g))
+        coeffs, nproj = pcgrad_solve(g, order, allowed=st.detected)
+        if st.present is not None:   # weight 0 for absent tasks
             p = st.present.to(coeffs.dtype)
             coeffs = coeffs * p.unsqueeze(-1) * p.unsqueeze(-2)
         return Solution(reduce_weights(coeffs, reduction), coeffs, nproj), None
