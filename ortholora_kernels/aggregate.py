@@ -253,8 +253,7 @@ class Aggregator:
         if self._ema_gram is not None and self._ema_norm is None:
             # the old format: the EMA ran from step 0 on every step
             beta = float(self.ema) if self.ema is not None else 0.0
-            self._ema_norm = torch.full(self._ema_gram.shape[:1], 1 - beta ** self.step, dtype=torch.float64,
-                                        device=self._ema_gram.device)
+            self._ema_norm = torch.full_like(self._ema_gram, 1 - beta ** self.step, dtype=torch.float64)
         self._key = None
         if state.get("offsets") is not None:
             self._key = (tuple(state["offsets"]), int(state["tasks"]))

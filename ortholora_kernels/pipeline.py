@@ -87,7 +87,7 @@ class GramStage:
         decide: the Gram the method decides on (``gram``, or the bias-corrected EMA).
         present: ``[S, T]`` bool, the tasks that took part in the step (None: all).
         smoothed: the EMA of the Gram after this step (the new state), or None.
-        smoothed_norm: ``[S]`` float64, ``1 - beta^k`` of ``smoothed`` (its bias correction), or None.
+        smoothed_norm: ``[S, T, T]`` float64, ``1 - beta^k`` of ``smoothed`` (its bias correction), or None.
         detected: ``[S, T, T]`` bool, the pairs the smoothed Gram flags as conflicting, or None.
     """
 
@@ -141,25 +141,33 @@ def check_present(present, s: int, t: int, device) -> torch.Tensor:
 
 def ema(beta: float, previous: torch.Tensor | None, norm: torch.Tensor | None = None) -> Hook:
     """Gram-stage hook: ``E <- beta E + (1 - beta) G`` from ``previous`` (None: zeros); the method
-    decides on ``E / (1 - beta^k)`` (Adam's bias correction, k the steps in ``E``) and
-    ``detected = decide < 0``.
+    decides on ``E / (1 - beta^k)`` (Adam's bias correction, k the steps in each entry of ``E``)
+    and ``detected = decide < 0``.
 
-    ``norm``: ``[S]`` float64, ``1 - beta^k`` of ``previous`` (None: 0, no step yet). The new
-    ``E`` and ``1 - beta^k`` are ``GramStage.smoothed`` / ``GramStage.smoothed_norm`` (the caller
-    keeps them). A segment whose Gram holds NaN/Inf decides on it (the NaN reaches the output)
-    but leaves its ``E`` and ``k`` as they were, on the device: one bad step (an AMP overflow
-    that GradScaler skips) does not turn every later step's weights into NaN.
+    ``norm``: ``[S, T, T]`` float64, ``1 - beta^k`` of each entry of ``previous`` (None: 0, no
+    step yet). The new ``E`` and ``1 - beta^k`` are ``GramStage.smoothed`` /
+    ``GramStage.smoothed_norm`` (the caller keeps them). Entries that get no evidence in the
+    step keep their ``E`` and ``k``, on the device: a pair with a task absent from the step
+    (``GramStage.present``, so :func:`presence` runs first), and every entry of a segment whose
+    Gram holds NaN/Inf (which still decides on it: the NaN reaches the output, but one bad step,
+    an AMP overflow that GradScaler skips, does not turn every later step's weights into NaN).
     """
     def hook(st: GramStage) -> GramStage:
-        s = st.gram.shape[0]
+        s, t, _ = st.gram.shape
         prev = previous if previous is not None else torch.zeros_like(st.gram)
-        prev_norm = norm if norm is not None else torch.zeros(s, dtype=torch.float64, device=st.gram.device)
+        prev_norm = norm if norm is not None else torch.zeros_like(st.gram)
         cand = beta * prev + (1 - beta) * st.gram
         cand_norm = beta * prev_norm + (1 - beta)
-        decide = cand / cand_norm.view(s, 1, 1)
-        finite = torch.isfinite(st.gram).flatten(1).all(1)
-        smoothed = torch.where(finite.view(s, 1, 1), cand, prev)
-        new_norm = torch.where(finite, cand_norm, prev_norm)
+        finite = torch.isfinite(st.gram).flatten(1).all(1).view(s, 1, 1)
+        keep = finite
+        if st.present is not None:
+            keep = keep & st.present.unsqueeze(-1) & st.present.unsqueeze(-2)
+        smoothed = torch.where(keep, cand, prev)
+        new_norm = torch.where(keep, cand_norm, prev_norm)
+        # a NaN segment decides on its NaN; an absent pair on its kept EMA (the current Gram
+        # where it was never observed; the solve leaves it out anyway)
+        kept = torch.where(new_norm > 0, smoothed / new_norm.clamp_min(1e-300), st.gram)
+        decide = torch.where(keep | ~finite, cand / cand_norm, kept)
         return replace(st, smoothed=smoothed, smoothed_norm=new_norm, decide=decide, detected=decide < 0)
     return hook
 

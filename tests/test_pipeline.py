@@ -394,3 +394,24 @@ def test_pcgrad_leaves_an_absent_task_out_even_when_its_row_is_not_zero(make):
     want = torch.cat([project(x[[0, 2], a:b].contiguous()) for a, b in ((0, 10), (10, 20))])
     torch.testing.assert_close(res.output, want, rtol=1e-12, atol=1e-12)
     assert (res.weights[:, 1] == 0).all()
+
+
+def test_an_absent_task_gives_the_ema_no_evidence():
+    """A step without task 2 leaves the smoothed entries of its pairs (and their step count)
+    as they were: the EMA of a rarely sampled task averages the steps it took part in, instead
+    of decaying towards 0 on every step it missed. The other entries move as usual."""
+    torch.manual_seed(0)
+    g1, g2 = torch.randn(3, 30, dtype=torch.float64), torch.randn(3, 30, dtype=torch.float64)
+    g2[2] = 0
+    beta = 0.8
+    a = Aggregator("upgrad", ema=beta)
+    a(g1)
+    res = a(g2, present=torch.tensor([True, True, False]), return_stats=True)
+    e1 = (1 - beta) * (g1 @ g1.T)
+    want = beta * e1 + (1 - beta) * (g2 @ g2.T)
+    want[2, :], want[:, 2] = e1[2, :], e1[:, 2]
+    torch.testing.assert_close(res.smoothed_gram[0], want, rtol=1e-12, atol=1e-12)
+    norm = a.state_dict()["ema_norm"][0]
+    assert torch.allclose(norm[2], torch.full((3,), 1 - beta, dtype=torch.float64))
+    assert torch.allclose(norm[0, :2], torch.full((2,), 1 - beta ** 2, dtype=torch.float64))
+    assert (res.weights[:, 2] == 0).all() and torch.isfinite(res.output).all()
