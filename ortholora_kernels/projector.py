@@ -676,8 +676,9 @@ class OrthoLoRA:
         """The last step's statistics as floats, keyed for TensorBoard / W&B (a host sync).
 
         Per segment ``s``: ``{prefix}conflict_fraction/s``, ``{prefix}mean_cosine/s`` and
-        ``{prefix}tasks_present/s`` (over the tasks present in the step: a task whose gradient
-        is all zeros is left out), and with ``per_task``: ``{prefix}grad_norm/s/<task>`` (the
+        ``{prefix}tasks_present/s`` (over the tasks present in the step: those with an example,
+        as counted in ``record``/``task`` for the methods that leave absent tasks out; for
+        pcgrad, those whose gradient is not all zeros), and with ``per_task``: ``{prefix}grad_norm/s/<task>`` (the
         unprojected task gradient's norm) and ``{prefix}cosine/s/<task_i>~<task_j>`` (i < j,
         the pairwise cosine matrix's upper triangle; 0 when a task is absent). ``task_names``
         (T strings) name the tasks; default ``task0``, ``task1``, ...
