@@ -152,6 +152,10 @@ def ema(beta: float, previous: torch.Tensor | None, norm: torch.Tensor | None = 
     Gram holds NaN/Inf (which still decides on it: the NaN reaches the output, but one bad step,
     an AMP overflow that GradScaler skips, does not turn every later step's weights into NaN).
     """
+    if norm is not None and not isinstance(norm, torch.Tensor):
+        raise TypeError(f"norm: expected None or the [S, T, T] tensor 1 - beta^k of previous "
+                        f"(GramStage.smoothed_norm), got {type(norm).__name__}")
+
     def hook(st: GramStage) -> GramStage:
         s, t, _ = st.gram.shape
         prev = previous if previous is not None else torch.zeros_like(st.gram)

@@ -415,3 +415,15 @@ def test_an_absent_task_gives_the_ema_no_evidence():
     assert torch.allclose(norm[2], torch.full((3,), 1 - beta, dtype=torch.float64))
     assert torch.allclose(norm[0, :2], torch.full((2,), 1 - beta ** 2, dtype=torch.float64))
     assert (res.weights[:, 2] == 0).all() and torch.isfinite(res.output).all()
+
+
+def test_the_ema_hook_takes_its_norm_as_a_tensor():
+    """The hook's third argument is the state's ``1 - beta^k`` (a tensor), not a step count."""
+    with pytest.raises(TypeError, match="norm"):
+        pipeline.ema(0.9, None, 3)
+    g = torch.randn(3, 10, dtype=torch.float64)
+    gram = (g @ g.T).unsqueeze(0)
+    st = pipeline.ema(0.9, None)(pipeline.GramStage(gram, gram))
+    torch.testing.assert_close(st.decide, gram)           # step 1: the Gram itself
+    st2 = pipeline.ema(0.9, st.smoothed, st.smoothed_norm)(pipeline.GramStage(2 * gram, 2 * gram))
+    torch.testing.assert_close(st2.decide, (0.9 * 0.1 + 0.1 * 2) / (1 - 0.81) * gram)
