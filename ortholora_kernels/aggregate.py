@@ -95,9 +95,9 @@ def _prepare(grads, segments, reduction, backend, check_finite, method, differen
     seg = segments_for(segments, n)
     name = backends.select(backend, x.device, t)
     if not differentiable and x.requires_grad and torch.is_grad_enabled():
-        raise RuntimeError(
-            f"grads: method={method!r} is not differentiable (only pcgrad is); pass grads.detach() "
-            "or call it under torch.no_grad()")
+        why = ("is differentiable only as the plain projection (no ema/every/start, no present=)"
+               if method == "pcgrad" else "is not differentiable (only pcgrad is)")
+        raise RuntimeError(f"grads: method={method!r} {why}; pass grads.detach() or call it under torch.no_grad()")
     if check_finite and not bool(torch.isfinite(x).all()):
         raise FloatingPointError("grads: contains NaN or Inf (check_finite=True)")
     return x.contiguous(), reduction, seg, name

@@ -427,3 +427,13 @@ def test_the_ema_hook_takes_its_norm_as_a_tensor():
     torch.testing.assert_close(st.decide, gram)           # step 1: the Gram itself
     st2 = pipeline.ema(0.9, st.smoothed, st.smoothed_norm)(pipeline.GramStage(2 * gram, 2 * gram))
     torch.testing.assert_close(st2.decide, (0.9 * 0.1 + 0.1 * 2) / (1 - 0.81) * gram)
+
+
+def test_a_non_differentiable_pcgrad_call_says_why():
+    x = torch.randn(3, 20, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(RuntimeError, match="only as the plain projection"):
+        aggregate(x, method="pcgrad", present=torch.tensor([True, False, True]))
+    with pytest.raises(RuntimeError, match="only as the plain projection"):
+        Aggregator("pcgrad", ema=0.9)(x)
+    with pytest.raises(RuntimeError, match="only pcgrad is"):
+        aggregate(x, method="upgrad")
