@@ -507,7 +507,8 @@ class OrthoLoRA:
                 return None
             counts = torch.zeros(self.num_tasks, dtype=torch.float64, device=device)
         else:
-            counts = _to_device(self._counts, device)
+            # (traced: a plain copy, which the compiled graph schedules itself)
+            counts = self._counts.to(device) if torch.compiler.is_compiling() else _to_device(self._counts, device)
         if group is not False:
             from .distributed.reduce import all_reduce_counts
             all_reduce_counts(counts, group)
