@@ -46,6 +46,15 @@ op (``bench_train_step``'s tracker), minus the value before the step and before 
 exist for every method alike and are not counted.
 
 The last line prints ``grouped/joint = R.RR, loop/joint = R.RR`` for the largest T.
+
+``--sft``: the same documents through TRL instead (``python benchmarks/bench_llm_step.py
+--quick --sft``): one optimizer step through the trainer (``training_step``: TRL's forward
+with its fused LM head and metrics, the backward; then gradient clipping, the optimizer
+and scheduler steps), ``sft-joint`` = TRL's ``SFTTrainer``, ``sft-grouped`` =
+``OrthoLoRASFTTrainer`` (per-token task ids, grouped collection, projection), each on its
+own copy of the model (same weights), the same packed padding-free batch (TRL's own
+"bfd" packing of the documents), interleaved rounds. It prints
+``sft grouped/joint = R.RR`` for the largest T: the trainer's own overhead included.
 """
 from __future__ import annotations
 
@@ -357,6 +366,94 @@ def run_t(args, model, num_tasks, device, token_ids):
     return rows
 
 
+def _word_tokenizer(vocab: int):
+    """A tokenizer whose ids are 0..vocab-1 (TRL needs one; the documents are token ids)."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab)}, unk_token="t2"))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="t0", eos_token="t1", unk_token="t2")
+
+
+def run_sft(args, num_tasks, device, dtype):
+    """``sft-joint`` vs ``sft-grouped``: one optimizer step each through the TRL trainer."""
+    import tempfile
+
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    from ortholora_kernels.integrations import OrthoLoRASFTTrainer
+
+    rows, dpr = args.rows, args.docs_per_row
+    doc_len = args.seq_len // dpr
+    vocab = args.vocab_size or (LLAMA_QUICK if args.quick else LLAMA3_8B)["vocab_size"]
+    g = torch.Generator().manual_seed(num_tasks)
+    ndocs = rows * dpr
+    docs = torch.randint(3, vocab, (ndocs, doc_len), generator=g).tolist()
+    task = torch.arange(num_tasks).repeat_interleave(-(-ndocs // num_tasks))[:ndocs]
+    task = task[torch.randperm(ndocs, generator=g)].tolist()
+    ds = Dataset.from_dict({"input_ids": docs, "task": task})
+    tok = _word_tokenizer(vocab)
+    out = tempfile.mkdtemp(prefix="bench_sft_")
+    cfg = SFTConfig(output_dir=out, report_to="none", use_cpu=device.type == "cpu", bf16=dtype == torch.bfloat16,
+                    per_device_train_batch_size=rows, max_length=args.seq_len, packing=True, packing_strategy="bfd",
+                    gradient_checkpointing=False, learning_rate=1e-5, max_grad_norm=1.0, save_strategy="no",
+                    dataloader_num_workers=0, disable_tqdm=True, train_sampling_strategy="sequential",
+                    log_level="error")
+    trainers = {}
+    for method in ("sft-joint", "sft-grouped"):
+        model, _ = build_model(args, device, dtype)
+        if method == "sft-joint":
+            trainers[method] = SFTTrainer(model=model, args=cfg, train_dataset=ds.remove_columns("task"),
+                                          processing_class=tok)
+        else:
+            trainers[method] = OrthoLoRASFTTrainer(model=model, args=cfg, train_dataset=ds, processing_class=tok,
+                                                   num_tasks=num_tasks, task_names=[str(i) for i in range(num_tasks)],
+                                                   ortho_granularity="ab", ortho_seed=0, ortho_backend=args.backend)
+    batches = {}
+    for method, tr in trainers.items():
+        tr.create_optimizer_and_scheduler(num_training_steps=1000)
+        tr.current_gradient_accumulation_steps = 1   # set by train(): one micro-batch per step here
+        batches[method] = tr._prepare_inputs(next(iter(tr.get_train_dataloader())))
+        tr.model.train()
+    b = batches["sft-joint"]
+    assert tuple(b["input_ids"].shape) == (1, rows * args.seq_len), tuple(b["input_ids"].shape)
+
+    def step(method):
+        tr = trainers[method]
+        _sync(device)
+        c0, t0 = time.process_time(), time.perf_counter()
+        tr.training_step(tr.model, dict(batches[method]))
+        torch.nn.utils.clip_grad_norm_([p for p in tr.model.parameters() if p.requires_grad], 1.0)
+        tr.optimizer.step()
+        tr.lr_scheduler.step()
+        tr.model.zero_grad(set_to_none=True)
+        _sync(device)
+        return time.perf_counter() - t0, time.process_time() - c0
+
+    methods = list(trainers)
+    for _ in range(args.warmup):
+        for m in methods:
+            step(m)
+    times = {m: [] for m in methods}
+    cpu = {m: [] for m in methods}
+    for rep in range(args.repeat):
+        for m in methods[rep % 2:] + methods[:rep % 2]:
+            dt, dc = step(m)
+            times[m].append(dt)
+            cpu[m].append(dc)
+    ortho = trainers["sft-grouped"].ortho
+    ortho.remove()
+    same = torch.equal(batches["sft-joint"]["input_ids"], batches["sft-grouped"]["input_ids"])
+    res = []
+    for m in methods:
+        res.append({"T": num_tasks, "method": m, "median_ms": 1e3 * statistics.median(times[m]),
+                    "x_joint": statistics.median(a / j for a, j in zip(times[m], times["sft-joint"])),
+                    "cpu_ms": 1e3 * statistics.median(cpu[m]),
+                    "cpu_x_joint": statistics.median(a / j for a, j in zip(cpu[m], cpu["sft-joint"])),
+                    "projections": ortho.num_steps if m == "sft-grouped" else 0, "same_batch": same})
+    return res
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="CPU: a reduced Llama (2 layers, hidden 256), fp32")
@@ -382,6 +479,8 @@ def main(argv=None):
     ap.add_argument("--per-row-ids", action="store_true",
                     help="grouped: one task per sequence ([batch] ids) even when per-token ids are supported")
     ap.add_argument("--out", default=None, help="also write the rows to this JSON file")
+    ap.add_argument("--sft", action="store_true",
+                    help="time one optimizer step through TRL's SFTTrainer (joint) vs OrthoLoRASFTTrainer (grouped)")
     args = ap.parse_args(argv)
     args.device = args.device or ("cpu" if args.quick else "cuda")
     args.dtype = args.dtype or ("float32" if args.quick else "bfloat16")
@@ -392,6 +491,8 @@ def main(argv=None):
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("no CUDA device: run with --quick (CPU) or --device cpu")
+    if args.sft:
+        return main_sft(args, device)
     if args.per_row_ids:
         token_ids, how = False, "--per-row-ids"
     else:
@@ -428,6 +529,29 @@ def main(argv=None):
     by = {r["method"]: r for r in rows if r["T"] == big}
     if "joint" in by and "grouped" in by and "loop" in by:
         print(f"grouped/joint = {by['grouped']['x_joint']:.2f}, loop/joint = {by['loop']['x_joint']:.2f}")
+
+
+def main_sft(args, device):
+    """``--sft``: the trainer path (see the module docstring)."""
+    dtype = getattr(torch, args.dtype)
+    print(f"sft: TRL trainers, {args.rows} sequences x {args.seq_len} tokens packed padding-free ('bfd'), "
+          f"{args.docs_per_row} documents each; {args.dtype} on {device}, {torch.get_num_threads()} threads",
+          flush=True)
+    rows = []
+    for t in args.tasks:
+        rows.extend(run_sft(args, t, device, dtype))
+    print(f"{'T':>2} {'method':12} {'median ms':>10} {'x joint':>8} {'cpu ms':>9} {'x joint':>8}")
+    for r in rows:
+        print(f"{r['T']:>2} {r['method']:12} {r['median_ms']:>10.1f} {r['x_joint']:>8.3f} {r['cpu_ms']:>9.1f} "
+              f"{r['cpu_x_joint']:>8.3f}")
+    print("x joint = median over rounds of the per-round ratio (wall; cpu: process time)")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"rows": rows, "args": vars(args)}, f, indent=1)
+    big = max(args.tasks)
+    by = {r["method"]: r for r in rows if r["T"] == big}
+    print(f"sft grouped/joint = {by['sft-grouped']['x_joint']:.2f}")
+    return rows
 
 
 if __name__ == "__main__":

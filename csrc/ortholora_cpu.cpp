@@ -226,6 +226,48 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> project_cpu(const at:
   return {out, gram, coeffs, nproj};
 }
 
+// G[s] = X_s X_s^T, float64 [S, T, T]: stage 1 alone (the Gram of every other solve),
+// the same chunks, kernels and fixed-order sums as the fused project (bitwise equal).
+at::Tensor gram_cpu(const at::Tensor& grads, at::IntArrayRef offsets) {
+  const at::Tensor x0 = check_grads(grads, "grads");
+  const int64_t T = x0.size(0), N = x0.size(1);
+  const std::vector<int64_t> offs = check_offsets(offsets, N);
+  const int64_t S = static_cast<int64_t>(offs.size()) - 1;
+  const at::Tensor x = working(x0);
+  const Pieces P = make_pieces(offs, chunk_columns(T, x.scalar_type() == at::kDouble ? 8 : 4));
+  at::Tensor gram = at::empty({S, T, T}, x.options().dtype(at::kDouble));
+  PairPhases ph;
+  pair_phases(x, x, true, P, S, gram.data_ptr<double>(), ph);
+  run_phases({ph.chunks, ph.segments});
+  return gram;
+}
+
+// out = per segment W_s X_s for w [S, R, T] (any float dtype): stage 3 alone, one pass,
+// in the dtype of grads (fp32-or-better accumulation), the kernels of the fused project.
+at::Tensor combine_cpu(const at::Tensor& grads, const at::Tensor& w, at::IntArrayRef offsets) {
+  const at::Tensor x0 = check_grads(grads, "grads");
+  const at::Tensor x = working(x0);
+  const at::ScalarType acc = x.scalar_type();
+  const int64_t T = x.size(0), N = x.size(1);
+  const std::vector<int64_t> offs = check_offsets(offsets, N);
+  const int64_t S = static_cast<int64_t>(offs.size()) - 1;
+  TORCH_CHECK_VALUE(w.dim() == 3 && w.size(0) == S && w.size(2) == T && w.size(1) >= 1,
+                    "w: expected [S, R, T] with S = ", S, ", T = ", T, ", got ", w.sizes());
+  const int64_t R = w.size(1);
+  const at::Tensor m = w.to(acc).contiguous();
+  const Pieces P = make_pieces(offs, chunk_columns(T, acc == at::kDouble ? 8 : 4));
+  at::Tensor out = at::empty({R, N}, x.options());
+  if (acc == at::kDouble) {
+    run_phases({combine_phase<double>(x.data_ptr<double>(), T, m.data_ptr<double>(), nullptr, 0, nullptr, R, N, P,
+                                      out.data_ptr<double>())});
+  } else {
+    run_phases({combine_phase<float>(x.data_ptr<float>(), T, m.data_ptr<float>(), nullptr, 0, nullptr, R, N, P,
+                                     out.data_ptr<float>())});
+  }
+  if (out.scalar_type() != x0.scalar_type()) out = out.to(x0.scalar_type());
+  return out;
+}
+
 // v[s] = Y_s X_s^T, float64 [S, R, T] (the Gram-like pass of the backward).
 at::Tensor cross_cpu(const at::Tensor& y, const at::Tensor& x, at::IntArrayRef offsets) {
   const at::Tensor x0 = check_grads(x, "x");
@@ -326,6 +368,8 @@ std::string set_cpu_isa(c10::string_view isa) {
 
 TORCH_LIBRARY(ortholora_C, m) {
   m.def("project(Tensor grads, int[] offsets, Tensor order, str reduction) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("gram(Tensor grads, int[] offsets) -> Tensor");
+  m.def("combine(Tensor grads, Tensor w, int[] offsets) -> Tensor");
   m.def("cross(Tensor y, Tensor x, int[] offsets) -> Tensor");
   m.def("backward_combine(Tensor dy, Tensor x, Tensor w, Tensor m, int[] offsets) -> Tensor");
   m.def("solve_vjp(Tensor gram, Tensor order, str reduction, Tensor weights_grad) -> (Tensor, Tensor)");
@@ -335,6 +379,8 @@ TORCH_LIBRARY(ortholora_C, m) {
 
 TORCH_LIBRARY_IMPL(ortholora_C, CPU, m) {
   m.impl("project", &ortholora::project_cpu);
+  m.impl("gram", &ortholora::gram_cpu);
+  m.impl("combine", &ortholora::combine_cpu);
   m.impl("cross", &ortholora::cross_cpu);
   m.impl("backward_combine", &ortholora::backward_combine_cpu);
   m.impl("solve_vjp", &ortholora::solve_vjp_cpu);

@@ -5,6 +5,7 @@ import re
 import sys
 from collections import Counter
 
+import pytest
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
@@ -54,3 +55,16 @@ def test_main_prints_the_ratio_line(capsys):
     out = capsys.readouterr().out.strip().splitlines()
     assert out[0].startswith("grouped collection: ")
     assert re.fullmatch(r"grouped/joint = \d+\.\d\d, loop/joint = \d+\.\d\d", out[-1])
+
+
+def test_sft_path_steps_both_trainers_on_the_same_batch(capsys):
+    pytest.importorskip("trl")
+    argv = ["--quick", "--sft", "--hidden-size", "64", "--intermediate-size", "96", "--num-hidden-layers", "1",
+            "--vocab-size", "128", "--seq-len", "16", "--rows", "2", "--tasks", "3", "--repeat", "2", "--warmup", "1"]
+    rows = bench.main(argv)
+    by = {r["method"]: r for r in rows}
+    assert set(by) == {"sft-joint", "sft-grouped"} and all(r["same_batch"] for r in rows)
+    assert by["sft-grouped"]["projections"] == 3       # one projection per optimizer step (warmup + repeat)
+    assert by["sft-joint"]["x_joint"] == 1.0 and by["sft-grouped"]["median_ms"] > 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert re.fullmatch(r"sft grouped/joint = \d+\.\d\d", out[-1])

@@ -447,3 +447,56 @@ def test_cuda_kernels_every_register_tile_and_accumulator_bound(t, dtype):
             torch.testing.assert_close(got.double(), want.double(), rtol=rtol,
                                        atol=rtol * float(want.double().abs().max()))
         assert torch.equal(outs[0], outs[2]) and torch.equal(grads[0], grads[2])
+
+
+# --------------------------------------------------------------------------------------
+# The passes of the weighting methods: Gram alone, one-operand combine, solve kernels
+# --------------------------------------------------------------------------------------
+
+@needs_native
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float64, torch.bfloat16))
+def test_gram_pass_is_the_fused_gram_and_combine_pass_matches_torch(dtype):
+    for t, n in ((1, 7), (3, 5003), (9, 20000)):
+        x = make_grads(t, n, seed=90 + t).to(dtype)
+        offs = [0, 1, n // 3, n] if n > 3 else [0, n]
+        seg = segments_for(offs, n)
+        gram = _ops().gram(x, offs)
+        order = torch.arange(t).expand(len(offs) - 1, t, t)
+        assert torch.equal(gram, _ops().project(x, offs, order, "sum")[1])    # bitwise the fused pass's
+        ref = torch_impl.BACKEND.gram(x, seg)
+        # fp32 products (summed in float64 per tile): ~1e-6 of ||g_i|| ||g_j||.
+        d = ref.diagonal(dim1=-2, dim2=-1).sqrt()
+        scale = d.unsqueeze(-1) * d.unsqueeze(-2)
+        err = ((gram - ref).abs() / scale.clamp_min(1e-300)).max()
+        assert err <= (1e-6 if dtype != torch.float64 else 1e-13), err
+        for r in (1, t):
+            w = torch.randn(len(offs) - 1, r, t, dtype=torch.float64, generator=torch.Generator().manual_seed(r))
+            out = native_impl.BACKEND.combine(seg, x, w)
+            assert out.dtype == dtype and out.shape == (r, n)
+            expect = torch_impl.BACKEND.combine(seg, x, w)
+            tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-2}[dtype]
+            torch.testing.assert_close(out, expect, rtol=tol, atol=tol * float(x.abs().max()) * t)
+
+
+@needs_native
+def test_weighting_passes_opcheck_and_errors():
+    x = make_grads(4, 40, seed=91)
+    torch.library.opcheck(_ops().gram.default, (x, [0, 10, 40]))
+    torch.library.opcheck(_ops().combine.default, (x, torch.randn(2, 3, 4, dtype=torch.float64), [0, 10, 40]))
+    g = torch.stack([x[:, :10] @ x[:, :10].T, x @ x.T]).double() + torch.eye(4, dtype=torch.float64)
+    mask = torch.tensor([[True, False, True, True], [True] * 4])
+    torch.library.opcheck(_ops().box_qp.default, (g, torch.zeros(2, 4, 4, dtype=torch.float64),
+                                                  torch.eye(4, dtype=torch.float64).expand(2, 4, 4).contiguous(), 5))
+    torch.library.opcheck(_ops().simplex_qp.default, (g, mask, 12))
+    torch.library.opcheck(_ops().cagrad_kkt.default, (g, g.sum(-1) / 4, torch.full((2, 1), 0.1, dtype=torch.float64),
+                                                      mask, 6, 1e-4))
+    torch.library.opcheck(_ops().power_root.default, (g, mask, 1.0, 8))
+    u = torch.rand(2, 4, dtype=torch.float64)
+    for mode, scale in ((0, 0), (1, 0), (1, 1), (1, 2), (2, 0)):
+        torch.library.opcheck(_ops().spectral.default, (g / 10, mask, u, mode, scale))
+    with pytest.raises(ValueError, match="w: expected"):
+        _ops().combine(x, torch.zeros(2, 1, 3, dtype=torch.float64), [0, 10, 40])
+    with pytest.raises(ValueError, match="mask: expected"):
+        _ops().simplex_qp(g, mask[:1], 12)
+    with pytest.raises(ValueError, match="alpha"):
+        _ops().power_root(g, mask, 0.0, 8)

@@ -244,3 +244,36 @@ def _mixed_loss(logits, labels, task_ids, num_labels):
         else:
             out.append(torch.nn.functional.cross_entropy(logits[i:i + 1, :n], labels[i:i + 1].long())[()])
     return torch.stack(out)
+
+
+def test_documents_mix_tasks_and_token_loss_ids():
+    from ortholora_kernels.integrations.trainer import documents_mix_tasks, token_loss_task_ids
+    ids = torch.tensor([[0, 0, 1, 1, -1]])
+    pos = torch.tensor([[0, 1, 0, 1, 0]])
+    assert not documents_mix_tasks(ids, pos)                                    # padding-free, positions restart
+    assert documents_mix_tasks(ids, torch.arange(5)[None])                      # no restart: one span
+    assert documents_mix_tasks(ids, None, torch.tensor([[1, 1, 1, 1, 0]]))      # a 2-D mask: the row is a span
+    assert documents_mix_tasks(ids, pos, torch.tensor([[1, 1, 1, 1, 0]]))      # the mask wins over positions
+    assert not documents_mix_tasks(ids, None, torch.tensor([[1, 1, 2, 2, 0]]))  # document-index mask
+    assert documents_mix_tasks(ids, None, torch.tensor([[1, 1, 1, 2, 0]]))
+    assert not documents_mix_tasks(ids, None, torch.ones(1, 1, 5, 5))           # a 4-D mask is the caller's
+    assert not documents_mix_tasks(torch.tensor([[2, 2, -1], [0, 0, 0]]), None, torch.tensor([[1, 1, 0], [1, 1, 1]]))
+    assert not documents_mix_tasks(torch.tensor([1, 0]))                        # per-example ids
+    labels = torch.tensor([[-100, 5, 6, -100, 7]])
+    assert token_loss_task_ids(ids, labels).tolist() == [[0, 1, -1, -1]]
+    with pytest.raises(ValueError, match="task_ids"):
+        token_loss_task_ids(ids[:, :3], labels)
+
+
+def test_per_token_batch_that_mixes_tasks_in_a_row_warns(tmp_path):
+    """A padded batch of rows that each hold two tasks' tokens (no separation): warned once."""
+    from test_trl import model as llama   # the tiny Llama (skips without trl)
+    rows = [{"input_ids": [5, 6, 7, 8], "labels": [5, 6, 7, 8], "task_ids": [0, 0, 1, 1]} for _ in range(4)]
+
+    def coll(feats):
+        return {k: torch.tensor([f[k] for f in feats]) for k in ("input_ids", "labels", "task_ids")}
+    tr = OrthoLoRATrainer(model=llama(), args=_args(tmp_path, max_steps=1), train_dataset=rows, data_collator=coll,
+                          num_tasks=2)
+    with pytest.warns(UserWarning, match="ill-defined"):
+        tr.train()
+    tr.ortho.remove()

@@ -119,6 +119,35 @@ def _register_fakes():
     def _(grads, offsets, order, reduction):
         return empty_outputs(grads, len(offsets) - 1, reduction)
 
+    @torch.library.register_fake("ortholora_C::gram")
+    def _(grads, offsets):
+        t = grads.shape[0]
+        return grads.new_empty((len(offsets) - 1, t, t), dtype=torch.float64)
+
+    @torch.library.register_fake("ortholora_C::combine")
+    def _(grads, w, offsets):
+        return grads.new_empty((w.shape[1], grads.shape[1]))
+
+    @torch.library.register_fake("ortholora_C::box_qp")
+    def _(h, q, lower, iters):
+        return torch.empty_like(q, dtype=torch.float64)
+
+    @torch.library.register_fake("ortholora_C::simplex_qp")
+    def _(g, mask, iters):
+        return g.new_empty(g.shape[:-1], dtype=torch.float64)
+
+    @torch.library.register_fake("ortholora_C::cagrad_kkt")
+    def _(g, b, phi2, mask, iters, norm_eps):
+        return g.new_empty(g.shape[:-1], dtype=torch.float64)
+
+    @torch.library.register_fake("ortholora_C::spectral")
+    def _(g, mask, u, mode, scale):
+        return g.new_empty(g.shape[:-1], dtype=torch.float64)
+
+    @torch.library.register_fake("ortholora_C::power_root")
+    def _(g, mask, alpha, iters):
+        return g.new_empty(g.shape[:-1], dtype=torch.float64)
+
     @torch.library.register_fake("ortholora_C::cross")
     def _(y, x, offsets):
         return x.new_empty((len(offsets) - 1, y.shape[0], x.shape[0]), dtype=torch.float64)
@@ -181,11 +210,11 @@ class NativeBackend(Backend):
         return availability(device)
 
     def gram(self, x, seg):
-        """``[S, T, T]`` float64: the Gram of the fused call (its solve and combine unused).
-
-        On CPU ``cross(x, x)`` takes float64 products and was ~3x slower than the whole
-        fused call at T=8, N=295k, fp32 (benchmarks/RESULTS.md, issue 16).
-        """
+        """``[S, T, T]`` float64 Gram matrices: on CPU the Gram-only compiled pass
+        (``ortholora_C::gram``: the fused call's chunks and kernels, bitwise its Gram); on
+        CUDA the Gram of the fused call (its solve and combine unused)."""
+        if x.device.type == "cpu" and hasattr(_ops(), "gram"):   # (absent from builds before it)
+            return _ops().gram(x, list(seg.offsets))
         s, t = seg.num_segments, x.shape[0]
         order = torch.arange(t, device=x.device).expand(s, t, t)
         return _ops().project(x, list(seg.offsets), order, "sum")[1]
@@ -195,9 +224,13 @@ class NativeBackend(Backend):
         return _ops().cross(y, x, list(seg.offsets))
 
     def combine(self, seg, x, a, y=None, b=None, out_dtype=None):
-        """Compiled ``A_s X_s + B_s Y_s`` (``backward_combine``); with one operand (only a
-        solve other than the fused PCGrad needs it) the torch backend's combine."""
+        """Compiled ``A_s X_s + B_s Y_s`` (``backward_combine``); with one operand (the
+        combine of every solve but the fused PCGrad) the compiled one-pass ``W_s X_s``
+        (``ortholora_C::combine``) on CPU, the torch backend's combine on CUDA."""
         if y is None:
+            if x.device.type == "cpu" and hasattr(_ops(), "combine"):
+                out = _ops().combine(x, a, list(seg.offsets))
+                return out if out_dtype is None else out.to(out_dtype)
             from .torch_impl import BACKEND as torch_backend
             return torch_backend.combine(seg, x, a, out_dtype=out_dtype)
         out = _ops().backward_combine(y, x, b.transpose(-1, -2), a, list(seg.offsets))

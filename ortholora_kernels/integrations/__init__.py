@@ -1,9 +1,13 @@
-"""Integrations: Hugging Face ``Trainer`` and PyTorch Lightning; the ``torch.distributed`` helpers.
+"""Integrations: Hugging Face ``Trainer``, TRL's ``SFTTrainer``, axolotl, PyTorch Lightning; the
+``torch.distributed`` helpers.
 
 Names are imported lazily so that ``import ortholora_kernels`` needs neither transformers
 nor lightning:
 
-    OrthoLoRATrainer, MultiTaskCollator, ORTHO_STATE_NAME     (trainer.py, needs transformers)
+    OrthoLoRATrainer, MultiTaskCollator, PackedCausalLMCollator,
+    ORTHO_STATE_NAME                                          (trainer.py, needs transformers)
+    OrthoLoRASFTTrainer                                       (trl.py, needs trl)
+    OrthoLoRAPlugin                                           (axolotl.py, an axolotl plugin)
     OrthoLoRACallback                                         (lightning.py, needs lightning)
     all_reduce_task_grads, all_reduce_grads, exclude_from_ddp, release_from_ddp,
     broadcast_params, global_task_counts                      (re-exported from the core's
@@ -18,6 +22,9 @@ _NAMES = {
     "OrthoLoRATrainer": ".trainer",
     "MultiTaskCollator": ".trainer",
     "ORTHO_STATE_NAME": ".trainer",
+    "PackedCausalLMCollator": ".trainer",
+    "OrthoLoRASFTTrainer": ".trl",
+    "OrthoLoRAPlugin": ".axolotl",
     "all_reduce_task_grads": "..distributed",
     "all_reduce_grads": "..distributed",
     "exclude_from_ddp": "..distributed",

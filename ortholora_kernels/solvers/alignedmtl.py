@@ -5,35 +5,43 @@ all equal a scale (the smallest kept one, the median or the mean, ``scale_mode``
 combined with the preference vector (default 1/T): ``w = sqrt(scale) V S^{-1/2} V^T u`` over
 the eigenpairs of G above ``max(eig) * T * eps``, as TorchJD 0.18's AlignedMTLWeighting
 (identity when the rank is 0; "median" is the lower median, as ``torch.median``). Closed
-form: one batched ``eigh``; the rank cut is a mask, not a slice, so it is sync-free.
+form: one batched ``eigh`` of G scaled to unit trace (the weights are scale invariant); the
+rank cut is a mask, not a slice, so it is sync-free.
 """
 from __future__ import annotations
 
 import torch
 
-from ._common import pref
+from ._common import count, masked, pref
+from ._lcp import mask_gram, nan_where, normalize, spectral, split_finite
 
 SCALE_MODES = ("min", "median", "rmse")
 
 
-def weights(gram: torch.Tensor, *, pref_vector=None, scale_mode: str = "min") -> torch.Tensor:
+def weights(gram: torch.Tensor, present=None, *, pref_vector=None, scale_mode: str = "min") -> torch.Tensor:
     """``[S, T]`` Aligned-MTL weights from float64 Gram matrices ``[S, T, T]``."""
     if scale_mode not in SCALE_MODES:
         raise ValueError(f"alignedmtl: option scale_mode must be one of {SCALE_MODES}, got {scale_mode!r}")
     t = gram.shape[-1]
-    u = pref(pref_vector, gram, "mean", "alignedmtl")
-    lam, vec = torch.linalg.eigh(gram)                                  # ascending
-    tol = lam[..., -1:] * t * torch.finfo(gram.dtype).eps
+    u = pref(pref_vector, gram, "mean", "alignedmtl", present)
+    g = normalize(mask_gram(gram, present), 0.0)
+    w = spectral("alignedmtl", g, present, u, scale_mode)
+    if w is not None:
+        return w
+    g, finite = split_finite(g)
+    lam, vec = torch.linalg.eigh(g)                                     # ascending
+    tol = lam[..., -1:] * count(present, g) * torch.finfo(gram.dtype).eps
     keep = lam > tol
     rank = keep.sum(-1, keepdim=True)
-    inv_sqrt = torch.where(keep, lam.clamp_min(torch.finfo(gram.dtype).tiny).rsqrt(), torch.zeros_like(lam))
+    inv_sqrt = torch.where(keep, lam.clamp_min(torch.finfo(gram.dtype).tiny).rsqrt(), 0.0)
     if scale_mode == "min":
-        scale = torch.where(keep, lam, torch.full_like(lam, float("inf"))).amin(-1, keepdim=True)
+        scale = torch.where(keep, lam, float("inf")).amin(-1, keepdim=True)
     elif scale_mode == "rmse":
-        scale = torch.where(keep, lam, torch.zeros_like(lam)).sum(-1, keepdim=True) / rank.clamp_min(1)
+        scale = torch.where(keep, lam, 0.0).sum(-1, keepdim=True) / rank.clamp_min(1)
     else:  # lower median of the kept eigenvalues: ascending, kept ones are the last `rank`
         idx = (t - rank) + (rank - 1).clamp_min(0) // 2
         scale = lam.gather(-1, idx)
-    b = (vec * (inv_sqrt * scale.clamp_min(0).sqrt()).unsqueeze(-2)) @ vec.transpose(-1, -2)
-    w = (b @ u.unsqueeze(-1)).squeeze(-1)
-    return torch.where(rank > 0, w, u.expand_as(w))
+    coef = inv_sqrt * scale.clamp_min(0).sqrt()                          # V diag(coef) V^T u
+    uu = u.expand(*gram.shape[:-1])
+    w = (vec @ ((vec.mT @ uu.unsqueeze(-1)) * coef.unsqueeze(-1))).squeeze(-1)
+    return nan_where(masked(torch.where(rank > 0, w, uu), present), finite)

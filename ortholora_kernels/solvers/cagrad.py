@@ -2,61 +2,51 @@
 
 ``d = g0 + phi g_w / ||g_w||`` with ``g0`` the mean gradient, ``phi = c ||g0||`` and ``w`` the
 minimiser over the simplex of ``g_w . g0 + phi ||g_w||``, on G scaled to unit trace
-(TorchJD 0.18's CAGradWeighting, which solves that problem with cvxpy + Clarabel; zeros where
-``trace(G) < norm_eps`` or ``||g_w|| < norm_eps``).
+(TorchJD 0.18's CAGradWeighting, which solves that problem with cvxpy + Clarabel).
 
 Solved here without a conic solver. The weights ``v = 1/T + phi w / ||g_w||`` satisfy the KKT
 system ``G v = lam 1 + mu``, ``mu >= 0``, ``v >= 1/T`` (complementary to ``mu``) and
-``(v - 1/T)^T G (v - 1/T) = phi^2``. For a fixed active set (``v_i = 1/T``) the free part is
-affine in ``lam``, so each iteration takes one active-set step (as :func:`._lcp.box_qp`) and
-solves the quadratic in ``lam`` exactly: one batched ``T x T`` solve with two right-hand sides.
-Once the active set is right the answer is exact (to rounding) and a fixed point; fixed
-``iters`` (default ``T // 4 + 5``).
+``(v - 1/T)^T G (v - 1/T) = phi^2``, solved by :func:`._lcp.cagrad_kkt` (active set, exact
+once the active set is right; colinear and duplicate gradients included, e.g.
+``[v, v, -0.5 v]`` with c = 0.5 gives ``0.25 v``, as TorchJD).
+
+Degenerate cases (the rules chosen here):
+
+* a zero gradient (squared norm <= 1e-24 of the trace) takes no part in the correction
+  (``w_i = 0``: it constrains no direction) but still counts in the mean ``g0``;
+* where the minimiser has ``||g_w|| < norm_eps`` (relative: on the unit-trace G) the
+  correction's direction is undefined and dropped: ``d = g0`` (TorchJD returns 0, which is
+  not a CAGrad direction: 0 lies outside the ball ``||d - g0|| <= phi`` for c < 1);
+* every gradient zero: the weights 1/T (the output is 0).
 """
 from __future__ import annotations
 
 import torch
 
-from ._common import check_iters, check_nonneg
-from ._lcp import default_iters, eye_like, normalize
+from ._common import check_iters, check_nonneg, count, masked, nonzero
+from ._lcp import cagrad_kkt, default_iters, eye_like, mask_gram, normalize
 
 
-def weights(gram: torch.Tensor, *, c: float = 0.5, norm_eps: float = 1e-4, iters: int | None = None) -> torch.Tensor:
+def weights(gram: torch.Tensor, present=None, *, c: float = 0.5, norm_eps: float = 1e-4,
+            iters: int | None = None) -> torch.Tensor:
     """``[S, T]`` CAGrad weights from float64 Gram matrices ``[S, T, T]``."""
     c = check_nonneg("c", c, "cagrad")
     norm_eps = check_nonneg("norm_eps", norm_eps, "cagrad")
     t = gram.shape[-1]
-    iters = check_iters(iters, "cagrad") or default_iters(t) + 1
-    g = normalize(gram, norm_eps)
-    dead = torch.diagonal(g, dim1=-2, dim2=-1).sum(-1, keepdim=True) <= 0      # TorchJD: zero weights
-    ubar = torch.full(gram.shape[:-1], 1.0 / t, dtype=gram.dtype, device=gram.device)
+    iters = check_iters(iters, "cagrad") or default_iters(t) + 2
+    g = normalize(mask_gram(gram, present), 0.0)
+    if present is None:
+        ubar = torch.full(gram.shape[:-1], 1.0 / t, dtype=gram.dtype, device=gram.device)
+    else:
+        ubar = present.to(gram.dtype) / count(present, gram).clamp_min(1)
     if c == 0:
-        return torch.where(dead, torch.zeros_like(ubar), ubar)
-    eye = eye_like(g)
-    g_solve = g + 1e-12 * eye                       # keeps the free block solvable when G is singular
-    b = (g @ ubar.unsqueeze(-1)).squeeze(-1)        # G ubar
+        return ubar
+    live = nonzero(g, present)
+    # Zero and absent tasks are 1 x 1 blocks of their own; the ridge (1e-13 of each task's
+    # own scale) makes duplicate rows a well-posed tie instead of a zero pivot.
+    gk = torch.where(live.unsqueeze(-1) & live.unsqueeze(-2), g, eye_like(g))
+    torch.diagonal(gk, dim1=-2, dim2=-1).mul_(1 + 1e-13).add_(1e-30)
+    b = (g @ ubar.unsqueeze(-1)).squeeze(-1)          # G ubar (zero on zero and absent tasks)
     phi2 = c * c * (ubar * b).sum(-1, keepdim=True)
-    lam = b.amax(-1, keepdim=True)                  # every constraint free at s = 0
-    s = torch.zeros_like(b)
-    z = b - lam
-
-    def quad(u, v):
-        return (u * (g @ v.unsqueeze(-1)).squeeze(-1)).sum(-1, keepdim=True)
-
-    for _ in range(iters):
-        active = z > s
-        k = torch.where(active.unsqueeze(-1), eye, g_solve)
-        rhs = torch.stack([torch.where(active, torch.zeros_like(b), -b),
-                           torch.where(active, torch.zeros_like(b), torch.ones_like(b))], dim=-1)
-        sol, _ = torch.linalg.solve_ex(k, rhs)
-        sb, p = sol[..., 0], sol[..., 1]
-        a, bb, c0 = quad(p, p), quad(p, sb), quad(sb, sb)
-        disc = (bb * bb - a * (c0 - phi2)).clamp_min(0)
-        ok = a > 1e-300
-        lam = torch.where(ok, (disc.sqrt() - bb) / torch.where(ok, a, torch.ones_like(a)), lam)
-        s = sb + lam * p
-        z = (g @ s.unsqueeze(-1)).squeeze(-1) + b - lam
-    s = s.clamp_min(0)
-    total = s.sum(-1, keepdim=True)
-    rho = quad(s, s).clamp_min(0).sqrt() / torch.where(total > 0, total, torch.ones_like(total))
-    return torch.where(dead | (rho < norm_eps), torch.zeros_like(s), ubar + s)
+    s = cagrad_kkt(gk, b, phi2, live, iters, norm_eps)
+    return masked(ubar + s, present)

@@ -7,16 +7,26 @@ Task i visits the others in a random order; when the cosine ``phi`` between its 
 ``phi_hat <- (1 - beta) phi_hat + beta phi``. As TorchJD 0.18's GradVacWeighting, batched:
 every (segment, task) advances one visit per step, like :func:`ortholora_kernels.solve.solve`,
 with its own targets per segment. The state is the ``[S, T, T]`` target tensor.
+
+Absent tasks (``present`` False): weight 0, never visited and never visiting (their
+targets, and every target of a pair with an absent task, are unchanged); the present
+tasks get what the method gives on the present rows alone with the orders restricted to
+them.
 """
 from __future__ import annotations
 
 import torch
 
 
-def step(gram: torch.Tensor, order: torch.Tensor, phi_hat: torch.Tensor, *, beta: float, eps: float):
-    """``(weights [S, T], new phi_hat [S, T, T])`` for Gram ``[S, T, T]`` and orders ``[S, T, T]``."""
+def step(gram: torch.Tensor, order: torch.Tensor, phi_hat: torch.Tensor, present=None, *, beta: float, eps: float):
+    """``(weights [S, T], new phi_hat [S, T, T])`` for Gram ``[S, T, T]`` and orders ``[S, T, T]``
+    (``present``: None or bool ``[S, T]``)."""
+    from ._common import check_present
+    present = check_present(present, gram)
     s, t, _ = gram.shape
     coeffs = torch.eye(t, dtype=gram.dtype, device=gram.device).expand(s, t, t)
+    if present is not None:
+        coeffs = coeffs * present.to(gram.dtype).unsqueeze(-1)
     cg = gram.clone()                                                    # rows C[i] @ G
     norm_j_all = torch.diagonal(gram, dim1=-2, dim2=-1).clamp_min(0).sqrt()
     tasks = torch.arange(t, device=gram.device)
@@ -24,6 +34,8 @@ def step(gram: torch.Tensor, order: torch.Tensor, phi_hat: torch.Tensor, *, beta
     for k in range(t):
         j = order[:, :, k]                                               # [S, T]
         other = j != tasks
+        if present is not None:                                          # both ends present
+            other = other & present & present.gather(-1, j)
         dot = cg.gather(-1, j.unsqueeze(-1)).squeeze(-1)
         norm_i = (cg * coeffs).sum(-1).clamp_min(0).sqrt()
         norm_j = norm_j_all.gather(-1, j)

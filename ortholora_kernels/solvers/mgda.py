@@ -2,24 +2,30 @@
 
 ``w = argmin w^T G w  s.t.  w >= 0, sum(w) = 1``, solved EXACTLY (to rounding), not by
 TorchJD's Frank-Wolfe loop (epsilon=1e-3, at most 100 iterations), whose answer only
-approximates this point. Through the equivalent box QP ``y = argmin 1/2 y^T G y - 1^T y
-s.t. y >= 0`` and ``w = y / sum(y)`` (the KKT conditions coincide), with G scaled to unit
-trace and ``reg_eps`` (relative) added to its diagonal so that the QP stays bounded when 0
-lies in the hull (then ``w`` is the point of the hull nearest 0 in the regularised metric).
+approximates this point: a primal active-set method with the simplex constraint kept as
+an equation (:func:`._lcp.simplex_qp`), on G scaled to unit trace with
+``1e-13 G_ii + 1e-30`` added to each diagonal entry (:func:`._lcp.ridge`: duplicate rows
+get equal weights instead of a zero pivot; the norm changes by ~1e-13 relative) and
+``reg_eps`` (absolute, on the unit-trace G; default 0). Exact at any mix of scales (rows ``[1e3 v, w / 1e3, -v]``: the
+min-norm point is 0), also when 0 lies in the hull. A zero gradient among the present
+tasks puts 0 in the hull, so the min-norm point is then 0 by definition (a task absent
+from the step must be passed as absent, ``present``). Every gradient zero: the uniform
+weights (the output is 0).
 """
 from __future__ import annotations
 
 import torch
 
 from ._common import check_iters, check_nonneg
-from ._lcp import box_qp, default_iters, normalize, regularize
+from ._lcp import decouple, mask_gram, normalize, regularize, ridge, simplex_iters, simplex_qp
 
 
-def weights(gram: torch.Tensor, *, reg_eps: float = 1e-12, iters: int | None = None) -> torch.Tensor:
-    """``[S, T]`` MGDA weights (on the simplex) from float64 Gram matrices ``[S, T, T]``."""
+def weights(gram: torch.Tensor, present=None, *, reg_eps: float = 0.0, iters: int | None = None) -> torch.Tensor:
+    """``[S, T]`` MGDA weights (on the simplex of the present tasks) from float64 Gram matrices ``[S, T, T]``."""
     reg_eps = check_nonneg("reg_eps", reg_eps, "mgda")
-    iters = check_iters(iters, "mgda") or default_iters(gram.shape[-1])
-    g = regularize(normalize(gram, 0.0), max(reg_eps, 1e-300))
-    ones = torch.ones(gram.shape[:-1], dtype=gram.dtype, device=gram.device)
-    y = box_qp(g, -ones, torch.zeros_like(ones), iters)
-    return y / y.sum(-1, keepdim=True)
+    iters = check_iters(iters, "mgda") or simplex_iters(gram.shape[-1])
+    g = decouple(regularize(ridge(normalize(mask_gram(gram, present), 0.0)), reg_eps), present)
+    mask = present if present is not None else torch.ones(gram.shape[:-1], dtype=torch.bool, device=gram.device)
+    w = simplex_qp(g, mask, iters)
+    total = w.sum(-1, keepdim=True)
+    return w / torch.where(total > 0, total, torch.ones_like(total))
