@@ -208,6 +208,12 @@ class OrthoLoRA:
             ``[N]``: ~(T+1)/(2T) of the bytes). Under FSDP2 (``fully_shard``, DTensor LoRA
             parameters) the sharded way is used and its shard is the sharded ``.grad``.
             See :mod:`ortholora_kernels.distributed`.
+        check_finite: in ``project_``, raise ``FloatingPointError`` naming the tasks whose
+            gradient holds NaN/Inf (one host read of the Gram's diagonal, the same on every
+            rank) before any ``.grad`` is written; the step's task gradients are dropped and the
+            aggregator's state (step count, schedule, EMA) is left as before the step. Default
+            False: NaN/Inf propagate into ``.grad`` (GradScaler then skips the step) and the
+            statistics show NaN.
 
     Attributes:
         layout: the :class:`LoRALayout`.
@@ -263,6 +269,7 @@ class OrthoLoRA:
         self.check_finite = check_finite
         # Per-task example counts of the step (only for the methods that leave absent tasks out).
         self._counts: torch.Tensor | None = None
+        self._agg_before: dict | None = None
         self.rng = rng
         self.comm = comm
         self._dist_ready = False
@@ -530,6 +537,8 @@ class OrthoLoRA:
         :attr:`last_stats`.
         """
         self._check_live("project_")
+        # check_finite: the aggregator's state before the step, restored if the step is refused
+        self._agg_before = self.aggregator.state_dict() if self.check_finite and not self.aggregator.plain else None
         if self._buffer is None or not self._pending:
             raise RuntimeError("project_: no task gradients recorded since the last project_ "
                                "(run a backward inside record(...) / task(t), or backward(task_losses))")
@@ -561,6 +570,8 @@ class OrthoLoRA:
         bad = (~torch.isfinite(diag)).any(0).nonzero().flatten().tolist()
         if bad:
             self.zero_grad()
+            if self._agg_before is not None:   # a refused step leaves no trace (step count, schedule, EMA)
+                self.aggregator.load_state_dict(self._agg_before)
             raise FloatingPointError(f"check_finite: the gradient of task(s) {bad} holds NaN or Inf "
                                      "(nothing was written to .grad; this step's task gradients are dropped)")
 

@@ -437,3 +437,20 @@ def test_a_non_differentiable_pcgrad_call_says_why():
         Aggregator("pcgrad", ema=0.9)(x)
     with pytest.raises(RuntimeError, match="only pcgrad is"):
         aggregate(x, method="upgrad")
+
+
+def test_a_step_refused_by_check_finite_leaves_the_schedule_where_it_was():
+    """The refused step is not a step: the aggregator's count (hence its schedule) and EMA are
+    as before it, so the next step is the one the schedule would have run."""
+    m = _model()
+    ortho = OrthoLoRA(m, T, check_finite=True, aggregator=Aggregator("upgrad", every=2, ema=0.9))
+    _nan_step(ortho, m)
+    with pytest.raises(FloatingPointError):
+        ortho.project_()
+    assert ortho.aggregator.step == 0 and ortho.aggregator.state_dict()["ema_gram"] is None
+    b = make_batch([2, 2, 2], seed=4)
+    with ortho.record(b["task_ids"]):
+        task_losses(m, b).sum().backward()
+    assert ortho.project_().method == "upgrad"        # step 0 of the schedule aggregates
+    assert ortho.aggregator.step == 1
+    ortho.remove()
