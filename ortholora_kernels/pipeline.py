@@ -157,7 +157,7 @@ def ema(beta: float, previous: torch.Tensor | None, norm: torch.Tensor | None = 
                         f"(GramStage.smoothed_norm), got {type(norm).__name__}")
 
     def hook(st: GramStage) -> GramStage:
-        s, t, _ = st.gram.shape
+        s = st.gram.shape[0]
         prev = previous if previous is not None else torch.zeros_like(st.gram)
         prev_norm = norm if norm is not None else torch.zeros_like(st.gram)
         cand = beta * prev + (1 - beta) * st.gram

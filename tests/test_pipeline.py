@@ -339,7 +339,7 @@ def test_every_rank_joins_the_count_all_reduce_even_with_nothing_recorded():
 def test_the_step_counts_reach_the_buffer_device_through_pinned_memory():
     """CPU twin of the CUDA test below: the counts of CPU task ids go to the buffer's device
     through the collector's non-blocking copy (a plain .to() from pageable memory syncs)."""
-    import ortholora_kernels.projector as projector
+    from ortholora_kernels import projector
     m = _model()
     ortho = OrthoLoRA(m, T, aggregator="upgrad")
     b = make_batch([2, 0, 1], seed=3)
