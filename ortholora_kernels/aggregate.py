@@ -182,7 +182,10 @@ class Aggregator:
             projects ``g_i`` on ``g_j`` only where the SMOOTHED entry ``E[i, j] < 0`` (and the
             current ``g_i' . g_j < 0``, as always): conflicts that persist across steps are
             projected, sign flips of the sampling noise are not. Other methods compute their
-            weights from the smoothed Gram (combined with the current gradients).
+            weights from the smoothed Gram (combined with the current gradients). A segment
+            whose Gram holds NaN/Inf, and a pair with a task absent from the step, leave their
+            smoothed entries (and their bias correction) as they were
+            (:func:`ortholora_kernels.pipeline.ema`).
         every, start: aggregate on steps ``start, start + every, ...`` (steps count from 0,
             one per call); on other steps the plain sum (or mean, or the rows unchanged, by
             ``reduction``) is returned, without a Gram pass unless the EMA or the statistics
