@@ -95,9 +95,9 @@ def _prepare(grads, segments, reduction, backend, check_finite, method, differen
     seg = segments_for(segments, n)
     name = backends.select(backend, x.device, t)
     if not differentiable and x.requires_grad and torch.is_grad_enabled():
-        raise RuntimeError(
-            f"grads: method={method!r} is not differentiable (only pcgrad is); pass grads.detach() "
-            "or call it under torch.no_grad()")
+        why = ("is differentiable only as the plain projection (no ema/every/start, no present=)"
+               if method == "pcgrad" else "is not differentiable (only pcgrad is)")
+        raise RuntimeError(f"grads: method={method!r} {why}; pass grads.detach() or call it under torch.no_grad()")
     if check_finite and not bool(torch.isfinite(x).all()):
         raise FloatingPointError("grads: contains NaN or Inf (check_finite=True)")
     return x.contiguous(), reduction, seg, name
@@ -125,7 +125,8 @@ def aggregate(grads, segments=None, *, method="pcgrad", reduction="sum", order=N
         return_stats: return an :class:`AggregationResult`.
         check_finite: raise ``FloatingPointError`` on NaN/Inf (one host sync); by default
             they propagate to the output, never dropped.
-        present: None (every row takes part) or a bool ``[T]`` / ``[S, T]`` tensor: the
+        present: None (every row takes part) or a bool ``[T]`` / ``[S, T]`` tensor (or a list
+            of T bools): the
             tasks absent from the step (False) get weight 0 and the others exactly what the
             method gives on the present rows alone. A zero row is NOT absent by default: it
             is a task whose gradient is zero (``mean`` still divides by T, as TorchJD);
@@ -181,7 +182,10 @@ class Aggregator:
             projects ``g_i`` on ``g_j`` only where the SMOOTHED entry ``E[i, j] < 0`` (and the
             current ``g_i' . g_j < 0``, as always): conflicts that persist across steps are
             projected, sign flips of the sampling noise are not. Other methods compute their
-            weights from the smoothed Gram (combined with the current gradients).
+            weights from the smoothed Gram (combined with the current gradients). A segment
+            whose Gram holds NaN/Inf, and a pair with a task absent from the step, leave their
+            smoothed entries (and their bias correction) as they were
+            (:func:`ortholora_kernels.pipeline.ema`).
         every, start: aggregate on steps ``start, start + every, ...`` (steps count from 0,
             one per call); on other steps the plain sum (or mean, or the rows unchanged, by
             ``reduction``) is returned, without a Gram pass unless the EMA or the statistics
@@ -233,23 +237,29 @@ class Aggregator:
         self.step = 0
         self._key = None
         self._ema_gram = None
+        self._ema_norm = None
         self._phi_hat = None
 
     def state_dict(self) -> dict:
-        """Step count, smoothed Gram and GradVac targets (tensors; plain types otherwise)."""
-        return {"step": self.step, "ema_gram": self._ema_gram, "phi_hat": self._phi_hat,
+        """Step count, smoothed Gram (and its bias correction ``1 - beta^k``) and GradVac targets
+        (tensors; plain types otherwise)."""
+        return {"step": self.step, "ema_gram": self._ema_gram, "ema_norm": self._ema_norm, "phi_hat": self._phi_hat,
                 "offsets": None if self._key is None else list(self._key[0]),
                 "tasks": None if self._key is None else self._key[1]}
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore :meth:`state_dict` (the tensors stay on the device they were saved from)."""
+        """Restore :meth:`state_dict` (the tensors move to the device of the next step's
+        gradients; a state saved before ``ema_norm`` existed gets ``1 - beta^step``)."""
         self.step = int(state["step"])
         self._ema_gram, self._phi_hat = state.get("ema_gram"), state.get("phi_hat")
+        self._ema_norm = state.get("ema_norm")
+        if self._ema_gram is not None and self._ema_norm is None:
+            # the old format: the EMA ran from step 0 on every step
+            beta = float(self.ema) if self.ema is not None else 0.0
+            self._ema_norm = torch.full_like(self._ema_gram, 1 - beta ** self.step, dtype=torch.float64)
         self._key = None
         if state.get("offsets") is not None:
-            ref = self._ema_gram if self._ema_gram is not None else self._phi_hat
-            device = ref.device if ref is not None else torch.device("cpu")
-            self._key = (tuple(state["offsets"]), int(state["tasks"]), device)
+            self._key = (tuple(state["offsets"]), int(state["tasks"]))
 
     def active(self, step: int | None = None) -> bool:
         """Whether the schedule aggregates on ``step`` (default: the next call's step)."""
@@ -285,28 +295,32 @@ class Aggregator:
         offsets = tuple(offsets)
         key_offsets = tuple(result_offsets) if result_offsets is not None else offsets
         t, s = x.shape[0], len(offsets) - 1
-        key = (key_offsets, t, x.device)
+        if present is not None:
+            present = pipeline.check_present(present, s, t, x.device)
+        key = (key_offsets, t)
         if key != self._key:
-            self._key, self._ema_gram, self._phi_hat = key, None, None
-        step, active = self.step, self.active()
+            self._key, self._ema_gram, self._ema_norm, self._phi_hat = key, None, None, None
+        elif any(v is not None and v.device != x.device for v in (self._ema_gram, self._phi_hat)):
+            # the same layout on another device (a checkpoint loaded with map_location="cpu"): keep the state
+            self._ema_gram, self._ema_norm, self._phi_hat = (
+                None if v is None else v.to(x.device) for v in (self._ema_gram, self._ema_norm, self._phi_hat))
+        active = self.active()
         self.step += 1
         method = self.method if active else "sum"
-        if method == "pcgrad" and self.ema is None and not hooks:
-            # The plain projection (an absent task's zero row changes nothing in it): the op.
+        if method == "pcgrad" and self.ema is None and not hooks and present is None:
+            # The plain projection: the op. (OrthoLoRA passes no presence for pcgrad: an absent
+            # task's row is zero there, which changes nothing in it.)
             res = project(x, offsets, order=order, generator=generator, reduction=reduction, backend=backend,
                           return_stats=return_stats)
             if not return_stats:
                 return res
-            w = res.coeffs.sum(-2)
-            if present is not None:
-                w = torch.where(present.to(device=w.device, dtype=torch.bool).expand_as(w), w, torch.zeros_like(w))
             return AggregationResult(*(getattr(res, f) for f in ProjectionResult.__dataclass_fields__),
-                                     method="pcgrad", weights=w)
+                                     method="pcgrad", weights=res.coeffs.sum(-2))
         hooks = list(hooks)
         if present is not None:
             hooks.append(pipeline.presence(present))
         if self.ema is not None:
-            hooks.append(pipeline.ema(float(self.ema), self._ema_gram, step))
+            hooks.append(pipeline.ema(float(self.ema), self._ema_gram, self._ema_norm))
         ordered = method in ("pcgrad", "gradvac")
         if method in _FIXED and not return_stats and self.ema is None:
             # Fixed weights (sum, mean; a step the schedule skips): no Gram pass.
@@ -320,7 +334,7 @@ class Aggregator:
         if method == "gradvac":
             self._phi_hat = phi_hat
         if self.ema is not None:
-            self._ema_gram = st.smoothed
+            self._ema_gram, self._ema_norm = st.smoothed, st.smoothed_norm
         if reduction != "none":
             out = out[0]
         if not return_stats:
@@ -337,7 +351,7 @@ def _fixed(method, s, t, device, present):
     """``[S, T]`` weights of sum/mean (mean over the present tasks when ``present`` is given)."""
     if present is None:
         return torch.full((s, t), 1.0 if method == "sum" else 1.0 / t, dtype=torch.float64, device=device)
-    p = present.to(device=device, dtype=torch.float64).expand(s, t)
+    p = present.to(torch.float64)
     return p if method == "sum" else p / p.sum(-1, keepdim=True).clamp_min(1)
 
 

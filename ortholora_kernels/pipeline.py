@@ -30,7 +30,7 @@ from . import backends, solvers
 from ._args import Segments, segments_for
 from .solve import Solution, get_solve, solve as pcgrad_solve, weighting_solution, weights as reduce_weights
 
-__all__ = ["GramStage", "forward", "backward", "run", "gram", "combine", "sum_over_ranks", "presence", "ema",
+__all__ = ["GramStage", "forward", "backward", "run", "gram", "combine", "sum_over_ranks", "presence", "check_present", "ema",
            "solve_method", "method_weights", "fixed_weights"]
 
 
@@ -85,6 +85,7 @@ class GramStage:
         decide: the Gram the method decides on (``gram``, or the bias-corrected EMA).
         present: ``[S, T]`` bool, the tasks that took part in the step (None: all).
         smoothed: the EMA of the Gram after this step (the new state), or None.
+        smoothed_norm: ``[S, T, T]`` float64, ``1 - beta^k`` of ``smoothed`` (its bias correction), or None.
         detected: ``[S, T, T]`` bool, the pairs the smoothed Gram flags as conflicting, or None.
     """
 
@@ -92,6 +93,7 @@ class GramStage:
     decide: torch.Tensor
     present: torch.Tensor | None = None
     smoothed: torch.Tensor | None = None
+    smoothed_norm: torch.Tensor | None = None
     detected: torch.Tensor | None = None
 
 
@@ -115,23 +117,60 @@ def presence(present: torch.Tensor | None) -> Hook:
         if present is None:
             return st
         s, t, _ = st.gram.shape
-        p = present.to(device=st.gram.device, dtype=torch.bool)
-        if p.shape not in ((t,), (s, t)):
-            raise ValueError(f"present: expected a bool tensor of shape [T] = [{t}] or [S, T] = [{s}, {t}], "
-                             f"got {tuple(p.shape)}")
-        return replace(st, present=p.expand(s, t))
+        return replace(st, present=check_present(present, s, t, st.gram.device))
     return hook
 
 
-def ema(beta: float, previous: torch.Tensor | None, step: int) -> Hook:
-    """Gram-stage hook: ``E <- beta E + (1 - beta) G`` from ``previous`` (None: zeros) at ``step``
-    (counted from 0); the method decides on ``E / (1 - beta^(step+1))`` (Adam's bias correction)
-    and ``detected = decide < 0``. The new ``E`` is ``GramStage.smoothed`` (the caller keeps it)."""
+def check_present(present, s: int, t: int, device) -> torch.Tensor:
+    """``present`` (a bool tensor ``[T]`` or ``[S, T]``, or a sequence of bools ``[T]``) as a bool
+    ``[S, T]`` tensor on ``device``; a TypeError/ValueError naming ``present`` otherwise."""
+    if not isinstance(present, torch.Tensor):
+        if not isinstance(present, (list, tuple)) or not all(isinstance(v, bool) for v in present):
+            raise TypeError(f"present: expected a bool tensor [T] or [S, T] (or a list of bools), "
+                            f"got {type(present).__name__}")
+        present = torch.tensor(present, dtype=torch.bool)
+    if present.dtype != torch.bool:
+        raise TypeError(f"present: expected a bool tensor, got {present.dtype} (e.g. counts > 0)")
+    if tuple(present.shape) not in ((t,), (s, t)):
+        raise ValueError(f"present: expected a bool tensor of shape [T] = [{t}] or [S, T] = [{s}, {t}], "
+                         f"got {tuple(present.shape)}")
+    return present.to(device).expand(s, t)
+
+
+def ema(beta: float, previous: torch.Tensor | None, norm: torch.Tensor | None = None) -> Hook:
+    """Gram-stage hook: ``E <- beta E + (1 - beta) G`` from ``previous`` (None: zeros); the method
+    decides on ``E / (1 - beta^k)`` (Adam's bias correction, k the steps in each entry of ``E``)
+    and ``detected = decide < 0``.
+
+    ``norm``: ``[S, T, T]`` float64, ``1 - beta^k`` of each entry of ``previous`` (None: 0, no
+    step yet). The new ``E`` and ``1 - beta^k`` are ``GramStage.smoothed`` /
+    ``GramStage.smoothed_norm`` (the caller keeps them). Entries that get no evidence in the
+    step keep their ``E`` and ``k``, on the device: a pair with a task absent from the step
+    (``GramStage.present``, so :func:`presence` runs first), and every entry of a segment whose
+    Gram holds NaN/Inf (which still decides on it: the NaN reaches the output, but one bad step,
+    an AMP overflow that GradScaler skips, does not turn every later step's weights into NaN).
+    """
+    if norm is not None and not isinstance(norm, torch.Tensor):
+        raise TypeError(f"norm: expected None or the [S, T, T] tensor 1 - beta^k of previous "
+                        f"(GramStage.smoothed_norm), got {type(norm).__name__}")
+
     def hook(st: GramStage) -> GramStage:
+        s = st.gram.shape[0]
         prev = previous if previous is not None else torch.zeros_like(st.gram)
-        smoothed = beta * prev + (1 - beta) * st.gram
-        decide = smoothed / (1 - beta ** (step + 1))
-        return replace(st, smoothed=smoothed, decide=decide, detected=decide < 0)
+        prev_norm = norm if norm is not None else torch.zeros_like(st.gram)
+        cand = beta * prev + (1 - beta) * st.gram
+        cand_norm = beta * prev_norm + (1 - beta)
+        finite = torch.isfinite(st.gram).flatten(1).all(1).view(s, 1, 1)
+        keep = finite
+        if st.present is not None:
+            keep = keep & st.present.unsqueeze(-1) & st.present.unsqueeze(-2)
+        smoothed = torch.where(keep, cand, prev)
+        new_norm = torch.where(keep, cand_norm, prev_norm)
+        # a NaN segment decides on its NaN; an absent pair on its kept EMA (the current Gram
+        # where it was never observed; the solve leaves it out anyway)
+        kept = torch.where(new_norm > 0, smoothed / new_norm.clamp_min(1e-300), st.gram)
+        decide = torch.where(keep | ~finite, cand / cand_norm, kept)
+        return replace(st, smoothed=smoothed, smoothed_norm=new_norm, decide=decide, detected=decide < 0)
     return hook
 
 
@@ -156,12 +195,18 @@ def solve_method(method: str, options: dict, st: GramStage, order: torch.Tensor 
     stage ``st``: ``(Solution, GradVac's new targets or None)``. A pure function of its arguments.
 
     pcgrad projects on the current Gram, only where ``st.detected`` allows (EMA); an absent
-    task's row is zero there, which pcgrad skips exactly. The weighting methods decide on
+    task's Gram row and column are taken as zero, which pcgrad skips exactly. The weighting methods decide on
     ``st.decide`` and leave absent tasks out (:func:`method_weights`).
     """
     if method == "pcgrad":
-        coeffs, nproj = pcgrad_solve(st.gram, order, allowed=st.detected)
-        if st.present is not None:   # weight 0 for absent tasks (their rows are zero anyway)
+        g = st.gram
+        if st.present is not None:
+            # An absent task's Gram row and column as zeros: pcgrad then skips it exactly as a
+            # zero gradient (its row need not be zero: aggregate(present=) takes any rows).
+            pair = st.present.unsqueeze(-1) & st.present.unsqueeze(-2)
+            g = torch.where(pair, g, torch.zeros_like(g))
+        coeffs, nproj = pcgrad_solve(g, order, allowed=st.detected)
+        if st.present is not None:   # weight 0 for absent tasks
             p = st.present.to(coeffs.dtype)
             coeffs = coeffs * p.unsqueeze(-1) * p.unsqueeze(-2)
         return Solution(reduce_weights(coeffs, reduction), coeffs, nproj), None

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from ._args import segments_for
-from .collect import GroupedCollector, LoopCollector, check_task_ids
+from .collect import GroupedCollector, LoopCollector, _to_device, check_task_ids
 from .layout import GRANULARITIES, LoRALayout
 from .ops import project
 from .result import ProjectionResult
@@ -208,6 +208,12 @@ class OrthoLoRA:
             ``[N]``: ~(T+1)/(2T) of the bytes). Under FSDP2 (``fully_shard``, DTensor LoRA
             parameters) the sharded way is used and its shard is the sharded ``.grad``.
             See :mod:`ortholora_kernels.distributed`.
+        check_finite: in ``project_``, raise ``FloatingPointError`` naming the tasks whose
+            gradient holds NaN/Inf (one host read of the Gram's diagonal, the same on every
+            rank) before any ``.grad`` is written; the step's task gradients are dropped and the
+            aggregator's state (step count, schedule, EMA) is left as before the step. Default
+            False: NaN/Inf propagate into ``.grad`` (GradScaler then skips the step) and the
+            statistics show NaN.
 
     Attributes:
         layout: the :class:`LoRALayout`.
@@ -263,6 +269,7 @@ class OrthoLoRA:
         self.check_finite = check_finite
         # Per-task example counts of the step (only for the methods that leave absent tasks out).
         self._counts: torch.Tensor | None = None
+        self._agg_before: dict | None = None
         self.rng = rng
         self.comm = comm
         self._dist_ready = False
@@ -497,10 +504,18 @@ class OrthoLoRA:
         self._counts = c if self._counts is None else self._counts + c.to(self._counts.device)
 
     def _present(self, device, group=None) -> torch.Tensor | None:
-        """``[T]`` bool: the tasks with an example in the step on any rank (None: not counted)."""
+        """``[T]`` bool: the tasks with an example in the step on any rank (None: not counted).
+
+        ``group`` False: this process alone. Otherwise every rank joins the counts' all-reduce,
+        one that recorded nothing with zeros (skipping it would leave the others waiting).
+        Counts on the CPU reach a GPU through pinned memory, without blocking (no host sync)."""
         if self._counts is None:
-            return None
-        counts = self._counts.to(device)
+            if group is False or self.aggregator.method == "pcgrad":
+                return None
+            counts = torch.zeros(self.num_tasks, dtype=torch.float64, device=device)
+        else:
+            # (traced: a plain copy, which the compiled graph schedules itself)
+            counts = self._counts.to(device) if torch.compiler.is_compiling() else _to_device(self._counts, device)
         if group is not False:
             from .distributed.reduce import all_reduce_counts
             all_reduce_counts(counts, group)
@@ -522,6 +537,8 @@ class OrthoLoRA:
         :attr:`last_stats`.
         """
         self._check_live("project_")
+        # check_finite: the aggregator's state before the step, restored if the step is refused
+        self._agg_before = self.aggregator.state_dict() if self.check_finite and not self.aggregator.plain else None
         if self._buffer is None or not self._pending:
             raise RuntimeError("project_: no task gradients recorded since the last project_ "
                                "(run a backward inside record(...) / task(t), or backward(task_losses))")
@@ -553,6 +570,8 @@ class OrthoLoRA:
         bad = (~torch.isfinite(diag)).any(0).nonzero().flatten().tolist()
         if bad:
             self.zero_grad()
+            if self._agg_before is not None:   # a refused step leaves no trace (step count, schedule, EMA)
+                self.aggregator.load_state_dict(self._agg_before)
             raise FloatingPointError(f"check_finite: the gradient of task(s) {bad} holds NaN or Inf "
                                      "(nothing was written to .grad; this step's task gradients are dropped)")
 
@@ -669,8 +688,9 @@ class OrthoLoRA:
         """The last step's statistics as floats, keyed for TensorBoard / W&B (a host sync).
 
         Per segment ``s``: ``{prefix}conflict_fraction/s``, ``{prefix}mean_cosine/s`` and
-        ``{prefix}tasks_present/s`` (over the tasks present in the step: a task whose gradient
-        is all zeros is left out), and with ``per_task``: ``{prefix}grad_norm/s/<task>`` (the
+        ``{prefix}tasks_present/s`` (over the tasks present in the step: those with an example,
+        as counted in ``record``/``task`` for the methods that leave absent tasks out; for
+        pcgrad, those whose gradient is not all zeros), and with ``per_task``: ``{prefix}grad_norm/s/<task>`` (the
         unprojected task gradient's norm) and ``{prefix}cosine/s/<task_i>~<task_j>`` (i < j,
         the pairwise cosine matrix's upper triangle; 0 when a task is absent). ``task_names``
         (T strings) name the tasks; default ``task0``, ``task1``, ...

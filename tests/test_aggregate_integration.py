@@ -80,6 +80,11 @@ def test_trainer_accepts_every_method(tmp_path):
     trainer.train()
     assert trainer.ortho.aggregator is agg and agg.step == 2 and trainer.ortho.last_stats.method == "upgrad"
     trainer.ortho.remove()
+    # beside the object, the old knobs would be silently ignored: refused, naming the knob
+    for knob in (dict(ortho_ema=0.5), dict(ortho_method="mgda"), dict(ortho_every=2)):
+        with pytest.raises(TypeError, match=next(iter(knob))):
+            OrthoLoRATrainer(model=model, args=args, train_dataset=rows, data_collator=MultiTaskCollator(num_tasks=T),
+                             num_tasks=T, ortho_aggregator=Aggregator("upgrad"), **knob)
 
 
 @pytest.fixture(scope="module")

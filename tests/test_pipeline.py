@@ -74,8 +74,9 @@ def test_aggregate_present_matches_the_present_rows_per_segment():
     z = x.clone()
     z[1] = 0
     order = torch.stack([torch.randperm(4, generator=g) for _ in range(4)])
+    # (to rounding: with a flag it runs the staged composition, without one the fused op)
     torch.testing.assert_close(aggregate(z, offsets, order=order, present=torch.tensor([True, False, True, True])),
-                               project(z, offsets, order=order), rtol=0, atol=0)
+                               project(z, offsets, order=order), rtol=1e-12, atol=1e-13)
     with pytest.raises(ValueError, match="present"):
         aggregate(x, offsets, method="upgrad", present=torch.ones(3, dtype=torch.bool))
 
@@ -239,3 +240,217 @@ def test_project_takes_a_registered_solve_by_name():
     torch.testing.assert_close(g, torch.full_like(x, 0.5))
     with pytest.raises(ValueError, match="solve"):
         project(x.detach(), solve="nope")
+
+
+# ---- the EMA's state: NaN steps, resets, old checkpoints ---------------------------------------
+
+@pytest.mark.parametrize("method", ["upgrad", "pcgrad"])
+def test_a_nan_step_shows_nan_but_leaves_the_ema_state_as_it_was(method):
+    """A NaN step's output is NaN (GradScaler skips it), and the next finite step gives what an
+    aggregator that never saw it gives: the NaN does not stay in the smoothed Gram for ever."""
+    torch.manual_seed(0)
+    g1, g2 = torch.randn(3, 40, dtype=torch.float64), torch.randn(3, 40, dtype=torch.float64)
+    g2[0] = -g1[1]
+    bad = g1.clone()
+    bad[1, 3] = float("nan")
+    a, b = Aggregator(method, ema=0.9), Aggregator(method, ema=0.9)
+    gen_a, gen_b = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    a.generator, b.generator = gen_a, gen_b
+    a(g1), b(g1)
+    assert torch.isnan(a(bad)).any()
+    b.generator = torch.Generator().manual_seed(1)   # a's next order is the same draw as b's
+    a.generator = torch.Generator().manual_seed(1)
+    got, want = a(g2, return_stats=True), b(g2, return_stats=True)
+    assert torch.isfinite(got.output).all() and torch.isfinite(got.smoothed_gram).all()
+    torch.testing.assert_close(got.output, want.output, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got.smoothed_gram, want.smoothed_gram, rtol=1e-12, atol=1e-12)
+
+
+def test_check_finite_with_an_ema_recovers_on_the_next_step():
+    m = _model()
+    ortho = OrthoLoRA(m, T, check_finite=True, aggregator=Aggregator("upgrad", ema=0.9))
+    _nan_step(ortho, m)
+    with pytest.raises(FloatingPointError):
+        ortho.project_()
+    b = make_batch([2, 2, 2], seed=4)
+    with ortho.record(b["task_ids"]):
+        task_losses(m, b).sum().backward()
+    ortho.project_()
+    assert torch.isfinite(_grad(ortho)).all()
+    ortho.remove()
+
+
+def test_ema_bias_correction_restarts_with_the_state():
+    """A new segment layout resets the EMA: its first step decides on G itself, as a fresh one
+    (Nash-MTL's weights scale with the Gram, so a stale correction changes them)."""
+    torch.manual_seed(0)
+    g = torch.randn(3, 40, dtype=torch.float64)
+    a = Aggregator("nashmtl", ema=0.9)
+    for _ in range(5):
+        a(g, [0, 20, 40])
+    got = a(g, [0, 10, 40], return_stats=True)
+    want = Aggregator("nashmtl", ema=0.9)(g, [0, 10, 40], return_stats=True)
+    torch.testing.assert_close(got.output, want.output, rtol=1e-9, atol=1e-12)
+
+
+def test_an_old_ema_checkpoint_without_its_norm_loads_with_the_step_count():
+    torch.manual_seed(0)
+    gs = [torch.randn(3, 30, dtype=torch.float64) for _ in range(4)]
+    a = Aggregator("upgrad", ema=0.8)
+    for g in gs[:3]:
+        a(g)
+    state = a.state_dict()
+    old = {k: v for k, v in state.items() if k != "ema_norm"}   # the format before it was kept
+    b = Aggregator("upgrad", ema=0.8)
+    b.load_state_dict(old)
+    torch.testing.assert_close(b.state_dict()["ema_norm"], state["ema_norm"], rtol=1e-15, atol=0)
+    torch.testing.assert_close(b(gs[3]), a(gs[3]), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (CPU twin: the test above)")
+def test_an_ema_state_loaded_on_the_cpu_follows_the_gradients_to_cuda():
+    torch.manual_seed(0)
+    gs = [torch.randn(3, 30, dtype=torch.float64) for _ in range(3)]
+    a = Aggregator("upgrad", ema=0.8)
+    for g in gs[:2]:
+        a(g)
+    b = Aggregator("upgrad", ema=0.8)
+    b.load_state_dict(a.state_dict())
+    torch.testing.assert_close(b(gs[2].cuda()).cpu(), a(gs[2]), rtol=1e-9, atol=1e-12)
+    assert b.state_dict()["ema_gram"].is_cuda
+
+
+# ---- the step's task counts: every rank joins their all-reduce; no host sync ---------------------
+
+def test_every_rank_joins_the_count_all_reduce_even_with_nothing_recorded():
+    """A rank with no example in the step still joins the counts' all-reduce (with zeros):
+    were it to skip the collective, the other ranks would wait for ever."""
+    ortho = OrthoLoRA(_model(), T, aggregator="upgrad")
+    others = torch.tensor([1.0, 0.0, 2.0], dtype=torch.float64)   # what the other ranks counted
+    with mock.patch("ortholora_kernels.distributed.reduce.all_reduce_counts",
+                    side_effect=lambda c, group=None: c.add_(others)) as reduce:
+        present = ortho._present(torch.device("cpu"), group=None)
+    reduce.assert_called_once()
+    assert present.tolist() == [True, False, True]
+    assert ortho._present(torch.device("cpu"), group=False) is None   # one process: nothing counted
+    ortho.remove()
+
+
+def test_the_step_counts_reach_the_buffer_device_through_pinned_memory():
+    """CPU twin of the CUDA test below: the counts of CPU task ids go to the buffer's device
+    through the collector's non-blocking copy (a plain .to() from pageable memory syncs)."""
+    from ortholora_kernels import projector
+    m = _model()
+    ortho = OrthoLoRA(m, T, aggregator="upgrad")
+    b = make_batch([2, 0, 1], seed=3)
+    with ortho.record(b["task_ids"]):
+        task_losses(m, b).sum().backward()
+    with mock.patch.object(projector, "_to_device", wraps=projector._to_device) as copy:
+        res = ortho.project_()
+    assert copy.call_count == 1 and copy.call_args.args[0].tolist() == [2.0, 0.0, 1.0]
+    assert res.task_present.tolist() == [[True, False, True]] * res.gram.shape[0]
+    ortho.remove()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (CPU twin: the test above)")
+def test_the_step_counts_reach_cuda_without_a_host_sync():
+    ortho = OrthoLoRA(_model(), T, aggregator="upgrad")
+    ortho._count_tasks(torch.tensor([0, 0, 2]))
+    prev = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        present = ortho._present(torch.device("cuda"), group=False)
+    finally:
+        torch.cuda.set_sync_debug_mode(prev)
+    assert present.tolist() == [True, False, True]
+    ortho.remove()
+
+
+@pytest.mark.parametrize("method", ["sum", "mean", "pcgrad", "upgrad"])
+def test_a_bad_present_is_named_on_every_path(method):
+    """The fixed-weight path (sum/mean), the plain projection and the solve check ``present`` alike."""
+    x = torch.randn(3, 20, dtype=torch.float64)
+    for bad, err in ((torch.ones(5, dtype=torch.bool), ValueError), (torch.ones(2, 2, dtype=torch.bool), ValueError),
+                     (torch.tensor([1, 0, 1]), TypeError), ("all", TypeError)):
+        with pytest.raises(err, match="present"):
+            aggregate(x, [0, 10, 20], method=method, present=bad)
+    # a list of bools is a [T] mask; task 1 is left out
+    def run(present):   # pcgrad: the same drawn orders for both
+        return aggregate(x, [0, 10, 20], method=method, present=present, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(run([True, False, True]), run(torch.tensor([True, False, True])))
+
+
+@pytest.mark.parametrize("make", [lambda: None, lambda: Aggregator("pcgrad", ema=0.5)])
+def test_pcgrad_leaves_an_absent_task_out_even_when_its_row_is_not_zero(make):
+    """aggregate(present=) takes any rows: a flagged-absent task's non-zero gradient reaches
+    neither the output nor the projections of the others (it once did on both paths)."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 20, dtype=torch.float64)
+    present = torch.tensor([True, False, True])
+    agg = make()
+    res = (aggregate(x, [0, 10, 20], method="pcgrad", present=present, return_stats=True) if agg is None
+           else agg(x, [0, 10, 20], present=present, return_stats=True))
+    # two present tasks: each visits only the other, whatever the order
+    want = torch.cat([project(x[[0, 2], a:b].contiguous()) for a, b in ((0, 10), (10, 20))])
+    torch.testing.assert_close(res.output, want, rtol=1e-12, atol=1e-12)
+    assert (res.weights[:, 1] == 0).all()
+
+
+def test_an_absent_task_gives_the_ema_no_evidence():
+    """A step without task 2 leaves the smoothed entries of its pairs (and their step count)
+    as they were: the EMA of a rarely sampled task averages the steps it took part in, instead
+    of decaying towards 0 on every step it missed. The other entries move as usual."""
+    torch.manual_seed(0)
+    g1, g2 = torch.randn(3, 30, dtype=torch.float64), torch.randn(3, 30, dtype=torch.float64)
+    g2[2] = 0
+    beta = 0.8
+    a = Aggregator("upgrad", ema=beta)
+    a(g1)
+    res = a(g2, present=torch.tensor([True, True, False]), return_stats=True)
+    e1 = (1 - beta) * (g1 @ g1.T)
+    want = beta * e1 + (1 - beta) * (g2 @ g2.T)
+    want[2, :], want[:, 2] = e1[2, :], e1[:, 2]
+    torch.testing.assert_close(res.smoothed_gram[0], want, rtol=1e-12, atol=1e-12)
+    norm = a.state_dict()["ema_norm"][0]
+    assert torch.allclose(norm[2], torch.full((3,), 1 - beta, dtype=torch.float64))
+    assert torch.allclose(norm[0, :2], torch.full((2,), 1 - beta ** 2, dtype=torch.float64))
+    assert (res.weights[:, 2] == 0).all() and torch.isfinite(res.output).all()
+
+
+def test_the_ema_hook_takes_its_norm_as_a_tensor():
+    """The hook's third argument is the state's ``1 - beta^k`` (a tensor), not a step count."""
+    with pytest.raises(TypeError, match="norm"):
+        pipeline.ema(0.9, None, 3)
+    g = torch.randn(3, 10, dtype=torch.float64)
+    gram = (g @ g.T).unsqueeze(0)
+    st = pipeline.ema(0.9, None)(pipeline.GramStage(gram, gram))
+    torch.testing.assert_close(st.decide, gram)           # step 1: the Gram itself
+    st2 = pipeline.ema(0.9, st.smoothed, st.smoothed_norm)(pipeline.GramStage(2 * gram, 2 * gram))
+    torch.testing.assert_close(st2.decide, (0.9 * 0.1 + 0.1 * 2) / (1 - 0.81) * gram)
+
+
+def test_a_non_differentiable_pcgrad_call_says_why():
+    x = torch.randn(3, 20, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(RuntimeError, match="only as the plain projection"):
+        aggregate(x, method="pcgrad", present=torch.tensor([True, False, True]))
+    with pytest.raises(RuntimeError, match="only as the plain projection"):
+        Aggregator("pcgrad", ema=0.9)(x)
+    with pytest.raises(RuntimeError, match="only pcgrad is"):
+        aggregate(x, method="upgrad")
+
+
+def test_a_step_refused_by_check_finite_leaves_the_schedule_where_it_was():
+    """The refused step is not a step: the aggregator's count (hence its schedule) and EMA are
+    as before it, so the next step is the one the schedule would have run."""
+    m = _model()
+    ortho = OrthoLoRA(m, T, check_finite=True, aggregator=Aggregator("upgrad", every=2, ema=0.9))
+    _nan_step(ortho, m)
+    with pytest.raises(FloatingPointError):
+        ortho.project_()
+    assert ortho.aggregator.step == 0 and ortho.aggregator.state_dict()["ema_gram"] is None
+    b = make_batch([2, 2, 2], seed=4)
+    with ortho.record(b["task_ids"]):
+        task_losses(m, b).sum().backward()
+    assert ortho.project_().method == "upgrad"        # step 0 of the schedule aggregates
+    assert ortho.aggregator.step == 1
+    ortho.remove()

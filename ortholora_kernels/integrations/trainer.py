@@ -236,6 +236,13 @@ class OrthoLoRATrainer(Trainer):
         self._task_loss_acc: dict[str, list] = {}
         self._mixed_warned = False
         seed = self.args.seed if ortho_seed is None else ortho_seed
+        if ortho_aggregator is not None:
+            given = [k for k, v, d in (("ortho_method", ortho_method, "pcgrad"), ("ortho_method_options",
+                     ortho_method_options or None, None), ("ortho_ema", ortho_ema, None), ("ortho_every", ortho_every, 1),
+                     ("ortho_start", ortho_start, 0)) if v != d]
+            if given:  # the object carries them; a second value would be silently ignored
+                raise TypeError(f"{given[0]}: ortho_aggregator carries the method, its options, EMA and schedule; "
+                                f"give them to the Aggregator, not beside it")
         self.ortho = OrthoLoRA(self.model, num_tasks, granularity=ortho_granularity, collect=ortho_collect,
                                reduction=ortho_reduction, seed=seed, backend=ortho_backend, adapter_name=adapter_name,
                                aggregator=ortho_aggregator if ortho_aggregator is not None else Aggregator(
