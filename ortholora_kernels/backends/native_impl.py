@@ -109,54 +109,73 @@ def _jit_build():
     return module
 
 
+def _has_op(name: str) -> bool:
+    """Whether the loaded extension defines ``ortholora_C::name`` (an extension built before an
+    op was added lacks it; the callers then fall back to the older path)."""
+    try:
+        getattr(torch.ops.ortholora_C, name)
+        return True
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def _fake(name: str):
+    """``register_fake`` for ``ortholora_C::name`` where the loaded extension defines it."""
+    def deco(fn):
+        if _has_op(name):
+            torch.library.register_fake(f"ortholora_C::{name}")(fn)
+        return fn
+    return deco
+
+
 def _register_fakes():
     """Shape functions of the compiled ops (torch.compile / FakeTensor can trace them)."""
     if _state.get("fakes"):
         return
     _state["fakes"] = True
 
-    @torch.library.register_fake("ortholora_C::project")
+    @_fake("project")
     def _(grads, offsets, order, reduction):
         return empty_outputs(grads, len(offsets) - 1, reduction)
 
-    @torch.library.register_fake("ortholora_C::gram")
+    @_fake("gram")
     def _(grads, offsets):
         t = grads.shape[0]
         return grads.new_empty((len(offsets) - 1, t, t), dtype=torch.float64)
 
-    @torch.library.register_fake("ortholora_C::combine")
+    @_fake("combine")
     def _(grads, w, offsets):
         return grads.new_empty((w.shape[1], grads.shape[1]))
 
-    @torch.library.register_fake("ortholora_C::box_qp")
+    @_fake("box_qp")
     def _(h, q, lower, iters):
         return torch.empty_like(q, dtype=torch.float64)
 
-    @torch.library.register_fake("ortholora_C::simplex_qp")
+    @_fake("simplex_qp")
     def _(g, mask, iters):
         return g.new_empty(g.shape[:-1], dtype=torch.float64)
 
-    @torch.library.register_fake("ortholora_C::cagrad_kkt")
+    @_fake("cagrad_kkt")
     def _(g, b, phi2, mask, iters, norm_eps):
         return g.new_empty(g.shape[:-1], dtype=torch.float64)
 
-    @torch.library.register_fake("ortholora_C::spectral")
+    @_fake("spectral")
     def _(g, mask, u, mode, scale):
         return g.new_empty(g.shape[:-1], dtype=torch.float64)
 
-    @torch.library.register_fake("ortholora_C::power_root")
+    @_fake("power_root")
     def _(g, mask, alpha, iters):
         return g.new_empty(g.shape[:-1], dtype=torch.float64)
 
-    @torch.library.register_fake("ortholora_C::cross")
+    @_fake("cross")
     def _(y, x, offsets):
         return x.new_empty((len(offsets) - 1, y.shape[0], x.shape[0]), dtype=torch.float64)
 
-    @torch.library.register_fake("ortholora_C::backward_combine")
+    @_fake("backward_combine")
     def _(dy, x, w, m, offsets):
         return torch.empty_like(x)
 
-    @torch.library.register_fake("ortholora_C::solve_vjp")
+    @_fake("solve_vjp")
     def _(gram, order, reduction, weights_grad):
         s, t = gram.shape[0], gram.shape[-1]
         return (gram.new_empty((s, t, t), dtype=torch.float64),
