@@ -144,6 +144,12 @@ def _register_fakes():
     def _(g, mask, u, mode, scale):
         return g.new_empty(g.shape[:-1], dtype=torch.float64)
 
+    if hasattr(torch.ops.ortholora_C, "gradvac"):   # (absent from builds before it)
+        @torch.library.register_fake("ortholora_C::gradvac")
+        def _(gram, order, phi_hat, mask, beta, eps):
+            return (gram.new_empty(gram.shape[:-1], dtype=torch.float64),
+                    phi_hat.new_empty(phi_hat.shape, dtype=torch.float64))
+
     @torch.library.register_fake("ortholora_C::power_root")
     def _(g, mask, alpha, iters):
         return g.new_empty(g.shape[:-1], dtype=torch.float64)
