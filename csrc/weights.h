@@ -453,3 +453,45 @@ inline void spectral(const double* G, const unsigned char* mask, const double* u
 
 }  // namespace weights
 }  // namespace ortholora
+
+namespace ortholora {
+namespace weights {
+
+// One GradVac step on one segment (see solvers/gradvac.py, the torch twin: the same
+// arithmetic, the same order of updates). Each task i is independent of the others (its
+// row of C, of C G and of the targets), so the rows run one after the other; task i visits
+// order[i*n + k] at step k. G: n x n; order: n x n; hat: n x n targets, updated in place;
+// mask: presence. Adds each row of C into w (n, zeroed by the caller). work: 2n doubles.
+// As the torch twin: an absent task gets the row 0 and is never visited; a pair with an
+// absent task keeps its target; NaN/Inf reach C G through w * G[j] even where w = 0.
+inline void gradvac_step(const double* G, const int64_t* order, const unsigned char* mask, int n, double beta,
+                         double eps, double* hat, double* w, double* work) {
+  auto clamp0 = [](double v) { return v < 0.0 ? 0.0 : v; };           // NaN stays NaN (as clamp_min)
+  double* c = work;
+  double* cg = work + n;
+  for (int i = 0; i < n; ++i) {
+    for (int l = 0; l < n; ++l) c[l] = 0.0, cg[l] = G[i * n + l];
+    c[i] = mask[i] ? 1.0 : 0.0;
+    for (int k = 0; k < n; ++k) {
+      const int j = static_cast<int>(order[i * n + k]);
+      const bool other = j != i && mask[i] && mask[j];
+      double ni = 0.0;
+      for (int l = 0; l < n; ++l) ni += cg[l] * c[l];
+      ni = std::sqrt(clamp0(ni));
+      const double nj = std::sqrt(clamp0(G[j * n + j]));
+      const double phi = cg[j] / (ni * nj + eps);
+      const double h = hat[i * n + j];
+      const bool act = other && phi < h;
+      const double sq_phi = std::sqrt(clamp0(1.0 - phi * phi));
+      const double sq_hat = std::sqrt(clamp0(1.0 - h * h));
+      const double wk = act ? ni * (h * sq_phi - phi * sq_hat) / (nj * sq_hat + eps) : 0.0;
+      c[j] += wk;
+      for (int l = 0; l < n; ++l) cg[l] += wk * G[j * n + l];
+      if (other) hat[i * n + j] = (1.0 - beta) * h + beta * phi;
+    }
+    for (int l = 0; l < n; ++l) w[l] += c[l];
+  }
+}
+
+}  // namespace weights
+}  // namespace ortholora

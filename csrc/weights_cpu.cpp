@@ -1,10 +1,11 @@
 // Torch glue of the weighting methods' iterative kernels on the CPU (csrc/weights.h):
-// torch.ops.ortholora_C.{box_qp, simplex_qp, cagrad_kkt, power_root}. Each runs every
-// problem of the batch in one call (at::parallel_for over problems), float64.
+// torch.ops.ortholora_C.{box_qp, simplex_qp, cagrad_kkt, power_root, spectral, gradvac}.
+// Each runs every problem of the batch in one call (at::parallel_for over problems), float64.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <tuple>
 #include <vector>
 
 #include "weights.h"
@@ -140,6 +141,41 @@ at::Tensor spectral_cpu(const at::Tensor& g, const at::Tensor& mask, const at::T
   return out;
 }
 
+// GradVac's step for every segment in one call: (weights [S, T], new targets [S, T, T]).
+std::tuple<at::Tensor, at::Tensor> gradvac_cpu(const at::Tensor& gram, const at::Tensor& order,
+                                               const at::Tensor& phi_hat, const at::Tensor& mask, double beta,
+                                               double eps) {
+  const int64_t T = check_square(gram, "gram");
+  const int64_t S = gram.size(0);
+  TORCH_CHECK_VALUE(order.sizes() == gram.sizes(), "order: expected [S, T, T] = ", gram.sizes(), ", got ",
+                    order.sizes());
+  TORCH_CHECK_VALUE(phi_hat.sizes() == gram.sizes(), "phi_hat: expected [S, T, T] = ", gram.sizes(), ", got ",
+                    phi_hat.sizes());
+  TORCH_CHECK_VALUE(!at::isFloatingType(order.scalar_type()) && !at::isComplexType(order.scalar_type()),
+                    "order: expected an integer tensor, got ", order.scalar_type());
+  TORCH_CHECK_VALUE(order.device().is_cpu(), "order: expected a CPU tensor, got ", order.device());
+  const at::Tensor G = f64(gram, "gram"), M = check_mask(mask, S, T);
+  const at::Tensor O = order.to(at::kLong).contiguous();
+  at::Tensor hat = f64(phi_hat, "phi_hat").clone();
+  at::Tensor w = at::zeros({S, T}, G.options());
+  const int64_t* op = O.data_ptr<int64_t>();
+  for (int64_t q = 0; q < S * T * T; ++q) {
+    TORCH_CHECK_VALUE(op[q] >= 0 && op[q] < T, "order: expected task indices in [0, ", T, "), got ", op[q]);
+  }
+  const double* gp = G.data_ptr<double>();
+  const uint8_t* mp = M.data_ptr<uint8_t>();
+  double* hp = hat.data_ptr<double>();
+  double* wp = w.data_ptr<double>();
+  at::parallel_for(0, S, grain_for(T), [&](int64_t b0, int64_t e0) {
+    std::vector<double> work(static_cast<size_t>(2 * T));
+    for (int64_t k = b0; k < e0; ++k) {
+      weights::gradvac_step(gp + k * T * T, op + k * T * T, mp + k * T, static_cast<int>(T), beta, eps,
+                            hp + k * T * T, wp + k * T, work.data());
+    }
+  });
+  return {w, hat};
+}
+
 }  // namespace
 }  // namespace ortholora
 
@@ -149,6 +185,7 @@ TORCH_LIBRARY_FRAGMENT(ortholora_C, m) {
   m.def("cagrad_kkt(Tensor g, Tensor b, Tensor phi2, Tensor mask, int iters, float norm_eps) -> Tensor");
   m.def("power_root(Tensor g, Tensor mask, float alpha, int iters) -> Tensor");
   m.def("spectral(Tensor g, Tensor mask, Tensor u, int mode, int scale) -> Tensor");
+  m.def("gradvac(Tensor gram, Tensor order, Tensor phi_hat, Tensor mask, float beta, float eps) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(ortholora_C, CPU, m) {
@@ -157,4 +194,5 @@ TORCH_LIBRARY_IMPL(ortholora_C, CPU, m) {
   m.impl("cagrad_kkt", &ortholora::cagrad_kkt_cpu);
   m.impl("power_root", &ortholora::power_root_cpu);
   m.impl("spectral", &ortholora::spectral_cpu);
+  m.impl("gradvac", &ortholora::gradvac_cpu);
 }

@@ -354,3 +354,81 @@ def test_weights_with_absent_tasks_compile_fullgraph(method):
     fn = torch.compile(lambda g, p: solvers.weights(method, g, p, **opts), fullgraph=True, dynamic=False)
     torch.testing.assert_close(fn(gram, present), solvers.weights(method, gram, present, **opts),
                                rtol=1e-9, atol=1e-12)
+
+
+def _gradvac_inputs(t, cond, seed):
+    """``(gram [3, T, T], order, hat, present)``: three segments (column slices of the
+    same rows), orders that visit every task (self included, skipped), random targets."""
+    g = _gen(seed)
+    x = _conflicting(t, n=60, seed=seed)
+    if cond == "degenerate" and t >= 2:   # a duplicate, an antiparallel and a colinear row, a zero row
+        x[1] = x[0]
+        if t >= 3:
+            x[2] = -0.5 * x[0]
+        if t >= 4:
+            x[3] = 0
+        if t >= 5:
+            x[4] = 3 * x[-1]
+    gram = torch.stack([x[:, :20] @ x[:, :20].T, x @ x.T, x[:, 20:] @ x[:, 20:].T])
+    order = torch.stack([torch.stack([torch.randperm(t, generator=g) for _ in range(t)]) for _ in range(3)])
+    hat = torch.rand(3, t, t, generator=g, dtype=torch.float64) * 1.8 - 0.9
+    present = None
+    if cond == "absent":
+        present = torch.rand(3, t, generator=g) > 0.4
+        present[1] = False                      # no task present
+        present[2] = False
+        present[2, t - 1] = True                # one task present
+    if cond == "nan":
+        gram[0, t // 2, :] = float("nan")       # a NaN gradient: its row and column
+        gram[0, :, t // 2] = float("nan")
+        gram[2, 0, 0] = float("inf")
+        hat[1, 0, t - 1] = float("nan")         # a NaN target
+    return gram, order, hat, present
+
+
+@pytest.mark.parametrize("cond", ("random", "absent", "degenerate", "nan"))
+@pytest.mark.parametrize("t", (1, 2, 5, 8, 33))
+def test_compiled_gradvac_equals_the_torch_loop(t, cond, monkeypatch):
+    from ortholora_kernels.backends import native_impl
+    if native_impl.availability(torch.device("cpu")) is not None:
+        pytest.skip(native_impl.availability(torch.device("cpu")))
+    gram, order, hat, present = _gradvac_inputs(t, cond, seed=10 + t)
+    monkeypatch.setattr(_lcp, "NATIVE", True)
+    assert gradvac._native(gram, hat) is not None, "the compiled step is not used"
+    w, new_hat = gradvac.step(gram, order, hat, present, beta=0.3, eps=1e-8)
+    monkeypatch.setattr(_lcp, "NATIVE", False)
+    assert gradvac._native(gram, hat) is None
+    w_ref, hat_ref = gradvac.step(gram, order, hat, present, beta=0.3, eps=1e-8)
+    assert w.dtype == w_ref.dtype and w.shape == w_ref.shape and new_hat.shape == hat_ref.shape
+    # NaN where (and only where) the torch loop has NaN.
+    assert torch.equal(w.isnan(), w_ref.isnan()) and torch.equal(new_hat.isnan(), hat_ref.isnan())
+    if cond == "nan" and t >= 2:   # (T = 1: no pair, nothing visited)
+        # The NaN row's pairs get NaN targets (the weights stay finite: a NaN cosine is
+        # never below its target; the combine then carries the NaN gradient itself).
+        assert new_hat[0].isnan().any() and new_hat[1, 0, t - 1].isnan()
+    # The sums of T terms in another order: rounding, amplified where a cosine is ~ +-1
+    # (sqrt(1 - phi^2) of a duplicate or antiparallel row).
+    tol = 1e-9 if cond == "degenerate" else 1e-12
+    torch.testing.assert_close(w, w_ref, rtol=tol, atol=tol, equal_nan=True)
+    torch.testing.assert_close(new_hat, hat_ref, rtol=tol, atol=tol, equal_nan=True)
+    if present is not None:
+        assert (w[~present] == 0).all()
+        pair = present.unsqueeze(-1) & present.unsqueeze(-2)
+        assert torch.equal(new_hat[~pair], hat[~pair])           # pairs with an absent task keep their targets
+    # Every visited pair moved its target (beta > 0) unless its cosine equals it.
+    if cond == "random":
+        off = ~torch.eye(t, dtype=torch.bool).expand(3, t, t)
+        assert (new_hat[off] != hat[off]).all()
+        assert torch.equal(new_hat[~off], hat[~off])
+
+
+def test_gradvac_without_the_compiled_op_runs_the_torch_loop(monkeypatch):
+    # An extension built before ortholora_C::gradvac: the torch loop, the same answer.
+    gram, order, hat, present = _gradvac_inputs(5, "absent", seed=3)
+    monkeypatch.setattr(_lcp, "NATIVE", False)
+    ref = gradvac.step(gram, order, hat, present, beta=0.5, eps=1e-8)
+    monkeypatch.setattr(_lcp, "NATIVE", True)
+    monkeypatch.setitem(_lcp._HAS_OP, "gradvac", False)
+    assert gradvac._native(gram, hat) is None
+    got = gradvac.step(gram, order, hat, present, beta=0.5, eps=1e-8)
+    assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])

@@ -500,3 +500,28 @@ def test_weighting_passes_opcheck_and_errors():
         _ops().simplex_qp(g, mask[:1], 12)
     with pytest.raises(ValueError, match="alpha"):
         _ops().power_root(g, mask, 0.0, 8)
+
+
+@needs_native
+def test_gradvac_op_opcheck_and_errors():
+    if not hasattr(_ops(), "gradvac"):
+        pytest.fail("the extension lacks ortholora_C::gradvac: rebuild it (setup.py build_ext --inplace)")
+    x = make_grads(4, 40, seed=92).double()
+    g = torch.stack([x[:, :10] @ x[:, :10].T, x @ x.T])
+    gen = torch.Generator().manual_seed(7)
+    order = torch.stack([torch.stack([torch.randperm(4, generator=gen) for _ in range(4)]) for _ in range(2)])
+    hat = torch.rand(2, 4, 4, generator=gen, dtype=torch.float64) - 0.5
+    mask = torch.tensor([[True, False, True, True], [True] * 4])
+    torch.library.opcheck(_ops().gradvac.default, (g, order, hat, mask, 0.5, 1e-8))
+    before = hat.clone()
+    w, new_hat = _ops().gradvac(g, order, hat, mask, 0.5, 1e-8)
+    assert w.shape == (2, 4) and new_hat.shape == (2, 4, 4) and w[0, 1] == 0
+    assert torch.equal(hat, before) and not torch.equal(new_hat, hat)   # a new tensor, the input intact
+    with pytest.raises(ValueError, match="order: expected task indices"):
+        _ops().gradvac(g, order + 4, hat, mask, 0.5, 1e-8)
+    with pytest.raises(ValueError, match="phi_hat: expected"):
+        _ops().gradvac(g, order, hat[:, :3], mask, 0.5, 1e-8)
+    with pytest.raises(ValueError, match="order: expected"):
+        _ops().gradvac(g, order[:1], hat, mask, 0.5, 1e-8)
+    with pytest.raises(ValueError, match="mask: expected"):
+        _ops().gradvac(g, order, hat, mask[:1], 0.5, 1e-8)

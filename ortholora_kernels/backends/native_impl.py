@@ -163,6 +163,11 @@ def _register_fakes():
     def _(g, mask, u, mode, scale):
         return g.new_empty(g.shape[:-1], dtype=torch.float64)
 
+    @_fake("gradvac")
+    def _(gram, order, phi_hat, mask, beta, eps):
+        return (gram.new_empty(gram.shape[:-1], dtype=torch.float64),
+                phi_hat.new_empty(phi_hat.shape, dtype=torch.float64))
+
     @_fake("power_root")
     def _(g, mask, alpha, iters):
         return g.new_empty(g.shape[:-1], dtype=torch.float64)

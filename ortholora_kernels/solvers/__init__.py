@@ -9,7 +9,8 @@ quadratic programs (upgrad, dualproj, mgda, cagrad), Newton for the root problem
 ``torch.compile``, the iterative kernels and the eigendecomposition-based methods are one
 compiled call each (``csrc/weights.h``; :mod:`._lcp` has their torch twins, which the
 tests compare). pcgrad is the projection op itself (:func:`ortholora_kernels.project`);
-gradvac needs state across steps (:mod:`.gradvac`, used by :class:`ortholora_kernels.GradVac`).
+gradvac needs state across steps (:mod:`.gradvac`, used by :class:`ortholora_kernels.GradVac`;
+its whole step is one compiled call on CPU too, the torch loop its twin).
 
 Absent tasks: ``weights(method, gram, present)`` with a bool ``[S, T]`` mask gives an
 absent task weight 0 and the others exactly the method's weights on the present rows.

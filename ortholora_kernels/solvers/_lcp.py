@@ -39,6 +39,20 @@ def _native_ops(t: torch.Tensor):
     return torch.ops.ortholora_C if _HAS_KERNELS[0] else None
 
 
+_HAS_OP: dict = {}
+
+
+def native_op(t: torch.Tensor, name: str):
+    """The compiled op ``torch.ops.ortholora_C.<name>`` when it can run on ``t`` (as
+    :func:`_native_ops`), else None: also None with an extension built before that op."""
+    ops = _native_ops(t)
+    if ops is None:
+        return None
+    if name not in _HAS_OP:
+        _HAS_OP[name] = hasattr(ops, name)
+    return getattr(ops, name) if _HAS_OP[name] else None
+
+
 def trace(gram: torch.Tensor) -> torch.Tensor:
     """``[..., 1, 1]`` traces of the Gram matrices."""
     return torch.diagonal(gram, dim1=-2, dim2=-1).sum(-1)[..., None, None]

@@ -12,10 +12,24 @@ Absent tasks (``present`` False): weight 0, never visited and never visiting (th
 targets, and every target of a pair with an absent task, are unchanged); the present
 tasks get what the method gives on the present rows alone with the orders restricted to
 them.
+
+On a float64 CPU Gram, outside ``torch.compile``, with the native extension built, the
+whole step (every segment, every task, the T visits) is one compiled call
+(``ortholora_C::gradvac``, csrc/weights.h ``gradvac_step``); elsewhere (CUDA, compile,
+``_lcp.NATIVE`` False, an extension built before that op) the torch loop below, its
+twin: the same arithmetic in the same order of updates.
 """
 from __future__ import annotations
 
 import torch
+
+
+def _native(gram: torch.Tensor, phi_hat: torch.Tensor):
+    """The compiled step ``ortholora_C::gradvac`` where it applies to these inputs, else None."""
+    from . import _lcp
+    if gram.dim() != 3 or gram.dtype != torch.float64 or phi_hat.dtype != torch.float64:
+        return None
+    return _lcp.native_op(gram, "gradvac")
 
 
 def step(gram: torch.Tensor, order: torch.Tensor, phi_hat: torch.Tensor, present=None, *, beta: float, eps: float):
@@ -23,6 +37,10 @@ def step(gram: torch.Tensor, order: torch.Tensor, phi_hat: torch.Tensor, present
     (``present``: None or bool ``[S, T]``)."""
     from ._common import check_present
     present = check_present(present, gram)
+    op = _native(gram, phi_hat)
+    if op is not None:
+        mask = present if present is not None else torch.ones(gram.shape[:-1], dtype=torch.bool)
+        return op(gram, order, phi_hat, mask, beta, eps)
     s, t, _ = gram.shape
     coeffs = torch.eye(t, dtype=gram.dtype, device=gram.device).expand(s, t, t)
     if present is not None:
