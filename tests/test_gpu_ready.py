@@ -273,3 +273,162 @@ def test_automatic_order_on_cuda_prefers_triton(monkeypatch):
     assert backends._select(None, cuda, ("native",)) == "torch"
     usable.add("triton")
     assert backends._select(None, torch.device("cpu"), ()) == "native"
+
+
+# ------------------------------------------------- the GPU scripts' logic, on CPU
+
+
+def _script(name, folder="scripts"):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(f"_ortholora_{name}", os.path.join(ROOT, folder, f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@interpreter
+def test_bench_correctness_check_runs_on_cpu_tensors(monkeypatch):
+    """The bench's correctness gate compares on one device (the reference is returned on the
+    input's device; a CUDA reference beside a CPU result raised before any row was written),
+    and it fails when triton is off."""
+    bench = _script("bench_project_gpu", "benchmarks")
+    assert bench.check_correctness("cpu", n=300).startswith("triton vs reference: max rel err")
+    real = bench.ok.project
+
+    def off(*a, **k):
+        out = real(*a, **k)
+        return out * (1 + 1e-3) if k.get("backend") == "triton" else out
+    monkeypatch.setattr(bench.ok, "project", off)
+    with pytest.raises(AssertionError, match="disagrees with the reference"):
+        bench.check_correctness("cpu", n=300)
+
+
+class _FakeGraphs:
+    """CPU stand-in for gpu_stress.CudaGraphs: a capture runs the call with the triton
+    backend's capture check on and replays re-run it into the captured output."""
+
+    device = "cpu"
+
+    def __init__(self, monkeypatch, impl):
+        self.mp, self.impl, self.capturing = monkeypatch, impl, False
+
+    def stream(self):
+        return object()
+
+    def on(self, stream):
+        import contextlib
+        return contextlib.nullcontext()
+
+    def fork(self, stream):
+        pass
+
+    join = fork
+
+    def sync(self):
+        pass
+
+    def _captured(self, fn):
+        self.capturing = True
+        self.mp.setattr(self.impl, "_capturing", lambda device: True)
+        try:
+            return fn()
+        finally:
+            self.capturing = False
+            self.mp.setattr(self.impl, "_capturing", lambda device: False)
+
+    def capture(self, fn, stream):
+        out = self._captured(fn)
+        return (lambda: out.copy_(self._captured(fn))), out
+
+
+def _refuse_first_launch_while_capturing(monkeypatch, impl, kit):
+    """Each kernel specialisation's first launch outside a capture 'loads' it; a first
+    launch inside one raises as CUDA does (Triton's module load on a capturing stream)."""
+    loaded = set()
+
+    class Launcher:
+        def __init__(self, name, kernel):
+            self.name, self.kernel = name, kernel
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                key = (self.name, tuple(sorted((k, v) for k, v in kwargs.items() if not hasattr(v, "shape"))))
+                if key not in loaded:
+                    if kit.capturing:
+                        raise RuntimeError("operation not permitted when stream is capturing")
+                    loaded.add(key)
+                return self.kernel[grid](*args, **kwargs)
+            return launch
+    for name in ("_gram_kernel", "_combine_kernel", "_reduce_solve_kernel", "_solve_vjp_kernel"):
+        monkeypatch.setattr(impl, name, Launcher(name, getattr(impl, name)))
+    return loaded
+
+
+@interpreter
+def test_stress_graph_check_warms_up_outside_the_capture(monkeypatch):
+    """gpu_stress's graph check: the kernels are launched once before any capture (a
+    first launch inside one is refused on a GPU), the captured calls still meet a fresh
+    layout, and replays in reverse order and side by side give the reference."""
+    stress = _script("gpu_stress")
+    impl = _impl()
+    kit = _FakeGraphs(monkeypatch, impl)
+    loaded = _refuse_first_launch_while_capturing(monkeypatch, impl, kit)
+    built_in_capture = []
+    real_layout = impl._Layout
+
+    def layout(*a, capturing=False, **k):
+        built_in_capture.append(capturing)
+        return real_layout(*a, capturing=capturing, **k)
+    monkeypatch.setattr(impl, "_Layout", layout)
+    stress.graphs_reverse_one("triton", 0, kit, n=240)
+    assert {k[0] for k in loaded} == {"_gram_kernel", "_combine_kernel"}
+    assert True in built_in_capture                      # the captured calls built their own tables
+    loaded.clear()   # a fresh process: the first launch inside a capture is refused, as on a GPU
+    with pytest.raises(RuntimeError, match="capturing"):
+        kit.capture(lambda: ok.project(make_grads(8, 240, seed=1), [0, 9, 240], order=random_order(8, 2, seed=2),
+                                       backend="triton"), None)
+
+
+def test_stress_checks_record_each_failure_and_write_after_each_check(tmp_path, monkeypatch):
+    """A failing check (or a fault surfacing at the synchronisation after it) is recorded
+    and the next check runs; stress.json holds every record so far after each check."""
+    import json
+    stress = _script("gpu_stress")
+    seen = []
+    faults = ["an illegal memory access was encountered"]
+
+    def synchronize():           # the GPU path synchronises after each check, inside its try
+        if ctx_state["fault"]:
+            ctx_state["fault"] = False
+            raise RuntimeError(faults[0])
+    ctx_state = {"fault": False}
+    monkeypatch.setattr(torch.cuda, "synchronize", synchronize)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+
+    def check_async_fault(ctx):
+        ctx_state["fault"] = True       # the kernel faulted; the check itself returned
+        return "returned before the fault surfaced"
+
+    def check_first(ctx):
+        return "fine"
+
+    def check_broken(ctx):
+        seen.append(json.load(open(tmp_path / "stress.json"))["checks"])   # written after check_first
+        raise RuntimeError("an illegal memory access was encountered")
+
+    def check_skipped(ctx):
+        raise stress.Skip("needs CUDA")
+
+    def check_last(ctx):
+        seen.append(json.load(open(tmp_path / "stress.json"))["checks"])
+        return "ran after the failure"
+
+    class Ctx:
+        device = "cuda"
+    records = stress.run_checks(Ctx, None, str(tmp_path), True,
+                                checks=[check_first, check_broken, check_skipped, check_async_fault, check_last])
+    assert [r["status"] for r in records] == ["passed", "FAILED", "skipped", "FAILED", "passed"]
+    assert "illegal memory access" in records[1]["detail"] and "illegal memory access" in records[3]["detail"]
+    assert [r["check"] for r in seen[0]] == ["first"]
+    assert [r["check"] for r in seen[1]] == ["first", "broken", "skipped", "async_fault"]
+    assert json.load(open(tmp_path / "stress.json"))["checks"] == records

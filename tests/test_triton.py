@@ -155,3 +155,38 @@ def test_kernels_compile_for_gpu_without_one(t, dtype):
 
 
 
+
+
+@interpreter
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+def test_backward_past_the_fused_reverse_solve_uses_the_torch_one(monkeypatch, reduction):
+    """T > 64: the fused reverse solve's shared memory grows as T_PAD^2 (T_PAD = 256 needs
+    512 KiB, sm_90 has 227), so the backward runs the solve's torch reverse mode instead:
+    no ``_solve_vjp_kernel`` launch, the same gradient as the torch backend."""
+    impl = _impl()
+    launched = []
+    real = impl._solve_vjp
+
+    def spy(*a, **k):
+        launched.append(a[0].shape[-1])
+        return real(*a, **k)
+    monkeypatch.setattr(impl, "_solve_vjp", spy)
+    t, n = 65, 96
+    x = make_grads(t, n, dtype=torch.float64, seed=650, shared=-0.5)
+    segs = [0, 40, n]
+    order = random_order(t, 2, seed=651)
+    grads = []
+    for backend in ("triton", "torch"):
+        xx = x.clone().requires_grad_()
+        out = ok.project(xx, segs, order=order, reduction=reduction, backend=backend)
+        dy = torch.randn(out.shape, dtype=out.dtype, generator=torch.Generator().manual_seed(652))
+        grads.append(torch.autograd.grad(out, xx, dy)[0])
+    assert launched == []
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-9, atol=1e-9 * float(grads[1].abs().max()))
+    x = make_grads(17, n, dtype=torch.float64, seed=653, shared=-0.5)   # T_PAD = 32: the limit decides
+    order = random_order(17, 2, seed=654)
+    for limit, calls in ((16, []), (32, [17])):
+        monkeypatch.setattr(impl, "_VJP_MAX_T_PAD", limit)
+        xx = x.clone().requires_grad_()
+        ok.project(xx, segs, order=order, reduction=reduction, backend="triton").sum().backward()
+        assert launched == calls

@@ -23,7 +23,8 @@ product, no solve); ``_solve_vjp_kernel``, one program per segment, replays the 
 runs its reverse mode (``M = Gbar + Gbar^T``), the arithmetic of
 :func:`ortholora_kernels.solve.solve_vjp` (as torch ops that is ~35 T tiny launches per call:
 about 1,100 at T = 32); then ``dX = W^T dY + M X`` by the combine. ``_FUSED_VJP = False``
-runs the torch ops instead.
+runs the torch ops instead, and so does T > 64 (``_VJP_MAX_T_PAD``: the kernel's shared
+memory and spills grow as T_PAD^2).
 
 On CPU tensors the same kernels run through the Triton interpreter, only when
 ``TRITON_INTERPRET=1`` is set before this module is first imported (Triton picks the
@@ -703,6 +704,11 @@ def _vjp_warps(t_pad: int) -> int:
 
 
 _FUSED_VJP = True   # the backward's solve + reverse solve in one launch (False: torch ops, ~35 T launches)
+# Largest T_PAD the fused reverse solve takes. Its scratch tiles live in shared memory:
+# sm_90 under Triton 3.6 and the dev Triton, T_PAD = 128 takes 128 KiB and spills ~9 KB per
+# thread, T_PAD = 256 needs 512 KiB (227 KiB on sm_90: refused at launch). Past 64 the
+# backward runs the torch reverse solve (correct for any T, ~35 T small launches).
+_VJP_MAX_T_PAD = 64
 
 
 class TritonBackend(Backend):
@@ -733,8 +739,8 @@ class TritonBackend(Backend):
 
     def solve_vjp(self, gram, order, reduction, weights_grad, seg):
         """``(Gbar + Gbar^T, W)``: the PCGrad solve and its reverse mode in one launch."""
-        if not _FUSED_VJP:
-            return None
+        if not _FUSED_VJP or _pow2(gram.shape[-1]) > _VJP_MAX_T_PAD:
+            return None   # ops.backward runs the solve's torch reverse mode
         return _solve_vjp(gram, order, reduction, weights_grad, seg)
 
 
