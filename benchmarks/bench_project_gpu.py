@@ -179,29 +179,43 @@ def bench_one(t, n, dtype_name, copy_bw, rep_ms, skip_loop_above):
     return rows
 
 
-def check_correctness(device="cuda", n=20_000):
-    """Triton equals the float64 reference on a small ragged case (guards the figures).
+def check_correctness(device="cuda", n=20_000, names=("triton", "native"), tasks=None):
+    """Each usable backend against the float64 reference (forward) and the torch backend
+    (backward) on ragged segments, T across the kernels' classes (guards the figures).
 
     ``device="cpu"`` runs the same check through the Triton interpreter (the CPU test).
-    Raises AssertionError when they disagree; ``main`` records that and benches on.
+    Raises AssertionError on a disagreement; ``main`` records it and benches on.
     """
-    reason = ok.backends.availability("triton", device)
-    if reason is not None:
-        return f"triton unavailable: not checked ({reason})"
-    gen = torch.Generator(device=device).manual_seed(0)
-    worst = 0.0
-    for t in (2, 8, 17):
-        x = torch.randn(t, n, device=device, generator=gen)
-        segs = [0, 1, n // 3, n]
-        order = torch.rand(3, t, t, device=device, generator=gen).argsort(-1)
-        for reduction in ("sum", "none"):
-            got = ok.project(x, segs, order=order, reduction=reduction, backend="triton")
-            ref = ok.reference.project(x, segs, order=order, reduction=reduction)   # on x's device
-            worst = max(worst, rel_err(got, ref))
-    assert worst < 1e-4, f"triton disagrees with the reference: rel err {worst:.2e}"
-    return f"triton vs reference: max rel err {worst:.1e}"
-
-
+    notes = []
+    big = device != "cpu"        # T = 33 (T_PAD 64) and 65 (the backward's torch reverse solve)
+    for name in names:
+        reason = ok.backends.availability(name, device)
+        if reason is not None:
+            notes.append(f"{name} not checked ({reason})")
+            continue
+        gen = torch.Generator(device=device).manual_seed(0)
+        worst = 0.0
+        for t in tasks or (2, 8, 17) + ((33, 65) if big else ()):
+            if name == "native" and device != "cpu" and t > 32:
+                continue                      # native's CUDA kernels: T <= 32
+            x = torch.randn(t, n, device=device, generator=gen)
+            x[1::2] -= 0.5 * x[0]             # conflicting tasks: projections happen
+            segs = [0, 1, n // 3, n]
+            order = torch.rand(3, t, t, device=device, generator=gen).argsort(-1)
+            for reduction in ("sum", "none"):
+                xx = x.clone().requires_grad_()
+                got = ok.project(xx, segs, order=order, reduction=reduction, backend=name)
+                ref = ok.reference.project(x, segs, order=order, reduction=reduction)   # on x's device
+                worst = max(worst, rel_err(got, ref))
+                dy = torch.randn(got.shape, device=device, generator=gen)
+                (g,) = torch.autograd.grad(got, xx, dy)
+                xt = x.clone().requires_grad_()
+                (gt,) = torch.autograd.grad(ok.project(xt, segs, order=order, reduction=reduction,
+                                                       backend="torch"), xt, dy)
+                worst = max(worst, rel_err(g, gt))
+        assert worst < 1e-4, f"{name} disagrees with the reference: rel err {worst:.2e}"
+        notes.append(f"{name} vs reference: max rel err {worst:.1e}")
+    return "; ".join(notes)
 SWEEP = {  # triton_impl constants worth tuning on a new GPU (the defaults are untuned guesses)
     "_TILE_ELEMS": [8192, 16384, 32768],
     "_TARGET_PROGRAMS": [512, 1024, 2048],
@@ -281,6 +295,9 @@ def parse_args(argv=None):
     p.add_argument("--sweep", action="store_true",
                    help="instead: time the triton forward over a grid of tile/chunk constants (T=8 unless --tasks)")
     p.add_argument("--out", default=os.environ.get("OUT") or "bench_out", help="directory for results.csv/json")
+    p.add_argument("--check-only", action="store_true",
+                   help="only the correctness check (forward and backward of each backend); exit 1 on a failure")
+    p.add_argument("--device", default="cuda", help="for --check-only: cpu runs triton through the interpreter")
     args = p.parse_args(argv)
     if args.quick:
         args.tasks, args.numel, args.dtypes = [8], [295_000, 16_000_000], ["fp32"]
@@ -289,6 +306,13 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.check_only:
+        try:
+            print(check_correctness(args.device, n=20_000 if args.device != "cpu" else 600))
+        except AssertionError as exc:
+            print(f"FAILED: {exc}")
+            return 1
+        return 0
     if not torch.cuda.is_available():
         print("bench_project_gpu: no CUDA device; use benchmarks/bench_project.py on CPU", file=sys.stderr)
         return 2
