@@ -433,3 +433,95 @@ def test_stress_checks_record_each_failure_and_write_after_each_check(tmp_path, 
     assert [r["check"] for r in seen[0]] == ["first"]
     assert [r["check"] for r in seen[1]] == ["first", "broken", "skipped", "async_fault"]
     assert json.load(open(tmp_path / "stress.json"))["checks"] == records
+
+
+STEPS = ["env", "build", "avail", "correct", "bench", "stress", "train", "tests"]
+
+
+def _fake_python(tmp_path, out, stress_sleep):
+    """A stand-in for the interpreter gpu_check.sh runs: it notes each call with what $OUT
+    held at that moment, prints a line, fails the bench and sleeps in the stress step."""
+    trace = tmp_path / "trace.txt"
+    fake = tmp_path / "python"
+    fake.write_text(f"""#!/usr/bin/env bash
+{{ echo "CALL $*" | tr '\\n' ' '; echo; cat "{out}/summary.csv"; grep -c '^output of' "{out}/gpu_check.log"; }} >> "{trace}"
+echo "output of $*"
+case "$*" in
+    *bench_project.py*) exit 3 ;;
+    *gpu_stress.py*) exec sleep {stress_sleep} ;;
+esac
+""")
+    fake.chmod(0o755)
+    return fake, trace
+
+
+def _calls(trace):
+    """``[(step, summary rows present, log lines present)]`` at each call of the fake."""
+    text = trace.read_text().split("CALL ")[1:]
+    out = []
+    for block in text:
+        lines = block.strip().splitlines()
+        out.append((lines[0], [r.split(",")[0] for r in lines[2:-1]], int(lines[-1])))
+    return out
+
+
+def test_gpu_check_runs_in_order_writes_after_each_step_and_keeps_its_budget(tmp_path):
+    """Steps in order of value; summary.csv/json and the log in $OUT after every step (each
+    call sees the rows of all steps before it); a failing step and a step killed at the
+    budget are recorded and the rest skipped, never run past it; at most 8 files."""
+    import json
+    out = tmp_path / "out"
+    fake, trace = _fake_python(tmp_path, out, stress_sleep=60)
+    r = subprocess.run(["bash", "scripts/gpu_check.sh", "--dry-run"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=120, env=dict(os.environ, OUT=str(out), PYTHON=str(fake), GPU_CHECK_BUDGET="14"))
+    assert r.returncode == 1, r.stdout[-3000:] + r.stderr[-2000:]
+    rows = [line.split(",") for line in (out / "summary.csv").read_text().splitlines()[1:]]
+    assert [row[0] for row in rows] == STEPS
+    status = {row[0]: row[1] for row in rows}
+    assert status["bench"] == "FAILED (exit 3)" and status["stress"] == "FAILED (timeout)"
+    assert all(status[s] == "passed" for s in STEPS[:4]), status
+    assert status["train"] == status["tests"] == "skipped (budget)"
+    assert sum(int(row[2]) for row in rows) <= 14 + 6            # the kill-after grace at most
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["finished"] is True and [s["step"] for s in summary["steps"]] == STEPS
+    calls = [c for c in _calls(trace) if "-c import sys, torch" not in c[0] and "import triton" not in c[0]]
+    seen = {}
+    for cmd, rows_then, logged in calls:       # which step made the call, and what $OUT held then
+        step = next(s for s, k in (("build", "ortholora_kernels._C"), ("avail", "backends_available"),
+                                  ("correct", "--check-only"), ("bench", "bench_project.py"),
+                                  ("stress", "gpu_stress.py"), ("train", "bench_train_step")) if k in cmd)
+        seen[step] = (rows_then, logged)
+    assert list(seen) == STEPS[1:6]
+    for i, step in enumerate(STEPS[1:6], start=1):
+        rows_then, logged = seen[step]
+        assert rows_then == STEPS[:i], (step, rows_then)     # every earlier step already in $OUT
+        assert logged >= i - 1, (step, logged)                # and its output in the log
+    log = (out / "gpu_check.log").read_text()
+    assert "output of benchmarks/bench_project.py --quick" in log and "===== [stress] FAILED (timeout)" in log
+    assert len([p for p in out.rglob("*") if p.is_file()]) <= 8
+
+
+def test_gpu_check_killed_mid_step_leaves_what_ran(tmp_path):
+    """A kill at any point (the device's per-command limit) leaves the summary of the steps
+    that finished and the running step's output so far."""
+    import json
+    import signal
+    import time
+    out = tmp_path / "out"
+    fake, trace = _fake_python(tmp_path, out, stress_sleep=120)
+    proc = subprocess.Popen(["bash", "scripts/gpu_check.sh", "--dry-run"], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True,
+                            env=dict(os.environ, OUT=str(out), PYTHON=str(fake)))
+    try:
+        deadline = time.time() + 60
+        while "gpu_stress.py" not in (trace.read_text() if trace.exists() else ""):
+            assert time.time() < deadline and proc.poll() is None
+            time.sleep(0.2)
+        time.sleep(0.5)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["finished"] is False
+    assert [s["step"] for s in summary["steps"]] == STEPS[:5]
+    assert "output of scripts/gpu_stress.py --dry-run" in (out / "gpu_check.log").read_text()
