@@ -39,6 +39,7 @@ import ortholora_kernels as ok
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_project import pcgrad_loop  # noqa: E402  (the same loop as the CPU benchmark)
+from harness import cuda_median_us  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TASKS = [2, 4, 8, 16, 32]
@@ -64,10 +65,7 @@ def gbps(nbytes: int, us: float) -> float:
     return nbytes / (us * 1e-6) / 1e9
 
 
-def do_bench(fn, rep_ms: float) -> float:
-    """Median microseconds of ``fn()`` (CUDA events, L2 flushed between calls)."""
-    from triton.testing import do_bench as _do_bench
-    return _do_bench(fn, warmup=max(5, int(rep_ms // 4)), rep=rep_ms, return_mode="median") * 1e3
+do_bench = cuda_median_us   # median microseconds of fn() (CUDA events, L2 flushed between calls)
 
 
 def copy_bandwidth(rep_ms: float) -> float:

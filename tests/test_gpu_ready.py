@@ -194,7 +194,7 @@ def test_compile_gpu_fails_on_a_kernel_that_does_not_compile(tmp_path):
         pytest.skip("the interpreter compiles nothing")
     pytest.importorskip("triton.backends.nvidia")
     code = (
-        "import sys; sys.path.insert(0, 'benchmarks'); import compile_gpu as c\n"
+        "import sys; sys.path.insert(0, 'scripts'); import compile_gpu as c\n"
         "def broken(job):\n"
         "    return dict(error='CompilationError: injected', secs=0.0) if job[0] == '_combine_kernel' "
         "else dict(regs=40, spills=0, smem=0, error=None, secs=0.0)\n"
@@ -525,3 +525,19 @@ def test_gpu_check_killed_mid_step_leaves_what_ran(tmp_path):
     assert summary["finished"] is False
     assert [s["step"] for s in summary["steps"]] == STEPS[:5]
     assert "output of scripts/gpu_stress.py --dry-run" in (out / "gpu_check.log").read_text()
+
+
+def test_automatic_choice_on_cuda_sends_no_t_past_triton_limit(monkeypatch):
+    """triton on CUDA takes T <= 128 (T = 129 pads to 256: ~54 KB of spills per thread
+    on sm_90): the automatic choice goes to torch past it, an explicit choice is refused."""
+    from ortholora_kernels import backends
+    impl = _triton_or_skip()
+    monkeypatch.setattr(backends, "availability", lambda name, device: None)
+    cuda = torch.device("cuda")
+    assert backends.select(None, cuda, 128) == "triton"
+    assert backends.select(None, cuda, 129) == "torch"
+    assert backends._MAX_TASKS["cuda"]["triton"] == impl._MAX_TASKS_CUDA
+    impl._check_tasks(cuda, 128)
+    impl._check_tasks(torch.device("cpu"), 1000)          # the interpreter: no limit
+    with pytest.raises(RuntimeError, match="at most 128 tasks"):
+        impl._check_tasks(cuda, 129)

@@ -64,6 +64,10 @@ _TARGET_PROGRAMS = 1024    # enough programs to fill a large GPU before chunking
 _REDUCE_ELEMS = 2048       # fp64 elements per step of a partial sum (16 per thread)
 _GROUP = 16                # chunks per first-level group of the fused reduction
 _FUSED = True              # stage 2 in the tail of the Gram launch (False: its own launch)
+# Largest T on CUDA (backends._MAX_TASKS says the same to the automatic choice): sm_90,
+# T = 128 compiles with ~2 KB of spills per thread in the fused Gram + solve, T = 129
+# (T_PAD 256) with ~54 KB. The interpreter has no such limit.
+_MAX_TASKS_CUDA = 128
 
 
 def availability(device: torch.device) -> str | None:
@@ -562,7 +566,7 @@ def _gram_warps(t_pad: int, fused_solve: bool) -> int:
     """Warps of a Gram program. With the solve fused in, at T_PAD = 64: 16 (sm_90, Triton
     3.6: 8 warps needed 255 registers and spilled 96 bytes; 16 take 128 and spill nothing).
     Elsewhere 16 warps spilled (unfused, the backward's cross product): 8 at T_PAD >= 32.
-    Figures: benchmarks/compile_gpu.py, RESULTS.md (issue 15)."""
+    Figures: scripts/compile_gpu.py, RESULTS.md (issue 15)."""
     if t_pad >= 64 and fused_solve:
         return 16
     return 8 if t_pad >= 32 else 4
@@ -573,7 +577,7 @@ def _gram_stages(r_pad: int, t_pad: int) -> int | None:
 
     The T <= 8 path (per-thread outer products, no tl.dot) gets ``_PIPELINE_STAGES``: the
     next tile's loads (async copies into shared memory) are issued while this tile's
-    products run. sm_90 under Triton 3.6 (benchmarks/compile_gpu.py --pipeline-stages):
+    products run. sm_90 under Triton 3.6 (scripts/compile_gpu.py --pipeline-stages):
     2 stages take 4-16 KB of shared memory and at most 128 registers, no spills; 3 took
     up to 32 KB and 224 registers and spilled at T = 4. The tl.dot path is pipelined by
     the launch's default ``num_stages``: None leaves its loops unannotated (an explicit 1
@@ -599,6 +603,14 @@ def _gram_plan(seg: Segments, r: int, t: int, fp64: bool, same: bool, reduction:
     return seg.cached(("triton_gram", r, t, fp64, same, reduction, solve, _FUSED, _PIPELINE_STAGES), build)
 
 
+def _check_tasks(device: torch.device, t: int) -> None:
+    """Refuse T past ``_MAX_TASKS_CUDA`` on CUDA (an explicit ``backend='triton'``; the
+    automatic choice never sends it), naming the limit and the way out."""
+    if device.type == "cuda" and t > _MAX_TASKS_CUDA:
+        raise RuntimeError(f"backend='triton' on CUDA takes at most {_MAX_TASKS_CUDA} tasks (grads has {t} rows): "
+                           f"its T_PAD x T_PAD tiles spill past that; use backend='torch'")
+
+
 def _gram(a: torch.Tensor, b: torch.Tensor | None, seg: Segments, *, order=None, reduction="sum",
           solve=True):
     """Stages 1-2: ``A B^T`` per segment (``b=None``: the Gram of ``a``, then, with
@@ -612,6 +624,7 @@ def _gram(a: torch.Tensor, b: torch.Tensor | None, seg: Segments, *, order=None,
     b = a if same else b
     r, n = a.shape
     t = b.shape[0]
+    _check_tasks(a.device, max(r, t))
     s_count = seg.num_segments
     dev = a.device
     fp64 = a.dtype == torch.float64 or b.dtype == torch.float64

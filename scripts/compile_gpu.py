@@ -1,8 +1,8 @@
 """Compile every Triton kernel configuration the dispatcher can choose, for a GPU, without one.
 
-    python benchmarks/compile_gpu.py --arch sm_90            # the full matrix
-    python benchmarks/compile_gpu.py --arch sm_90 --quick    # one T per specialisation class
-    PYTHONPATH=/path/to/triton36 python benchmarks/compile_gpu.py   # another Triton
+    python scripts/compile_gpu.py --arch sm_90            # the full matrix
+    python scripts/compile_gpu.py --arch sm_90 --quick    # one T per specialisation class
+    PYTHONPATH=/path/to/triton36 python scripts/compile_gpu.py   # another Triton
 
 The Triton interpreter (the CPU tests) never runs Triton's GPU compiler, so a kernel that a
 given Triton version rejects for a GPU, or that spills there, passes every CPU test. This
@@ -13,7 +13,8 @@ launcher would (its own binder: integer arguments equal to 1 become constants, 1
 integers and 16-byte aligned pointers get their hints) and compiles it with
 ``triton.compile`` for the target (Triton's bundled ptxas; no driver, no GPU).
 
-The matrix: T = 1..64 (``--quick``, what CI runs: a subset, see ``QUICK_TASKS``), fp32 / bf16 / fp16
+The matrix: T = 1..64, 65 and 128 (T_PAD 128: the largest the automatic choice sends to
+triton on CUDA; ``--quick``, what CI runs: a subset, see ``QUICK_TASKS``), fp32 / bf16 / fp16
 / fp64, fused and unfused stage 2, forward (Gram + PCGrad solve), backward, and the Gram
 pass alone (the path of solves the kernels do not fuse), reductions sum / mean / none
 (which select the combine variants: one output row, T rows, and the backward's two-input
@@ -46,18 +47,22 @@ if "ORTHOLORA_COMPILE_GPU_CACHE" not in os.environ:
     atexit.register(shutil.rmtree, os.environ["TRITON_CACHE_DIR"], True)
 if os.environ.get("TRITON_INTERPRET") == "1":
     sys.exit("compile_gpu.py: unset TRITON_INTERPRET (the interpreter compiles nothing)")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [_ROOT, os.path.join(_ROOT, "benchmarks")]
 
 import torch  # noqa: E402
+
+from harness import KERNELS, recorded_launches  # noqa: E402  (benchmarks/harness.py)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
 REDUCTIONS = ("sum", "mean", "none")
 # --quick (what CI runs, twice: two Tritons on 2 cores): T == 1 (a constant), T = 8 (the
 # largest software-pipelined outer-product tile), T = 16 (the first tl.dot size, the
-# register solve), 17 (padded to 32: the solve reads G from memory), 64 (the largest tile);
-# every dtype fused, the unfused stage 2 in fp32 and fp64 only.
-QUICK_TASKS = (1, 8, 16, 17, 64)
-KERNELS = ("_gram_kernel", "_reduce_solve_kernel", "_combine_kernel", "_solve_vjp_kernel")
+# register solve), 17 (padded to 32: the solve reads G from memory), 64 (the largest tile
+# of the fused reverse solve), 65 (T_PAD 128: the backward's torch reverse solve) and 128
+# (the largest T the automatic choice sends to triton on CUDA); every dtype fused, the
+# unfused stage 2 in fp32 and fp64 only.
+QUICK_TASKS = (1, 8, 16, 17, 64, 65, 128)
 # Layouts the host code is run on: an aligned one (N and every offset 16-divisible, the
 # usual LoRA case) and, with --ragged, odd sizes and a 1-column segment.
 LAYOUTS = {"aligned": [0, 4096, 12288], "ragged": [0, 1, 1000, 3001]}
@@ -66,18 +71,6 @@ LAYOUTS = {"aligned": [0, 4096, 12288], "ragged": [0, 1, 1000, 3001]}
 def _impl():
     from ortholora_kernels.backends import triton_impl
     return triton_impl
-
-
-class _Recorder:
-    """Stands in for a kernel: ``kernel[grid](*args, **kwargs)`` is recorded, not run."""
-
-    def __init__(self, name, log):
-        self.name, self.log = name, log
-
-    def __getitem__(self, grid):
-        def launch(*args, **kwargs):
-            self.log.append((self.name, args, kwargs))
-        return launch
 
 
 def record(t: int, dtype: torch.dtype, fused: bool, direction: str, reduction: str, layout: str):
@@ -93,23 +86,21 @@ def record(t: int, dtype: torch.dtype, fused: bool, direction: str, reduction: s
     x = torch.randn((t, n), generator=gen).to(dtype)
     order = draw_orders(seg.num_segments, t, "cpu", gen)
     log = []
-    saved = {k: getattr(impl, k) for k in KERNELS + ("_FUSED",)}
+    saved = impl._FUSED
     try:
-        for k in KERNELS:
-            setattr(impl, k, _Recorder(k, log))
-        impl._FUSED = fused
-        if direction == "fwd":        # the built-in PCGrad solve, fused into the Gram launch
-            ops.forward(x, seg, order, reduction, "triton")
-        elif direction == "gram":     # a solve the kernels do not fuse: the Gram pass alone
-            backends.get("triton").gram(x, seg)
-        else:
-            xd = x.double()
-            g = torch.stack([xd[:, a:b] @ xd[:, a:b].T for a, b in zip(offsets, offsets[1:])])
-            dout = torch.randn((t, n) if reduction == "none" else (n,), generator=gen).to(dtype)
-            ops.backward(x, dout, g, order, seg, reduction, "triton")
+        with recorded_launches(impl, log, KERNELS):
+            impl._FUSED = fused
+            if direction == "fwd":        # the built-in PCGrad solve, fused into the Gram launch
+                ops.forward(x, seg, order, reduction, "triton")
+            elif direction == "gram":     # a solve the kernels do not fuse: the Gram pass alone
+                backends.get("triton").gram(x, seg)
+            else:
+                xd = x.double()
+                g = torch.stack([xd[:, a:b] @ xd[:, a:b].T for a, b in zip(offsets, offsets[1:])])
+                dout = torch.randn((t, n) if reduction == "none" else (n,), generator=gen).to(dtype)
+                ops.backward(x, dout, g, order, seg, reduction, "triton")
     finally:
-        for k, v in saved.items():
-            setattr(impl, k, v)
+        impl._FUSED = saved
         seg._device_cache.clear()
     return log
 
@@ -183,7 +174,8 @@ def configurations(tasks, dtypes, quick=False, directions=DIRECTIONS):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", default="sm_90", help="target, e.g. sm_90 (H100/H200), sm_80")
-    p.add_argument("--tasks", type=int, nargs="+", default=list(range(1, 65)), help="values of T (default 1..64)")
+    p.add_argument("--tasks", type=int, nargs="+", default=list(range(1, 65)) + [65, 128],
+                   help="values of T (default 1..64, 65, 128)")
     p.add_argument("--quick", action="store_true",
                    help=f"the CI subset: T in {QUICK_TASKS}, unfused stage 2 for fp32/fp64 only")
     p.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
