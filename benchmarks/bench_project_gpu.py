@@ -216,8 +216,7 @@ def check_correctness(device="cuda", n=20_000, names=("triton", "native"), tasks
     return "; ".join(notes)
 SWEEP = {  # triton_impl constants worth tuning on a new GPU (the defaults are untuned guesses)
     "_TILE_ELEMS": [8192, 16384, 32768],
-    "_TARGET_PROGRAMS": [512, 1024, 2048],
-    "_MAX_CHUNK_BLOCKS": [4, 16, 64],
+    "_PROGRAMS_PER_SM": [2, 4, 8, 16],
 }
 
 

@@ -156,7 +156,22 @@ def compile_one(job):
     regs = re.search(r"Used (\d+) registers", log)
     spills = [int(v) for v in re.findall(r"(\d+) bytes spill (?:stores|loads)", log)]
     return dict(regs=int(regs.group(1)) if regs else -1, spills=sum(spills), smem=int(k.metadata.shared),
-                error=None, secs=time.perf_counter() - t0)
+                error=None, secs=time.perf_counter() - t0, **ptx_facts(k.asm.get("ptx", "")))
+
+
+PTX_FACTS = ("ld_v4", "ld_scalar", "cp16", "cp4", "wgmma", "mma", "ffma")
+
+
+def ptx_facts(ptx: str) -> dict:
+    """Counts of the PTX instructions that say how a kernel loads and multiplies: 16-byte
+    global loads (``ld.global.v4`` of 4-byte words, ``v2`` of 8-byte ones) against scalar
+    ones, 16- and 4-byte ``cp.async`` copies, tensor-core ``wgmma``/``mma`` and fp32 FMAs."""
+    loads = re.findall(r"\bld\.global((?:\.\w+)*)", ptx)
+    wide = sum(1 for q in loads if ".v4" in q or (".v2" in q and ("64" in q)))
+    cps = [int(v, 0) for v in re.findall(r"\bcp\.async\.c[ag]\.shared\.global[^;]*?\],\s*(0x[0-9a-f]+|\d+)", ptx)]
+    return dict(ld_v4=wide, ld_scalar=sum(1 for q in loads if ".v" not in q),
+                cp16=cps.count(16), cp4=cps.count(4), wgmma=len(re.findall(r"\bwgmma\.mma_async", ptx)),
+                mma=len(re.findall(r"\bmma\.sync", ptx)), ffma=len(re.findall(r"\bfma\.rn\.f32", ptx)))
 
 
 DIRECTIONS = ("fwd", "bwd", "gram")
@@ -186,6 +201,9 @@ def parse_args(argv=None):
     p.add_argument("--max-spills", type=int, default=None,
                    help="fail a configuration whose kernels spill more than this many bytes")
     p.add_argument("--csv", default=None, help="write one row per (configuration, kernel) here")
+    p.add_argument("--ptx", action="store_true",
+                   help="also print the PTX facts per kernel (wide/scalar loads, cp.async sizes, mma, fp32 FMAs; "
+                        "always in --csv; maxima over the configuration's launches)")
     p.add_argument("--pipeline-stages", type=int, default=None,
                    help="override triton_impl._PIPELINE_STAGES (the T <= 8 Gram loops' num_stages) to compare")
     return p.parse_args(argv)
@@ -241,8 +259,8 @@ def main(argv=None) -> int:
             if res["error"]:
                 errors.append(f"{name}: {res['error']}")
                 continue
-            cur = per_kernel.setdefault(name, dict(regs=0, spills=0, smem=0))
-            for f in ("regs", "spills", "smem"):
+            cur = per_kernel.setdefault(name, dict(regs=0, spills=0, smem=0, **dict.fromkeys(PTX_FACTS, 0)))
+            for f in ("regs", "spills", "smem") + PTX_FACTS:
                 cur[f] = max(cur[f], res[f])
         if args.max_spills is not None:
             errors += [f"{k}: {v['spills']} bytes spilled > {args.max_spills}" for k, v in per_kernel.items()
@@ -250,7 +268,8 @@ def main(argv=None) -> int:
         status = "FAILED" if errors else "ok"
         failed += bool(errors)
         parts = "  ".join(f"{k.strip('_').replace('_kernel', '')}: regs={v['regs']} spills={v['spills']} "
-                          f"smem={v['smem']}" for k, v in per_kernel.items())
+                          f"smem={v['smem']}" + (" " + " ".join(f"{f}={v[f]}" for f in PTX_FACTS) if args.ptx else "")
+                          for k, v in per_kernel.items())
         print(f"T={t:<3d} dtype={dt:<4s} {'fused  ' if fused else 'unfused'} {direction:<4s} {reduction:<4s} "
               f"{status:<6s} {parts}" + (f"  ERROR {'; '.join(errors)}" if errors else ""))
         for k, v in per_kernel.items():
@@ -258,7 +277,7 @@ def main(argv=None) -> int:
     if args.csv:
         with open(args.csv, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=["T", "dtype", "fused", "direction", "reduction", "kernel", "regs",
-                                              "spills", "smem"])
+                                              "spills", "smem", *PTX_FACTS])
             w.writeheader()
             w.writerows(rows)
     worst = max(rows, key=lambda r: (r["spills"], r["regs"]), default=None)

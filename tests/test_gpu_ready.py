@@ -197,7 +197,7 @@ def test_compile_gpu_fails_on_a_kernel_that_does_not_compile(tmp_path):
         "import sys; sys.path.insert(0, 'scripts'); import compile_gpu as c\n"
         "def broken(job):\n"
         "    return dict(error='CompilationError: injected', secs=0.0) if job[0] == '_combine_kernel' "
-        "else dict(regs=40, spills=0, smem=0, error=None, secs=0.0)\n"
+        "else dict(regs=40, spills=0, smem=0, error=None, secs=0.0, **c.ptx_facts(''))\n"
         "c.compile_one = broken\n"
         "sys.exit(c.main(['--tasks', '3', '--dtypes', 'fp32', '-j', '1', '--csv', sys.argv[1]]))\n"
     )
