@@ -10,17 +10,20 @@ Checks (each independent: a failure is recorded and the next one runs):
   agree within rounding (their partial sums are grouped differently) and with the reference;
 - ``fp64``: float64 input at T = 16, 17, 33 (the tl.dot path Triton 3.6 once rejected),
   forward and backward, against the float64 reference / the torch backend;
-- ``graphs_reverse``: per backend, two CUDA graphs of the same shape captured on one stream
-  (the first call of a fresh layout inside the capture), replayed in reverse order, then
-  side by side on two streams, then an eager call of the same layout;
+- ``graphs_reverse``: per backend (each in its own try), after a warm-up call outside any
+  capture (a kernel's first launch loads its module, which a capturing stream refuses), two
+  CUDA graphs of the same shape captured on one stream (the first call of a fresh layout
+  inside the capture), replayed in reverse order, then side by side on two streams, then
+  an eager call of the same layout;
 - ``two_streams``: eager calls of one layout on two streams at once;
 - ``native_capture``: the native backend's first call of a layout inside a capture, then
   replays and eager calls;
 - ``auto_choice``: what the automatic choice picks at T = 32 and 33, and both are right;
 - ``int64_indexing``: T * N > 2**31 elements against the torch backend.
 
-Writes ``stress.json`` (one record per check: status, seconds, detail) under ``--out`` and
-prints a table last; exit status 1 when a check failed.
+Writes ``stress.json`` (one record per check: status, seconds, detail) under ``--out``
+after every check (a kill keeps what ran), synchronising the device inside each check's
+try (an asynchronous fault is that check's failure); exit status 1 when a check failed.
 """
 from __future__ import annotations
 

@@ -6,8 +6,12 @@ Forward: two launches, no host synchronisation, no per-call host work growing wi
    chunk table is built once per layout and cached on the :class:`Segments`):
    pass 1 takes each row's max-abs over the chunk, pass 2 scales the rows by the power
    of two that brings that max into [1, 2) (squares of gradients at 1e-30 or 1e30 leave
-   fp32's range), accumulates fp32 products per thread (``tl.dot`` in IEEE fp32 for
-   T >= 16) and un-scales exactly into one fp64 partial per chunk. No atomics on data.
+   fp32's range) and un-scales exactly into one fp64 partial per chunk. T >= 16:
+   ``tl.dot`` per column tile, its fp32 sum added to an fp64 accumulator (bf16/fp16
+   operands on tensor cores, exact products; fp16 needs no scaling pass; fp32 in IEEE
+   FMAs); below, fp32 outer products per thread. A few programs per SM, each looping over
+   its chunk's tiles; 16-aligned vector loads when every segment offset allows. No
+   atomics on data.
    Stage 2 runs in the tail of the same launch through a two-level ticket tree (atomic
    counters): the last program of each group of ``_GROUP`` chunks sums the group's
    partials; the last group of a segment sums the group sums -> G and runs the
