@@ -294,5 +294,7 @@ def test_alignment_hint_only_where_every_offset_is_16_divisible():
                           ([0, 1, 1000, 3001], 3001, False), ([0, 8, 32], 32, False)):
         seg = ok._args.segments_for(segs, n)
         assert impl._aligned(seg) is want
-        assert impl._gram_plan(seg, 4, 4, False, True, "sum")[1]["ALIGNED"] is want
+        assert impl._gram_plan(seg, 16, 16, False, True, "sum")[1]["ALIGNED"] is want        # tl.dot path
+        assert impl._gram_plan(seg, 4, 4, False, True, "sum")[1]["ALIGNED"] is False       # outer products
+        assert impl._combine_plan(1, torch.float32, False, impl._aligned(seg))["ALIGNED"] is want
         seg._device_cache.clear()

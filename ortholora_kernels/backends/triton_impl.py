@@ -129,7 +129,7 @@ if triton is not None:
                      SAME: tl.constexpr, FP64: tl.constexpr, USE_DOT: tl.constexpr,
                      FUSED: tl.constexpr, RB: tl.constexpr, SOLVE: tl.constexpr,
                      MEAN: tl.constexpr, NONE: tl.constexpr, REG_SOLVE: tl.constexpr,
-                     ALIGNED: tl.constexpr = False, LOWP: tl.constexpr = 0,
+                     ALIGNED: tl.constexpr = False, LOWP: tl.constexpr = 0, FLUSH64: tl.constexpr = True,
                      DOT_PRECISION: tl.constexpr = "ieee", STAGES: tl.constexpr = None):
         """Partial ``A_c B_c^T`` (fp64 ``[R_PAD, T_PAD]``) of chunk ``c = program_id``.
 
@@ -207,7 +207,7 @@ if triton is not None:
             # rounding spans one tile (BLOCK columns), never the whole chunk. Outer products:
             # fp32 per thread over the chunk, one cross-thread reduction per chunk.
             if USE_DOT:
-                acc2 = tl.zeros([R_PAD, T_PAD], dtype=tl.float64)
+                acc2 = tl.zeros([R_PAD, T_PAD], dtype=tl.float64 if FLUSH64 else tl.float32)
             else:
                 acc3 = tl.zeros([R_PAD, T_PAD, BLOCK], dtype=tl.float32)
             for c0 in tl.range(start, end, BLOCK, num_stages=STAGES):
@@ -226,12 +226,15 @@ if triton is not None:
                     if LOWP == 2:   # scaled by a power of two: still exactly bf16
                         a = a.to(tl.bfloat16)
                         b = a if SAME else b.to(tl.bfloat16)
-                    acc2 += tl.dot(a, tl.trans(b), input_precision=DOT_PRECISION,
-                                   out_dtype=tl.float32).to(tl.float64)
+                    if FLUSH64:
+                        acc2 += tl.dot(a, tl.trans(b), input_precision=DOT_PRECISION,
+                                       out_dtype=tl.float32).to(tl.float64)
+                    else:   # T_PAD 128: an fp64 tile would spill; fp32 over the chunk
+                        acc2 = tl.dot(a, tl.trans(b), acc2, input_precision=DOT_PRECISION)
                 else:
                     acc3 += a.to(tl.float32)[:, None, :] * b.to(tl.float32)[None, :, :]
             if USE_DOT:
-                p = acc2
+                p = acc2.to(tl.float64)
             else:
                 p = tl.sum(acc3, axis=2).to(tl.float64)
             acc = p * ua[:, None] * ub[None, :]
@@ -629,13 +632,15 @@ def _workspace(seg: Segments, lay: _Layout, device: torch.device, tile: int):
     return _cached_capped(seg, ("triton_ws", device, stream, lay.n_prog, lay.n_groups, tile), build)
 
 
-def _gram_warps(t_pad: int, fused_solve: bool, lowp: int = 0) -> int:
+def _gram_warps(t_pad: int, fused_solve: bool, lowp: int = 0, fp64: bool = False) -> int:
     """Warps of a Gram program. With the solve fused in, at T_PAD = 64: 16 (sm_90, Triton
     3.6: 8 warps needed 255 registers and spilled 96 bytes; 16 take 128 and spill nothing).
     Elsewhere 16 warps spilled (unfused, the backward's cross product): 8 at T_PAD >= 32.
     Figures: scripts/compile_gpu.py, RESULTS.md (issue 15)."""
-    if fused_solve and (t_pad >= 64 or (t_pad == 32 and lowp)):
-        return 16   # bf16/fp16 at T_PAD 32, fused: 8 warps spilled 16 bytes (Triton 3.6), 16 none
+    if fused_solve and t_pad >= 64:
+        return 16
+    if t_pad == 32 and (lowp or not (fused_solve or fp64)):
+        return 4    # with the fp64 per-tile accumulator, 8 warps spilled 12-24 bytes here (sm_90)
     return 8 if t_pad >= 32 else 4
 
 
@@ -674,8 +679,11 @@ def _gram_plan(seg: Segments, r: int, t: int, fp64: bool, same: bool, reduction:
         rb = max(1, min(64, _REDUCE_ELEMS // (r_pad * t_pad)))   # level 2 sums <= 1024 / _GROUP rows
         consts = dict(R_PAD=r_pad, T_PAD=t_pad, BLOCK=block, SAME=same, FP64=fp64, USE_DOT=use_dot,
                       RB=rb, SOLVE=same and solve, MEAN=reduction == "mean", NONE=reduction == "none",
-                      REG_SOLVE=t_pad <= 16, num_warps=_gram_warps(t_pad, _FUSED and same and solve, lowp),
-                      ALIGNED=_aligned(seg), LOWP=lowp, DOT_PRECISION=_FP32_DOT_PRECISION,
+                      REG_SOLVE=t_pad <= 16, num_warps=_gram_warps(t_pad, _FUSED and same and solve, lowp, fp64),
+                      # the hint on the tl.dot paths only: elsewhere (outer products, fp64) it
+                      # cost 12-56 bytes of spills on sm_90 for no wider loads
+                      ALIGNED=_aligned(seg) and use_dot and not fp64, LOWP=lowp, DOT_PRECISION=_FP32_DOT_PRECISION,
+                      FLUSH64=r_pad * t_pad <= _FLUSH64_MAX_TILE,
                       STAGES=_gram_stages(r_pad, t_pad))
         return block, consts
     return seg.cached(("triton_gram", r, t, fp64, same, reduction, solve, lowp, _FUSED, _PIPELINE_STAGES,
@@ -692,6 +700,10 @@ _FP32_DOT_PRECISION = "ieee"
 
 
 _LOWP = {torch.float16: 1, torch.bfloat16: 2}
+# Largest R_PAD x T_PAD whose per-tile fp32 sums go into an fp64 accumulator (fp32 rounding
+# over one tile of columns, whatever the chunk length). Past it (T_PAD 128) the fp64 tile
+# spilled 880 bytes per thread on sm_90; there the fp32 accumulator spans the chunk.
+_FLUSH64_MAX_TILE = 64 * 64
 
 
 def _check_tasks(device: torch.device, t: int) -> None:
@@ -738,7 +750,7 @@ def _gram(a: torch.Tensor, b: torch.Tensor | None, seg: Segments, *, order=None,
                                     gparts, gtickets, stickets, g, order, c, w, nproj, FUSED=_FUSED, **consts)
         if not _FUSED:
             k = {key: v for key, v in consts.items() if key not in ("BLOCK", "SAME", "FP64", "USE_DOT", "STAGES", "ALIGNED", "LOWP",
-                                                                    "DOT_PRECISION")}
+                                                                    "DOT_PRECISION", "FLUSH64")}
             _reduce_solve_kernel[(s_count,)](parts, lay.chunk_off, g, order, c, w, nproj, r, t, **k)
     return (g, c, w, nproj) if solve else (g, None, None, None)
 
@@ -767,10 +779,15 @@ def _combine(seg: Segments, x, a, y=None, b=None, out_rows=1, out_dtype=None, fl
     return out
 
 
+_COMBINE_WARPS = 4   # the backward's two-operand combine at R_PAD >= 16 gets 8: with 16-byte
+                     # loads, 4 warps spilled 16 bytes there (sm_90, dev Triton)
+
+
 def _combine_plan(out_rows, dtype, has_y, aligned=False):
     """Constants of a combine launch (cached per layout)."""
     r_pad, block = _combine_config(out_rows)
-    return dict(R_PAD=r_pad, BLOCK=block, HAS_Y=has_y, FP64=dtype == torch.float64, ALIGNED=aligned)
+    return dict(R_PAD=r_pad, BLOCK=block, HAS_Y=has_y, FP64=dtype == torch.float64, ALIGNED=aligned,
+                num_warps=_COMBINE_WARPS if not (has_y and r_pad >= 16) else 8)
 
 
 def _solve_vjp(gram: torch.Tensor, order: torch.Tensor, reduction: str, v: torch.Tensor, seg: Segments):
