@@ -2,7 +2,7 @@
 
     python benchmarks/bench_host_overhead.py [--tasks 8 32] [--calls 200] [--repeat 7]
 
-What one GPU call costs the host besides the kernels (issue 15, finding 6): the custom-op
+What one GPU call costs the host besides the kernels: the custom-op
 dispatch, the Python composition, allocations, and the backward's T x T solve and reverse
 solve. The triton backend's host code runs on small CPU tensors with its kernel launches
 recorded (as in scripts/compile_gpu.py), so the times are Python + aten dispatch only;

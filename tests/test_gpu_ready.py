@@ -1,4 +1,4 @@
-"""GPU readiness checked on CPU (issue 15): CUDA-graph workspace and tables, device guard,
+"""GPU readiness checked on CPU: CUDA-graph workspace and tables, device guard,
 availability under the interpreter, the segments cache, the compile matrix script and the
 GPU check script's dry run.
 

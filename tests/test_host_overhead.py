@@ -1,4 +1,4 @@
-"""Host overhead on the CUDA path, checked on CPU (issue 15, finding 6): how many kernel
+"""Host overhead on the CUDA path, checked on CPU: how many kernel
 launches and aten ops one forward and one backward issue, and the backward's fused reverse
 solve (``triton_impl._solve_vjp_kernel``) against the torch reference.
 

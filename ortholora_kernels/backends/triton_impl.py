@@ -617,7 +617,7 @@ def _workspace(seg: Segments, lay: _Layout, device: torch.device, tile: int):
     Rows ``P:`` of the partials hold the group sums; tickets ``:G`` count finished chunks
     per group, ``G:`` finished groups per segment. The tickets return to zero at the end
     of every fused launch, so eager calls reuse one cached set per (layout, device,
-    stream): no memset, and launches on different streams never share tickets. Under
+    stream; at most ``_MAX_WORKSPACES`` per layout, least recently used dropped): no memset, and launches on different streams never share tickets. Under
     CUDA-graph capture every call gets its own workspace, allocated in the graph's memory
     and zeroed by a memset node of the graph: a second graph of the same shape, or two
     graphs replayed at once, never share (or inherit uninitialised) tickets.
@@ -636,7 +636,7 @@ def _gram_warps(t_pad: int, fused_solve: bool, lowp: int = 0, fp64: bool = False
     """Warps of a Gram program. With the solve fused in, at T_PAD = 64: 16 (sm_90, Triton
     3.6: 8 warps needed 255 registers and spilled 96 bytes; 16 take 128 and spill nothing).
     Elsewhere 16 warps spilled (unfused, the backward's cross product): 8 at T_PAD >= 32.
-    Figures: scripts/compile_gpu.py, RESULTS.md (issue 15)."""
+    Figures: scripts/compile_gpu.py, benchmarks/RESULTS.md (sm_90 compile tables)."""
     if fused_solve and t_pad >= 64:
         return 16
     if t_pad == 32 and (lowp or not (fused_solve or fp64)):
@@ -821,8 +821,8 @@ def _vjp_warps(t_pad: int) -> int:
     spread over enough threads to stay in registers. sm_90, Triton 3.6 (the GPU image's):
     no spills up to T_PAD = 32 (16 warps there spilled 12-60 bytes; the dev Triton 3.9
     spills 44 with 8 and none with 16); T_PAD = 64 spills with any count (8 warps: 84-228
-    bytes, 16: 208-256, 32: 76-168): 32, the least. Figures: benchmarks/RESULTS.md, issue
-    15. One program per segment of O(T^3) work: a spill costs L1 traffic, not a pass over X."""
+    bytes, 16: 208-256, 32: 76-168): 32, the least. Figures: benchmarks/RESULTS.md
+    (sm_90 compile tables). One program per segment of O(T^3) work: a spill costs L1 traffic, not a pass over X."""
     return 1 if t_pad <= 8 else 2 if t_pad <= 16 else 8 if t_pad <= 32 else 32
 
 
