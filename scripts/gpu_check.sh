@@ -8,10 +8,10 @@
 #
 # Steps in order of value; each gets min(its own limit, what is left of the budget), a
 # failing step is recorded and the next one runs, a step with under 10 s left is skipped:
-#   env      versions, nvidia-smi, nvcc                                   (15 s)
+#   env      versions, nvidia-smi, nvcc                                   (30 s)
 #   build    the extension in place with ORTHOLORA_REQUIRE_BUILD=1 (setup.py build_ext:
 #            no pip, no download; TORCH_CUDA_ARCH_LIST from the GPU)      (180 s)
-#   avail    backends_available("cuda") must report native and triton usable (30 s)
+#   avail    backends_available("cuda") must report native and triton usable (60 s)
 #   correct  every backend's forward and backward against the reference
 #            (benchmarks/bench_project_gpu.py --check-only)                (60 s)
 #   bench    benchmarks/bench_project_gpu.py --quick (triton and native rows, CUDA graphs) (90 s)
@@ -105,7 +105,7 @@ step() {
 }
 
 write_summary false
-step env 15 bash -c "
+step env 30 bash -c "
     date -u; uname -a
     nvidia-smi || echo 'no nvidia-smi'
     nvcc --version || echo 'no nvcc on PATH'
@@ -114,7 +114,7 @@ step env 15 bash -c "
 
 if [ "$DRY" = 1 ]; then
     step build 60 "$PYTHON" -c "import ortholora_kernels._C as c; print('extension present:', c.__file__, 'WITH_CUDA =', c.WITH_CUDA)"
-    step avail 30 "$PYTHON" -c "
+    step avail 60 "$PYTHON" -c "
 import ortholora_kernels as ok
 cuda = ok.backends_available('cuda'); cpu = ok.backends_available('cpu')
 print('cuda:', cuda); print('cpu:', cpu)
@@ -131,7 +131,7 @@ else
     ARCH="$($PYTHON -c 'import torch; m, n = torch.cuda.get_device_capability(); print(f"{m}.{n}")' 2>/dev/null || echo 9.0)"
     step build 180 env ORTHOLORA_REQUIRE_BUILD=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-$ARCH}" \
         MAX_JOBS="${MAX_JOBS:-$(nproc)}" "$PYTHON" setup.py build_ext --inplace
-    step avail 30 "$PYTHON" -c "
+    step avail 60 "$PYTHON" -c "
 import ortholora_kernels as ok
 cuda = ok.backends_available('cuda'); print(cuda)
 bad = {k: v[1] for k, v in cuda.items() if k in ('native', 'triton') and not v[0]}
