@@ -769,8 +769,9 @@ def _combine(seg: Segments, x, a, y=None, b=None, out_rows=1, out_dtype=None, fl
     n = x.shape[1]
     has_y = y is not None
     y_, b_ = (y, b) if has_y else (x, a)
-    consts = seg.cached(("triton_combine", out_rows, x.dtype, has_y),
-                        lambda: _combine_plan(out_rows, x.dtype, has_y, _aligned(seg)))
+    wide_y = has_y and y.shape[0] >= 16
+    consts = seg.cached(("triton_combine", out_rows, x.dtype, has_y, wide_y),
+                        lambda: _combine_plan(out_rows, x.dtype, has_y, _aligned(seg), wide_y))
     lay = _table(seg, x.device, consts["BLOCK"], False)
     out = torch.empty((n,) if flat else (out_rows, n), dtype=out_dtype or x.dtype, device=x.device)
     with _guard(x.device):
@@ -779,15 +780,17 @@ def _combine(seg: Segments, x, a, y=None, b=None, out_rows=1, out_dtype=None, fl
     return out
 
 
-_COMBINE_WARPS = 4   # the backward's two-operand combine at R_PAD >= 16 gets 8: with 16-byte
-                     # loads, 4 warps spilled 16 bytes there (sm_90, dev Triton)
+_COMBINE_WARPS = 4   # the backward's "none" combine (Y with T >= 16 rows, not fp64) gets 8: with
+                     # 16-byte loads, 4 warps spilled 16 bytes there (sm_90, dev Triton); 8 spilled
+                     # 8-40 bytes for the one-row Y of sum/mean and for fp64
 
 
-def _combine_plan(out_rows, dtype, has_y, aligned=False):
-    """Constants of a combine launch (cached per layout)."""
+def _combine_plan(out_rows, dtype, has_y, aligned=False, wide_y=False):
+    """Constants of a combine launch (cached per layout). ``wide_y``: Y has >= 16 rows."""
     r_pad, block = _combine_config(out_rows)
-    return dict(R_PAD=r_pad, BLOCK=block, HAS_Y=has_y, FP64=dtype == torch.float64, ALIGNED=aligned,
-                num_warps=_COMBINE_WARPS if not (has_y and r_pad >= 16) else 8)
+    fp64 = dtype == torch.float64
+    return dict(R_PAD=r_pad, BLOCK=block, HAS_Y=has_y, FP64=fp64, ALIGNED=aligned,
+                num_warps=8 if wide_y and r_pad >= 16 and not fp64 else _COMBINE_WARPS)
 
 
 def _solve_vjp(gram: torch.Tensor, order: torch.Tensor, reduction: str, v: torch.Tensor, seg: Segments):
