@@ -136,7 +136,8 @@ def test_kernels_compile_for_gpu_without_one(t, dtype):
         pytest.skip("needs triton, without TRITON_INTERPRET=1")
     pytest.importorskip("triton.backends.nvidia")
     seg = ok._args.segments_for([0, 5000], 5000)
-    consts = dict(impl._gram_plan(seg, t, t, False, True, "sum")[1])
+    lowp = {"bf16": 2, "fp16": 1}.get(dtype, 0)
+    consts = dict(impl._gram_plan(seg, t, t, False, True, "sum", True, lowp)[1])
     warps = consts.pop("num_warps")
     types = dict(a_ptr=f"*{dtype}", b_ptr=f"*{dtype}", part_ptr="*fp64", table_ptr="*i64", N="i32", R="i32",
                  T="i32", group_off_ptr="*i64", seg_group_off_ptr="*i64", gpart_ptr="*fp64", gticket_ptr="*i32",
@@ -147,11 +148,12 @@ def test_kernels_compile_for_gpu_without_one(t, dtype):
         if "ptxas" in str(exc).lower():
             pytest.skip(str(exc)[:200])
         raise
-    r_pad, block = impl._combine_config(1)
     types = dict(table_ptr="*i64", x_ptr=f"*{dtype}", K1="i32", a_ptr="*fp64", a_ss="i32", a_sr="i32", a_sk="i32",
                  y_ptr=f"*{dtype}", K2="i32", b_ptr="*fp64", b_ss="i32", b_sr="i32", b_sk="i32",
                  out_ptr=f"*{dtype}", N="i32", R="i32")
-    _compile_for_sm90(impl._combine_kernel, types, dict(R_PAD=r_pad, BLOCK=block, HAS_Y=True, FP64=False), 4)
+    consts = impl._combine_plan(1, torch.float32, True, True)
+    warps = consts.pop("num_warps")
+    _compile_for_sm90(impl._combine_kernel, types, consts, warps)
 
 
 
