@@ -2,10 +2,10 @@
 
     python benchmarks/bench_host_overhead.py [--tasks 8 32] [--calls 200] [--repeat 7]
 
-What one GPU call costs the host besides the kernels (issue 15, finding 6): the custom-op
+What one GPU call costs the host besides the kernels: the custom-op
 dispatch, the Python composition, allocations, and the backward's T x T solve and reverse
 solve. The triton backend's host code runs on small CPU tensors with its kernel launches
-recorded (as in benchmarks/compile_gpu.py), so the times are Python + aten dispatch only;
+recorded (as in scripts/compile_gpu.py), so the times are Python + aten dispatch only;
 Triton's own launcher (a few us per launch on a GPU) is not included. Rows:
 
 - ``project()`` through the custom op ``ortholora::project`` (``ops._EAGER_FAST_PATH =
@@ -25,7 +25,6 @@ import argparse
 import os
 import statistics
 import sys
-import time
 
 if os.environ.get("TRITON_INTERPRET") == "1":
     sys.exit("bench_host_overhead.py: unset TRITON_INTERPRET (kernels are recorded, not run)")
@@ -37,15 +36,9 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from ortholora_kernels import _args, ops  # noqa: E402
 from ortholora_kernels.backends import triton_impl  # noqa: E402
 
-KERNELS = ("_gram_kernel", "_reduce_solve_kernel", "_combine_kernel", "_solve_vjp_kernel")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from harness import host_us_per_call, recorded_launches  # noqa: E402
 
-
-class _Recorder:
-    def __init__(self, log):
-        self.log = log
-
-    def __getitem__(self, grid):
-        return lambda *a, **k: self.log.append(1)
 
 
 class _Count(TorchDispatchMode):
@@ -112,14 +105,6 @@ def _rows(t: int):
     }
 
 
-def _time(fn, calls: int) -> float:
-    fn()
-    t0 = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    return (time.perf_counter() - t0) / calls * 1e6
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tasks", type=int, nargs="+", default=[8, 32])
@@ -129,10 +114,10 @@ def main(argv=None) -> int:
     if triton_impl._IMPORT_ERROR is not None:
         sys.exit(f"triton: {triton_impl._IMPORT_ERROR}")
     log: list = []
-    saved = {k: getattr(triton_impl, k) for k in KERNELS + ("_FUSED_VJP",)}
+    fused_vjp = triton_impl._FUSED_VJP
     fast = ops._EAGER_FAST_PATH
-    for k in KERNELS:
-        setattr(triton_impl, k, _Recorder(log))
+    recording = recorded_launches(triton_impl, log)
+    recording.__enter__()
     # project() checks the backend can run: on CPU it needs the interpreter, unused here.
     triton_impl.BACKEND.availability = lambda device: None
     torch.set_num_threads(1)
@@ -147,7 +132,7 @@ def main(argv=None) -> int:
             times = {name: [] for name in rows}
             for _ in range(args.repeat):
                 for name, (fn, _) in rows.items():
-                    times[name].append(_time(fn, args.calls))
+                    times[name].append(host_us_per_call(fn, args.calls))
             for name, (fn, base) in rows.items():
                 ratio = statistics.median(a / b for a, b in zip(times[name], times[base or name]))
                 log.clear()
@@ -161,8 +146,8 @@ def main(argv=None) -> int:
                 print(f"| {t} | {name} | {statistics.median(times[name]):.1f} | "
                       f"{'' if base is None else f'{ratio:.3f}'} | {launches} | {ops_count} |")
     finally:
-        for k, v in saved.items():
-            setattr(triton_impl, k, v)
+        recording.__exit__(None, None, None)
+        triton_impl._FUSED_VJP = fused_vjp
         del triton_impl.BACKEND.availability
         ops._EAGER_FAST_PATH = fast
     return 0

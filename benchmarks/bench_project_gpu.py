@@ -39,6 +39,7 @@ import ortholora_kernels as ok
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_project import pcgrad_loop  # noqa: E402  (the same loop as the CPU benchmark)
+from harness import cuda_median_us  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TASKS = [2, 4, 8, 16, 32]
@@ -64,10 +65,7 @@ def gbps(nbytes: int, us: float) -> float:
     return nbytes / (us * 1e-6) / 1e9
 
 
-def do_bench(fn, rep_ms: float) -> float:
-    """Median microseconds of ``fn()`` (CUDA events, L2 flushed between calls)."""
-    from triton.testing import do_bench as _do_bench
-    return _do_bench(fn, warmup=max(5, int(rep_ms // 4)), rep=rep_ms, return_mode="median") * 1e3
+do_bench = cuda_median_us   # median microseconds of fn() (CUDA events, L2 flushed between calls)
 
 
 def copy_bandwidth(rep_ms: float) -> float:
@@ -125,8 +123,9 @@ def candidates(x: torch.Tensor, order: torch.Tensor):
 
 
 def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
-    ref = ref.double()
-    return float((got.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-300))
+    """``max |got - ref| / max |ref|``, in float64 on the CPU (the two may sit on different devices)."""
+    got, ref = got.detach().double().cpu(), ref.detach().double().cpu()
+    return float((got - ref).abs().max() / ref.abs().max().clamp_min(1e-300))
 
 
 def bench_one(t, n, dtype_name, copy_bw, rep_ms, skip_loop_above):
@@ -178,28 +177,46 @@ def bench_one(t, n, dtype_name, copy_bw, rep_ms, skip_loop_above):
     return rows
 
 
-def check_correctness():
-    """Triton equals the float64 reference on a small ragged case (guards the figures)."""
-    if ok.backends.availability("triton", "cuda") is not None:
-        return "triton unavailable: not checked"
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    worst = 0.0
-    for t in (2, 8, 17):
-        x = torch.randn(t, 20_000, device="cuda", generator=gen)
-        segs = [0, 1, 7000, 20_000]
-        order = torch.rand(3, t, t, device="cuda", generator=gen).argsort(-1)
-        for reduction in ("sum", "none"):
-            got = ok.project(x, segs, order=order, reduction=reduction, backend="triton")
-            ref = ok.reference.project(x, segs, order=order, reduction=reduction)
-            worst = max(worst, rel_err(got.cpu(), ref))
-    assert worst < 1e-4, f"triton disagrees with the reference: rel err {worst:.2e}"
-    return f"triton vs reference: max rel err {worst:.1e}"
+def check_correctness(device="cuda", n=20_000, names=("triton", "native"), tasks=None):
+    """Each usable backend against the float64 reference (forward) and the torch backend
+    (backward) on ragged segments, T across the kernels' classes (guards the figures).
 
-
+    ``device="cpu"`` runs the same check through the Triton interpreter (the CPU test).
+    Raises AssertionError on a disagreement; ``main`` records it and benches on.
+    """
+    notes = []
+    big = device != "cpu"        # T = 33 (T_PAD 64) and 65 (the backward's torch reverse solve)
+    for name in names:
+        reason = ok.backends.availability(name, device)
+        if reason is not None:
+            notes.append(f"{name} not checked ({reason})")
+            continue
+        gen = torch.Generator(device=device).manual_seed(0)
+        worst = 0.0
+        for t in tasks or (2, 8, 17) + ((33, 65) if big else ()):
+            if name == "native" and device != "cpu" and t > 32:
+                continue                      # native's CUDA kernels: T <= 32
+            x = torch.randn(t, n, device=device, generator=gen)
+            x[1::2] -= 0.5 * x[0]             # conflicting tasks: projections happen
+            segs = [0, 1, n // 3, n]
+            order = torch.rand(3, t, t, device=device, generator=gen).argsort(-1)
+            for reduction in ("sum", "none"):
+                xx = x.clone().requires_grad_()
+                got = ok.project(xx, segs, order=order, reduction=reduction, backend=name)
+                ref = ok.reference.project(x, segs, order=order, reduction=reduction)   # on x's device
+                worst = max(worst, rel_err(got, ref))
+                dy = torch.randn(got.shape, device=device, generator=gen)
+                (g,) = torch.autograd.grad(got, xx, dy)
+                xt = x.clone().requires_grad_()
+                (gt,) = torch.autograd.grad(ok.project(xt, segs, order=order, reduction=reduction,
+                                                       backend="torch"), xt, dy)
+                worst = max(worst, rel_err(g, gt))
+        assert worst < 1e-4, f"{name} disagrees with the reference: rel err {worst:.2e}"
+        notes.append(f"{name} vs reference: max rel err {worst:.1e}")
+    return "; ".join(notes)
 SWEEP = {  # triton_impl constants worth tuning on a new GPU (the defaults are untuned guesses)
     "_TILE_ELEMS": [8192, 16384, 32768],
-    "_TARGET_PROGRAMS": [512, 1024, 2048],
-    "_MAX_CHUNK_BLOCKS": [4, 16, 64],
+    "_PROGRAMS_PER_SM": [2, 4, 8, 16],
 }
 
 
@@ -275,6 +292,9 @@ def parse_args(argv=None):
     p.add_argument("--sweep", action="store_true",
                    help="instead: time the triton forward over a grid of tile/chunk constants (T=8 unless --tasks)")
     p.add_argument("--out", default=os.environ.get("OUT") or "bench_out", help="directory for results.csv/json")
+    p.add_argument("--check-only", action="store_true",
+                   help="only the correctness check (forward and backward of each backend); exit 1 on a failure")
+    p.add_argument("--device", default="cuda", help="for --check-only: cpu runs triton through the interpreter")
     args = p.parse_args(argv)
     if args.quick:
         args.tasks, args.numel, args.dtypes = [8], [295_000, 16_000_000], ["fp32"]
@@ -283,6 +303,14 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.check_only:
+        try:
+            cpu = args.device == "cpu"      # the interpreter: small and few
+            print(check_correctness(args.device, n=600 if cpu else 20_000, tasks=(2, 9) if cpu else None))
+        except AssertionError as exc:
+            print(f"FAILED: {exc}")
+            return 1
+        return 0
     if not torch.cuda.is_available():
         print("bench_project_gpu: no CUDA device; use benchmarks/bench_project.py on CPU", file=sys.stderr)
         return 2
@@ -297,7 +325,11 @@ def main(argv=None):
             "torchjd": torchjd_pcgrad() is not None}
     print(f"{name}, torch {torch.__version__}, triton {triton.__version__}, CUDA {torch.version.cuda}")
     print("backends:", meta["backends"])
-    meta["check"] = check_correctness()
+    try:   # a failed check is recorded, and the figures still come (marked by it)
+        meta["check"] = check_correctness()
+    except Exception as exc:  # noqa: BLE001
+        meta["check"] = f"FAILED: {type(exc).__name__}: {exc}"
+        traceback.print_exc(limit=3)
     print(meta["check"])
     if args.sweep:
         ts = args.tasks if args.tasks != TASKS else [8]

@@ -10,17 +10,20 @@ Checks (each independent: a failure is recorded and the next one runs):
   agree within rounding (their partial sums are grouped differently) and with the reference;
 - ``fp64``: float64 input at T = 16, 17, 33 (the tl.dot path Triton 3.6 once rejected),
   forward and backward, against the float64 reference / the torch backend;
-- ``graphs_reverse``: per backend, two CUDA graphs of the same shape captured on one stream
-  (the first call of a fresh layout inside the capture), replayed in reverse order, then
-  side by side on two streams, then an eager call of the same layout;
+- ``graphs_reverse``: per backend (each in its own try), after a warm-up call outside any
+  capture (a kernel's first launch loads its module, which a capturing stream refuses), two
+  CUDA graphs of the same shape captured on one stream (the first call of a fresh layout
+  inside the capture), replayed in reverse order, then side by side on two streams, then
+  an eager call of the same layout;
 - ``two_streams``: eager calls of one layout on two streams at once;
 - ``native_capture``: the native backend's first call of a layout inside a capture, then
   replays and eager calls;
 - ``auto_choice``: what the automatic choice picks at T = 32 and 33, and both are right;
 - ``int64_indexing``: T * N > 2**31 elements against the torch backend.
 
-Writes ``stress.json`` (one record per check: status, seconds, detail) under ``--out`` and
-prints a table last; exit status 1 when a check failed.
+Writes ``stress.json`` (one record per check: status, seconds, detail) under ``--out``
+after every check (a kill keeps what ran), synchronising the device inside each check's
+try (an asynchronous fault is that check's failure); exit status 1 when a check failed.
 """
 from __future__ import annotations
 
@@ -152,53 +155,108 @@ def _needs_cuda(ctx):
         raise Skip("needs CUDA")
 
 
-def check_graphs_reverse(ctx):
+class CudaGraphs:
+    """Streams and graph capture as :func:`graphs_reverse_one` uses them (the CPU test
+    passes a stand-in whose capture flips ``triton_impl._capturing``)."""
+
+    device = "cuda"
+
+    def stream(self):
+        import torch
+        return torch.cuda.Stream()
+
+    def on(self, stream):
+        import torch
+        return torch.cuda.stream(stream)
+
+    def fork(self, stream):      # ``stream`` waits for the current stream's work
+        import torch
+        stream.wait_stream(torch.cuda.current_stream())
+
+    def join(self, stream):      # the current stream waits for ``stream``'s work
+        import torch
+        torch.cuda.current_stream().wait_stream(stream)
+
+    def capture(self, fn, stream):
+        """``(replay, out)``: ``out = fn()`` captured on ``stream``."""
+        import torch
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g, stream=stream):
+            out = fn()
+        return g.replay, out
+
+    def sync(self):
+        import torch
+        torch.cuda.synchronize()
+
+
+def graphs_reverse_one(name, salt, kit, n=300_001):
+    """One backend's part of :func:`check_graphs_reverse`; raises on a wrong result."""
     import torch
     import ortholora_kernels as ok
     from ortholora_kernels import reference
+    t = 8
+    segs = [0, 17, n // 3 + salt, n]                     # a layout no earlier call has seen
+    xs = [grads(t, n, torch.float32, kit.device, seed=200 + i) for i in range(2)]
+    order = orders(t, 3, kit.device, seed=202)
+    # Warm-up outside the capture, on the same shapes and dtype but another layout: the
+    # kernels' first launch in the process loads their modules, which a capturing stream
+    # refuses ("operation not permitted when stream is capturing"). The captured calls
+    # below still meet a layout of their own for the first time (tables, workspace).
+    ok.project(xs[0], [0, 5, n], order=order[:2], backend=name)
+    kit.sync()
+    replays, outs = [], []
+    s = kit.stream()
+    kit.fork(s)
+    with kit.on(s):
+        for x in xs:                                     # the layout's first call is captured
+            replay, out = kit.capture(lambda x=x: ok.project(x, segs, order=order, backend=name), s)
+            replays.append(replay)
+            outs.append(out)
+    kit.join(s)
+    refs = [reference.project(x.cpu(), segs, order=order.cpu()) for x in xs]
+    for replay in reversed(replays):
+        replay()
+    kit.sync()
+    for i, (out, ref) in enumerate(zip(outs, refs)):
+        assert rel_err(out, ref) < 1e-4, f"{name}: graph {i} (replayed in reverse order) is wrong"
+    first = [o.clone() for o in outs]
+    for o in outs:
+        o.fill_(float("nan"))
+    streams = [kit.stream() for _ in replays]
+    for st, replay in zip(streams, replays):              # both graphs at once, on two streams
+        kit.fork(st)
+        with kit.on(st):
+            for _ in range(20 if kit.device == "cuda" else 1):
+                replay()
+    for st in streams:
+        kit.join(st)
+    kit.sync()
+    for i, (o, f) in enumerate(zip(outs, first)):
+        assert torch.equal(o, f), f"{name}: graph {i} replayed beside the other differs"
+    eager = ok.project(xs[0], segs, order=order, backend=name)
+    assert rel_err(eager, refs[0]) < 1e-4, f"{name}: an eager call after the captures is wrong"
+
+
+def check_graphs_reverse(ctx):
+    import torch
+    import ortholora_kernels as ok
     _needs_cuda(ctx)
-    notes = []
-    for name in ("triton", "native"):
+    notes, failed = [], []
+    for salt, name in enumerate(("triton", "native")):
         if not usable(name, "cuda"):
             notes.append(f"{name}: skipped ({ok.backends.availability(name, 'cuda')})")
             continue
-        t, n = 8, 300_001
-        segs = [0, 17, 100_000 + len(notes), n]             # a layout no earlier call has seen
-        xs = [grads(t, n, torch.float32, "cuda", seed=200 + i) for i in range(2)]
-        order = orders(t, 3, "cuda", seed=202)
-        graphs, outs = [], []
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            for x in xs:                                     # no warm-up: the first call is captured
-                g = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(g, stream=s):
-                    outs.append(ok.project(x, segs, order=order, backend=name))
-                graphs.append(g)
-        torch.cuda.current_stream().wait_stream(s)
-        refs = [reference.project(x.cpu(), segs, order=order.cpu()) for x in xs]
-        for g in reversed(graphs):
-            g.replay()
-        torch.cuda.synchronize()
-        for i, (out, ref) in enumerate(zip(outs, refs)):
-            assert rel_err(out, ref) < 1e-4, f"{name}: graph {i} (replayed in reverse order) is wrong"
-        first = [o.clone() for o in outs]
-        for o in outs:
-            o.fill_(float("nan"))
-        streams = [torch.cuda.Stream() for _ in graphs]
-        for st, g in zip(streams, graphs):                    # both graphs at once, on two streams
-            st.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(st):
-                for _ in range(20):
-                    g.replay()
-        for st in streams:
-            torch.cuda.current_stream().wait_stream(st)
-        torch.cuda.synchronize()
-        for i, (o, f) in enumerate(zip(outs, first)):
-            assert torch.equal(o, f), f"{name}: graph {i} replayed beside the other differs"
-        eager = ok.project(xs[0], segs, order=order, backend=name)
-        assert rel_err(eager, refs[0]) < 1e-4, f"{name}: an eager call after the captures is wrong"
-        notes.append(f"{name} ok")
+        try:   # one backend failing (or faulting) must not hide the other's result
+            graphs_reverse_one(name, salt, CudaGraphs())
+            torch.cuda.synchronize()
+            notes.append(f"{name} ok")
+        except Exception as exc:  # noqa: BLE001
+            traceback.print_exc()
+            notes.append(f"{name} FAILED: {type(exc).__name__}: {str(exc)[:200]}")
+            failed.append(name)
+    if failed:
+        raise AssertionError("; ".join(notes))
     return "; ".join(notes)
 
 
@@ -313,6 +371,47 @@ CHECKS = [check_determinism, check_fp64, check_graphs_reverse, check_two_streams
           check_auto_choice, check_int64_indexing]
 
 
+def _write(out_dir, device, dry_run, records):
+    """``stress.json`` with every record so far (rewritten after each check: a kill keeps them)."""
+    os.makedirs(out_dir, exist_ok=True)
+    tmp = os.path.join(out_dir, "stress.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump({"device": device, "dry_run": dry_run, "checks": records}, f, indent=1)
+    os.replace(tmp, os.path.join(out_dir, "stress.json"))
+
+
+def run_checks(ctx, only, out_dir, dry_run, checks=None):
+    """Run each check in turn; ``[record]``. A check's failure (its exception, or a device
+    fault that surfaces at the synchronisation after it) is recorded and the next check
+    runs; ``stress.json`` is rewritten after every check."""
+    import torch
+    records = []
+    for check in checks or CHECKS:
+        name = check.__name__[len("check_"):]
+        if only and name not in only:
+            continue
+        t0 = time.perf_counter()
+        try:
+            detail, status = check(ctx), "passed"
+            if ctx.device == "cuda":   # an asynchronous fault is this check's, not the next one's
+                torch.cuda.synchronize()
+        except Skip as exc:
+            detail, status = f"skipped: {exc}", "skipped"
+        except Exception as exc:  # noqa: BLE001  record it, run the next check
+            detail, status = f"{type(exc).__name__}: {exc}", "FAILED"
+            traceback.print_exc()
+        if ctx.device == "cuda":
+            try:
+                torch.cuda.empty_cache()
+            except Exception as exc:  # noqa: BLE001  a sticky fault: say so, keep the records
+                detail = f"{detail}; then empty_cache: {type(exc).__name__}: {exc}"
+        rec = dict(check=name, status=status, seconds=round(time.perf_counter() - t0, 2), detail=str(detail)[:500])
+        records.append(rec)
+        print(f"gpu_stress: {name:<16s} {status:<8s} {rec['seconds']:7.1f}s  {rec['detail']}", flush=True)
+        _write(out_dir, ctx.device, dry_run, records)
+    return records
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dry-run", action="store_true", help="CPU, triton through the interpreter, small shapes")
@@ -330,28 +429,7 @@ def main(argv=None) -> int:
     if not args.dry_run and not torch.cuda.is_available():
         print("gpu_stress: no CUDA device (use --dry-run on CPU)", file=sys.stderr)
         return 2
-    records = []
-    for check in CHECKS:
-        name = check.__name__[len("check_"):]
-        if args.only and name not in args.only:
-            continue
-        t0 = time.perf_counter()
-        try:
-            detail, status = check(Ctx), "passed"
-        except Skip as exc:
-            detail, status = f"skipped: {exc}", "skipped"
-        except Exception as exc:  # noqa: BLE001  record it, run the next check
-            detail, status = f"{type(exc).__name__}: {exc}", "FAILED"
-            traceback.print_exc()
-        if Ctx.device == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.empty_cache()
-        rec = dict(check=name, status=status, seconds=round(time.perf_counter() - t0, 2), detail=str(detail)[:500])
-        records.append(rec)
-        print(f"gpu_stress: {name:<16s} {status:<8s} {rec['seconds']:7.1f}s  {rec['detail']}", flush=True)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "stress.json"), "w") as f:
-        json.dump({"device": Ctx.device, "dry_run": args.dry_run, "checks": records}, f, indent=1)
+    records = run_checks(Ctx, args.only, args.out, args.dry_run)
     failed = [r["check"] for r in records if r["status"] == "FAILED"]
     print(f"gpu_stress: {len(records) - len(failed)} of {len(records)} checks passed or skipped"
           + (f"; FAILED: {', '.join(failed)}" if failed else ""))

@@ -187,20 +187,39 @@ def test_per_task_mean_loss_values_and_no_data_dependent_ops():
     torch.testing.assert_close(per_task_mean_loss(per_ex, ids, 4), torch.tensor([5.0, 0.0, 7.0, 0.0]))
     out = per_task_mean_loss(per_ex.to("meta"), ids.to("meta"), 4)
     assert out.shape == (4,) and out.device.type == "meta"
-    if torch.cuda.is_available():
-        ids_cpu = ids
-        per_ex, ids = per_ex.cuda(), ids.cuda()   # the copies themselves synchronise
-        prev = torch.cuda.get_sync_debug_mode()
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            per_task_mean_loss(per_ex, ids, 4)
-            per_task_mean_loss(per_ex, ids_cpu, 4)   # CPU task ids (as given to record) with a GPU loss
-            per_task_mean_loss(per_ex, ids_cpu, 4, counts=torch.ones(4, dtype=torch.float64))  # CPU counts
-        finally:
-            torch.cuda.set_sync_debug_mode(prev)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.gpu
+def test_per_task_mean_loss_on_cuda_without_host_sync():
+    """The meta-device run above, on a GPU: no blocking copy, with GPU or CPU task ids and counts."""
+    per_ex = torch.tensor([1.0, 2.0, 4.0, 8.0, 16.0])
+    ids_cpu = torch.tensor([2, 0, 2, 0, 2])
+    per_ex, ids = per_ex.cuda(), ids_cpu.cuda()   # the copies themselves synchronise
+    prev = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        outs = [per_task_mean_loss(per_ex, ids, 4),
+                per_task_mean_loss(per_ex, ids_cpu, 4),   # CPU task ids (as given to record) with a GPU loss
+                per_task_mean_loss(per_ex, ids_cpu, 4, counts=torch.ones(4, dtype=torch.float64))]  # CPU counts
+    finally:
+        torch.cuda.set_sync_debug_mode(prev)
+    for out in outs[:2]:
+        torch.testing.assert_close(out.cpu(), torch.tensor([5.0, 0.0, 7.0, 0.0]))
+
+
+def test_unsorted_groups_select_rows_on_cpu():
+    """CPU twin of the CUDA test below: the rows of each task of an unsorted batch."""
+    from ortholora_kernels.collect import TaskGroups
+
+    groups = TaskGroups(torch.tensor([1, 0, 2, 0, 1]), 3)
+    assert not groups.sorted
+    x = torch.arange(10.0).reshape(5, 2)
+    rows = {t: groups.select(sel, x) for t, sel in groups.groups}
+    assert rows[0].tolist() == [[2.0, 3.0], [6.0, 7.0]] and rows[2].tolist() == [[4.0, 5.0]]
+    assert rows[1].tolist() == [[0.0, 1.0], [8.0, 9.0]]
+
+
+@pytest.mark.gpu
 def test_unsorted_groups_select_on_cuda_without_host_sync():
     """The per-task row indices of an unsorted batch (CPU task ids) reach the GPU without a
     blocking copy (``record`` promises no host sync for CPU task ids)."""

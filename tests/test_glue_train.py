@@ -256,7 +256,7 @@ def test_local_model_directory(tmp_path, synth):
     assert "accuracy" in res["final"]["rte"]
 
 
-@pytest.mark.parametrize("device", ["meta"] + (["cuda"] if torch.cuda.is_available() else []))
+@pytest.mark.parametrize("device", ["meta", pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_conflict_log_resumed_on_the_cpu_accepts_device_statistics(tmp_path, device):
     """A resumed ConflictLog holds its cosine sum on the CPU (checkpoints are CPU tensors); the
     next step's statistics live on the training device ("meta" stands in for a GPU)."""

@@ -1,14 +1,17 @@
-"""Host overhead on the CUDA path, checked on CPU (issue 15, finding 6): how many kernel
+"""Host overhead on the CUDA path, checked on CPU: how many kernel
 launches and aten ops one forward and one backward issue, and the backward's fused reverse
 solve (``triton_impl._solve_vjp_kernel``) against the torch reference.
 
 Launch and op counts run the triton backend's host code with the kernels *recorded*, not
-run (the way benchmarks/compile_gpu.py does), under a ``TorchDispatchMode`` that counts
+run (the way scripts/compile_gpu.py does), under a ``TorchDispatchMode`` that counts
 every aten op: on a GPU each launch and each op that does work is a kernel on the stream.
 The kernel itself runs through the interpreter (``-m interpreter``). The native backend's
 compiled CPU reverse solve (``ortholora_C::solve_vjp``) is checked the same way: against
 the torch ops, and its backward's op list independent of T.
 """
+import os
+import sys
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -18,8 +21,10 @@ from ortholora_kernels.solve import get_solve
 
 from cases import make_grads, random_order
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+from harness import KERNELS, LaunchRecorder  # noqa: E402  (benchmarks/harness.py)
+
 interpreter = pytest.mark.interpreter
-KERNELS = ("_gram_kernel", "_reduce_solve_kernel", "_combine_kernel", "_solve_vjp_kernel")
 
 
 def _impl():
@@ -41,20 +46,12 @@ class _Ops(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-class _Recorder:
-    def __init__(self, name, log):
-        self.name, self.log = name, log
-
-    def __getitem__(self, grid):
-        return lambda *a, **k: self.log.append(self.name)
-
-
 def _counts(monkeypatch, t, reduction, fused_vjp=True):
     """``(forward launches, forward ops, backward launches, backward ops)`` at T = t."""
     impl = _impl()
     log = []
     for k in KERNELS:
-        monkeypatch.setattr(impl, k, _Recorder(k, log))
+        monkeypatch.setattr(impl, k, LaunchRecorder(k, log))
     monkeypatch.setattr(impl, "_FUSED_VJP", fused_vjp)
     n, offsets = 600, [0, 200, 600]
     seg = _args.segments_for(offsets, n)
@@ -66,11 +63,11 @@ def _counts(monkeypatch, t, reduction, fused_vjp=True):
         log.clear()
         with _Ops() as fwd_ops:
             ops.forward(x, seg, order, reduction, "triton")
-        fwd = list(log)
+        fwd = [name for name, *_ in log]
         log.clear()
         with _Ops() as bwd_ops:
             ops.backward(x, dout, gram, order, seg, reduction, "triton")
-        bwd = list(log)
+        bwd = [name for name, *_ in log]
     seg._device_cache.clear()
     return fwd, fwd_ops.ops, bwd, bwd_ops.ops
 

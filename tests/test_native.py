@@ -429,9 +429,25 @@ def test_cuda_kernels_every_register_tile_and_accumulator_bound(t, dtype):
     and bitwise repeatable."""
     if not native_impl.built_with_cuda():
         pytest.skip("the extension was built without CUDA")
-    x = make_grads(t, 70_001, dtype=dtype, seed=300 + t, shared=-0.5, device="cuda")
-    segs = [0, 1, 4097, 4098, 70_001]
-    order = random_order(t, 4, seed=301 + t, device="cuda")
+    _native_matches_torch_and_repeats_bitwise(t, dtype, "cuda", 70_001)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("t", [1, 2, 3, 7, 8, 9, 16, 17, 24, 31, 32])
+def test_cpu_kernels_match_torch_and_repeat_bitwise_over_t(t, dtype):
+    """CPU twin of the CUDA test above: the same comparison on the native CPU kernels."""
+    if native_impl.availability(torch.device("cpu")) is not None:
+        pytest.skip(native_impl.availability(torch.device("cpu")))
+    _native_matches_torch_and_repeats_bitwise(t, dtype, "cpu", 9_001)
+
+
+def _native_matches_torch_and_repeats_bitwise(t, dtype, device, n):
+    """native against the reference and the torch backend on the same device, forward and
+    backward, sum and none, ragged segments with 1-column pieces; a second native call is
+    bitwise equal to the first."""
+    x = make_grads(t, n, dtype=dtype, seed=300 + t, shared=-0.5, device=device)
+    segs = [0, 1, 4097, 4098, n]
+    order = random_order(t, 4, seed=301 + t, device=device)
     rtol = {torch.float64: 1e-9, torch.float32: 1e-4}[dtype]
     for reduction in ("sum", "none"):
         outs, grads = [], []

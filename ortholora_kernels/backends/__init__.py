@@ -28,8 +28,10 @@ _AUTO_ORDER = ("native", "triton", "torch")
 # timed the native CUDA kernels yet; their stage 2 sums the pieces serially). Per device type.
 _AUTO_ORDER_BY_DEVICE = {"cuda": ("triton", "native", "torch")}
 # Largest T per device type and backend, where there is one: native's CUDA kernels solve
-# in shared memory (csrc/cuda/kernels.cuh, kMaxTasks).
-_MAX_TASKS = {"cuda": {"native": 32}}
+# in shared memory (csrc/cuda/kernels.cuh, kMaxTasks); triton's Gram + solve program holds
+# T_PAD x T_PAD fp64 tiles per thread block (sm_90: T = 129 spills ~54 KB per thread;
+# triton_impl._MAX_TASKS_CUDA), past which the torch backend's matrix products win.
+_MAX_TASKS = {"cuda": {"native": 32, "triton": 128}}
 BACKENDS = tuple(_MODULES)
 
 

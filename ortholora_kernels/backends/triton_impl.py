@@ -6,8 +6,12 @@ Forward: two launches, no host synchronisation, no per-call host work growing wi
    chunk table is built once per layout and cached on the :class:`Segments`):
    pass 1 takes each row's max-abs over the chunk, pass 2 scales the rows by the power
    of two that brings that max into [1, 2) (squares of gradients at 1e-30 or 1e30 leave
-   fp32's range), accumulates fp32 products per thread (``tl.dot`` in IEEE fp32 for
-   T >= 16) and un-scales exactly into one fp64 partial per chunk. No atomics on data.
+   fp32's range) and un-scales exactly into one fp64 partial per chunk. T >= 16:
+   ``tl.dot`` per column tile, its fp32 sum added to an fp64 accumulator (bf16/fp16
+   operands on tensor cores, exact products; fp16 needs no scaling pass; fp32 in IEEE
+   FMAs); below, fp32 outer products per thread. A few programs per SM, each looping over
+   its chunk's tiles; 16-aligned vector loads when every segment offset allows. No
+   atomics on data.
    Stage 2 runs in the tail of the same launch through a two-level ticket tree (atomic
    counters): the last program of each group of ``_GROUP`` chunks sums the group's
    partials; the last group of a segment sums the group sums -> G and runs the
@@ -23,7 +27,8 @@ product, no solve); ``_solve_vjp_kernel``, one program per segment, replays the 
 runs its reverse mode (``M = Gbar + Gbar^T``), the arithmetic of
 :func:`ortholora_kernels.solve.solve_vjp` (as torch ops that is ~35 T tiny launches per call:
 about 1,100 at T = 32); then ``dX = W^T dY + M X`` by the combine. ``_FUSED_VJP = False``
-runs the torch ops instead.
+runs the torch ops instead, and so does T > 64 (``_VJP_MAX_T_PAD``: the kernel's shared
+memory and spills grow as T_PAD^2).
 
 On CPU tensors the same kernels run through the Triton interpreter, only when
 ``TRITON_INTERPRET=1`` is set before this module is first imported (Triton picks the
@@ -58,11 +63,21 @@ except Exception as exc:  # pragma: no cover - depends on the environment
 # Fixed configurations, no autotune: the interpreter runs multi-config autotune badly and
 # a fixed config keeps the reduction order, hence the bits, identical run after run.
 _TILE_ELEMS = 16384        # register budget (elements) that sizes the column tiles
-_MAX_CHUNK_BLOCKS = 16     # tiles per Gram program on large N (fewer fp64 partials)
-_TARGET_PROGRAMS = 1024    # enough programs to fill a large GPU before chunking
+# Gram programs per launch: a few per SM (CUDA), whatever N is, so the fp64 partials
+# (one R_PAD x T_PAD tile per program) stay a fixed few MiB and not a fraction of X's
+# bytes (16 tiles per program at most made T = 64, N = 16M bf16 launch 15,625 programs:
+# 492 MiB of partials, 25% of X). A program loops over as many column tiles as it needs.
+_PROGRAMS_PER_SM = 4
+_TARGET_PROGRAMS = None    # an int overrides the count (tests, CPU); None: _PROGRAMS_PER_SM x SMs
+_CPU_PROGRAMS = 1024       # the interpreter's count (it has no SMs)
+_MAX_WORKSPACES = 8        # eager workspaces kept per layout and kind (streams x shapes), oldest dropped
 _REDUCE_ELEMS = 2048       # fp64 elements per step of a partial sum (16 per thread)
 _GROUP = 16                # chunks per first-level group of the fused reduction
 _FUSED = True              # stage 2 in the tail of the Gram launch (False: its own launch)
+# Largest T on CUDA (backends._MAX_TASKS says the same to the automatic choice): sm_90,
+# T = 128 compiles with ~2 KB of spills per thread in the fused Gram + solve, T = 129
+# (T_PAD 256) with ~54 KB. The interpreter has no such limit.
+_MAX_TASKS_CUDA = 128
 
 
 def availability(device: torch.device) -> str | None:
@@ -114,7 +129,8 @@ if triton is not None:
                      SAME: tl.constexpr, FP64: tl.constexpr, USE_DOT: tl.constexpr,
                      FUSED: tl.constexpr, RB: tl.constexpr, SOLVE: tl.constexpr,
                      MEAN: tl.constexpr, NONE: tl.constexpr, REG_SOLVE: tl.constexpr,
-                     STAGES: tl.constexpr = None):
+                     ALIGNED: tl.constexpr = False, LOWP: tl.constexpr = 0, FLUSH64: tl.constexpr = True,
+                     DOT_PRECISION: tl.constexpr = "ieee", STAGES: tl.constexpr = None):
         """Partial ``A_c B_c^T`` (fp64 ``[R_PAD, T_PAD]``) of chunk ``c = program_id``.
 
         FUSED: a two-level ticket tree replaces the stage-2 launch. The last program to
@@ -126,6 +142,9 @@ if triton is not None:
         pid = tl.program_id(0)
         start = tl.load(table_ptr + pid * 4 + 1)
         end = tl.load(table_ptr + pid * 4 + 2)
+        if ALIGNED:   # every segment offset (and N) 16-divisible: chunk bounds are too -> vector loads
+            start = tl.multiple_of(start, 16)
+            end = tl.multiple_of(end, 16)
         ra = tl.arange(0, R_PAD)
         rb = tl.arange(0, T_PAD)
         cols = tl.arange(0, BLOCK)
@@ -155,48 +174,70 @@ if triton is not None:
             if not USE_DOT:
                 acc = tl.sum(acc3, axis=2)
         else:
-            # Pass 1: per-row max-abs over the chunk. Squares of 1e-30 or 1e30 leave fp32's
-            # range, so rows are scaled by powers of two into [1, 2) before any product.
-            # (Pass 2 re-reads the chunk, just fetched: from L2, not HBM.)
-            ma = tl.zeros([R_PAD], dtype=tl.float32)
-            mb = tl.zeros([T_PAD], dtype=tl.float32)
-            for c0 in tl.range(start, end, BLOCK, num_stages=STAGES):
-                c = c0 + cols
-                cm = (c < end)[None, :]
-                a = tl.load(a_rows + c[None, :], mask=a_live & cm, other=0.0).to(tl.float32)
-                ma = tl.maximum(ma, tl.max(tl.abs(a), axis=1))
-                if not SAME:
-                    b = tl.load(b_rows + c[None, :], mask=b_live & cm, other=0.0).to(tl.float32)
-                    mb = tl.maximum(mb, tl.max(tl.abs(b), axis=1))
-            da, ua = _pow2_scale(ma)
-            if SAME:
-                db = da
-                ub = ua
+            if LOWP == 1:
+                # fp16 operands need no scaling: fp16 x fp16 products are exact in fp32
+                # (11 + 11 significant bits) and stay inside its range (2^-48 .. 2^32).
+                ua = tl.full([R_PAD], 1.0, dtype=tl.float64)
+                ub = tl.full([T_PAD], 1.0, dtype=tl.float64)
+                da = tl.full([R_PAD], 1.0, dtype=tl.float32)
+                db = tl.full([T_PAD], 1.0, dtype=tl.float32)
             else:
-                db, ub = _pow2_scale(mb)
-            # Pass 2: fp32 products of scaled values (|.| < 2), accumulated per thread over
-            # the whole chunk; one cross-thread reduction per chunk, not per tile.
+                # Pass 1: per-row max-abs over the chunk. Squares of 1e-30 or 1e30 leave fp32's
+                # range, so rows are scaled by powers of two into [1, 2) before any product.
+                # (Pass 2 re-reads the chunk, just fetched: from L2, not HBM.)
+                ma = tl.zeros([R_PAD], dtype=tl.float32)
+                mb = tl.zeros([T_PAD], dtype=tl.float32)
+                for c0 in tl.range(start, end, BLOCK, num_stages=STAGES):
+                    c = c0 + cols
+                    cm = (c < end)[None, :]
+                    a = tl.load(a_rows + c[None, :], mask=a_live & cm, other=0.0).to(tl.float32)
+                    ma = tl.maximum(ma, tl.max(tl.abs(a), axis=1))
+                    if not SAME:
+                        b = tl.load(b_rows + c[None, :], mask=b_live & cm, other=0.0).to(tl.float32)
+                        mb = tl.maximum(mb, tl.max(tl.abs(b), axis=1))
+                da, ua = _pow2_scale(ma)
+                if SAME:
+                    db = da
+                    ub = ua
+                else:
+                    db, ub = _pow2_scale(mb)
+            # Pass 2: products of scaled values (|.| < 2). tl.dot: one tile's products in
+            # fp32 (tensor cores: bf16/fp16 operands, exact products; fp32 operands as
+            # DOT_PRECISION says), added to an fp64 accumulator per tile, so the fp32
+            # rounding spans one tile (BLOCK columns), never the whole chunk. Outer products:
+            # fp32 per thread over the chunk, one cross-thread reduction per chunk.
             if USE_DOT:
-                acc2 = tl.zeros([R_PAD, T_PAD], dtype=tl.float32)
+                acc2 = tl.zeros([R_PAD, T_PAD], dtype=tl.float64 if FLUSH64 else tl.float32)
             else:
                 acc3 = tl.zeros([R_PAD, T_PAD, BLOCK], dtype=tl.float32)
             for c0 in tl.range(start, end, BLOCK, num_stages=STAGES):
                 c = c0 + cols
                 cm = (c < end)[None, :]
-                a = tl.load(a_rows + c[None, :], mask=a_live & cm, other=0.0).to(tl.float32) * da[:, None]
+                a = tl.load(a_rows + c[None, :], mask=a_live & cm, other=0.0)
+                if LOWP != 1:
+                    a = a.to(tl.float32) * da[:, None]
                 if SAME:
                     b = a
                 else:
-                    b = tl.load(b_rows + c[None, :], mask=b_live & cm, other=0.0).to(tl.float32) * db[:, None]
+                    b = tl.load(b_rows + c[None, :], mask=b_live & cm, other=0.0)
+                    if LOWP != 1:
+                        b = b.to(tl.float32) * db[:, None]
                 if USE_DOT:
-                    acc2 = tl.dot(a, tl.trans(b), acc2, input_precision="ieee")
+                    if LOWP == 2:   # scaled by a power of two: still exactly bf16
+                        a = a.to(tl.bfloat16)
+                        b = a if SAME else b.to(tl.bfloat16)
+                    if FLUSH64:
+                        acc2 += tl.dot(a, tl.trans(b), input_precision=DOT_PRECISION,
+                                       out_dtype=tl.float32).to(tl.float64)
+                    else:   # T_PAD 128: an fp64 tile would spill; fp32 over the chunk
+                        acc2 = tl.dot(a, tl.trans(b), acc2, input_precision=DOT_PRECISION)
                 else:
-                    acc3 += a[:, None, :] * b[None, :, :]
+                    acc3 += a.to(tl.float32)[:, None, :] * b.to(tl.float32)[None, :, :]
             if USE_DOT:
-                p = acc2
+                p = acc2.to(tl.float64)
             else:
-                p = tl.sum(acc3, axis=2)
-            acc = p.to(tl.float64) * ua[:, None] * ub[None, :]
+                p = tl.sum(acc3, axis=2).to(tl.float64)
+            acc = p * ua[:, None] * ub[None, :]
         flat = ra[:, None] * T_PAD + rb[None, :]
         tl.store(part_ptr + pid.to(tl.int64) * (R_PAD * T_PAD) + flat, acc)
         if FUSED:
@@ -307,7 +348,7 @@ if triton is not None:
     def _combine_kernel(table_ptr, x_ptr, K1, a_ptr, a_ss, a_sr, a_sk,
                         y_ptr, K2, b_ptr, b_ss, b_sr, b_sk, out_ptr, N, R,
                         R_PAD: tl.constexpr, BLOCK: tl.constexpr, HAS_Y: tl.constexpr,
-                        FP64: tl.constexpr):
+                        FP64: tl.constexpr, ALIGNED: tl.constexpr = False):
         """``out[:, blk] = A_s X[:, blk] (+ B_s Y[:, blk])`` for the block's segment ``s``.
 
         ``A``/``B`` are read through strides so a transpose costs nothing.
@@ -316,6 +357,9 @@ if triton is not None:
         s = tl.load(table_ptr + pid * 4)
         start = tl.load(table_ptr + pid * 4 + 1)
         end = tl.load(table_ptr + pid * 4 + 2)
+        if ALIGNED:   # see _gram_kernel
+            start = tl.multiple_of(start, 16)
+            end = tl.multiple_of(end, 16)
         r = tl.arange(0, R_PAD)
         c = start + tl.arange(0, BLOCK)
         cm = c < end
@@ -519,15 +563,46 @@ def _guard(device: torch.device):
     return contextlib.nullcontext()
 
 
+_SM_COUNT: dict = {}
+
+
+def _target_programs(device: torch.device) -> int:
+    """Gram programs to aim for on ``device``: ``_TARGET_PROGRAMS`` if set, else a few per SM."""
+    if _TARGET_PROGRAMS is not None:
+        return _TARGET_PROGRAMS
+    if device.type != "cuda":
+        return _CPU_PROGRAMS
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SM_COUNT:
+        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _PROGRAMS_PER_SM * _SM_COUNT[index]
+
+
+def _cached_capped(seg: Segments, key: tuple, build):
+    """``seg.cached(key, build)`` keeping at most ``_MAX_WORKSPACES`` entries of ``key[0]``'s
+    kind (least recently used dropped). A dropped workspace's memory goes back to the
+    stream it was allocated on: later work on that stream is ordered after its last use."""
+    cache = seg._device_cache
+    if key in cache:
+        value = cache.pop(key)          # re-inserted: the dict's order is the use order
+        cache[key] = value
+        return value
+    same = [k for k in cache if k[0] == key[0]]
+    for old in same[:max(0, len(same) - _MAX_WORKSPACES + 1)]:
+        del cache[old]
+    value = cache[key] = build()
+    return value
+
+
 def _table(seg: Segments, device: torch.device, block: int, chunked: bool) -> _Layout:
     """The cached :class:`_Layout` for ``block``-column tiles (``chunked``: several per program).
 
     Per-call host work does not grow with N: this runs once per (layout, device, span).
     """
     per = 1
-    if chunked:  # enough programs to fill the GPU first, then fewer, longer ones
-        n_blocks = -(-seg.numel // block) + seg.num_segments
-        per = min(_MAX_CHUNK_BLOCKS, max(1, -(-n_blocks // _TARGET_PROGRAMS)))
+    if chunked:  # at most about _target_programs() programs: longer chunks as N grows
+        n_blocks = -(-seg.numel // block)
+        per = max(1, -(-n_blocks // _target_programs(device)))
     span = per * block
     key = ("triton_table", device, span, _GROUP)
     if _capturing(device) and key not in seg._device_cache:
@@ -542,7 +617,7 @@ def _workspace(seg: Segments, lay: _Layout, device: torch.device, tile: int):
     Rows ``P:`` of the partials hold the group sums; tickets ``:G`` count finished chunks
     per group, ``G:`` finished groups per segment. The tickets return to zero at the end
     of every fused launch, so eager calls reuse one cached set per (layout, device,
-    stream): no memset, and launches on different streams never share tickets. Under
+    stream; at most ``_MAX_WORKSPACES`` per layout, least recently used dropped): no memset, and launches on different streams never share tickets. Under
     CUDA-graph capture every call gets its own workspace, allocated in the graph's memory
     and zeroed by a memset node of the graph: a second graph of the same shape, or two
     graphs replayed at once, never share (or inherit uninitialised) tickets.
@@ -554,16 +629,18 @@ def _workspace(seg: Segments, lay: _Layout, device: torch.device, tile: int):
     if _capturing(device):
         return build()
     stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else None
-    return seg.cached(("triton_ws", device, stream, lay.n_prog, lay.n_groups, tile), build)
+    return _cached_capped(seg, ("triton_ws", device, stream, lay.n_prog, lay.n_groups, tile), build)
 
 
-def _gram_warps(t_pad: int, fused_solve: bool) -> int:
+def _gram_warps(t_pad: int, fused_solve: bool, lowp: int = 0, fp64: bool = False) -> int:
     """Warps of a Gram program. With the solve fused in, at T_PAD = 64: 16 (sm_90, Triton
     3.6: 8 warps needed 255 registers and spilled 96 bytes; 16 take 128 and spill nothing).
     Elsewhere 16 warps spilled (unfused, the backward's cross product): 8 at T_PAD >= 32.
-    Figures: benchmarks/compile_gpu.py, RESULTS.md (issue 15)."""
-    if t_pad >= 64 and fused_solve:
+    Figures: scripts/compile_gpu.py, benchmarks/RESULTS.md (sm_90 compile tables)."""
+    if fused_solve and t_pad >= 64:
         return 16
+    if t_pad == 32 and (lowp or not (fused_solve or fp64)):
+        return 4    # with the fp64 per-tile accumulator, 8 warps spilled 12-24 bytes here (sm_90)
     return 8 if t_pad >= 32 else 4
 
 
@@ -572,7 +649,7 @@ def _gram_stages(r_pad: int, t_pad: int) -> int | None:
 
     The T <= 8 path (per-thread outer products, no tl.dot) gets ``_PIPELINE_STAGES``: the
     next tile's loads (async copies into shared memory) are issued while this tile's
-    products run. sm_90 under Triton 3.6 (benchmarks/compile_gpu.py --pipeline-stages):
+    products run. sm_90 under Triton 3.6 (scripts/compile_gpu.py --pipeline-stages):
     2 stages take 4-16 KB of shared memory and at most 128 registers, no spills; 3 took
     up to 32 KB and 224 registers and spilled at T = 4. The tl.dot path is pipelined by
     the launch's default ``num_stages``: None leaves its loops unannotated (an explicit 1
@@ -584,18 +661,57 @@ def _gram_stages(r_pad: int, t_pad: int) -> int | None:
 _PIPELINE_STAGES = 2
 
 
-def _gram_plan(seg: Segments, r: int, t: int, fp64: bool, same: bool, reduction: str, solve: bool = True):
-    """``(block, consts)`` of a Gram launch: pure host constants, cached per layout."""
+def _aligned(seg: Segments) -> bool:
+    """Whether every segment offset (N included) is 16-divisible: then every chunk's column
+    range starts and ends 16-aligned, and the kernels say so (``tl.multiple_of``), so row
+    loads vectorise (16-byte ``ld.global.v4``) where the row pointers are aligned too
+    (Triton specialises 16-byte aligned pointers and 16-divisible N itself)."""
+    return all(o % 16 == 0 for o in seg.offsets)
+
+
+def _gram_plan(seg: Segments, r: int, t: int, fp64: bool, same: bool, reduction: str, solve: bool = True,
+               lowp: int = 0):
+    """``(block, consts)`` of a Gram launch: pure host constants, cached per layout.
+    ``lowp``: 1 for fp16 operands, 2 for bf16 (both operands of that dtype), else 0."""
     def build():
         r_pad, t_pad = _pow2(r), _pow2(t)
         block, use_dot = _gram_config(r_pad, t_pad, fp64, same)
         rb = max(1, min(64, _REDUCE_ELEMS // (r_pad * t_pad)))   # level 2 sums <= 1024 / _GROUP rows
         consts = dict(R_PAD=r_pad, T_PAD=t_pad, BLOCK=block, SAME=same, FP64=fp64, USE_DOT=use_dot,
                       RB=rb, SOLVE=same and solve, MEAN=reduction == "mean", NONE=reduction == "none",
-                      REG_SOLVE=t_pad <= 16, num_warps=_gram_warps(t_pad, _FUSED and same and solve),
+                      REG_SOLVE=t_pad <= 16, num_warps=_gram_warps(t_pad, _FUSED and same and solve, lowp, fp64),
+                      # the hint on the tl.dot paths only: elsewhere (outer products, fp64) it
+                      # cost 12-56 bytes of spills on sm_90 for no wider loads
+                      ALIGNED=_aligned(seg) and use_dot and not fp64, LOWP=lowp, DOT_PRECISION=_FP32_DOT_PRECISION,
+                      FLUSH64=r_pad * t_pad <= _FLUSH64_MAX_TILE,
                       STAGES=_gram_stages(r_pad, t_pad))
         return block, consts
-    return seg.cached(("triton_gram", r, t, fp64, same, reduction, solve, _FUSED, _PIPELINE_STAGES), build)
+    return seg.cached(("triton_gram", r, t, fp64, same, reduction, solve, lowp, _FUSED, _PIPELINE_STAGES,
+                       _FP32_DOT_PRECISION), build)
+
+
+# tl.dot's precision for fp32 operands (bf16/fp16 ones run on tensor cores as they are:
+# mma.sync at T_PAD 16-32, wgmma at 64, no spills). "ieee" (FMAs on the CUDA cores) kept
+# over "tf32x3" (three TF32 tensor-core products, ~2^-21 relative error per product): on
+# sm_90 tf32x3 spilled 124-176 bytes per thread at T_PAD 32-64 in the fused Gram + solve
+# and doubled its shared memory to 96 KiB, while ieee with the per-tile fp64 flush is
+# spill-free; its speed-up is a prediction no GPU has checked (benchmarks/RESULTS.md).
+_FP32_DOT_PRECISION = "ieee"
+
+
+_LOWP = {torch.float16: 1, torch.bfloat16: 2}
+# Largest R_PAD x T_PAD whose per-tile fp32 sums go into an fp64 accumulator (fp32 rounding
+# over one tile of columns, whatever the chunk length). Past it (T_PAD 128) the fp64 tile
+# spilled 880 bytes per thread on sm_90; there the fp32 accumulator spans the chunk.
+_FLUSH64_MAX_TILE = 64 * 64
+
+
+def _check_tasks(device: torch.device, t: int) -> None:
+    """Refuse T past ``_MAX_TASKS_CUDA`` on CUDA (an explicit ``backend='triton'``; the
+    automatic choice never sends it), naming the limit and the way out."""
+    if device.type == "cuda" and t > _MAX_TASKS_CUDA:
+        raise RuntimeError(f"backend='triton' on CUDA takes at most {_MAX_TASKS_CUDA} tasks (grads has {t} rows): "
+                           f"its T_PAD x T_PAD tiles spill past that; use backend='torch'")
 
 
 def _gram(a: torch.Tensor, b: torch.Tensor | None, seg: Segments, *, order=None, reduction="sum",
@@ -611,10 +727,12 @@ def _gram(a: torch.Tensor, b: torch.Tensor | None, seg: Segments, *, order=None,
     b = a if same else b
     r, n = a.shape
     t = b.shape[0]
+    _check_tasks(a.device, max(r, t))
     s_count = seg.num_segments
     dev = a.device
     fp64 = a.dtype == torch.float64 or b.dtype == torch.float64
-    block, consts = _gram_plan(seg, r, t, fp64, same, reduction, solve)
+    lowp = _LOWP.get(a.dtype, 0) if a.dtype == b.dtype else 0
+    block, consts = _gram_plan(seg, r, t, fp64, same, reduction, solve, lowp)
     solve = same and solve
     lay = _table(seg, dev, block, True)
     parts, gtickets, gparts, stickets = _workspace(seg, lay, dev, consts["R_PAD"] * consts["T_PAD"])
@@ -631,7 +749,8 @@ def _gram(a: torch.Tensor, b: torch.Tensor | None, seg: Segments, *, order=None,
         _gram_kernel[(lay.n_prog,)](a, b, parts, lay.table, n, r, t, lay.group_off, lay.seg_group_off,
                                     gparts, gtickets, stickets, g, order, c, w, nproj, FUSED=_FUSED, **consts)
         if not _FUSED:
-            k = {key: v for key, v in consts.items() if key not in ("BLOCK", "SAME", "FP64", "USE_DOT", "STAGES")}
+            k = {key: v for key, v in consts.items() if key not in ("BLOCK", "SAME", "FP64", "USE_DOT", "STAGES", "ALIGNED", "LOWP",
+                                                                    "DOT_PRECISION", "FLUSH64")}
             _reduce_solve_kernel[(s_count,)](parts, lay.chunk_off, g, order, c, w, nproj, r, t, **k)
     return (g, c, w, nproj) if solve else (g, None, None, None)
 
@@ -650,8 +769,9 @@ def _combine(seg: Segments, x, a, y=None, b=None, out_rows=1, out_dtype=None, fl
     n = x.shape[1]
     has_y = y is not None
     y_, b_ = (y, b) if has_y else (x, a)
-    consts = seg.cached(("triton_combine", out_rows, x.dtype, has_y),
-                        lambda: _combine_plan(out_rows, x.dtype, has_y))
+    wide_y = has_y and y.shape[0] >= 16
+    consts = seg.cached(("triton_combine", out_rows, x.dtype, has_y, wide_y),
+                        lambda: _combine_plan(out_rows, x.dtype, has_y, _aligned(seg), wide_y))
     lay = _table(seg, x.device, consts["BLOCK"], False)
     out = torch.empty((n,) if flat else (out_rows, n), dtype=out_dtype or x.dtype, device=x.device)
     with _guard(x.device):
@@ -660,10 +780,17 @@ def _combine(seg: Segments, x, a, y=None, b=None, out_rows=1, out_dtype=None, fl
     return out
 
 
-def _combine_plan(out_rows, dtype, has_y):
-    """Constants of a combine launch (cached per layout)."""
+_COMBINE_WARPS = 4   # the backward's "none" combine (Y with T >= 16 rows, not fp64) gets 8: with
+                     # 16-byte loads, 4 warps spilled 16 bytes there (sm_90, dev Triton); 8 spilled
+                     # 8-40 bytes for the one-row Y of sum/mean and for fp64
+
+
+def _combine_plan(out_rows, dtype, has_y, aligned=False, wide_y=False):
+    """Constants of a combine launch (cached per layout). ``wide_y``: Y has >= 16 rows."""
     r_pad, block = _combine_config(out_rows)
-    return dict(R_PAD=r_pad, BLOCK=block, HAS_Y=has_y, FP64=dtype == torch.float64)
+    fp64 = dtype == torch.float64
+    return dict(R_PAD=r_pad, BLOCK=block, HAS_Y=has_y, FP64=fp64, ALIGNED=aligned,
+                num_warps=8 if wide_y and r_pad >= 16 and not fp64 else _COMBINE_WARPS)
 
 
 def _solve_vjp(gram: torch.Tensor, order: torch.Tensor, reduction: str, v: torch.Tensor, seg: Segments):
@@ -682,7 +809,7 @@ def _solve_vjp(gram: torch.Tensor, order: torch.Tensor, reduction: str, v: torch
         scratch = build()
     else:
         stream = torch.cuda.current_stream(dev).cuda_stream if dev.type == "cuda" else None
-        scratch = seg.cached(("triton_vjp_ws", dev, stream, t_pad), build)
+        scratch = _cached_capped(seg, ("triton_vjp_ws", dev, stream, t_pad), build)
     m = torch.empty((s_count, t, t), dtype=torch.float64, device=dev)
     w = m.new_empty((s_count, t if reduction == "none" else 1, t))
     with _guard(dev):
@@ -697,12 +824,17 @@ def _vjp_warps(t_pad: int) -> int:
     spread over enough threads to stay in registers. sm_90, Triton 3.6 (the GPU image's):
     no spills up to T_PAD = 32 (16 warps there spilled 12-60 bytes; the dev Triton 3.9
     spills 44 with 8 and none with 16); T_PAD = 64 spills with any count (8 warps: 84-228
-    bytes, 16: 208-256, 32: 76-168): 32, the least. Figures: benchmarks/RESULTS.md, issue
-    15. One program per segment of O(T^3) work: a spill costs L1 traffic, not a pass over X."""
+    bytes, 16: 208-256, 32: 76-168): 32, the least. Figures: benchmarks/RESULTS.md
+    (sm_90 compile tables). One program per segment of O(T^3) work: a spill costs L1 traffic, not a pass over X."""
     return 1 if t_pad <= 8 else 2 if t_pad <= 16 else 8 if t_pad <= 32 else 32
 
 
 _FUSED_VJP = True   # the backward's solve + reverse solve in one launch (False: torch ops, ~35 T launches)
+# Largest T_PAD the fused reverse solve takes. Its scratch tiles live in shared memory:
+# sm_90 under Triton 3.6 and the dev Triton, T_PAD = 128 takes 128 KiB and spills ~9 KB per
+# thread, T_PAD = 256 needs 512 KiB (227 KiB on sm_90: refused at launch). Past 64 the
+# backward runs the torch reverse solve (correct for any T, ~35 T small launches).
+_VJP_MAX_T_PAD = 64
 
 
 class TritonBackend(Backend):
@@ -733,8 +865,8 @@ class TritonBackend(Backend):
 
     def solve_vjp(self, gram, order, reduction, weights_grad, seg):
         """``(Gbar + Gbar^T, W)``: the PCGrad solve and its reverse mode in one launch."""
-        if not _FUSED_VJP:
-            return None
+        if not _FUSED_VJP or _pow2(gram.shape[-1]) > _VJP_MAX_T_PAD:
+            return None   # ops.backward runs the solve's torch reverse mode
         return _solve_vjp(gram, order, reduction, weights_grad, seg)
 
 

@@ -1,8 +1,8 @@
 """Compile every Triton kernel configuration the dispatcher can choose, for a GPU, without one.
 
-    python benchmarks/compile_gpu.py --arch sm_90            # the full matrix
-    python benchmarks/compile_gpu.py --arch sm_90 --quick    # one T per specialisation class
-    PYTHONPATH=/path/to/triton36 python benchmarks/compile_gpu.py   # another Triton
+    python scripts/compile_gpu.py --arch sm_90            # the full matrix
+    python scripts/compile_gpu.py --arch sm_90 --quick    # one T per specialisation class
+    PYTHONPATH=/path/to/triton36 python scripts/compile_gpu.py   # another Triton
 
 The Triton interpreter (the CPU tests) never runs Triton's GPU compiler, so a kernel that a
 given Triton version rejects for a GPU, or that spills there, passes every CPU test. This
@@ -13,7 +13,8 @@ launcher would (its own binder: integer arguments equal to 1 become constants, 1
 integers and 16-byte aligned pointers get their hints) and compiles it with
 ``triton.compile`` for the target (Triton's bundled ptxas; no driver, no GPU).
 
-The matrix: T = 1..64 (``--quick``, what CI runs: a subset, see ``QUICK_TASKS``), fp32 / bf16 / fp16
+The matrix: T = 1..64, 65 and 128 (T_PAD 128: the largest the automatic choice sends to
+triton on CUDA; ``--quick``, what CI runs: a subset, see ``QUICK_TASKS``), fp32 / bf16 / fp16
 / fp64, fused and unfused stage 2, forward (Gram + PCGrad solve), backward, and the Gram
 pass alone (the path of solves the kernels do not fuse), reductions sum / mean / none
 (which select the combine variants: one output row, T rows, and the backward's two-input
@@ -46,18 +47,22 @@ if "ORTHOLORA_COMPILE_GPU_CACHE" not in os.environ:
     atexit.register(shutil.rmtree, os.environ["TRITON_CACHE_DIR"], True)
 if os.environ.get("TRITON_INTERPRET") == "1":
     sys.exit("compile_gpu.py: unset TRITON_INTERPRET (the interpreter compiles nothing)")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [_ROOT, os.path.join(_ROOT, "benchmarks")]
 
 import torch  # noqa: E402
+
+from harness import KERNELS, recorded_launches  # noqa: E402  (benchmarks/harness.py)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
 REDUCTIONS = ("sum", "mean", "none")
 # --quick (what CI runs, twice: two Tritons on 2 cores): T == 1 (a constant), T = 8 (the
 # largest software-pipelined outer-product tile), T = 16 (the first tl.dot size, the
-# register solve), 17 (padded to 32: the solve reads G from memory), 64 (the largest tile);
-# every dtype fused, the unfused stage 2 in fp32 and fp64 only.
-QUICK_TASKS = (1, 8, 16, 17, 64)
-KERNELS = ("_gram_kernel", "_reduce_solve_kernel", "_combine_kernel", "_solve_vjp_kernel")
+# register solve), 17 (padded to 32: the solve reads G from memory), 64 (the largest tile
+# of the fused reverse solve), 65 (T_PAD 128: the backward's torch reverse solve) and 128
+# (the largest T the automatic choice sends to triton on CUDA); every dtype fused, the
+# unfused stage 2 in fp32 and fp64 only.
+QUICK_TASKS = (1, 8, 16, 17, 64, 65, 128)
 # Layouts the host code is run on: an aligned one (N and every offset 16-divisible, the
 # usual LoRA case) and, with --ragged, odd sizes and a 1-column segment.
 LAYOUTS = {"aligned": [0, 4096, 12288], "ragged": [0, 1, 1000, 3001]}
@@ -66,18 +71,6 @@ LAYOUTS = {"aligned": [0, 4096, 12288], "ragged": [0, 1, 1000, 3001]}
 def _impl():
     from ortholora_kernels.backends import triton_impl
     return triton_impl
-
-
-class _Recorder:
-    """Stands in for a kernel: ``kernel[grid](*args, **kwargs)`` is recorded, not run."""
-
-    def __init__(self, name, log):
-        self.name, self.log = name, log
-
-    def __getitem__(self, grid):
-        def launch(*args, **kwargs):
-            self.log.append((self.name, args, kwargs))
-        return launch
 
 
 def record(t: int, dtype: torch.dtype, fused: bool, direction: str, reduction: str, layout: str):
@@ -93,23 +86,21 @@ def record(t: int, dtype: torch.dtype, fused: bool, direction: str, reduction: s
     x = torch.randn((t, n), generator=gen).to(dtype)
     order = draw_orders(seg.num_segments, t, "cpu", gen)
     log = []
-    saved = {k: getattr(impl, k) for k in KERNELS + ("_FUSED",)}
+    saved = impl._FUSED
     try:
-        for k in KERNELS:
-            setattr(impl, k, _Recorder(k, log))
-        impl._FUSED = fused
-        if direction == "fwd":        # the built-in PCGrad solve, fused into the Gram launch
-            ops.forward(x, seg, order, reduction, "triton")
-        elif direction == "gram":     # a solve the kernels do not fuse: the Gram pass alone
-            backends.get("triton").gram(x, seg)
-        else:
-            xd = x.double()
-            g = torch.stack([xd[:, a:b] @ xd[:, a:b].T for a, b in zip(offsets, offsets[1:])])
-            dout = torch.randn((t, n) if reduction == "none" else (n,), generator=gen).to(dtype)
-            ops.backward(x, dout, g, order, seg, reduction, "triton")
+        with recorded_launches(impl, log, KERNELS):
+            impl._FUSED = fused
+            if direction == "fwd":        # the built-in PCGrad solve, fused into the Gram launch
+                ops.forward(x, seg, order, reduction, "triton")
+            elif direction == "gram":     # a solve the kernels do not fuse: the Gram pass alone
+                backends.get("triton").gram(x, seg)
+            else:
+                xd = x.double()
+                g = torch.stack([xd[:, a:b] @ xd[:, a:b].T for a, b in zip(offsets, offsets[1:])])
+                dout = torch.randn((t, n) if reduction == "none" else (n,), generator=gen).to(dtype)
+                ops.backward(x, dout, g, order, seg, reduction, "triton")
     finally:
-        for k, v in saved.items():
-            setattr(impl, k, v)
+        impl._FUSED = saved
         seg._device_cache.clear()
     return log
 
@@ -165,7 +156,22 @@ def compile_one(job):
     regs = re.search(r"Used (\d+) registers", log)
     spills = [int(v) for v in re.findall(r"(\d+) bytes spill (?:stores|loads)", log)]
     return dict(regs=int(regs.group(1)) if regs else -1, spills=sum(spills), smem=int(k.metadata.shared),
-                error=None, secs=time.perf_counter() - t0)
+                error=None, secs=time.perf_counter() - t0, **ptx_facts(k.asm.get("ptx", "")))
+
+
+PTX_FACTS = ("ld_v4", "ld_scalar", "cp16", "cp4", "wgmma", "mma", "ffma")
+
+
+def ptx_facts(ptx: str) -> dict:
+    """Counts of the PTX instructions that say how a kernel loads and multiplies: 16-byte
+    global loads (``ld.global.v4`` of 4-byte words, ``v2`` of 8-byte ones) against scalar
+    ones, 16- and 4-byte ``cp.async`` copies, tensor-core ``wgmma``/``mma`` and fp32 FMAs."""
+    loads = re.findall(r"\bld\.global((?:\.\w+)*)", ptx)
+    wide = sum(1 for q in loads if ".v4" in q or (".v2" in q and ("64" in q)))
+    cps = [int(v, 0) for v in re.findall(r"\bcp\.async\.c[ag]\.shared\.global[^;]*?\],\s*(0x[0-9a-f]+|\d+)", ptx)]
+    return dict(ld_v4=wide, ld_scalar=sum(1 for q in loads if ".v" not in q),
+                cp16=cps.count(16), cp4=cps.count(4), wgmma=len(re.findall(r"\bwgmma\.mma_async", ptx)),
+                mma=len(re.findall(r"\bmma\.sync", ptx)), ffma=len(re.findall(r"\bfma\.rn\.f32", ptx)))
 
 
 DIRECTIONS = ("fwd", "bwd", "gram")
@@ -183,7 +189,8 @@ def configurations(tasks, dtypes, quick=False, directions=DIRECTIONS):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", default="sm_90", help="target, e.g. sm_90 (H100/H200), sm_80")
-    p.add_argument("--tasks", type=int, nargs="+", default=list(range(1, 65)), help="values of T (default 1..64)")
+    p.add_argument("--tasks", type=int, nargs="+", default=list(range(1, 65)) + [65, 128],
+                   help="values of T (default 1..64, 65, 128)")
     p.add_argument("--quick", action="store_true",
                    help=f"the CI subset: T in {QUICK_TASKS}, unfused stage 2 for fp32/fp64 only")
     p.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
@@ -194,6 +201,9 @@ def parse_args(argv=None):
     p.add_argument("--max-spills", type=int, default=None,
                    help="fail a configuration whose kernels spill more than this many bytes")
     p.add_argument("--csv", default=None, help="write one row per (configuration, kernel) here")
+    p.add_argument("--ptx", action="store_true",
+                   help="also print the PTX facts per kernel (wide/scalar loads, cp.async sizes, mma, fp32 FMAs; "
+                        "always in --csv; maxima over the configuration's launches)")
     p.add_argument("--pipeline-stages", type=int, default=None,
                    help="override triton_impl._PIPELINE_STAGES (the T <= 8 Gram loops' num_stages) to compare")
     return p.parse_args(argv)
@@ -249,8 +259,8 @@ def main(argv=None) -> int:
             if res["error"]:
                 errors.append(f"{name}: {res['error']}")
                 continue
-            cur = per_kernel.setdefault(name, dict(regs=0, spills=0, smem=0))
-            for f in ("regs", "spills", "smem"):
+            cur = per_kernel.setdefault(name, dict(regs=0, spills=0, smem=0, **dict.fromkeys(PTX_FACTS, 0)))
+            for f in ("regs", "spills", "smem") + PTX_FACTS:
                 cur[f] = max(cur[f], res[f])
         if args.max_spills is not None:
             errors += [f"{k}: {v['spills']} bytes spilled > {args.max_spills}" for k, v in per_kernel.items()
@@ -258,7 +268,8 @@ def main(argv=None) -> int:
         status = "FAILED" if errors else "ok"
         failed += bool(errors)
         parts = "  ".join(f"{k.strip('_').replace('_kernel', '')}: regs={v['regs']} spills={v['spills']} "
-                          f"smem={v['smem']}" for k, v in per_kernel.items())
+                          f"smem={v['smem']}" + (" " + " ".join(f"{f}={v[f]}" for f in PTX_FACTS) if args.ptx else "")
+                          for k, v in per_kernel.items())
         print(f"T={t:<3d} dtype={dt:<4s} {'fused  ' if fused else 'unfused'} {direction:<4s} {reduction:<4s} "
               f"{status:<6s} {parts}" + (f"  ERROR {'; '.join(errors)}" if errors else ""))
         for k, v in per_kernel.items():
@@ -266,7 +277,7 @@ def main(argv=None) -> int:
     if args.csv:
         with open(args.csv, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=["T", "dtype", "fused", "direction", "reduction", "kernel", "regs",
-                                              "spills", "smem"])
+                                              "spills", "smem", *PTX_FACTS])
             w.writeheader()
             w.writerows(rows)
     worst = max(rows, key=lambda r: (r["spills"], r["regs"]), default=None)
