@@ -1,4 +1,4 @@
-"""Native CPU forward + backward with the compiled reverse solve vs the torch one (issue 15).
+"""Native CPU forward + backward with the compiled reverse solve vs the torch one.
 
     python benchmarks/bench_native_solve_vjp.py [--tasks 8 16] [--n 295000] [--segments 4]
         [--threads 1] [--repeat 5]

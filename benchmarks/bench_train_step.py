@@ -220,7 +220,7 @@ def worker_time(args) -> list[dict]:
         if "joint" in times:
             r["time_vs_joint"] = statistics.median(a / b for a, b in zip(times[m], times["joint"]))
             r["cpu_vs_joint"] = statistics.median(a / b for a, b in zip(cpu_times[m], cpu_times["joint"]))
-        if m.endswith("-compiled"):  # the issue-11 targets: against compiled joint and against itself eager
+        if m.endswith("-compiled"):  # the targets: against compiled joint and against itself eager
             for key, base in (("vs_joint_compiled", "joint-compiled"), ("vs_eager", m.removesuffix("-compiled"))):
                 if base in times:
                     r[key] = statistics.median(a / b for a, b in zip(times[m], times[base]))

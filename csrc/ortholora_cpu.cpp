@@ -320,7 +320,7 @@ at::Tensor backward_combine_cpu(const at::Tensor& dy, const at::Tensor& x, const
 
 // The backward's stage 2 for the built-in PCGrad solve: (M, W) = (Gbar + Gbar^T, W) per
 // segment from gram [S, T, T], order and v = dL/dW [S, R, T] (solve.h: solve_vjp_one).
-// Replaces ~35 T small torch ops per backward (issue 15, finding 6).
+// Replaces ~35 T small torch ops per backward.
 std::tuple<at::Tensor, at::Tensor> solve_vjp_cpu(const at::Tensor& gram, const at::Tensor& order,
                                                  c10::string_view reduction, const at::Tensor& weights_grad) {
   const int red = reduction_code(reduction);

@@ -63,7 +63,7 @@ _project_op.register_autograd(_backward, setup_context=_setup_context)
 class _EagerProject(torch.autograd.Function):
     """The custom op's eager fast path: the same forward, backward and saved tensors,
     without the op's dispatch layers (custom op -> autograd wrapper -> redispatch ->
-    Python kernel; tens of us of host time per call, issue 15 finding 6, figures in
+    Python kernel; tens of us of host time per call, figures in
     benchmarks/RESULTS.md). Used only where it cannot differ: plain CPU/CUDA tensors,
     eager mode, no dispatch mode or functorch transform active (:func:`_eager_fast_path`).
     """

@@ -36,7 +36,7 @@ def _triton_or_skip():
 @interpreter
 @pytest.mark.parametrize("reduction", ["sum", "none"])
 def test_captured_calls_get_their_own_zeroed_workspace(monkeypatch, reduction):
-    """Finding 2: under capture each call allocates and zeroes its own tickets (graph
+    """Under capture each call allocates and zeroes its own tickets (graph
     memory, a memset node), never the cached eager set, which may hold anything."""
     impl = _impl()
     segs = [0, 100, 900]
@@ -108,7 +108,7 @@ def test_layout_table_parts_are_aligned_views_of_one_upload():
 
 
 def test_device_guard_switches_only_when_needed(monkeypatch):
-    """Finding 7: a cuda:1 tensor with cuda:0 current launches under a guard for cuda:1."""
+    """A cuda:1 tensor with cuda:0 current launches under a guard for cuda:1."""
     impl = _triton_or_skip()
     entered = []
 
@@ -150,7 +150,7 @@ def test_every_launch_runs_under_the_device_guard(monkeypatch):
 
 
 def test_availability_cuda_refuses_the_interpreter(monkeypatch):
-    """Finding 7: with TRITON_INTERPRET=1 at import, kernels are interpreted: not for CUDA."""
+    """With TRITON_INTERPRET=1 at import, kernels are interpreted: not for CUDA."""
     impl = _triton_or_skip()
     monkeypatch.setattr(impl, "_INTERPRETED", True)
     reason = impl.availability(torch.device("cuda"))
@@ -163,7 +163,7 @@ def test_availability_cuda_refuses_the_interpreter(monkeypatch):
 
 
 def test_segments_cache_keeps_layouts_with_device_tables(monkeypatch):
-    """Finding 3 (Triton's side): the bounded layout cache never drops a layout whose
+    """Triton's side: the bounded layout cache never drops a layout whose
     tables a captured graph may still read."""
     monkeypatch.setattr(_args, "_SEGMENTS_CACHE", {})
     monkeypatch.setattr(_args, "_MAX_CACHED_LAYOUTS", 3)

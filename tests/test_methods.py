@@ -267,7 +267,7 @@ def test_nan_inf_propagate_or_raise(method, bad, backend):
             ok.aggregate(x, method=method, backend=backend, check_finite=True, **OPTIONS.get(method, {}))
 
 
-def test_issue_cases_cagrad_colinear_and_mgda_mixed_scales(backend):
+def test_reported_cases_cagrad_colinear_and_mgda_mixed_scales(backend):
     g = _gen(11)
     v, w = torch.randn(2, N, generator=g, dtype=torch.float64)
     out = ok.aggregate(torch.stack([v, v, -0.5 * v]), method="cagrad", c=0.5, backend=backend)

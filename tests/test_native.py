@@ -422,7 +422,7 @@ def test_setup_sources_cover_csrc():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("t", [1, 2, 3, 7, 8, 9, 16, 17, 24, 31, 32])
 def test_cuda_kernels_every_register_tile_and_accumulator_bound(t, dtype):
-    """Issue 15, finding 4 (for the day a GPU is lent): the Gram pass's register tiles (2 x 2
+    """For the day a GPU is lent: the Gram pass's register tiles (2 x 2
     up to T = 16, 4 x 4 above, 1 x 4 for the backward's one-row cross product) and the
     combines' register accumulators (bounds 8 / 16 / 32) against the torch backend on the
     same GPU, forward and backward, sum and none, ragged segments with 1-column pieces,

@@ -97,7 +97,7 @@ def test_auto_skips_native_on_cuda_beyond_its_task_limit(monkeypatch):
     monkeypatch.delenv("ORTHOLORA_BACKEND", raising=False)
     monkeypatch.setattr(backends, "availability", lambda name, device: None)
     cuda = torch.device("cuda", 0)
-    assert backends.select(None, cuda, 32) == "triton"   # triton first on CUDA (issue 15)
+    assert backends.select(None, cuda, 32) == "triton"   # triton first on CUDA (native CUDA is untimed)
     assert backends.select(None, cuda, 33) == "triton"
     assert backends.select("auto", cuda, 64) == "triton"
     monkeypatch.setattr(backends, "availability", lambda name, device: None if name != "triton" else "no triton")

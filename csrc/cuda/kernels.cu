@@ -42,7 +42,7 @@ __device__ __forceinline__ double warp_sum(double v) {
 // tile [rows][tile] of Stage.
 // sym (y == x, R == T): the T(T+1)/2 pairs i >= j of the Gram matrix; otherwise the
 // R * T pairs (i < R rows of y, j < T rows of x) of the backward's v = dY X^T.
-// Register tiles (issue 15, finding 4): a warp owns a TI x TJ block of pairs and keeps its
+// Register tiles: a warp owns a TI x TJ block of pairs and keeps its
 // TI * TJ sums in registers, so per column TI + TJ shared-memory reads feed TI * TJ fp64
 // FMAs (one pair per warp took 2 reads per FMA). sym needs TI == TJ (blocks bi >= bj of
 // the lower triangle). Each pair's sum is the same chain as with one pair per warp
@@ -139,8 +139,8 @@ __global__ void solve_kernel(int T, PieceTable table, const double* __restrict__
   const int64_t q0 = table.seg_first[s], q1 = table.seg_first[s + 1];
   if (threadIdx.x == 0) count = 0;
   // One warp per pair sums the segment's pieces (lane-strided, then a fixed butterfly):
-  // 32 loads in flight instead of one thread walking every piece serially (issue 15,
-  // finding 4); the order depends only on the piece count, so results stay deterministic.
+  // 32 loads in flight instead of one thread walking every piece serially; the order
+  // depends only on the piece count, so results stay deterministic.
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, nwarps = blockDim.x / 32;
   for (int p = warp; p < npairs; p += nwarps) {
     int i = 0;
@@ -212,8 +212,8 @@ __device__ __forceinline__ void rows_store(In* out, int64_t n, int64_t c, const 
 }
 
 // Stage 3: out[r, c] = sum_k W_s[r, k] x[k, c] over one piece; R = 1 or T.
-// Each thread reads its column's T values of x once (issue 15, finding 4: the "none"
-// combine re-read them R times): R = 1 keeps one accumulator; R = T keeps the R
+// Each thread reads its column's T values of x once (the "none"
+// combine once re-read them R times): R = 1 keeps one accumulator; R = T keeps the R
 // accumulators in registers (MaxRows >= R, a compile-time bound so that the unrolled array
 // is never indexed at run time and stays in registers) and streams the rows of x through
 // them. Every output is the same fma chain in the same order (k ascending) as before.

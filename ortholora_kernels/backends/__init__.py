@@ -24,7 +24,7 @@ _MODULES = {
     "torch": "ortholora_kernels.backends.torch_impl",
 }
 _AUTO_ORDER = ("native", "triton", "torch")
-# On CUDA, triton first until native is measured faster on a GPU (issue 15: no GPU has
+# On CUDA, triton first until native is measured faster on a GPU (no GPU has
 # timed the native CUDA kernels yet; their stage 2 sums the pieces serially). Per device type.
 _AUTO_ORDER_BY_DEVICE = {"cuda": ("triton", "native", "torch")}
 # Largest T per device type and backend, where there is one: native's CUDA kernels solve
