@@ -33,7 +33,7 @@ from typing import Any, Sequence
 
 import torch
 
-from .trainer import OrthoLoRATrainer
+from .trainer import OrthoLoRATrainer, lay_out_token_ids
 
 __all__ = ["OrthoLoRAPlugin", "OrthoLoRAArgs", "TaskIdsCollator", "make_trainer_cls"]
 
@@ -148,18 +148,7 @@ class TaskIdsCollator:
                for p in packs]
         stripped = [[{k: v for k, v in r.items() if k != self.task_field} for r in p] for p in packs]
         batch = self.base([s if isinstance(f, (list, tuple)) else s[0] for s, f in zip(stripped, features)])
-        shape = tuple(batch["input_ids"].shape)
-        if shape[0] == 1 and len(ids) > 1:   # flattened (padding-free)
-            ids = [torch.cat(ids)]
-        if len(ids) != shape[0] or max(len(t) for t in ids) > shape[1]:
-            raise ValueError(f"data_collator: cannot lay out the per-token task ids like input_ids {shape}")
-        out = torch.full(shape, -1, dtype=torch.long)
-        for r, t in enumerate(ids):
-            out[r, :len(t)] = t
-        mask = batch.get("attention_mask")
-        if mask is not None and mask.dim() == 2 and not torch.equal(out >= 0, mask > 0):
-            raise ValueError("data_collator: the per-token task ids do not line up with the attention mask "
-                             "(left padding?); use right padding")
+        out = lay_out_token_ids(ids, batch)
         batch[self.out_key] = out
         return batch
 

@@ -81,6 +81,27 @@ def token_loss_task_ids(task_ids: torch.Tensor, labels: torch.Tensor) -> torch.T
     return torch.where(labels[:, 1:] != -100, ids, torch.full_like(ids, -1))
 
 
+def lay_out_token_ids(ids: Sequence[torch.Tensor], batch: dict) -> torch.Tensor:
+    """Per-token task ids laid out like ``batch["input_ids"]``: one ``[len]`` tensor per row
+    (or, for a padding-free batch of one flattened row, one per document), -1 on padding.
+
+    Raises a ValueError (naming ``data_collator``) when they cannot line up with the tokens or
+    the attention mask (left padding)."""
+    shape = tuple(batch["input_ids"].shape)
+    if shape[0] == 1 and len(ids) > 1:  # padding-free: one flattened row
+        ids = [torch.cat(list(ids))]
+    if len(ids) != shape[0] or max(len(t) for t in ids) > shape[1]:
+        raise ValueError(f"data_collator: cannot lay out the per-token task ids like input_ids {shape}")
+    out = torch.full(shape, -1, dtype=torch.long)
+    for r, t in enumerate(ids):
+        out[r, :len(t)] = t
+    mask = batch.get("attention_mask")
+    if mask is not None and mask.dim() == 2 and not torch.equal(out >= 0, mask.bool()):
+        raise ValueError("data_collator: the per-token task ids do not line up with the attention mask "
+                         "(left padding?); use right padding")
+    return out
+
+
 def documents_mix_tasks(task_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
                         attention_mask: torch.Tensor | None = None) -> bool:
     """Whether tokens of different tasks can attend to each other in this batch.

@@ -48,7 +48,7 @@ import torch
 from trl import SFTTrainer
 from trl.data_utils import pack_dataset
 
-from .trainer import OrthoLoRATrainer
+from .trainer import OrthoLoRATrainer, lay_out_token_ids
 
 __all__ = ["OrthoLoRASFTTrainer", "TokenTaskCollator"]
 
@@ -72,18 +72,7 @@ class TokenTaskCollator:
             raise KeyError(f"examples: a row has no {self.key!r} column (not prepared by OrthoLoRASFTTrainer)")
         batch = self.base([{k: v for k, v in ex.items() if k != self.key} for ex in examples])
         ids = [torch.as_tensor(ex[self.key], dtype=torch.long) for ex in examples]
-        shape = tuple(batch["input_ids"].shape)
-        if shape[0] == 1 and len(ids) > 1:  # padding-free: one flattened row
-            ids = [torch.cat(ids)]
-        if len(ids) != shape[0] or max(len(t) for t in ids) > shape[1]:
-            raise ValueError(f"data_collator: cannot lay out the per-token task ids like input_ids {shape}")
-        out = torch.full(shape, -1, dtype=torch.long)
-        for r, t in enumerate(ids):
-            out[r, :len(t)] = t
-        mask = batch.get("attention_mask")
-        if mask is not None and mask.dim() == 2 and not torch.equal(out >= 0, mask.bool()):
-            raise ValueError("data_collator: the per-token task ids do not line up with the attention mask "
-                             "(left padding?); use right padding")
+        out = lay_out_token_ids(ids, batch)
         batch[self.out_key] = out
         return batch
 
