@@ -94,7 +94,7 @@ def main() -> None:
     assert moved, "no LoRA parameter changed"
     worst = 0.0
     for (n, p), q in zip(m.named_parameters(), ref.parameters()):
-        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=lambda s: f"{n}: {s}")
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=lambda s, n=n: f"{n}: {s}")
         worst = max(worst, float((p - q).detach().abs().max()))
     logged = [h for h in tr.state.log_history if "loss/sst" in h]
     assert logged and all("ortho/conflict_fraction/A" in h for h in logged), tr.state.log_history
