@@ -34,6 +34,16 @@ at::Tensor check_mask(const at::Tensor& mask, int64_t b, int64_t t) {
 // Problems per thread: each is ~T^3 flops per iteration.
 int64_t grain_for(int64_t t) { return std::max<int64_t>(1, 16384 / (t * t * t)); }
 
+// fn(k, work) for every problem k in [0, n), in parallel over problems of T tasks, with a
+// float64 scratch of `work` entries per thread.
+template <typename F>
+void for_each_problem(int64_t n, int64_t t, int64_t work, const F& fn) {
+  at::parallel_for(0, n, grain_for(t), [&](int64_t b0, int64_t e0) {
+    std::vector<double> buf(static_cast<size_t>(work));
+    for (int64_t k = b0; k < e0; ++k) fn(k, buf.data());
+  });
+}
+
 at::Tensor box_qp_cpu(const at::Tensor& h, const at::Tensor& q, const at::Tensor& lower, int64_t iters) {
   const int64_t T = check_square(h, "h");
   const int64_t B = h.size(0);
@@ -47,12 +57,9 @@ at::Tensor box_qp_cpu(const at::Tensor& h, const at::Tensor& q, const at::Tensor
   const double* qp = Q.data_ptr<double>();
   const double* lp = L.data_ptr<double>();
   double* op = out.data_ptr<double>();
-  at::parallel_for(0, B * P, grain_for(T), [&](int64_t b0, int64_t e0) {
-    std::vector<double> work(static_cast<size_t>(weights::work_size(static_cast<int>(T))));
-    for (int64_t k = b0; k < e0; ++k) {
-      weights::box_qp(hp + (k / P) * T * T, qp + k * T, lp + k * T, static_cast<int>(T), static_cast<int>(iters),
-                      op + k * T, work.data());
-    }
+  for_each_problem(B * P, T, weights::work_size(static_cast<int>(T)), [&](int64_t k, double* work) {
+    weights::box_qp(hp + (k / P) * T * T, qp + k * T, lp + k * T, static_cast<int>(T), static_cast<int>(iters),
+                    op + k * T, work);
   });
   return out;
 }
@@ -65,12 +72,9 @@ at::Tensor simplex_qp_cpu(const at::Tensor& g, const at::Tensor& mask, int64_t i
   const double* gp = G.data_ptr<double>();
   const uint8_t* mp = M.data_ptr<uint8_t>();
   double* op = out.data_ptr<double>();
-  at::parallel_for(0, B, grain_for(T), [&](int64_t b0, int64_t e0) {
-    std::vector<double> work(static_cast<size_t>(weights::work_size(static_cast<int>(T))));
-    for (int64_t k = b0; k < e0; ++k) {
-      weights::simplex_qp(gp + k * T * T, mp + k * T, static_cast<int>(T), static_cast<int>(iters), op + k * T,
-                          work.data());
-    }
+  for_each_problem(B, T, weights::work_size(static_cast<int>(T)), [&](int64_t k, double* work) {
+    weights::simplex_qp(gp + k * T * T, mp + k * T, static_cast<int>(T), static_cast<int>(iters), op + k * T,
+                        work);
   });
   return out;
 }
@@ -89,12 +93,9 @@ at::Tensor cagrad_kkt_cpu(const at::Tensor& g, const at::Tensor& b, const at::Te
   const double* pp = P2.data_ptr<double>();
   const uint8_t* mp = M.data_ptr<uint8_t>();
   double* op = out.data_ptr<double>();
-  at::parallel_for(0, B, grain_for(T), [&](int64_t b0, int64_t e0) {
-    std::vector<double> work(static_cast<size_t>(weights::work_size(static_cast<int>(T))));
-    for (int64_t k = b0; k < e0; ++k) {
-      weights::cagrad_kkt(gp + k * T * T, bp + k * T, pp[k], mp + k * T, static_cast<int>(T),
-                          static_cast<int>(iters), norm_eps, op + k * T, work.data());
-    }
+  for_each_problem(B, T, weights::work_size(static_cast<int>(T)), [&](int64_t k, double* work) {
+    weights::cagrad_kkt(gp + k * T * T, bp + k * T, pp[k], mp + k * T, static_cast<int>(T),
+                        static_cast<int>(iters), norm_eps, op + k * T, work);
   });
   return out;
 }
@@ -108,12 +109,9 @@ at::Tensor power_root_cpu(const at::Tensor& g, const at::Tensor& mask, double al
   const double* gp = G.data_ptr<double>();
   const uint8_t* mp = M.data_ptr<uint8_t>();
   double* op = out.data_ptr<double>();
-  at::parallel_for(0, B, grain_for(T), [&](int64_t b0, int64_t e0) {
-    std::vector<double> work(static_cast<size_t>(weights::work_size(static_cast<int>(T))));
-    for (int64_t k = b0; k < e0; ++k) {
-      weights::power_root(gp + k * T * T, mp + k * T, alpha, static_cast<int>(T), static_cast<int>(iters),
-                          op + k * T, work.data());
-    }
+  for_each_problem(B, T, weights::work_size(static_cast<int>(T)), [&](int64_t k, double* work) {
+    weights::power_root(gp + k * T * T, mp + k * T, alpha, static_cast<int>(T), static_cast<int>(iters),
+                        op + k * T, work);
   });
   return out;
 }
@@ -131,12 +129,9 @@ at::Tensor spectral_cpu(const at::Tensor& g, const at::Tensor& mask, const at::T
   const double* up = U.data_ptr<double>();
   const uint8_t* mp = M.data_ptr<uint8_t>();
   double* op = out.data_ptr<double>();
-  at::parallel_for(0, B, grain_for(T), [&](int64_t b0, int64_t e0) {
-    std::vector<double> work(static_cast<size_t>(weights::spectral_work(static_cast<int>(T))));
-    for (int64_t k = b0; k < e0; ++k) {
-      weights::spectral(gp + k * T * T, mp + k * T, up + k * T, static_cast<int>(T), static_cast<int>(mode),
-                        static_cast<int>(scale), op + k * T, work.data());
-    }
+  for_each_problem(B, T, weights::spectral_work(static_cast<int>(T)), [&](int64_t k, double* work) {
+    weights::spectral(gp + k * T * T, mp + k * T, up + k * T, static_cast<int>(T), static_cast<int>(mode),
+                      static_cast<int>(scale), op + k * T, work);
   });
   return out;
 }
@@ -166,12 +161,9 @@ std::tuple<at::Tensor, at::Tensor> gradvac_cpu(const at::Tensor& gram, const at:
   const uint8_t* mp = M.data_ptr<uint8_t>();
   double* hp = hat.data_ptr<double>();
   double* wp = w.data_ptr<double>();
-  at::parallel_for(0, S, grain_for(T), [&](int64_t b0, int64_t e0) {
-    std::vector<double> work(static_cast<size_t>(2 * T));
-    for (int64_t k = b0; k < e0; ++k) {
-      weights::gradvac_step(gp + k * T * T, op + k * T * T, mp + k * T, static_cast<int>(T), beta, eps,
-                            hp + k * T * T, wp + k * T, work.data());
-    }
+  for_each_problem(S, T, 2 * T, [&](int64_t k, double* work) {
+    weights::gradvac_step(gp + k * T * T, op + k * T * T, mp + k * T, static_cast<int>(T), beta, eps,
+                          hp + k * T * T, wp + k * T, work);
   });
   return {w, hat};
 }
